@@ -1,0 +1,541 @@
+//! Command line and environment configuration, checked before anything runs.
+//!
+//! Every flag has a matching `AGENTCAST_*` variable. [`NodeArgs::into_config`]
+//! turns the raw values into a [`Config`] or a [`ConfigError`] that names the
+//! offending setting; `main` prints it on one line and exits with code 64
+//! (EX_USAGE), as linkerd2-proxy does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth::{Authenticator, ClaimRules, KeyError};
+
+/// Process exit code for unusable configuration (sysexits.h EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Largest outbound queue a socket may be given, in frames. Beyond this a
+/// "slow" client could pin megabytes of memory before being closed.
+pub const MAX_SOCKET_QUEUE: usize = 65_536;
+
+/// Largest event accepted into the stream, in bytes (the stream's
+/// `max_msg_size`; NATS's own default max_payload is 1 MiB).
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentcast",
+    version,
+    about = "NATS-fronted WebSocket emitter for AI-agent event streams"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "AGENTCAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node: WebSocket fan-out of per-user NATS events.
+    Serve(ServeArgs),
+    /// Zero-setup trial: NATS at the default URL or a local nats-server, a dev token and a ready URL.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// User the printed dev token is for.
+    #[arg(long, default_value = "dev")]
+    pub user: String,
+    /// Publish a demo agent run to the dev user every few seconds.
+    #[arg(long)]
+    pub demo: bool,
+    /// nats-server binary to start when no NATS answers at --nats-url.
+    #[arg(long, env = "AGENTCAST_NATS_SERVER_BIN", default_value = "nats-server")]
+    pub nats_server_bin: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct JwtArgs {
+    /// HS256 shared secret (at least 32 bytes).
+    #[arg(
+        long,
+        env = "AGENTCAST_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_public_key"
+    )]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RSA, EC (P-256/P-384) or Ed25519 public key.
+    #[arg(long, env = "AGENTCAST_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<String>,
+    /// Algorithm for --jwt-public-key (default: RS256, ES256 or EdDSA after the key type).
+    #[arg(long, env = "AGENTCAST_JWT_ALGORITHM", value_parser = parse_algorithm)]
+    pub jwt_algorithm: Option<jsonwebtoken::Algorithm>,
+    /// Accepted clock skew on exp and nbf.
+    #[arg(long, env = "AGENTCAST_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "AGENTCAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "AGENTCAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Address for HTTP and WebSocket (port 0 picks a free port).
+    #[arg(long, env = "AGENTCAST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Node id shown to clients and in logs (default: hostname and a random suffix).
+    #[arg(long, env = "AGENTCAST_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Origins allowed to open sockets, comma-separated; unset allows any.
+    /// Requests without an Origin header (non-browser clients) are always allowed.
+    #[arg(long, env = "AGENTCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// NATS server URLs, comma-separated.
+    #[arg(
+        long,
+        env = "AGENTCAST_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    #[arg(long, env = "AGENTCAST_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "AGENTCAST_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    #[arg(long, env = "AGENTCAST_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT and nkey seed).
+    #[arg(long, env = "AGENTCAST_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the NATS server; implies TLS.
+    #[arg(long, env = "AGENTCAST_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --nats-tls-key.
+    #[arg(long, env = "AGENTCAST_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "AGENTCAST_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Require TLS to NATS even without a CA file.
+    #[arg(long, env = "AGENTCAST_NATS_TLS")]
+    pub nats_tls: bool,
+
+    /// Subjects publishers write to: <prefix>.<user_id>.
+    #[arg(
+        long,
+        env = "AGENTCAST_SUBJECT_PREFIX",
+        default_value = "agentcast.events"
+    )]
+    pub subject_prefix: String,
+    /// Subjects the stream republishes to and nodes subscribe on: <live-prefix>.<user_id>.
+    #[arg(long, env = "AGENTCAST_LIVE_PREFIX", default_value = "agentcast.live")]
+    pub live_prefix: String,
+    /// JetStream stream name.
+    #[arg(long, env = "AGENTCAST_STREAM", default_value = "AGENTCAST")]
+    pub stream: String,
+    /// The operator manages the stream: only check it and report differences.
+    #[arg(long, env = "AGENTCAST_STREAM_EXTERNAL")]
+    pub stream_external: bool,
+    #[arg(long, env = "AGENTCAST_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// How long events are kept.
+    #[arg(long, env = "AGENTCAST_STREAM_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub stream_max_age: Duration,
+    /// Total stream size limit in bytes; oldest events go first.
+    #[arg(long, env = "AGENTCAST_STREAM_MAX_BYTES", default_value_t = 1 << 30)]
+    pub stream_max_bytes: i64,
+    /// Events kept per user; oldest go first.
+    #[arg(long, env = "AGENTCAST_STREAM_MAX_PER_USER", default_value_t = 10_000)]
+    pub stream_max_per_user: i64,
+    /// Largest event in bytes (the stream's max_msg_size).
+    #[arg(long, env = "AGENTCAST_MAX_EVENT_BYTES", default_value_t = 256 * 1024)]
+    pub max_event_bytes: usize,
+    /// Window in which a retried publish with the same Nats-Msg-Id is stored once.
+    #[arg(long, env = "AGENTCAST_STREAM_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub stream_duplicate_window: Duration,
+
+    /// Frames queued per socket before the client counts as slow and is closed (code 4000).
+    #[arg(long, env = "AGENTCAST_SOCKET_QUEUE", default_value_t = 1024)]
+    pub socket_queue: usize,
+    /// Open sockets per node; more are refused with HTTP 503.
+    #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Interval of server pings; a client silent for two intervals is closed.
+    #[arg(long, env = "AGENTCAST_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+    /// On SIGTERM/SIGINT, closes are spread over this window; the process exits within it.
+    #[arg(long, env = "AGENTCAST_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_window: Duration,
+}
+
+fn parse_algorithm(s: &str) -> Result<jsonwebtoken::Algorithm, String> {
+    s.parse()
+        .map_err(|_| format!("unknown JWT algorithm {s:?}"))
+}
+
+/// Why the configuration cannot be used. Each message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "set AGENTCAST_JWT_SECRET (--jwt-secret) or AGENTCAST_JWT_PUBLIC_KEY (--jwt-public-key)"
+    )]
+    NoJwtKey,
+    #[error("--jwt-algorithm only applies with --jwt-public-key")]
+    AlgorithmWithoutKey,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{flag} {value:?} is not a valid NATS subject prefix: {why}")]
+    Subject {
+        flag: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error(
+        "--subject-prefix and --live-prefix must not overlap ({0:?} and {1:?}): the stream would republish into itself"
+    )]
+    Overlap(String, String),
+    #[error(
+        "--stream {0:?} is not a valid stream name (no whitespace, '.', '*', '>', '/' or '\\', at most 64 characters)"
+    )]
+    StreamName(String),
+    #[error("{flag} must be between {min} and {max}, got {value}")]
+    Range {
+        flag: &'static str,
+        value: u128,
+        min: u128,
+        max: u128,
+    },
+    #[error("--nats-url: {0}")]
+    NatsUrl(String),
+    #[error("{flag} {path}: file not found")]
+    MissingFile { flag: &'static str, path: String },
+}
+
+/// Validated settings for one node.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub node_id: String,
+    pub allowed_origins: Option<Vec<String>>,
+    pub nats: NatsSettings,
+    pub stream: StreamSettings,
+    pub auth: Arc<Authenticator>,
+    pub socket_queue: usize,
+    pub max_connections: usize,
+    pub ping_interval: Duration,
+    pub drain_window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub urls: Vec<async_nats::ServerAddr>,
+    pub user: Option<(String, String)>,
+    pub token: Option<String>,
+    pub creds: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    pub tls_required: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub name: String,
+    pub subject_prefix: String,
+    pub live_prefix: String,
+    pub external: bool,
+    pub replicas: usize,
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    pub max_per_user: i64,
+    pub max_event_bytes: usize,
+    pub duplicate_window: Duration,
+}
+
+impl StreamSettings {
+    /// The subject a user's events are published to.
+    pub fn event_subject(&self, user: &str) -> String {
+        format!("{}.{user}", self.subject_prefix)
+    }
+
+    /// The subject a user's stored events are republished to.
+    pub fn live_subject(&self, user: &str) -> String {
+        format!("{}.{user}", self.live_prefix)
+    }
+}
+
+fn range(flag: &'static str, value: u128, min: u128, max: u128) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::Range {
+            flag,
+            value,
+            min,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn check_prefix(flag: &'static str, value: &str) -> Result<(), ConfigError> {
+    let bad = |why| {
+        Err(ConfigError::Subject {
+            flag,
+            value: value.to_owned(),
+            why,
+        })
+    };
+    if value.is_empty() {
+        return bad("it is empty");
+    }
+    if value.split('.').any(str::is_empty) {
+        return bad("it has an empty token");
+    }
+    if value.contains(['*', '>']) {
+        return bad("it contains a wildcard");
+    }
+    if value.chars().any(char::is_whitespace) {
+        return bad("it contains whitespace");
+    }
+    if value.starts_with('$') {
+        return bad("subjects starting with '$' are reserved by NATS");
+    }
+    Ok(())
+}
+
+fn check_file(flag: &'static str, path: &Option<PathBuf>) -> Result<(), ConfigError> {
+    match path {
+        Some(p) if !p.is_file() => Err(ConfigError::MissingFile {
+            flag,
+            path: p.display().to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl JwtArgs {
+    pub fn authenticator(&self) -> Result<Authenticator, ConfigError> {
+        let rules = ClaimRules {
+            leeway_secs: self.jwt_leeway.as_secs(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+        };
+        match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(secret), None) => {
+                if self.jwt_algorithm.is_some() {
+                    return Err(ConfigError::AlgorithmWithoutKey);
+                }
+                Ok(Authenticator::hs256(secret.as_bytes(), &rules)?)
+            }
+            (None, Some(path)) => Ok(Authenticator::public_key(path, self.jwt_algorithm, &rules)?),
+            _ => Err(ConfigError::NoJwtKey),
+        }
+    }
+}
+
+impl NodeArgs {
+    pub fn into_config(self, auth: Authenticator) -> Result<Config, ConfigError> {
+        check_prefix("--subject-prefix", &self.subject_prefix)?;
+        check_prefix("--live-prefix", &self.live_prefix)?;
+        let (a, b) = (&self.subject_prefix, &self.live_prefix);
+        if a == b || a.starts_with(&format!("{b}.")) || b.starts_with(&format!("{a}.")) {
+            return Err(ConfigError::Overlap(a.clone(), b.clone()));
+        }
+        let s = &self.stream;
+        if s.is_empty()
+            || s.len() > 64
+            || s.contains(['.', '*', '>', '/', '\\'])
+            || s.chars().any(char::is_whitespace)
+        {
+            return Err(ConfigError::StreamName(s.clone()));
+        }
+        range("--stream-replicas", self.stream_replicas as u128, 1, 5)?;
+        range(
+            "--socket-queue",
+            self.socket_queue as u128,
+            1,
+            MAX_SOCKET_QUEUE as u128,
+        )?;
+        range(
+            "--max-connections",
+            self.max_connections as u128,
+            1,
+            10_000_000,
+        )?;
+        range(
+            "--max-event-bytes",
+            self.max_event_bytes as u128,
+            64,
+            MAX_EVENT_BYTES as u128,
+        )?;
+        range(
+            "--stream-max-bytes",
+            self.stream_max_bytes as u128,
+            1 << 20,
+            i64::MAX as u128,
+        )?;
+        range(
+            "--stream-max-per-user",
+            self.stream_max_per_user as u128,
+            1,
+            i64::MAX as u128,
+        )?;
+        range(
+            "--stream-max-age (seconds)",
+            self.stream_max_age.as_secs() as u128,
+            1,
+            u64::MAX as u128,
+        )?;
+        range(
+            "--stream-duplicate-window (ms)",
+            self.stream_duplicate_window.as_millis(),
+            100,
+            self.stream_max_age.as_millis(),
+        )?;
+        range(
+            "--ping-interval (ms)",
+            self.ping_interval.as_millis(),
+            100,
+            3_600_000,
+        )?;
+        range(
+            "--drain-window (ms)",
+            self.drain_window.as_millis(),
+            0,
+            3_600_000,
+        )?;
+        check_file("--nats-creds", &self.nats_creds)?;
+        check_file("--nats-tls-ca", &self.nats_tls_ca)?;
+        check_file("--nats-tls-cert", &self.nats_tls_cert)?;
+        check_file("--nats-tls-key", &self.nats_tls_key)?;
+        let urls = self
+            .nats_url
+            .split(',')
+            .map(|u| {
+                u.trim()
+                    .parse::<async_nats::ServerAddr>()
+                    .map_err(|e| ConfigError::NatsUrl(format!("{u:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let node_id = self.node_id.unwrap_or_else(default_node_id);
+        Ok(Config {
+            listen: self.listen,
+            node_id,
+            allowed_origins: self.allowed_origins.map(|v| {
+                v.into_iter()
+                    .map(|o| o.trim().to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            }),
+            nats: NatsSettings {
+                urls,
+                user: self.nats_user.zip(self.nats_password),
+                token: self.nats_token,
+                creds: self.nats_creds,
+                tls_required: self.nats_tls
+                    || self.nats_tls_ca.is_some()
+                    || self.nats_tls_cert.is_some(),
+                tls_ca: self.nats_tls_ca,
+                tls_client: self.nats_tls_cert.zip(self.nats_tls_key),
+            },
+            stream: StreamSettings {
+                name: self.stream,
+                subject_prefix: self.subject_prefix,
+                live_prefix: self.live_prefix,
+                external: self.stream_external,
+                replicas: self.stream_replicas,
+                max_age: self.stream_max_age,
+                max_bytes: self.stream_max_bytes,
+                max_per_user: self.stream_max_per_user,
+                max_event_bytes: self.max_event_bytes,
+                duplicate_window: self.stream_duplicate_window,
+            },
+            auth: Arc::new(auth),
+            socket_queue: self.socket_queue,
+            max_connections: self.max_connections,
+            ping_interval: self.ping_interval,
+            drain_window: self.drain_window,
+        })
+    }
+}
+
+/// `<hostname>-<4 hex digits>`: readable, and distinct for two nodes on one host.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    format!("{host}-{:04x}", rand::random::<u16>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut args = vec![
+            "agentcast",
+            "serve",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+        ];
+        args.extend_from_slice(extra);
+        let Command::Serve(s) = Cli::try_parse_from(args).unwrap().command else {
+            unreachable!()
+        };
+        let auth = s.jwt.authenticator()?;
+        s.node.into_config(auth)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.stream.event_subject("u1"), "agentcast.events.u1");
+        assert_eq!(c.stream.live_subject("u1"), "agentcast.live.u1");
+        assert_eq!(c.stream.name, "AGENTCAST");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let msg = |a: &[&str]| parse(a).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg(&["--subject-prefix", "a.*"]).contains("--subject-prefix"));
+        assert!(msg(&["--subject-prefix", "a..b"]).contains("empty token"));
+        assert!(msg(&["--live-prefix", "agentcast.events.live"]).contains("overlap"));
+        assert!(msg(&["--stream", "a.b"]).contains("--stream"));
+        assert!(msg(&["--socket-queue", "0"]).contains("--socket-queue"));
+        assert!(msg(&["--stream-replicas", "9"]).contains("--stream-replicas"));
+        assert!(msg(&["--nats-creds", "/nonexistent"]).contains("--nats-creds"));
+        assert!(msg(&["--nats-url", "nats://a:b:c"]).contains("--nats-url"));
+    }
+
+    #[test]
+    fn a_key_is_required() {
+        let Command::Serve(s) = Cli::try_parse_from(["agentcast", "serve"]).unwrap().command else {
+            unreachable!()
+        };
+        assert!(matches!(s.jwt.authenticator(), Err(ConfigError::NoJwtKey)));
+    }
+}

@@ -1,0 +1,209 @@
+//! `agentcast dev`: try agentcast with nothing set up.
+//!
+//! Uses NATS at `--nats-url` when it answers; otherwise starts a local
+//! nats-server (JetStream in a temporary directory, removed on exit). Mints a
+//! random HS256 secret and a token for the dev user, prints a ready `ws://`
+//! URL and a publish example, and with `--demo` publishes a sample agent run
+//! every few seconds.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::auth::{Authenticator, ClaimRules, mint_hs256};
+use crate::config::{DevArgs, EXIT_CONFIG};
+use crate::user::UserId;
+
+/// How long to wait for NATS at the configured URL before starting one.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a started nats-server may take to write its ports file.
+const NATS_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifetime of the printed dev token.
+const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Pause between demo agent runs.
+const DEMO_INTERVAL: Duration = Duration::from_secs(5);
+
+pub async fn run(mut args: DevArgs) -> i32 {
+    let user = match UserId::parse(&args.user) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("agentcast: --user: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let _nats_dir;
+    let mut _nats_child: Option<Child> = None;
+    if !nats_answers(&args.node.nats_url).await {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("agentcast: cannot create a temporary directory: {e}");
+                return 1;
+            }
+        };
+        match start_nats(&args.nats_server_bin, dir.path()).await {
+            Ok((child, url)) => {
+                eprintln!(
+                    "agentcast dev: no NATS at {}; started {} at {url}",
+                    args.node.nats_url,
+                    args.nats_server_bin.display()
+                );
+                args.node.nats_url = url;
+                _nats_child = Some(child);
+                _nats_dir = dir;
+            }
+            Err(e) => {
+                eprintln!(
+                    "agentcast: no NATS at {} and could not start one: {e}",
+                    args.node.nats_url
+                );
+                return 1;
+            }
+        }
+    }
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let auth = match Authenticator::hs256(
+        secret.as_bytes(),
+        &ClaimRules {
+            leeway_secs: 30,
+            ..Default::default()
+        },
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("agentcast: {e}");
+            return 1;
+        }
+    };
+    let token = match mint_hs256(secret.as_bytes(), user.as_str(), DEV_TOKEN_LIFETIME) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("agentcast: minting the dev token: {e}");
+            return 1;
+        }
+    };
+    let nats_url = args.node.nats_url.clone();
+    let demo = args.demo;
+    let config = match args.node.into_config(auth) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentcast: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let subject = config.stream.event_subject(user.as_str());
+    let shutdown = crate::server::shutdown_on_signals();
+    let banner_subject = subject.clone();
+    let result = crate::server::start(config, shutdown.clone(), move |addr| {
+        let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+        println!();
+        println!("  agentcast dev is running");
+        println!("  JWT secret (HS256):  {secret}");
+        println!("  token for {user:<10} {token}");
+        println!("  WebSocket:           ws://{host}:{}/ws?token={token}", addr.port());
+        println!("  publish an event:    subject {banner_subject} on {nats_url}, payload a JSON object, e.g.");
+        println!("                       {{\"type\":\"agent_started\",\"run_id\":\"r1\",\"data\":{{}}}}");
+        println!("  metrics:             http://{host}:{}/metrics", addr.port());
+        println!();
+        if demo {
+            tokio::spawn(demo_publisher(nats_url, banner_subject));
+        }
+    })
+    .await;
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("agentcast: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn nats_answers(url: &str) -> bool {
+    let opts = async_nats::ConnectOptions::new().connection_timeout(PROBE_TIMEOUT);
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT * 2, opts.connect(url)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Starts nats-server with JetStream on a random loopback port.
+async fn start_nats(bin: &Path, dir: &Path) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+        .arg(dir.join("jetstream"))
+        .arg("--ports_file_dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
+    let deadline = tokio::time::Instant::now() + NATS_START_TIMEOUT;
+    loop {
+        if let Some(url) = read_ports_file(dir) {
+            return Ok((child, url));
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("nats-server exited with {status}");
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("nats-server did not start within {NATS_START_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The client URL from nats-server's `--ports_file_dir` output.
+pub fn read_ports_file(dir: &Path) -> Option<String> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "ports") {
+            let text = std::fs::read_to_string(entry.path()).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            return v["nats"][0].as_str().map(str::to_owned);
+        }
+    }
+    None
+}
+
+/// Publishes a small agent run every [`DEMO_INTERVAL`] through JetStream.
+async fn demo_publisher(url: String, subject: String) {
+    let Ok(client) = async_nats::connect(&url).await else {
+        tracing::warn!("demo publisher could not connect to {url}");
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    let mut run = 0u64;
+    loop {
+        run += 1;
+        let run_id = format!("demo-{run}");
+        let steps = [
+            serde_json::json!({"type":"agent_started","run_id":run_id,"agent":"demo","data":{"input":"What is the weather in Paris?"}}),
+            serde_json::json!({"type":"agent_thinking","run_id":run_id,"agent":"demo","data":{"text":"I should call the weather tool."}}),
+            serde_json::json!({"type":"tool_executing","run_id":run_id,"agent":"demo","data":{"tool":"weather","args":{"city":"Paris"}}}),
+            serde_json::json!({"type":"tool_completed","run_id":run_id,"agent":"demo","data":{"tool":"weather","result":{"celsius":18}}}),
+            serde_json::json!({"type":"agent_completed","run_id":run_id,"agent":"demo","data":{"output":"18 °C in Paris."}}),
+        ];
+        for step in steps {
+            let mut event = step;
+            event["timestamp"] = serde_json::json!(
+                humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+            );
+            let payload = serde_json::to_vec(&event).unwrap_or_default();
+            match js.publish(subject.clone(), payload.into()).await {
+                Ok(ack) => {
+                    if let Err(e) = ack.await {
+                        tracing::warn!(error = %e, "demo publish not acknowledged");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "demo publish failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        tokio::time::sleep(DEMO_INTERVAL).await;
+    }
+}

@@ -1,0 +1,31 @@
+//! agentcast: a NATS-fronted WebSocket emitter for AI-agent event streams.
+//!
+//! Agent services publish JSON events to `agentcast.events.<user_id>`; a
+//! JetStream stream stores them and republishes each, with its sequence, to
+//! `agentcast.live.<user_id>`. Every node subscribes only to the users whose
+//! sockets it holds and fans their events out to those sockets.
+//!
+//! Modules, one per concern:
+//! - [`config`]: flags and environment, validated; bad values exit with 64.
+//! - [`auth`]: JWT checks before the upgrade, one pinned algorithm.
+//! - [`user`]: user ids and the single subject token each maps to.
+//! - [`nats`]: the node's NATS connection and its events.
+//! - [`stream`]: the JetStream stream: create, check, read positions.
+//! - [`hub`]: per-user subscriptions and fan-out to socket queues.
+//! - [`socket`]: one WebSocket: batched writes, pings, close codes.
+//! - [`protocol`]: frames and close codes (docs/protocol.md).
+//! - [`server`]: HTTP routes, readiness, the drain.
+//! - [`metrics`]: metric names and the Prometheus recorder.
+//! - [`dev`]: `agentcast dev`, the zero-setup trial.
+
+pub mod auth;
+pub mod config;
+pub mod dev;
+pub mod hub;
+pub mod metrics;
+pub mod nats;
+pub mod protocol;
+pub mod server;
+pub mod socket;
+pub mod stream;
+pub mod user;

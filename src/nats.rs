@@ -1,0 +1,86 @@
+//! The node's one NATS connection: options from the configuration, and the
+//! client events turned into logs and metrics.
+
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event};
+
+use crate::config::NatsSettings;
+use crate::metrics as m;
+
+/// Messages buffered per subscription inside async-nats before it drops and
+/// reports `SlowConsumer`. A user's subscription is drained by one task that
+/// only copies references into socket queues, so it falls behind only when
+/// the node is out of CPU; 8192 absorbs a burst of several seconds of a busy
+/// user (the default, 65,536, would let one user pin ~20 MB).
+pub const SUBSCRIPTION_CAPACITY: usize = 8192;
+
+/// Commands (publish, subscribe, request) queued to the connection task. The
+/// async-nats default, kept explicit: when full, callers wait.
+pub const CLIENT_CAPACITY: usize = 2048;
+
+/// Time allowed for one JetStream API request (stream info, direct get).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects without waiting for the server: the client retries in the
+/// background, and /readyz says not-ready until it is connected.
+pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<Client> {
+    let mut opts = ConnectOptions::new()
+        .name(name)
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .client_capacity(CLIENT_CAPACITY)
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(|event| async move { on_event(event) });
+    if let Some((user, pass)) = &s.user {
+        opts = opts.user_and_password(user.clone(), pass.clone());
+    }
+    if let Some(token) = &s.token {
+        opts = opts.token(token.clone());
+    }
+    if let Some(creds) = &s.creds {
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .map_err(|e| anyhow::anyhow!("--nats-creds {}: {e}", creds.display()))?;
+    }
+    if let Some(ca) = &s.tls_ca {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &s.tls_client {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if s.tls_required {
+        opts = opts.require_tls(true);
+    }
+    Ok(opts.connect(s.urls.clone()).await?)
+}
+
+fn on_event(event: Event) {
+    let name = match &event {
+        Event::Connected => "connected",
+        Event::Disconnected => "disconnected",
+        Event::LameDuckMode => "lame_duck",
+        Event::Draining => "draining",
+        Event::Closed => "closed",
+        Event::SlowConsumer(_) => "slow_consumer",
+        Event::ServerError(_) => "server_error",
+        Event::ClientError(_) => "client_error",
+    };
+    metrics::counter!(m::NATS_EVENTS, "event" => name).increment(1);
+    match event {
+        Event::Connected => {
+            metrics::gauge!(m::NATS_CONNECTED).set(1.0);
+            tracing::info!("NATS connected");
+        }
+        Event::Disconnected | Event::Closed => {
+            metrics::gauge!(m::NATS_CONNECTED).set(0.0);
+            tracing::warn!("NATS {name}");
+        }
+        Event::SlowConsumer(sid) => {
+            tracing::warn!(sid, "NATS subscription fell behind; messages were dropped")
+        }
+        other => tracing::warn!("NATS event: {other}"),
+    }
+}

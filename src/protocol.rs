@@ -1,0 +1,164 @@
+//! The socket protocol: frames, close codes and the checks on what crosses it.
+//! docs/protocol.md is the reference for clients; keep the two in step.
+
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+
+/// WebSocket close codes the node sends, and what a client should do.
+pub mod close {
+    /// Normal closure (the client closed, or the server answers its close).
+    pub const NORMAL: u16 = 1000;
+    /// A binary frame: the protocol is JSON text only. Do not retry as is.
+    pub const UNSUPPORTED: u16 = 1003;
+    /// A client frame over [`super::MAX_CLIENT_FRAME`]. Do not retry as is.
+    pub const TOO_BIG: u16 = 1009;
+    /// Unexpected server error. Reconnect with backoff and resume.
+    pub const INTERNAL: u16 = 1011;
+    /// The node is draining (restart, deploy, scale-in). Reconnect now, to
+    /// any node, and resume from the last `seq`.
+    pub const DRAIN: u16 = 1012;
+    /// The client fell behind its outbound queue bound. Reconnect and resume
+    /// from the last `seq`; nothing is lost, the missed events are replayed.
+    pub const SLOW: u16 = 4000;
+    /// The token's `exp` has passed. Reconnect with a fresh token and resume.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// No frame or pong from the client within the ping timeout.
+    pub const PING_TIMEOUT: u16 = 4002;
+}
+
+/// Largest frame a client may send, in bytes. Clients only send small
+/// control frames; anything bigger is a bug or an attack and closes the
+/// socket with [`close::TOO_BIG`]. Also bounds tungstenite's read buffer.
+pub const MAX_CLIENT_FRAME: usize = 4 * 1024;
+
+/// Control frames from server to client. Events are built by [`event_frame`]
+/// without going through serde so the payload is copied byte for byte.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// First frame on every socket.
+    Welcome {
+        node: &'a str,
+        user: &'a str,
+        /// Sequence of the user's newest stored event, 0 when there is none.
+        position: u64,
+    },
+    /// The node is going away; reconnect (to any node) and resume.
+    Reconnect { reason: &'a str },
+    /// Something the client sent was not understood; the socket stays open.
+    Error { code: &'a str, message: &'a str },
+    /// Answer to a client `ping` frame.
+    Pong,
+}
+
+impl ServerFrame<'_> {
+    pub fn to_text(&self) -> Utf8Bytes {
+        // Serialising these plain structs cannot fail.
+        Utf8Bytes::from(serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+/// Frames a client may send.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Application-level keepalive for clients that cannot send WebSocket
+    /// pings (browsers); answered with `pong`.
+    Ping,
+}
+
+/// Why a publisher payload was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadError {
+    NotUtf8,
+    NotJson,
+    NotObject,
+}
+
+impl PayloadError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            PayloadError::NotUtf8 => "not_utf8",
+            PayloadError::NotJson => "not_json",
+            PayloadError::NotObject => "not_object",
+        }
+    }
+}
+
+/// Builds `{"type":"event","seq":N,"event":<payload>}` once per event; every
+/// socket of the user then shares the same bytes. The payload must be a JSON
+/// object and is embedded exactly as published.
+pub fn event_frame(seq: u64, payload: &[u8]) -> Result<Utf8Bytes, PayloadError> {
+    let text = std::str::from_utf8(payload).map_err(|_| PayloadError::NotUtf8)?;
+    if !text.trim_start().starts_with('{') {
+        // Catches non-JSON too, but report it precisely.
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => PayloadError::NotObject,
+            Err(_) => PayloadError::NotJson,
+        });
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|_| PayloadError::NotJson)?;
+    const HEAD: &str = r#"{"type":"event","seq":"#;
+    const MID: &str = r#","event":"#;
+    let mut out = String::with_capacity(HEAD.len() + 20 + MID.len() + text.len() + 1);
+    out.push_str(HEAD);
+    out.push_str(itoa::Buffer::new().format(seq));
+    out.push_str(MID);
+    out.push_str(text);
+    out.push('}');
+    Ok(Utf8Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_frame_embeds_the_payload_byte_for_byte() {
+        let payload = br#"{ "type":"agent_thinking", "data":{"x":1.50,"s":"\u00e9"} }"#;
+        let f = event_frame(42, payload).unwrap();
+        assert_eq!(
+            f.as_str(),
+            r#"{"type":"event","seq":42,"event":{ "type":"agent_thinking", "data":{"x":1.50,"s":"\u00e9"} }}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["event"]["type"], "agent_thinking");
+    }
+
+    #[test]
+    fn payloads_that_are_not_json_objects_are_refused() {
+        assert_eq!(event_frame(1, b"[1,2]"), Err(PayloadError::NotObject));
+        assert_eq!(event_frame(1, b"\"s\""), Err(PayloadError::NotObject));
+        assert_eq!(event_frame(1, b"hello"), Err(PayloadError::NotJson));
+        assert_eq!(event_frame(1, b"{\"a\":"), Err(PayloadError::NotJson));
+        assert_eq!(event_frame(1, b"{} {}"), Err(PayloadError::NotJson));
+        assert_eq!(event_frame(1, b""), Err(PayloadError::NotJson));
+        assert_eq!(
+            event_frame(1, &[b'{', 0xff, b'}']),
+            Err(PayloadError::NotUtf8)
+        );
+    }
+
+    #[test]
+    fn control_frames_serialise_with_their_type() {
+        let w = ServerFrame::Welcome {
+            node: "n1",
+            user: "u1",
+            position: 7,
+        }
+        .to_text();
+        assert_eq!(
+            w.as_str(),
+            r#"{"type":"welcome","node":"n1","user":"u1","position":7}"#
+        );
+        assert_eq!(ServerFrame::Pong.to_text().as_str(), r#"{"type":"pong"}"#);
+        assert_eq!(
+            serde_json::from_str::<ClientFrame>(r#"{"type":"ping"}"#).unwrap(),
+            ClientFrame::Ping
+        );
+        assert!(
+            serde_json::from_str::<ClientFrame>(r#"{"type":"subscribe","user":"other"}"#).is_err()
+        );
+    }
+}

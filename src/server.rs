@@ -1,0 +1,424 @@
+//! HTTP routes, the upgrade, readiness and the drain.
+//!
+//! [`run`] takes an already-bound listener (tests pass port 0) and a
+//! cancellation token; cancelling it starts the drain. axum's graceful
+//! shutdown stops accepting but does not wait for upgraded WebSockets, so
+//! sockets are tracked with a [`TaskTracker`] and closed by the drain.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::AuthError;
+use crate::config::Config;
+use crate::hub::{Hub, Kick, Kicker};
+use crate::metrics as m;
+use crate::protocol::MAX_CLIENT_FRAME;
+use crate::socket::{self, MAX_WRITE_BUFFER, READ_BUFFER, Session, WRITE_BUFFER};
+use crate::stream::{self, StreamError};
+
+/// How often readiness re-checks the stream (and creates it if missing).
+pub const READY_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How soon to look again while not ready: checking the connection state is
+/// free, and a node should take traffic as soon as NATS is back.
+pub const NOT_READY_RETRY: Duration = Duration::from_millis(100);
+
+/// Share of the drain window over which closes are spread; the rest is left
+/// for the last sockets' close frames (bounded by the socket's close
+/// timeout), so the process exits within the window.
+pub const DRAIN_SPREAD: f64 = 0.8;
+
+/// Shared by every request and socket.
+pub struct AppState {
+    pub config: Config,
+    pub node_id: Arc<str>,
+    pub hub: Arc<Hub>,
+    pub client: async_nats::Client,
+    pub metrics: PrometheusHandle,
+    stream_ok: AtomicBool,
+    draining: AtomicBool,
+    sockets: AtomicUsize,
+    next_conn: AtomicU64,
+    tracker: TaskTracker,
+}
+
+impl AppState {
+    pub fn new(config: Config, client: async_nats::Client, metrics: PrometheusHandle) -> Arc<Self> {
+        let hub = Hub::new(client.clone(), config.stream.clone());
+        Arc::new(Self {
+            node_id: config.node_id.as_str().into(),
+            config,
+            hub,
+            client,
+            metrics,
+            stream_ok: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            sockets: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    fn nats_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// NATS connected, the stream checked, and not draining.
+    pub fn ready(&self) -> bool {
+        self.nats_connected()
+            && self.stream_ok.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+    }
+}
+
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ws", get(ws_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    let body = serde_json::json!({
+        "ready": st.ready(),
+        "nats_connected": st.nats_connected(),
+        "stream_ok": st.stream_ok.load(Ordering::Acquire),
+        "draining": st.draining.load(Ordering::Acquire),
+        "node": &*st.node_id,
+    });
+    let code = if st.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct WsParams {
+    token: Option<String>,
+}
+
+/// A refusal before the upgrade: status, a fixed reason and a message.
+fn refuse(status: StatusCode, reason: &'static str, message: String) -> Response {
+    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+    tracing::debug!(%status, reason, %message, "connection refused");
+    (
+        status,
+        Json(serde_json::json!({ "error": reason, "message": message })),
+    )
+        .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+async fn ws_handler(
+    State(st): State<Arc<AppState>>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if st.draining.load(Ordering::Acquire) {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this node is draining; connect to another".into(),
+        );
+    }
+    if !st.ready() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "this node is not connected to NATS yet".into(),
+        );
+    }
+    if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN))
+    {
+        let origin = origin.to_str().unwrap_or("");
+        if !allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+        {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "origin",
+                format!("origin {origin:?} is not allowed"),
+            );
+        }
+    }
+    let token = bearer(&headers).or(params.token.as_deref()).unwrap_or("");
+    let identity = match st.config.auth.verify(token) {
+        Ok(id) => id,
+        Err(e @ AuthError::UserId(_)) => {
+            return refuse(StatusCode::FORBIDDEN, e.reason(), e.to_string());
+        }
+        Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.reason(), e.to_string()),
+    };
+    // Reserve a slot before upgrading so the bound holds under a burst.
+    if st.sockets.fetch_add(1, Ordering::AcqRel) >= st.config.max_connections {
+        st.sockets.fetch_sub(1, Ordering::AcqRel);
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "this node is at its connection limit".into(),
+        );
+    }
+    let slot = Slot(st.clone());
+    let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
+    let tracked = st.tracker.token();
+    let span = tracing::info_span!("conn", id = conn_id);
+    let session = Session {
+        conn_id,
+        user: identity.user,
+        node_id: st.node_id.clone(),
+        token_exp: identity.exp,
+        queue: st.config.socket_queue,
+        ping_interval: st.config.ping_interval,
+        kicker: Arc::new(Kicker::default()),
+    };
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME)
+        .on_upgrade(move |ws| {
+            async move {
+                let _tracked = tracked;
+                let _slot = slot;
+                metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
+                metrics::gauge!(m::SOCKETS_OPEN).increment(1.0);
+                tracing::debug!("socket open");
+                let end = socket::run(ws, st.hub.clone(), session).await;
+                metrics::gauge!(m::SOCKETS_OPEN).decrement(1.0);
+                metrics::counter!(m::DISCONNECTS, "reason" => end.label()).increment(1);
+                tracing::debug!(reason = end.label(), "socket closed");
+            }
+            .instrument(span)
+        })
+}
+
+/// One reserved connection slot, released on drop (also when an upgrade
+/// fails and the callback never runs).
+struct Slot(Arc<AppState>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Keeps `stream_ok` current. A stream that cannot be used as configured is
+/// a configuration error: it is returned and the node exits with code 64.
+async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), StreamError> {
+    let js = async_nats::jetstream::new(st.client.clone());
+    let mut first = true;
+    loop {
+        if st.nats_connected() {
+            match stream::ensure(&js, &st.config.stream).await {
+                Ok(line) => {
+                    if first {
+                        tracing::info!("{line}");
+                        first = false;
+                    }
+                    st.stream_ok.store(true, Ordering::Release);
+                }
+                Err(e) if e.is_config() => return Err(e),
+                Err(e) => {
+                    if st.stream_ok.swap(false, Ordering::AcqRel) || first {
+                        tracing::warn!(error = %e, "stream check failed; not ready");
+                    }
+                }
+            }
+        } else {
+            st.stream_ok.store(false, Ordering::Release);
+        }
+        metrics::gauge!(m::READY).set(if st.ready() { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(if st.ready() { READY_CHECK_INTERVAL } else { NOT_READY_RETRY }) => {}
+        }
+    }
+}
+
+/// Why [`run`] ended other than by a clean drain.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves until `shutdown` is cancelled, then drains: readiness turns false,
+/// no new sockets are accepted, and every socket gets a `reconnect` frame and
+/// a close (1012), spread evenly over the drain window so the other nodes
+/// are not hit by all of them at once.
+pub async fn run(
+    listener: TcpListener,
+    st: Arc<AppState>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let stop_watch = CancellationToken::new();
+    let mut watcher = tokio::spawn(watch_stream(st.clone(), stop_watch.clone()));
+    let http_stop = CancellationToken::new();
+    let serve = {
+        let http_stop = http_stop.clone();
+        let router = app(st.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await
+        })
+    };
+    // Wait for a shutdown request or a fatal stream error.
+    let watcher_result = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        r = &mut watcher => Some(r),
+    };
+    st.draining.store(true, Ordering::Release);
+    metrics::gauge!(m::READY).set(0.0);
+    http_stop.cancel();
+    stop_watch.cancel();
+
+    drain(&st).await;
+    let _ = serve.await;
+    let _ = st.client.flush().await;
+    match watcher_result {
+        Some(Ok(Err(e))) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+async fn drain(st: &AppState) {
+    let window = st.config.drain_window;
+    let kickers = st.hub.kickers();
+    let n = kickers.len();
+    tracing::info!(sockets = n, window = ?window, "draining");
+    let start = tokio::time::Instant::now();
+    let spread = window.mul_f64(DRAIN_SPREAD);
+    for (i, k) in kickers.iter().enumerate() {
+        tokio::time::sleep_until(start + spread.mul_f64(i as f64 / n.max(1) as f64)).await;
+        k.kick(Kick::Drain);
+    }
+    // Sockets whose upgrade was under way when the drain began.
+    for k in st.hub.kickers() {
+        k.kick(Kick::Drain);
+    }
+    st.tracker.close();
+    let deadline = start + window;
+    if tokio::time::timeout_at(deadline, st.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = st.tracker.len(),
+            "drain window passed with sockets still closing"
+        );
+    }
+    tracing::info!(elapsed = ?start.elapsed(), "drained");
+}
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {err}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("NATS: {0}")]
+    Nats(anyhow::Error),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+impl StartError {
+    /// Exit code: 64 for configuration the operator must fix, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Run(RunError::Stream(e)) if e.is_config() => crate::config::EXIT_CONFIG,
+            StartError::Nats(_) => crate::config::EXIT_CONFIG,
+            _ => 1,
+        }
+    }
+}
+
+/// Binds, connects to NATS and serves until `shutdown`; `on_listen` is told
+/// the bound address (port 0 resolves here).
+pub async fn start(
+    config: Config,
+    shutdown: CancellationToken,
+    on_listen: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), StartError> {
+    let metrics = m::install();
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|err| StartError::Bind {
+            addr: config.listen,
+            err,
+        })?;
+    let addr = listener.local_addr().map_err(|err| StartError::Bind {
+        addr: config.listen,
+        err,
+    })?;
+    let client = crate::nats::connect(&config.nats, &config.node_id)
+        .await
+        .map_err(StartError::Nats)?;
+    tracing::info!(node = %config.node_id, nats = ?config.nats.urls, stream = %config.stream.name, "listening on {addr}");
+    on_listen(addr);
+    let st = AppState::new(config, client, metrics);
+    run(listener, st, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels the returned token on SIGTERM or SIGINT; a second signal exits at once.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: draining (send again to exit now)");
+        t.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(130);
+    });
+    token
+}

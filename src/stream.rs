@@ -1,0 +1,271 @@
+//! The JetStream stream that stores every event, and reads of it.
+//!
+//! One stream holds all users: subjects `<prefix>.*`, one subject per user.
+//! The stream republishes each stored message to `<live-prefix>.<user>` with
+//! `Nats-Sequence` and `Nats-Last-Sequence` headers (since nats-server 2.9.0),
+//! so a node needs only a plain core subscription per user to receive every
+//! event with its stream sequence and the previous sequence of that user.
+
+use std::fmt::Write as _;
+
+use async_nats::jetstream::{
+    self, ErrorCode,
+    context::GetStreamErrorKind,
+    stream::{Config, DirectGetErrorKind, DiscardPolicy, Republish, RetentionPolicy, StorageType},
+};
+
+use crate::config::StreamSettings;
+
+/// Why the stream cannot be used as is.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The stream exists with settings the node cannot work with or change.
+    /// This is a configuration problem: the node exits with code 64.
+    #[error("stream {name} does not match what agentcast needs: {diff}")]
+    Mismatch { name: String, diff: String },
+    #[error(
+        "stream {0} does not exist and --stream-external is set: create it first (see docs/operations.md)"
+    )]
+    Missing(String),
+    /// NATS did not answer, or answered with an error: retried.
+    #[error("JetStream: {0}")]
+    Nats(String),
+}
+
+impl StreamError {
+    /// True when retrying cannot help and the operator must act.
+    pub fn is_config(&self) -> bool {
+        !matches!(self, StreamError::Nats(_))
+    }
+}
+
+/// The configuration agentcast creates the stream with.
+pub fn desired(s: &StreamSettings) -> Config {
+    let events = format!("{}.*", s.subject_prefix);
+    Config {
+        name: s.name.clone(),
+        description: Some("agentcast: per-user AI-agent events".into()),
+        subjects: vec![events.clone()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        max_age: s.max_age,
+        max_bytes: s.max_bytes,
+        max_messages: -1,
+        max_messages_per_subject: s.max_per_user,
+        max_message_size: s.max_event_bytes as i32,
+        max_consumers: -1,
+        num_replicas: s.replicas,
+        duplicate_window: s.duplicate_window,
+        allow_direct: true,
+        republish: Some(Republish {
+            source: events,
+            destination: format!("{}.{{{{wildcard(1)}}}}", s.live_prefix),
+            headers_only: false,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Differences that make the stream unusable: events would not be stored
+/// where publishers send them, not be republished where nodes listen, or not
+/// be readable by direct get.
+fn structural_diff(have: &Config, want: &Config) -> String {
+    let mut d = String::new();
+    if !have.subjects.iter().any(|s| want.subjects.contains(s)) {
+        let _ = write!(
+            d,
+            "subjects are {:?}, need {:?}; ",
+            have.subjects, want.subjects
+        );
+    }
+    if have
+        .republish
+        .as_ref()
+        .map(|r| (&r.source, &r.destination, r.headers_only))
+        != want
+            .republish
+            .as_ref()
+            .map(|r| (&r.source, &r.destination, r.headers_only))
+    {
+        let _ = write!(
+            d,
+            "republish is {:?}, need {:?} (nats-server 2.9 cannot change it: recreate the stream); ",
+            have.republish, want.republish
+        );
+    }
+    if !have.allow_direct {
+        d.push_str("allow_direct is false, need true; ");
+    }
+    if have.retention != want.retention {
+        let _ = write!(
+            d,
+            "retention is {:?}, need {:?}; ",
+            have.retention, want.retention
+        );
+    }
+    d.trim_end_matches("; ").to_owned()
+}
+
+/// Differences in limits: updated in place when agentcast manages the stream,
+/// reported when the operator does.
+fn limits_diff(have: &Config, want: &Config) -> String {
+    let mut d = String::new();
+    macro_rules! cmp {
+        ($field:ident) => {
+            if have.$field != want.$field {
+                let _ = write!(
+                    d,
+                    "{} is {:?}, configured {:?}; ",
+                    stringify!($field),
+                    have.$field,
+                    want.$field
+                );
+            }
+        };
+    }
+    cmp!(max_age);
+    cmp!(max_bytes);
+    cmp!(max_messages_per_subject);
+    cmp!(max_message_size);
+    cmp!(num_replicas);
+    cmp!(duplicate_window);
+    cmp!(discard);
+    cmp!(storage);
+    d.trim_end_matches("; ").to_owned()
+}
+
+/// Creates the stream if it is missing; checks it otherwise. With
+/// `external`, never changes anything. Returns a line for the log.
+pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<String, StreamError> {
+    let want = desired(s);
+    let mut existing = match js.get_stream(&s.name).await {
+        Ok(stream) => stream,
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(je) if je.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+                if s.external {
+                    return Err(StreamError::Missing(s.name.clone()));
+                }
+                js.create_stream(want)
+                    .await
+                    .map_err(|e| StreamError::Nats(format!("creating stream {}: {e}", s.name)))?;
+                return Ok(format!("created stream {}", s.name));
+            }
+            _ => {
+                return Err(StreamError::Nats(format!(
+                    "looking up stream {}: {e}",
+                    s.name
+                )));
+            }
+        },
+    };
+    let have = existing
+        .info()
+        .await
+        .map_err(|e| StreamError::Nats(format!("stream info {}: {e}", s.name)))?
+        .config
+        .clone();
+    let structural = structural_diff(&have, &want);
+    if !structural.is_empty() {
+        return Err(StreamError::Mismatch {
+            name: s.name.clone(),
+            diff: structural,
+        });
+    }
+    let limits = limits_diff(&have, &want);
+    if limits.is_empty() {
+        return Ok(format!("stream {} is as configured", s.name));
+    }
+    if s.external {
+        return Ok(format!(
+            "stream {} is managed externally and differs from this node's flags: {limits}",
+            s.name
+        ));
+    }
+    if have.storage != want.storage {
+        return Err(StreamError::Mismatch {
+            name: s.name.clone(),
+            diff: format!(
+                "storage is {:?}, need {:?} (cannot be changed in place)",
+                have.storage, want.storage
+            ),
+        });
+    }
+    let mut update = have;
+    update.max_age = want.max_age;
+    update.max_bytes = want.max_bytes;
+    update.max_messages_per_subject = want.max_messages_per_subject;
+    update.max_message_size = want.max_message_size;
+    update.num_replicas = want.num_replicas;
+    update.duplicate_window = want.duplicate_window;
+    update.discard = want.discard;
+    js.update_stream(update)
+        .await
+        .map_err(|e| StreamError::Nats(format!("updating stream {}: {e}", s.name)))?;
+    Ok(format!("updated stream {} limits: {limits}", s.name))
+}
+
+/// The sequence of the user's newest stored event, 0 when there is none.
+pub async fn position(
+    stream: &jetstream::stream::Stream<()>,
+    event_subject: &str,
+) -> Result<u64, StreamError> {
+    match stream.direct_get_last_for_subject(event_subject).await {
+        Ok(msg) => Ok(msg.sequence),
+        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(0),
+        Err(e) => Err(StreamError::Nats(format!(
+            "last sequence of {event_subject}: {e}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn settings() -> StreamSettings {
+        StreamSettings {
+            name: "S".into(),
+            subject_prefix: "ev".into(),
+            live_prefix: "live".into(),
+            external: false,
+            replicas: 1,
+            max_age: Duration::from_secs(60),
+            max_bytes: 1 << 20,
+            max_per_user: 10,
+            max_event_bytes: 1024,
+            duplicate_window: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn desired_config_republishes_each_user_subject() {
+        let c = desired(&settings());
+        assert_eq!(c.subjects, vec!["ev.*".to_string()]);
+        let r = c.republish.unwrap();
+        assert_eq!(
+            (r.source.as_str(), r.destination.as_str()),
+            ("ev.*", "live.{{wildcard(1)}}")
+        );
+        assert!(c.allow_direct);
+    }
+
+    #[test]
+    fn diffs_name_each_field() {
+        let want = desired(&settings());
+        let mut have = want.clone();
+        assert_eq!(structural_diff(&have, &want), "");
+        assert_eq!(limits_diff(&have, &want), "");
+        have.republish = None;
+        have.allow_direct = false;
+        let d = structural_diff(&have, &want);
+        assert!(d.contains("republish") && d.contains("allow_direct"), "{d}");
+        have.max_messages_per_subject = 5;
+        let d = limits_diff(&have, &want);
+        assert!(
+            d.contains("max_messages_per_subject is 5, configured 10"),
+            "{d}"
+        );
+    }
+}
