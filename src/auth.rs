@@ -118,51 +118,34 @@ impl Authenticator {
         if secret.len() < MIN_SECRET_LEN {
             return Err(KeyError::SecretTooShort(secret.len()));
         }
-        Ok(Self::new(
-            DecodingKey::from_secret(secret),
-            Algorithm::HS256,
-            rules,
-        ))
+        Ok(Self::new(DecodingKey::from_secret(secret), Algorithm::HS256, rules))
     }
 
     /// A public key in PEM form. The algorithm defaults to RS256, ES256 or
     /// EdDSA after the key's type; `alg` overrides it within that family.
-    pub fn public_key(
-        path: &str,
-        alg: Option<Algorithm>,
-        rules: &ClaimRules,
-    ) -> Result<Self, KeyError> {
-        let pem = std::fs::read(path).map_err(|err| KeyError::Read {
-            path: path.into(),
-            err,
-        })?;
-        let (key, kind, default_alg, family): (_, _, _, &[Algorithm]) =
-            if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
-                (
-                    k,
-                    "RSA",
+    pub fn public_key(path: &str, alg: Option<Algorithm>, rules: &ClaimRules) -> Result<Self, KeyError> {
+        let pem = std::fs::read(path).map_err(|err| KeyError::Read { path: path.into(), err })?;
+        let (key, kind, default_alg, family): (_, _, _, &[Algorithm]) = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+            (
+                k,
+                "RSA",
+                Algorithm::RS256,
+                &[
                     Algorithm::RS256,
-                    &[
-                        Algorithm::RS256,
-                        Algorithm::RS384,
-                        Algorithm::RS512,
-                        Algorithm::PS256,
-                        Algorithm::PS384,
-                        Algorithm::PS512,
-                    ],
-                )
-            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
-                (
-                    k,
-                    "EC",
-                    Algorithm::ES256,
-                    &[Algorithm::ES256, Algorithm::ES384],
-                )
-            } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
-                (k, "Ed25519", Algorithm::EdDSA, &[Algorithm::EdDSA])
-            } else {
-                return Err(KeyError::Unrecognised(path.into()));
-            };
+                    Algorithm::RS384,
+                    Algorithm::RS512,
+                    Algorithm::PS256,
+                    Algorithm::PS384,
+                    Algorithm::PS512,
+                ],
+            )
+        } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+            (k, "EC", Algorithm::ES256, &[Algorithm::ES256, Algorithm::ES384])
+        } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
+            (k, "Ed25519", Algorithm::EdDSA, &[Algorithm::EdDSA])
+        } else {
+            return Err(KeyError::Unrecognised(path.into()));
+        };
         let alg = alg.unwrap_or(default_alg);
         if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
             return Err(KeyError::HmacWithPublicKey);
@@ -222,30 +205,22 @@ impl Authenticator {
             sub: Option<String>,
             exp: Option<u64>,
         }
-        let data = jsonwebtoken::decode::<Decoded>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::InvalidAlgorithm
-                | ErrorKind::InvalidAlgorithmName
-                | ErrorKind::MissingAlgorithm => AuthError::Algorithm(header_alg.clone(), expected),
-                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
-                ErrorKind::InvalidIssuer => AuthError::Claim("iss"),
-                ErrorKind::InvalidAudience => AuthError::Claim("aud"),
-                ErrorKind::InvalidSubject => AuthError::Claim("sub"),
-                ErrorKind::InvalidClaimFormat(_) => AuthError::Malformed,
-                _ => AuthError::Malformed,
-            },
-        )?;
-        let sub = data
-            .claims
-            .sub
-            .ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
-        let exp = data
-            .claims
-            .exp
-            .ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
+        let data = jsonwebtoken::decode::<Decoded>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::MissingAlgorithm => {
+                AuthError::Algorithm(header_alg.clone(), expected)
+            }
+            ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+            ErrorKind::InvalidIssuer => AuthError::Claim("iss"),
+            ErrorKind::InvalidAudience => AuthError::Claim("aud"),
+            ErrorKind::InvalidSubject => AuthError::Claim("sub"),
+            ErrorKind::InvalidClaimFormat(_) => AuthError::Malformed,
+            _ => AuthError::Malformed,
+        })?;
+        let sub = data.claims.sub.ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
+        let exp = data.claims.exp.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
         let user = UserId::parse(&sub)?;
         Ok(Identity { user, exp })
     }
@@ -254,9 +229,7 @@ impl Authenticator {
 /// The `alg` of a compact JWT's header, if the header decodes.
 fn header_alg(token: &str) -> Option<String> {
     let header = token.split('.').next()?;
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(header)
-        .ok()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).ok()?;
     #[derive(Deserialize)]
     struct H {
         alg: String,
@@ -304,8 +277,7 @@ mod tests {
         use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
         let signing_input = format!("{}.{}", B64.encode(header), B64.encode(claims));
         let key = EncodingKey::from_secret(secret);
-        let sig =
-            jsonwebtoken::crypto::sign(signing_input.as_bytes(), &key, Algorithm::HS256).unwrap();
+        let sig = jsonwebtoken::crypto::sign(signing_input.as_bytes(), &key, Algorithm::HS256).unwrap();
         format!("{signing_input}.{sig}")
     }
 
@@ -348,19 +320,11 @@ mod tests {
             "missing_claim"
         );
         assert_eq!(
-            reason(&sign(
-                hs,
-                &format!(r#"{{"sub":"a.b","exp":{exp}}}"#),
-                SECRET
-            )),
+            reason(&sign(hs, &format!(r#"{{"sub":"a.b","exp":{exp}}}"#), SECRET)),
             "user_id"
         );
         assert_eq!(
-            reason(&sign(
-                hs,
-                &format!(r#"{{"sub":"u","exp":{exp},"nbf":{exp}}}"#),
-                SECRET
-            )),
+            reason(&sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"nbf":{exp}}}"#), SECRET)),
             "not_yet_valid"
         );
         // alg none, with or without a signature, and another HMAC size.
@@ -371,11 +335,7 @@ mod tests {
             B64.encode(format!(r#"{{"sub":"u","exp":{exp}}}"#))
         );
         assert_eq!(reason(&none), "algorithm");
-        let hs512 = sign(
-            r#"{"alg":"HS512"}"#,
-            &format!(r#"{{"sub":"u","exp":{exp}}}"#),
-            SECRET,
-        );
+        let hs512 = sign(r#"{"alg":"HS512"}"#, &format!(r#"{{"sub":"u","exp":{exp}}}"#), SECRET);
         assert_eq!(reason(&hs512), "algorithm");
         assert_eq!(reason(&"a".repeat(MAX_TOKEN_LEN + 1)), "malformed");
     }
@@ -386,21 +346,13 @@ mod tests {
         let hs = r#"{"alg":"HS256"}"#;
         let just_past = jsonwebtoken::get_current_timestamp() - 2;
         assert!(
-            a.verify(&sign(
-                hs,
-                &format!(r#"{{"sub":"u","exp":{just_past}}}"#),
-                SECRET
-            ))
-            .is_ok()
+            a.verify(&sign(hs, &format!(r#"{{"sub":"u","exp":{just_past}}}"#), SECRET))
+                .is_ok()
         );
         let long_past = jsonwebtoken::get_current_timestamp() - 30;
         assert!(
-            a.verify(&sign(
-                hs,
-                &format!(r#"{{"sub":"u","exp":{long_past}}}"#),
-                SECRET
-            ))
-            .is_err()
+            a.verify(&sign(hs, &format!(r#"{{"sub":"u","exp":{long_past}}}"#), SECRET))
+                .is_err()
         );
     }
 
@@ -428,11 +380,7 @@ mod tests {
     fn public_key_algorithms_verify_and_confusion_is_refused() {
         let rules = ClaimRules::default();
         let cases = [
-            (
-                "rsa",
-                Algorithm::RS256,
-                EncodingKey::from_rsa_pem as fn(&[u8]) -> _,
-            ),
+            ("rsa", Algorithm::RS256, EncodingKey::from_rsa_pem as fn(&[u8]) -> _),
             ("ec", Algorithm::ES256, EncodingKey::from_ec_pem),
             ("ed", Algorithm::EdDSA, EncodingKey::from_ed_pem),
         ];
@@ -446,11 +394,7 @@ mod tests {
             // Algorithm confusion: HS256 keyed with the public key's PEM.
             let pem = std::fs::read(&public).unwrap();
             let forged = sign_with(Algorithm::HS256, EncodingKey::from_secret(&pem), "u1");
-            assert_eq!(
-                a.verify(&forged).unwrap_err().reason(),
-                "algorithm",
-                "{kind}"
-            );
+            assert_eq!(a.verify(&forged).unwrap_err().reason(), "algorithm", "{kind}");
         }
     }
 

@@ -117,11 +117,7 @@ pub struct NodeArgs {
     pub allowed_origins: Option<Vec<String>>,
 
     /// NATS server URLs, comma-separated.
-    #[arg(
-        long,
-        env = "AGENTCAST_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
+    #[arg(long, env = "AGENTCAST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     #[arg(long, env = "AGENTCAST_NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,
@@ -145,11 +141,7 @@ pub struct NodeArgs {
     pub nats_tls: bool,
 
     /// Subjects publishers write to: <prefix>.<user_id>.
-    #[arg(
-        long,
-        env = "AGENTCAST_SUBJECT_PREFIX",
-        default_value = "agentcast.events"
-    )]
+    #[arg(long, env = "AGENTCAST_SUBJECT_PREFIX", default_value = "agentcast.events")]
     pub subject_prefix: String,
     /// Subjects the stream republishes to and nodes subscribe on: <live-prefix>.<user_id>.
     #[arg(long, env = "AGENTCAST_LIVE_PREFIX", default_value = "agentcast.live")]
@@ -193,16 +185,13 @@ pub struct NodeArgs {
 }
 
 fn parse_algorithm(s: &str) -> Result<jsonwebtoken::Algorithm, String> {
-    s.parse()
-        .map_err(|_| format!("unknown JWT algorithm {s:?}"))
+    s.parse().map_err(|_| format!("unknown JWT algorithm {s:?}"))
 }
 
 /// Why the configuration cannot be used. Each message names the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error(
-        "set AGENTCAST_JWT_SECRET (--jwt-secret) or AGENTCAST_JWT_PUBLIC_KEY (--jwt-public-key)"
-    )]
+    #[error("set AGENTCAST_JWT_SECRET (--jwt-secret) or AGENTCAST_JWT_PUBLIC_KEY (--jwt-public-key)")]
     NoJwtKey,
     #[error("--jwt-algorithm only applies with --jwt-public-key")]
     AlgorithmWithoutKey,
@@ -289,12 +278,7 @@ impl StreamSettings {
 
 fn range(flag: &'static str, value: u128, min: u128, max: u128) -> Result<(), ConfigError> {
     if value < min || value > max {
-        return Err(ConfigError::Range {
-            flag,
-            value,
-            min,
-            max,
-        });
+        return Err(ConfigError::Range { flag, value, min, max });
     }
     Ok(())
 }
@@ -364,26 +348,13 @@ impl NodeArgs {
             return Err(ConfigError::Overlap(a.clone(), b.clone()));
         }
         let s = &self.stream;
-        if s.is_empty()
-            || s.len() > 64
-            || s.contains(['.', '*', '>', '/', '\\'])
-            || s.chars().any(char::is_whitespace)
+        if s.is_empty() || s.len() > 64 || s.contains(['.', '*', '>', '/', '\\']) || s.chars().any(char::is_whitespace)
         {
             return Err(ConfigError::StreamName(s.clone()));
         }
         range("--stream-replicas", self.stream_replicas as u128, 1, 5)?;
-        range(
-            "--socket-queue",
-            self.socket_queue as u128,
-            1,
-            MAX_SOCKET_QUEUE as u128,
-        )?;
-        range(
-            "--max-connections",
-            self.max_connections as u128,
-            1,
-            10_000_000,
-        )?;
+        range("--socket-queue", self.socket_queue as u128, 1, MAX_SOCKET_QUEUE as u128)?;
+        range("--max-connections", self.max_connections as u128, 1, 10_000_000)?;
         range(
             "--max-event-bytes",
             self.max_event_bytes as u128,
@@ -414,18 +385,8 @@ impl NodeArgs {
             100,
             self.stream_max_age.as_millis(),
         )?;
-        range(
-            "--ping-interval (ms)",
-            self.ping_interval.as_millis(),
-            100,
-            3_600_000,
-        )?;
-        range(
-            "--drain-window (ms)",
-            self.drain_window.as_millis(),
-            0,
-            3_600_000,
-        )?;
+        range("--ping-interval (ms)", self.ping_interval.as_millis(), 100, 3_600_000)?;
+        range("--drain-window (ms)", self.drain_window.as_millis(), 0, 3_600_000)?;
         check_file("--nats-creds", &self.nats_creds)?;
         check_file("--nats-tls-ca", &self.nats_tls_ca)?;
         check_file("--nats-tls-cert", &self.nats_tls_cert)?;
@@ -454,9 +415,7 @@ impl NodeArgs {
                 user: self.nats_user.zip(self.nats_password),
                 token: self.nats_token,
                 creds: self.nats_creds,
-                tls_required: self.nats_tls
-                    || self.nats_tls_ca.is_some()
-                    || self.nats_tls_cert.is_some(),
+                tls_required: self.nats_tls || self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some(),
                 tls_ca: self.nats_tls_ca,
                 tls_client: self.nats_tls_cert.zip(self.nats_tls_key),
             },
@@ -496,12 +455,7 @@ mod tests {
     use super::*;
 
     fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
-        let mut args = vec![
-            "agentcast",
-            "serve",
-            "--jwt-secret",
-            "0123456789abcdef0123456789abcdef",
-        ];
+        let mut args = vec!["agentcast", "serve", "--jwt-secret", "0123456789abcdef0123456789abcdef"];
         args.extend_from_slice(extra);
         let Command::Serve(s) = Cli::try_parse_from(args).unwrap().command else {
             unreachable!()

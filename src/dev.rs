@@ -63,9 +63,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
             }
         }
     }
-    let secret: String = (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
+    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     let auth = match Authenticator::hs256(
         secret.as_bytes(),
         &ClaimRules {
@@ -99,7 +97,11 @@ pub async fn run(mut args: DevArgs) -> i32 {
     let shutdown = crate::server::shutdown_on_signals();
     let banner_subject = subject.clone();
     let result = crate::server::start(config, shutdown.clone(), move |addr| {
-        let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
         println!();
         println!("  agentcast dev is running");
         println!("  JWT secret (HS256):  {secret}");
@@ -190,9 +192,8 @@ async fn demo_publisher(url: String, subject: String) {
         ];
         for step in steps {
             let mut event = step;
-            event["timestamp"] = serde_json::json!(
-                humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-            );
+            event["timestamp"] =
+                serde_json::json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
             let payload = serde_json::to_vec(&event).unwrap_or_default();
             match js.publish(subject.clone(), payload.into()).await {
                 Ok(ack) => {

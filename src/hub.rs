@@ -170,10 +170,7 @@ impl Hub {
         entry
             .subscribed
             .get_or_try_init(|| async {
-                let sub = self
-                    .client
-                    .subscribe(self.settings.live_subject(user.as_str()))
-                    .await?;
+                let sub = self.client.subscribe(self.settings.live_subject(user.as_str())).await?;
                 metrics::gauge!(m::USERS_SUBSCRIBED).increment(1.0);
                 tokio::spawn(self.clone().run_user(entry.clone(), sub));
                 Ok::<_, async_nats::SubscribeError>(())
@@ -204,12 +201,7 @@ impl Hub {
         let users = lock(&self.users);
         users
             .values()
-            .flat_map(|e| {
-                lock(&e.sockets)
-                    .iter()
-                    .map(|s| s.kicker.clone())
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|e| lock(&e.sockets).iter().map(|s| s.kicker.clone()).collect::<Vec<_>>())
             .collect()
     }
 
@@ -249,7 +241,10 @@ impl Hub {
             // Not a republished stream message: someone published to the
             // live subject directly. It has no place in the user's history.
             metrics::counter!(m::EVENTS_REJECTED, "reason" => "no_sequence").increment(1);
-            self.log_bad_once(msg.subject.as_str(), "message on a live subject without Nats-Sequence (publish to the event subject instead)");
+            self.log_bad_once(
+                msg.subject.as_str(),
+                "message on a live subject without Nats-Sequence (publish to the event subject instead)",
+            );
             return;
         };
         let frame = match event_frame(seq, &msg.payload) {

@@ -39,11 +39,7 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
-                let config = match args
-                    .jwt
-                    .authenticator()
-                    .and_then(|auth| args.node.into_config(auth))
-                {
+                let config = match args.jwt.authenticator().and_then(|auth| args.node.into_config(auth)) {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("agentcast: {e}");
@@ -67,8 +63,7 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("AGENTCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("AGENTCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -60,54 +60,34 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_gauge!(
-        SOCKETS_OPEN,
-        Unit::Count,
-        "WebSocket connections open on this node."
-    );
+    describe_gauge!(SOCKETS_OPEN, Unit::Count, "WebSocket connections open on this node.");
     describe_gauge!(
         USERS_SUBSCRIBED,
         Unit::Count,
         "Users with a live NATS subscription on this node."
     );
-    describe_counter!(
-        CONNECTIONS_ACCEPTED,
-        Unit::Count,
-        "WebSocket upgrades accepted."
-    );
+    describe_counter!(CONNECTIONS_ACCEPTED, Unit::Count, "WebSocket upgrades accepted.");
     describe_counter!(
         CONNECTIONS_REFUSED,
         Unit::Count,
         "Connection attempts refused before the upgrade, by reason."
     );
     describe_counter!(DISCONNECTS, Unit::Count, "Sockets closed, by reason.");
-    describe_counter!(
-        EVENTS_RECEIVED,
-        Unit::Count,
-        "Events received from NATS live subjects."
-    );
+    describe_counter!(EVENTS_RECEIVED, Unit::Count, "Events received from NATS live subjects.");
     describe_counter!(
         EVENTS_REJECTED,
         Unit::Count,
         "Events not forwarded, by reason (payload not a JSON object, missing sequence)."
     );
     describe_counter!(FRAMES_SENT, Unit::Count, "Frames written to sockets.");
-    describe_counter!(
-        BYTES_SENT,
-        Unit::Bytes,
-        "Frame payload bytes written to sockets."
-    );
+    describe_counter!(BYTES_SENT, Unit::Bytes, "Frame payload bytes written to sockets.");
     describe_histogram!(WRITE_BATCH, Unit::Count, "Frames written per socket flush.");
     describe_counter!(
         CLIENT_FRAMES_REJECTED,
         Unit::Count,
         "Client frames answered with an error or a close, by reason."
     );
-    describe_gauge!(
-        NATS_CONNECTED,
-        Unit::Count,
-        "1 while the NATS connection is up."
-    );
+    describe_gauge!(NATS_CONNECTED, Unit::Count, "1 while the NATS connection is up.");
     describe_counter!(
         NATS_EVENTS,
         Unit::Count,

@@ -134,10 +134,7 @@ mod tests {
         assert_eq!(event_frame(1, b"{\"a\":"), Err(PayloadError::NotJson));
         assert_eq!(event_frame(1, b"{} {}"), Err(PayloadError::NotJson));
         assert_eq!(event_frame(1, b""), Err(PayloadError::NotJson));
-        assert_eq!(
-            event_frame(1, &[b'{', 0xff, b'}']),
-            Err(PayloadError::NotUtf8)
-        );
+        assert_eq!(event_frame(1, &[b'{', 0xff, b'}']), Err(PayloadError::NotUtf8));
     }
 
     #[test]
@@ -148,17 +145,12 @@ mod tests {
             position: 7,
         }
         .to_text();
-        assert_eq!(
-            w.as_str(),
-            r#"{"type":"welcome","node":"n1","user":"u1","position":7}"#
-        );
+        assert_eq!(w.as_str(), r#"{"type":"welcome","node":"n1","user":"u1","position":7}"#);
         assert_eq!(ServerFrame::Pong.to_text().as_str(), r#"{"type":"pong"}"#);
         assert_eq!(
             serde_json::from_str::<ClientFrame>(r#"{"type":"ping"}"#).unwrap(),
             ClientFrame::Ping
         );
-        assert!(
-            serde_json::from_str::<ClientFrame>(r#"{"type":"subscribe","user":"other"}"#).is_err()
-        );
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"subscribe","user":"other"}"#).is_err());
     }
 }

@@ -79,9 +79,7 @@ impl AppState {
 
     /// NATS connected, the stream checked, and not draining.
     pub fn ready(&self) -> bool {
-        self.nats_connected()
-            && self.stream_ok.load(Ordering::Acquire)
-            && !self.draining.load(Ordering::Acquire)
+        self.nats_connected() && self.stream_ok.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
     }
 }
 
@@ -127,11 +125,7 @@ struct WsParams {
 fn refuse(status: StatusCode, reason: &'static str, message: String) -> Response {
     metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
     tracing::debug!(%status, reason, %message, "connection refused");
-    (
-        status,
-        Json(serde_json::json!({ "error": reason, "message": message })),
-    )
-        .into_response()
+    (status, Json(serde_json::json!({ "error": reason, "message": message }))).into_response()
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -160,13 +154,9 @@ async fn ws_handler(
             "this node is not connected to NATS yet".into(),
         );
     }
-    if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN))
-    {
+    if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN)) {
         let origin = origin.to_str().unwrap_or("");
-        if !allowed
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
-        {
+        if !allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
             return refuse(
                 StatusCode::FORBIDDEN,
                 "origin",
@@ -279,14 +269,10 @@ pub enum RunError {
 }
 
 /// Serves until `shutdown` is cancelled, then drains: readiness turns false,
-/// no new sockets are accepted, and every socket gets a `reconnect` frame and
+/// new sockets are refused with 503, and every socket gets a `reconnect` frame and
 /// a close (1012), spread evenly over the drain window so the other nodes
 /// are not hit by all of them at once.
-pub async fn run(
-    listener: TcpListener,
-    st: Arc<AppState>,
-    shutdown: CancellationToken,
-) -> Result<(), RunError> {
+pub async fn run(listener: TcpListener, st: Arc<AppState>, shutdown: CancellationToken) -> Result<(), RunError> {
     let stop_watch = CancellationToken::new();
     let mut watcher = tokio::spawn(watch_stream(st.clone(), stop_watch.clone()));
     let http_stop = CancellationToken::new();
@@ -306,10 +292,11 @@ pub async fn run(
     };
     st.draining.store(true, Ordering::Release);
     metrics::gauge!(m::READY).set(0.0);
-    http_stop.cancel();
     stop_watch.cancel();
-
+    // HTTP stays up through the drain: /readyz answers 503, /ws refuses with
+    // 503 "draining", /metrics can still be scraped.
     drain(&st).await;
+    http_stop.cancel();
     let _ = serve.await;
     let _ = st.client.flush().await;
     match watcher_result {
@@ -335,10 +322,7 @@ async fn drain(st: &AppState) {
     }
     st.tracker.close();
     let deadline = start + window;
-    if tokio::time::timeout_at(deadline, st.tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline, st.tracker.wait()).await.is_err() {
         tracing::warn!(
             left = st.tracker.len(),
             "drain window passed with sockets still closing"
@@ -380,12 +364,10 @@ pub async fn start(
     on_listen: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), StartError> {
     let metrics = m::install();
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|err| StartError::Bind {
-            addr: config.listen,
-            err,
-        })?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|err| StartError::Bind {
+        addr: config.listen,
+        err,
+    })?;
     let addr = listener.local_addr().map_err(|err| StartError::Bind {
         addr: config.listen,
         err,
@@ -406,10 +388,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
     let t = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             tracing::error!("cannot install signal handlers");
             return;
         };

@@ -116,10 +116,7 @@ where
     }
 
     let expiry = token_deadline(s.token_exp);
-    let mut ping = tokio::time::interval_at(
-        tokio::time::Instant::now() + s.ping_interval,
-        s.ping_interval,
-    );
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + s.ping_interval, s.ping_interval);
     let mut last_heard = Instant::now();
     let mut batch: Vec<EventFrame> = Vec::with_capacity(MAX_WRITE_BATCH);
 
@@ -220,10 +217,7 @@ enum WriteFail {
     Closed,
 }
 
-async fn write_batch<S, E>(
-    ws: &mut S,
-    frames: impl Iterator<Item = EventFrame>,
-) -> Result<(), WriteFail>
+async fn write_batch<S, E>(ws: &mut S, frames: impl Iterator<Item = EventFrame>) -> Result<(), WriteFail>
 where
     S: Sink<Message, Error = E> + Unpin,
 {

@@ -23,9 +23,7 @@ pub enum StreamError {
     /// This is a configuration problem: the node exits with code 64.
     #[error("stream {name} does not match what agentcast needs: {diff}")]
     Mismatch { name: String, diff: String },
-    #[error(
-        "stream {0} does not exist and --stream-external is set: create it first (see docs/operations.md)"
-    )]
+    #[error("stream {0} does not exist and --stream-external is set: create it first (see docs/operations.md)")]
     Missing(String),
     /// NATS did not answer, or answered with an error: retried.
     #[error("JetStream: {0}")]
@@ -73,11 +71,7 @@ pub fn desired(s: &StreamSettings) -> Config {
 fn structural_diff(have: &Config, want: &Config) -> String {
     let mut d = String::new();
     if !have.subjects.iter().any(|s| want.subjects.contains(s)) {
-        let _ = write!(
-            d,
-            "subjects are {:?}, need {:?}; ",
-            have.subjects, want.subjects
-        );
+        let _ = write!(d, "subjects are {:?}, need {:?}; ", have.subjects, want.subjects);
     }
     if have
         .republish
@@ -98,11 +92,7 @@ fn structural_diff(have: &Config, want: &Config) -> String {
         d.push_str("allow_direct is false, need true; ");
     }
     if have.retention != want.retention {
-        let _ = write!(
-            d,
-            "retention is {:?}, need {:?}; ",
-            have.retention, want.retention
-        );
+        let _ = write!(d, "retention is {:?}, need {:?}; ", have.retention, want.retention);
     }
     d.trim_end_matches("; ").to_owned()
 }
@@ -152,10 +142,7 @@ pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<Strin
                 return Ok(format!("created stream {}", s.name));
             }
             _ => {
-                return Err(StreamError::Nats(format!(
-                    "looking up stream {}: {e}",
-                    s.name
-                )));
+                return Err(StreamError::Nats(format!("looking up stream {}: {e}", s.name)));
             }
         },
     };
@@ -206,16 +193,11 @@ pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<Strin
 }
 
 /// The sequence of the user's newest stored event, 0 when there is none.
-pub async fn position(
-    stream: &jetstream::stream::Stream<()>,
-    event_subject: &str,
-) -> Result<u64, StreamError> {
+pub async fn position(stream: &jetstream::stream::Stream<()>, event_subject: &str) -> Result<u64, StreamError> {
     match stream.direct_get_last_for_subject(event_subject).await {
         Ok(msg) => Ok(msg.sequence),
         Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(0),
-        Err(e) => Err(StreamError::Nats(format!(
-            "last sequence of {event_subject}: {e}"
-        ))),
+        Err(e) => Err(StreamError::Nats(format!("last sequence of {event_subject}: {e}"))),
     }
 }
 
@@ -263,9 +245,6 @@ mod tests {
         assert!(d.contains("republish") && d.contains("allow_direct"), "{d}");
         have.max_messages_per_subject = 5;
         let d = limits_diff(&have, &want);
-        assert!(
-            d.contains("max_messages_per_subject is 5, configured 10"),
-            "{d}"
-        );
+        assert!(d.contains("max_messages_per_subject is 5, configured 10"), "{d}");
     }
 }

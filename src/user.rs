@@ -44,9 +44,10 @@ impl UserId {
         if id.len() > MAX_USER_ID_LEN {
             return Err(UserIdError::TooLong);
         }
-        if let Some(c) = id.chars().find(|c| {
-            !(c.is_ascii_alphanumeric() || (c.is_ascii() && EXTRA_CHARS.contains(&(*c as u8))))
-        }) {
+        if let Some(c) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || (c.is_ascii() && EXTRA_CHARS.contains(&(*c as u8)))))
+        {
             return Err(UserIdError::BadChar(c));
         }
         Ok(Self(id.to_owned()))

@@ -84,12 +84,7 @@ async fn no_event_ever_crosses_users() {
         let js = async_nats::jetstream::new(client.clone());
         tasks.push(tokio::spawn(async move {
             for i in 0..PER_USER {
-                publish(
-                    &js,
-                    &format!("user-{u}"),
-                    format!(r#"{{"user":"user-{u}","i":{i}}}"#),
-                )
-                .await;
+                publish(&js, &format!("user-{u}"), format!(r#"{{"user":"user-{u}","i":{i}}}"#)).await;
             }
         }));
     }
@@ -100,11 +95,7 @@ async fn no_event_ever_crosses_users() {
         let events = c.events(PER_USER).await;
         let mut last = 0;
         for (i, (seq, ev)) in events.iter().enumerate() {
-            assert_eq!(
-                ev["user"],
-                format!("user-{u}"),
-                "socket of user-{u} got {ev}"
-            );
+            assert_eq!(ev["user"], format!("user-{u}"), "socket of user-{u} got {ev}");
             assert_eq!(ev["i"], i, "order for user-{u}");
             assert!(*seq > last);
             last = *seq;
@@ -164,10 +155,7 @@ async fn payloads_that_are_not_json_objects_are_counted_logged_once_and_skipped(
     publish(&js, "u1", "[1,2]").await;
     publish(&js, "u1", "not json either").await;
     let good = publish(&js, "u1", r#"{"type":"agent_started"}"#).await;
-    assert_eq!(
-        c.events(1).await,
-        vec![(good, json!({"type":"agent_started"}))]
-    );
+    assert_eq!(c.events(1).await, vec![(good, json!({"type":"agent_started"}))]);
     assert_eq!(
         node.metric("agentcast_events_rejected_total", r#"reason="not_json""#)
             .await,
@@ -178,11 +166,7 @@ async fn payloads_that_are_not_json_objects_are_counted_logged_once_and_skipped(
             .await,
         1.0
     );
-    let warnings = node
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("not forwarded"))
-        .count();
+    let warnings = node.log_text().lines().filter(|l| l.contains("not forwarded")).count();
     assert_eq!(warnings, 1, "logged once per subject:\n{}", node.log_text());
     // Other users are unaffected.
     let (mut other, _) = Client::join(&node, "u2").await;

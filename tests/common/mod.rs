@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::{
-    self, Message, client::IntoClientRequest, protocol::CloseFrame,
-};
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest, protocol::CloseFrame};
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -62,12 +60,14 @@ impl NatsServer {
         }
     }
 
+    // The child is returned to the caller, which kills and waits on drop.
+    #[allow(clippy::zombie_processes)]
     fn spawn(dir: &Path, port: Option<u16>) -> (Child, String, String) {
         let ports_dir = dir.join(format!("ports-{}", rand_suffix()));
         std::fs::create_dir_all(&ports_dir).unwrap();
         let port = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
         let bin = nats_server_bin();
-        let child = Command::new(&bin)
+        let mut child = Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &port, "-m", "-1", "-js", "-sd"])
             .arg(dir.join("jetstream"))
             .arg("--ports_file_dir")
@@ -78,20 +78,20 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(entry) = std::fs::read_dir(&ports_dir).unwrap().flatten().next() {
-                if let Ok(v) = serde_json::from_str::<Value>(
-                    &std::fs::read_to_string(entry.path()).unwrap_or_default(),
-                ) {
-                    let url = v["nats"][0].as_str().unwrap().to_owned();
-                    let monitor = v["monitoring"][0].as_str().unwrap().to_owned();
-                    return (child, url, monitor);
-                }
+            let ports = std::fs::read_dir(&ports_dir).unwrap().flatten().next();
+            // The file may be caught half-written: parse failures are retried.
+            if let Some(v) =
+                ports.and_then(|e| serde_json::from_str::<Value>(&std::fs::read_to_string(e.path()).ok()?).ok())
+            {
+                let url = v["nats"][0].as_str().unwrap().to_owned();
+                let monitor = v["monitoring"][0].as_str().unwrap().to_owned();
+                return (child, url, monitor);
             }
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start: see {}",
-                dir.join("nats.log").display()
-            );
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nats-server did not start: see {}", dir.join("nats.log").display());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -126,12 +126,7 @@ impl NatsServer {
             .as_array()
             .into_iter()
             .flatten()
-            .flat_map(|c| {
-                c["subscriptions_list"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-            })
+            .flat_map(|c| c["subscriptions_list"].as_array().cloned().unwrap_or_default())
             .filter_map(|s| s.as_str().map(str::to_owned))
             .filter(|s| s.starts_with("agentcast.live."))
             .collect();
@@ -166,19 +161,14 @@ impl Node {
 
     /// Starts a node and returns once it listens, ready or not.
     pub fn spawn(nats_url: &str, extra: &[&str]) -> Self {
-        let mut args: Vec<String> = [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--nats-url",
-            nats_url,
-            "--drain-window",
-            "1s",
-        ]
-        .map(String::from)
-        .to_vec();
-        if !extra.iter().any(|a| a.starts_with("--jwt-")) {
+        let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0", "--nats-url", nats_url]
+            .map(String::from)
+            .to_vec();
+        if !extra.iter().any(|a| *a == "--jwt-secret" || *a == "--jwt-public-key") {
             args.extend(["--jwt-secret".into(), SECRET.into()]);
+        }
+        if !extra.contains(&"--drain-window") {
+            args.extend(["--drain-window".into(), "1s".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
@@ -202,10 +192,7 @@ impl Node {
         });
         let addr = match rx.recv_timeout(START_TIMEOUT) {
             Ok(a) => a.parse().expect("listen address"),
-            Err(_) => panic!(
-                "node did not start; log:\n{}",
-                log.lock().unwrap().join("\n")
-            ),
+            Err(_) => panic!("node did not start; log:\n{}", log.lock().unwrap().join("\n")),
         };
         Self {
             child: Some(child),
@@ -217,11 +204,7 @@ impl Node {
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + START_TIMEOUT;
         while self.get("/readyz").await.0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "node not ready; log:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "node not ready; log:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -238,9 +221,7 @@ impl Node {
     pub async fn metric(&self, name: &str, labels: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
         text.lines()
-            .filter(|l| {
-                l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels)
-            })
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -298,17 +279,16 @@ pub async fn http_get(url: &str) -> (u16, String) {
         .split_once('/')
         .map(|(h, p)| (h, format!("/{p}")))
         .unwrap_or((rest, "/".into()));
-    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    // A refused connection reads as status 0: the process is gone.
+    let Ok(mut s) = tokio::net::TcpStream::connect(host).await else {
+        return (0, String::new());
+    };
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
-    let status = buf
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = buf
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
@@ -316,8 +296,7 @@ pub async fn http_get(url: &str) -> (u16, String) {
     (status, body)
 }
 
-pub type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A WebSocket client that reads JSON frames.
 pub struct Client {
@@ -369,9 +348,7 @@ impl Client {
         let mut frames = Vec::new();
         loop {
             match tokio::time::timeout(RECV_TIMEOUT * 3, self.ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    frames.push(serde_json::from_str(t.as_str()).unwrap())
-                }
+                Ok(Some(Ok(Message::Text(t)))) => frames.push(serde_json::from_str(t.as_str()).unwrap()),
                 Ok(Some(Ok(Message::Close(c)))) => return (frames, c),
                 Ok(Some(Ok(_))) => {}
                 Ok(None) | Ok(Some(Err(_))) => return (frames, None),
@@ -422,11 +399,7 @@ pub async fn refused(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
 }
 
 /// Publishes through JetStream and returns the stored sequence.
-pub async fn publish(
-    js: &async_nats::jetstream::Context,
-    user: &str,
-    payload: impl Into<bytes::Bytes>,
-) -> u64 {
+pub async fn publish(js: &async_nats::jetstream::Context, user: &str, payload: impl Into<bytes::Bytes>) -> u64 {
     js.publish(format!("agentcast.events.{user}"), payload.into())
         .await
         .expect("publish")

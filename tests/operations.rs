@@ -1,0 +1,182 @@
+//! What operators see: exit codes, health and readiness, the stream check.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// Runs the binary to completion and returns (exit code, stderr).
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentcast"))
+        .args(args)
+        .env_remove("AGENTCAST_JWT_SECRET")
+        .output()
+        .expect("run agentcast");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_configuration_exits_64_with_one_clear_line() {
+    let secret = ["--jwt-secret", SECRET];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["serve"], "AGENTCAST_JWT_SECRET"),
+        (vec!["serve", "--jwt-secret", "short"], "at least 32"),
+        (
+            vec!["serve", "--jwt-public-key", "/nonexistent.pem"],
+            "/nonexistent.pem",
+        ),
+        ([&["serve", "--listen", "nowhere"][..], &secret].concat(), "--listen"),
+        (
+            [&["serve", "--socket-queue", "0"][..], &secret].concat(),
+            "--socket-queue",
+        ),
+        (
+            [&["serve", "--subject-prefix", "a.>"][..], &secret].concat(),
+            "--subject-prefix",
+        ),
+        ([&["serve", "--stream", "has.dot"][..], &secret].concat(), "--stream"),
+        (
+            [&["serve", "--stream-max-age", "soon"][..], &secret].concat(),
+            "--stream-max-age",
+        ),
+        ([&["serve", "--no-such-flag"][..], &secret].concat(), "--no-such-flag"),
+        (
+            [&["serve", "--nats-creds", "/nonexistent.creds"][..], &secret].concat(),
+            "--nats-creds",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: one line, got {stderr:?}"
+        );
+        assert!(stderr.contains(needle), "{args:?}: {stderr:?} should mention {needle}");
+    }
+    let (code, out) = run(&["--help"]);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[tokio::test]
+async fn readiness_follows_nats_and_sockets_survive_an_outage() {
+    let mut nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    assert_eq!(node.get("/healthz").await.0, 200);
+    let (status, body) = node.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (mut c, _) = Client::join(&node, "u1").await;
+
+    nats.stop();
+    eventually("not ready without NATS", || async {
+        node.get("/readyz").await.0 == 503
+    })
+    .await;
+    assert_eq!(node.get("/healthz").await.0, 200, "the process is still healthy");
+    let (status, body) = refused(&node.ws_url(&token("u2")), &[]).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("not_ready")));
+
+    nats.restart();
+    eventually("ready again", || async { node.get("/readyz").await.0 == 200 }).await;
+    // The socket stayed open and its subscription came back with the connection.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let s = publish(&js, "u1", r#"{"after":"restart"}"#).await;
+    assert_eq!(c.events(1).await, vec![(s, json!({"after":"restart"}))]);
+    assert!(
+        node.metric("agentcast_nats_events_total", r#"event="disconnected""#)
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn the_node_creates_the_stream_and_reports_its_config() {
+    let nats = NatsServer::start();
+    let _node = Node::start(&nats, &["--stream-max-per-user", "500", "--stream-max-age", "1h"]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js.get_stream("AGENTCAST").await.unwrap();
+    let c = stream.info().await.unwrap().config.clone();
+    assert_eq!(c.subjects, vec!["agentcast.events.*"]);
+    assert_eq!(c.max_messages_per_subject, 500);
+    assert_eq!(c.max_age, Duration::from_secs(3600));
+    assert!(c.allow_direct);
+    let r = c.republish.expect("republish");
+    assert_eq!(
+        (r.source.as_str(), r.destination.as_str()),
+        ("agentcast.events.*", "agentcast.live.{{wildcard(1)}}")
+    );
+    // A second node with other limits updates them in place.
+    let _b = Node::start(&nats, &["--stream-max-per-user", "800"]).await;
+    let c = js
+        .get_stream("AGENTCAST")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert_eq!(c.max_messages_per_subject, 800);
+}
+
+#[tokio::test]
+async fn an_external_stream_is_only_checked_and_differences_are_named() {
+    let nats = NatsServer::start();
+    // Missing: exit 64 and say so.
+    let mut node = Node::spawn(&nats.url, &["--stream-external"]);
+    assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(64), "{}", node.log_text());
+    assert!(node.log_text().contains("does not exist"), "{}", node.log_text());
+
+    // Present but without republish: exit 64 naming the field.
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "AGENTCAST".into(),
+        subjects: vec!["agentcast.events.*".into()],
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut node = Node::spawn(&nats.url, &["--stream-external"]);
+    assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(64), "{}", node.log_text());
+    assert!(node.log_text().contains("republish is None"), "{}", node.log_text());
+    // A managing node cannot fix republish in place either, and says so.
+    let mut node = Node::spawn(&nats.url, &[]);
+    assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(64), "{}", node.log_text());
+
+    // Right structure, other limits: the node runs, reports, changes nothing.
+    js.delete_stream("AGENTCAST").await.unwrap();
+    let settings = agentcast::config::StreamSettings {
+        name: "AGENTCAST".into(),
+        subject_prefix: "agentcast.events".into(),
+        live_prefix: "agentcast.live".into(),
+        external: true,
+        replicas: 1,
+        max_age: Duration::from_secs(7200),
+        max_bytes: 1 << 30,
+        max_per_user: 42,
+        max_event_bytes: 256 * 1024,
+        duplicate_window: Duration::from_secs(120),
+    };
+    js.create_stream(agentcast::stream::desired(&settings)).await.unwrap();
+    let node = Node::start(&nats, &["--stream-external"]).await;
+    let log = node.log_text();
+    assert!(
+        log.contains("managed externally") && log.contains("max_messages_per_subject is 42, configured 10000"),
+        "{log}"
+    );
+    let c = js
+        .get_stream("AGENTCAST")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert_eq!(c.max_messages_per_subject, 42, "unchanged");
+}
