@@ -94,8 +94,9 @@ pub enum KeyError {
 #[derive(Debug)]
 pub struct Identity {
     pub user: UserId,
-    /// Token expiry, seconds since the Unix epoch; the socket is closed then.
-    pub exp: u64,
+    /// When the socket is closed: the token's `exp` plus the leeway that
+    /// admitted it, in seconds since the Unix epoch.
+    pub close_at: u64,
 }
 
 /// Verifies tokens with one pinned key and algorithm.
@@ -163,7 +164,16 @@ impl Authenticator {
     fn new(key: DecodingKey, alg: Algorithm, rules: &ClaimRules) -> Self {
         let mut validation = Validation::new(alg);
         validation.algorithms = vec![alg];
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be present, not only right
+        // when present (jsonwebtoken checks them only if the token has them).
+        let mut required = vec!["exp", "sub"];
+        if rules.issuer.is_some() {
+            required.push("iss");
+        }
+        if rules.audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         validation.leeway = rules.leeway_secs;
         validation.validate_nbf = true;
         match &rules.issuer {
@@ -222,7 +232,10 @@ impl Authenticator {
         let sub = data.claims.sub.ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
         let exp = data.claims.exp.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
         let user = UserId::parse(&sub)?;
-        Ok(Identity { user, exp })
+        Ok(Identity {
+            user,
+            close_at: exp.saturating_add(self.validation.leeway),
+        })
     }
 }
 
@@ -420,5 +433,41 @@ mod tests {
         ));
         let ps = Authenticator::public_key(&rsa, Some(Algorithm::PS256), &rules).unwrap();
         assert_eq!(ps.algorithm(), Algorithm::PS256);
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_are_required() {
+        let rules = ClaimRules {
+            leeway_secs: 0,
+            issuer: Some("idp".into()),
+            audience: Some("agentcast".into()),
+        };
+        let a = Authenticator::hs256(SECRET, &rules).unwrap();
+        let hs = r#"{"alg":"HS256"}"#;
+        let exp = future();
+        let ok = sign(
+            hs,
+            &format!(r#"{{"sub":"u","exp":{exp},"iss":"idp","aud":"agentcast"}}"#),
+            SECRET,
+        );
+        assert!(a.verify(&ok).is_ok());
+        let no_iss = sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"aud":"agentcast"}}"#), SECRET);
+        assert_eq!(a.verify(&no_iss).unwrap_err().reason(), "missing_claim");
+        let no_aud = sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"iss":"idp"}}"#), SECRET);
+        assert_eq!(a.verify(&no_aud).unwrap_err().reason(), "missing_claim");
+        let wrong = sign(
+            hs,
+            &format!(r#"{{"sub":"u","exp":{exp},"iss":"other","aud":"agentcast"}}"#),
+            SECRET,
+        );
+        assert_eq!(a.verify(&wrong).unwrap_err().reason(), "claim");
+    }
+
+    #[test]
+    fn the_socket_may_live_until_exp_plus_leeway() {
+        let a = auth();
+        let t = mint_hs256(SECRET, "u1", Duration::from_secs(60)).unwrap();
+        let id = a.verify(&t).unwrap();
+        assert_eq!(id.close_at, jsonwebtoken::get_current_timestamp() + 60 + 5);
     }
 }

@@ -404,12 +404,7 @@ impl NodeArgs {
         Ok(Config {
             listen: self.listen,
             node_id,
-            allowed_origins: self.allowed_origins.map(|v| {
-                v.into_iter()
-                    .map(|o| o.trim().to_owned())
-                    .filter(|o| !o.is_empty())
-                    .collect()
-            }),
+            allowed_origins: normalise_origins(self.allowed_origins),
             nats: NatsSettings {
                 urls,
                 user: self.nats_user.zip(self.nats_password),
@@ -438,6 +433,17 @@ impl NodeArgs {
             drain_window: self.drain_window,
         })
     }
+}
+
+/// Trims entries and a trailing `/` (browsers send origins without one). An
+/// empty list, as an empty environment variable gives, means unset.
+fn normalise_origins(list: Option<Vec<String>>) -> Option<Vec<String>> {
+    let list: Vec<String> = list?
+        .into_iter()
+        .map(|o| o.trim().trim_end_matches('/').to_owned())
+        .filter(|o| !o.is_empty())
+        .collect();
+    (!list.is_empty()).then_some(list)
 }
 
 /// `<hostname>-<4 hex digits>`: readable, and distinct for two nodes on one host.

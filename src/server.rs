@@ -37,6 +37,9 @@ pub const READY_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// free, and a node should take traffic as soon as NATS is back.
 pub const NOT_READY_RETRY: Duration = Duration::from_millis(100);
 
+/// Time allowed to flush pending NATS commands on exit.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Share of the drain window over which closes are spread; the rest is left
 /// for the last sockets' close frames (bounded by the socket's close
 /// timeout), so the process exits within the window.
@@ -189,7 +192,7 @@ async fn ws_handler(
         conn_id,
         user: identity.user,
         node_id: st.node_id.clone(),
-        token_exp: identity.exp,
+        token_exp: identity.close_at,
         queue: st.config.socket_queue,
         ping_interval: st.config.ping_interval,
         kicker: Arc::new(Kicker::default()),
@@ -298,7 +301,8 @@ pub async fn run(listener: TcpListener, st: Arc<AppState>, shutdown: Cancellatio
     drain(&st).await;
     http_stop.cancel();
     let _ = serve.await;
-    let _ = st.client.flush().await;
+    // Bounded: with NATS unreachable a flush would wait for a reconnect.
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, st.client.flush()).await;
     match watcher_result {
         Some(Ok(Err(e))) => Err(e.into()),
         _ => Ok(()),
@@ -312,15 +316,19 @@ async fn drain(st: &AppState) {
     tracing::info!(sockets = n, window = ?window, "draining");
     let start = tokio::time::Instant::now();
     let spread = window.mul_f64(DRAIN_SPREAD);
+    // Closed first so `wait` completes as soon as the last socket is gone,
+    // also when clients leave on their own before their slot.
+    st.tracker.close();
     for (i, k) in kickers.iter().enumerate() {
-        tokio::time::sleep_until(start + spread.mul_f64(i as f64 / n.max(1) as f64)).await;
-        k.kick(Kick::Drain);
+        tokio::select! {
+            _ = tokio::time::sleep_until(start + spread.mul_f64(i as f64 / n.max(1) as f64)) => k.kick(Kick::Drain),
+            _ = st.tracker.wait() => break,
+        }
     }
     // Sockets whose upgrade was under way when the drain began.
     for k in st.hub.kickers() {
         k.kick(Kick::Drain);
     }
-    st.tracker.close();
     let deadline = start + window;
     if tokio::time::timeout_at(deadline, st.tracker.wait()).await.is_err() {
         tracing::warn!(
@@ -375,6 +383,11 @@ pub async fn start(
     let client = crate::nats::connect(&config.nats, &config.node_id)
         .await
         .map_err(StartError::Nats)?;
+    if config.allowed_origins.is_none() {
+        tracing::warn!(
+            "no --allowed-origins: browser pages from any origin may open sockets (tokens are still required)"
+        );
+    }
     tracing::info!(node = %config.node_id, nats = ?config.nats.urls, stream = %config.stream.name, "listening on {addr}");
     on_listen(addr);
     let st = AppState::new(config, client, metrics);

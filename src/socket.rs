@@ -49,7 +49,7 @@ pub struct Session {
     pub conn_id: u64,
     pub user: UserId,
     pub node_id: Arc<str>,
-    /// Token expiry in seconds since the Unix epoch.
+    /// Token expiry plus leeway, in seconds since the Unix epoch.
     pub token_exp: u64,
     pub queue: usize,
     pub ping_interval: Duration,
@@ -167,7 +167,12 @@ where
             msg = ws.next() => {
                 last_heard = Instant::now();
                 match msg {
-                    None | Some(Ok(Message::Close(_))) => return End::Client,
+                    None => return End::Client,
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the close reply; a flush sends it.
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+                        return End::Client;
+                    }
                     Some(Ok(Message::Text(text))) => {
                         let reply = match serde_json::from_str::<ClientFrame>(text.as_str()) {
                             Ok(ClientFrame::Ping) => ServerFrame::Pong.to_text(),
@@ -185,15 +190,21 @@ where
                         return close_with(&mut ws, close::UNSUPPORTED, "binary frames are not supported", End::Unsupported).await;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Err(e)) if is_too_big(&e) => {
-                        metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "too_big").increment(1);
-                        let why = format!("client frames are limited to {MAX_CLIENT_FRAME} bytes");
-                        return close_with(&mut ws, close::TOO_BIG, &why, End::TooBig).await;
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "read failed");
-                        return End::Client;
-                    }
+                    Some(Err(e)) => match read_failure(&e) {
+                        Some(ReadFailure::TooBig) => {
+                            metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "too_big").increment(1);
+                            let why = format!("client frames are limited to {MAX_CLIENT_FRAME} bytes");
+                            return close_with(&mut ws, close::TOO_BIG, &why, End::TooBig).await;
+                        }
+                        Some(ReadFailure::NotUtf8) => {
+                            metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "not_utf8").increment(1);
+                            return close_with(&mut ws, close::NOT_UTF8, "text frames must be UTF-8", End::Unsupported).await;
+                        }
+                        None => {
+                            tracing::debug!(error = %e, "read failed");
+                            return End::Client;
+                        }
+                    },
                 }
             }
             _ = ping.tick() => {
@@ -268,14 +279,22 @@ fn token_deadline(exp: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + left
 }
 
-/// True when a read failed because the client's frame exceeded the limit.
-fn is_too_big<E: std::error::Error + 'static>(e: &E) -> bool {
+/// Read errors that the client caused and gets a close code for.
+enum ReadFailure {
+    TooBig,
+    NotUtf8,
+}
+
+fn read_failure<E: std::error::Error + 'static>(e: &E) -> Option<ReadFailure> {
+    use tokio_tungstenite::tungstenite::Error;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(t) = err.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
+        match err.downcast_ref::<Error>() {
+            Some(Error::Capacity(_)) => return Some(ReadFailure::TooBig),
+            Some(Error::Utf8(_)) => return Some(ReadFailure::NotUtf8),
+            Some(_) => return None,
+            None => cur = err.source(),
         }
-        cur = err.source();
     }
-    false
+    None
 }

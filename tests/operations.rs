@@ -94,6 +94,17 @@ async fn readiness_follows_nats_and_sockets_survive_an_outage() {
 }
 
 #[tokio::test]
+async fn sigterm_exits_promptly_even_without_nats() {
+    let mut nats = NatsServer::start();
+    let mut node = Node::start(&nats, &["--drain-window", "1s"]).await;
+    let (_c, _) = Client::join(&node, "u1").await;
+    nats.stop();
+    eventually("not ready", || async { node.get("/readyz").await.0 == 503 }).await;
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(Duration::from_secs(4)), Some(0), "{}", node.log_text());
+}
+
+#[tokio::test]
 async fn the_node_creates_the_stream_and_reports_its_config() {
     let nats = NatsServer::start();
     let _node = Node::start(&nats, &["--stream-max-per-user", "500", "--stream-max-age", "1h"]).await;

@@ -35,12 +35,41 @@ async fn client_frames_are_answered_or_closed_as_documented() {
     let (_, close) = c.until_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 1003);
 
+    // Invalid UTF-8 in a text frame: 1007.
+    let (mut bad, _) = Client::join(&node, "u1").await;
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
+    let frame = Frame::message(vec![b'{', 0xff, b'}'], OpCode::Data(Data::Text), true);
+    bad.ws.send(Message::Frame(frame)).await.unwrap();
+    let (_, close) = bad.until_close().await;
+    assert_eq!(u16::from(close.expect("close frame").code), 1007);
+
     let (mut big, _) = Client::join(&node, "u1").await;
     big.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(5000)))
         .await;
     let (_, close) = big.until_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 1009);
-    assert_eq!(node.metric("agentcast_client_frames_rejected_total", "").await, 4.0);
+    assert_eq!(node.metric("agentcast_client_frames_rejected_total", "").await, 5.0);
+
+    // A client's close is answered with a close.
+    let (mut leaving, _) = Client::join(&node, "u1").await;
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    leaving
+        .ws
+        .close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+    let (_, close) = leaving.until_close().await;
+    assert_eq!(
+        close.map(|c| u16::from(c.code)),
+        Some(1000),
+        "the server answers the close handshake"
+    );
 }
 
 // Multi-threaded so the fast reader, the publisher and the test's clients do
