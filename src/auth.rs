@@ -81,11 +81,7 @@ pub enum KeyError {
     #[error("JWT public key {0} is not an RSA, EC or Ed25519 public key in PEM form")]
     Unrecognised(String),
     #[error("JWT algorithm {alg:?} does not fit the {kind} key in {path}")]
-    Mismatch {
-        alg: Algorithm,
-        kind: &'static str,
-        path: String,
-    },
+    Mismatch { alg: Algorithm, kind: &'static str, path: String },
     #[error("HS* algorithms need --jwt-secret, not a public key")]
     HmacWithPublicKey,
 }
@@ -152,11 +148,7 @@ impl Authenticator {
             return Err(KeyError::HmacWithPublicKey);
         }
         if !family.contains(&alg) {
-            return Err(KeyError::Mismatch {
-                alg,
-                kind,
-                path: path.into(),
-            });
+            return Err(KeyError::Mismatch { alg, kind, path: path.into() });
         }
         Ok(Self::new(key, alg, rules))
     }
@@ -232,10 +224,7 @@ impl Authenticator {
         let sub = data.claims.sub.ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
         let exp = data.claims.exp.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
         let user = UserId::parse(&sub)?;
-        Ok(Identity {
-            user,
-            close_at: exp.saturating_add(self.validation.leeway),
-        })
+        Ok(Identity { user, close_at: exp.saturating_add(self.validation.leeway) })
     }
 }
 
@@ -257,15 +246,8 @@ pub fn mint_hs256(
     lifetime: std::time::Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
     let exp = jsonwebtoken::get_current_timestamp() + lifetime.as_secs();
-    let claims = Claims {
-        sub: user.to_owned(),
-        exp,
-    };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret),
-    )
+    let claims = Claims { sub: user.to_owned(), exp };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
 }
 
 #[cfg(test)]
@@ -276,14 +258,7 @@ mod tests {
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn auth() -> Authenticator {
-        Authenticator::hs256(
-            SECRET,
-            &ClaimRules {
-                leeway_secs: 5,
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        Authenticator::hs256(SECRET, &ClaimRules { leeway_secs: 5, ..Default::default() }).unwrap()
     }
 
     fn sign(header: &str, claims: &str, secret: &[u8]) -> String {
@@ -315,38 +290,19 @@ mod tests {
         let exp = future();
         let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
         assert_eq!(
-            reason(&sign(
-                hs,
-                &format!(r#"{{"sub":"u","exp":{exp}}}"#),
-                b"another-secret-another-secret-xx"
-            )),
+            reason(&sign(hs, &format!(r#"{{"sub":"u","exp":{exp}}}"#), b"another-secret-another-secret-xx")),
             "bad_signature"
         );
         let past = jsonwebtoken::get_current_timestamp() - 60;
-        assert_eq!(
-            reason(&sign(hs, &format!(r#"{{"sub":"u","exp":{past}}}"#), SECRET)),
-            "expired"
-        );
+        assert_eq!(reason(&sign(hs, &format!(r#"{{"sub":"u","exp":{past}}}"#), SECRET)), "expired");
         assert_eq!(reason(&sign(hs, r#"{"sub":"u"}"#, SECRET)), "missing_claim");
-        assert_eq!(
-            reason(&sign(hs, &format!(r#"{{"exp":{exp}}}"#), SECRET)),
-            "missing_claim"
-        );
-        assert_eq!(
-            reason(&sign(hs, &format!(r#"{{"sub":"a.b","exp":{exp}}}"#), SECRET)),
-            "user_id"
-        );
-        assert_eq!(
-            reason(&sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"nbf":{exp}}}"#), SECRET)),
-            "not_yet_valid"
-        );
+        assert_eq!(reason(&sign(hs, &format!(r#"{{"exp":{exp}}}"#), SECRET)), "missing_claim");
+        assert_eq!(reason(&sign(hs, &format!(r#"{{"sub":"a.b","exp":{exp}}}"#), SECRET)), "user_id");
+        assert_eq!(reason(&sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"nbf":{exp}}}"#), SECRET)), "not_yet_valid");
         // alg none, with or without a signature, and another HMAC size.
         use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-        let none = format!(
-            "{}.{}.",
-            B64.encode(r#"{"alg":"none"}"#),
-            B64.encode(format!(r#"{{"sub":"u","exp":{exp}}}"#))
-        );
+        let none =
+            format!("{}.{}.", B64.encode(r#"{"alg":"none"}"#), B64.encode(format!(r#"{{"sub":"u","exp":{exp}}}"#)));
         assert_eq!(reason(&none), "algorithm");
         let hs512 = sign(r#"{"alg":"HS512"}"#, &format!(r#"{{"sub":"u","exp":{exp}}}"#), SECRET);
         assert_eq!(reason(&hs512), "algorithm");
@@ -358,23 +314,14 @@ mod tests {
         let a = auth();
         let hs = r#"{"alg":"HS256"}"#;
         let just_past = jsonwebtoken::get_current_timestamp() - 2;
-        assert!(
-            a.verify(&sign(hs, &format!(r#"{{"sub":"u","exp":{just_past}}}"#), SECRET))
-                .is_ok()
-        );
+        assert!(a.verify(&sign(hs, &format!(r#"{{"sub":"u","exp":{just_past}}}"#), SECRET)).is_ok());
         let long_past = jsonwebtoken::get_current_timestamp() - 30;
-        assert!(
-            a.verify(&sign(hs, &format!(r#"{{"sub":"u","exp":{long_past}}}"#), SECRET))
-                .is_err()
-        );
+        assert!(a.verify(&sign(hs, &format!(r#"{{"sub":"u","exp":{long_past}}}"#), SECRET)).is_err());
     }
 
     #[test]
     fn short_secrets_are_refused() {
-        assert!(matches!(
-            Authenticator::hs256(b"short", &ClaimRules::default()),
-            Err(KeyError::SecretTooShort(5))
-        ));
+        assert!(matches!(Authenticator::hs256(b"short", &ClaimRules::default()), Err(KeyError::SecretTooShort(5))));
     }
 
     fn fixture(name: &str) -> String {
@@ -382,10 +329,7 @@ mod tests {
     }
 
     fn sign_with(alg: Algorithm, key: EncodingKey, sub: &str) -> String {
-        let claims = Claims {
-            sub: sub.into(),
-            exp: future(),
-        };
+        let claims = Claims { sub: sub.into(), exp: future() };
         jsonwebtoken::encode(&Header::new(alg), &claims, &key).unwrap()
     }
 
@@ -427,39 +371,24 @@ mod tests {
             Authenticator::public_key(&fixture("README.md"), None, &rules),
             Err(KeyError::Unrecognised(_))
         ));
-        assert!(matches!(
-            Authenticator::public_key("/nonexistent.pem", None, &rules),
-            Err(KeyError::Read { .. })
-        ));
+        assert!(matches!(Authenticator::public_key("/nonexistent.pem", None, &rules), Err(KeyError::Read { .. })));
         let ps = Authenticator::public_key(&rsa, Some(Algorithm::PS256), &rules).unwrap();
         assert_eq!(ps.algorithm(), Algorithm::PS256);
     }
 
     #[test]
     fn a_configured_issuer_and_audience_are_required() {
-        let rules = ClaimRules {
-            leeway_secs: 0,
-            issuer: Some("idp".into()),
-            audience: Some("agentcast".into()),
-        };
+        let rules = ClaimRules { leeway_secs: 0, issuer: Some("idp".into()), audience: Some("agentcast".into()) };
         let a = Authenticator::hs256(SECRET, &rules).unwrap();
         let hs = r#"{"alg":"HS256"}"#;
         let exp = future();
-        let ok = sign(
-            hs,
-            &format!(r#"{{"sub":"u","exp":{exp},"iss":"idp","aud":"agentcast"}}"#),
-            SECRET,
-        );
+        let ok = sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"iss":"idp","aud":"agentcast"}}"#), SECRET);
         assert!(a.verify(&ok).is_ok());
         let no_iss = sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"aud":"agentcast"}}"#), SECRET);
         assert_eq!(a.verify(&no_iss).unwrap_err().reason(), "missing_claim");
         let no_aud = sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"iss":"idp"}}"#), SECRET);
         assert_eq!(a.verify(&no_aud).unwrap_err().reason(), "missing_claim");
-        let wrong = sign(
-            hs,
-            &format!(r#"{{"sub":"u","exp":{exp},"iss":"other","aud":"agentcast"}}"#),
-            SECRET,
-        );
+        let wrong = sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"iss":"other","aud":"agentcast"}}"#), SECRET);
         assert_eq!(a.verify(&wrong).unwrap_err().reason(), "claim");
     }
 

@@ -26,11 +26,7 @@ pub const MAX_SOCKET_QUEUE: usize = 65_536;
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "agentcast",
-    version,
-    about = "NATS-fronted WebSocket emitter for AI-agent event streams"
-)]
+#[command(name = "agentcast", version, about = "NATS-fronted WebSocket emitter for AI-agent event streams")]
 pub struct Cli {
     /// Log format.
     #[arg(long, env = "AGENTCAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -79,12 +75,7 @@ pub struct DevArgs {
 #[derive(Debug, Args)]
 pub struct JwtArgs {
     /// HS256 shared secret (at least 32 bytes).
-    #[arg(
-        long,
-        env = "AGENTCAST_JWT_SECRET",
-        hide_env_values = true,
-        conflicts_with = "jwt_public_key"
-    )]
+    #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_public_key")]
     pub jwt_secret: Option<String>,
     /// PEM file with an RSA, EC (P-256/P-384) or Ed25519 public key.
     #[arg(long, env = "AGENTCAST_JWT_PUBLIC_KEY")]
@@ -139,6 +130,10 @@ pub struct NodeArgs {
     /// Require TLS to NATS even without a CA file.
     #[arg(long, env = "AGENTCAST_NATS_TLS")]
     pub nats_tls: bool,
+    /// Messages buffered per user subscription before async-nats drops them
+    /// (dropped messages are then read from JetStream).
+    #[arg(long, env = "AGENTCAST_NATS_SUBSCRIPTION_CAPACITY", default_value_t = crate::nats::SUBSCRIPTION_CAPACITY)]
+    pub nats_subscription_capacity: usize,
 
     /// Subjects publishers write to: <prefix>.<user_id>.
     #[arg(long, env = "AGENTCAST_SUBJECT_PREFIX", default_value = "agentcast.events")]
@@ -198,11 +193,7 @@ pub enum ConfigError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("{flag} {value:?} is not a valid NATS subject prefix: {why}")]
-    Subject {
-        flag: &'static str,
-        value: String,
-        why: &'static str,
-    },
+    Subject { flag: &'static str, value: String, why: &'static str },
     #[error(
         "--subject-prefix and --live-prefix must not overlap ({0:?} and {1:?}): the stream would republish into itself"
     )]
@@ -212,12 +203,7 @@ pub enum ConfigError {
     )]
     StreamName(String),
     #[error("{flag} must be between {min} and {max}, got {value}")]
-    Range {
-        flag: &'static str,
-        value: u128,
-        min: u128,
-        max: u128,
-    },
+    Range { flag: &'static str, value: u128, min: u128, max: u128 },
     #[error("--nats-url: {0}")]
     NatsUrl(String),
     #[error("{flag} {path}: file not found")]
@@ -248,6 +234,7 @@ pub struct NatsSettings {
     pub tls_ca: Option<PathBuf>,
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub tls_required: bool,
+    pub subscription_capacity: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -284,13 +271,7 @@ fn range(flag: &'static str, value: u128, min: u128, max: u128) -> Result<(), Co
 }
 
 fn check_prefix(flag: &'static str, value: &str) -> Result<(), ConfigError> {
-    let bad = |why| {
-        Err(ConfigError::Subject {
-            flag,
-            value: value.to_owned(),
-            why,
-        })
-    };
+    let bad = |why| Err(ConfigError::Subject { flag, value: value.to_owned(), why });
     if value.is_empty() {
         return bad("it is empty");
     }
@@ -311,10 +292,7 @@ fn check_prefix(flag: &'static str, value: &str) -> Result<(), ConfigError> {
 
 fn check_file(flag: &'static str, path: &Option<PathBuf>) -> Result<(), ConfigError> {
     match path {
-        Some(p) if !p.is_file() => Err(ConfigError::MissingFile {
-            flag,
-            path: p.display().to_string(),
-        }),
+        Some(p) if !p.is_file() => Err(ConfigError::MissingFile { flag, path: p.display().to_string() }),
         _ => Ok(()),
     }
 }
@@ -354,31 +332,12 @@ impl NodeArgs {
         }
         range("--stream-replicas", self.stream_replicas as u128, 1, 5)?;
         range("--socket-queue", self.socket_queue as u128, 1, MAX_SOCKET_QUEUE as u128)?;
+        range("--nats-subscription-capacity", self.nats_subscription_capacity as u128, 1, 1 << 20)?;
         range("--max-connections", self.max_connections as u128, 1, 10_000_000)?;
-        range(
-            "--max-event-bytes",
-            self.max_event_bytes as u128,
-            64,
-            MAX_EVENT_BYTES as u128,
-        )?;
-        range(
-            "--stream-max-bytes",
-            self.stream_max_bytes as u128,
-            1 << 20,
-            i64::MAX as u128,
-        )?;
-        range(
-            "--stream-max-per-user",
-            self.stream_max_per_user as u128,
-            1,
-            i64::MAX as u128,
-        )?;
-        range(
-            "--stream-max-age (seconds)",
-            self.stream_max_age.as_secs() as u128,
-            1,
-            u64::MAX as u128,
-        )?;
+        range("--max-event-bytes", self.max_event_bytes as u128, 64, MAX_EVENT_BYTES as u128)?;
+        range("--stream-max-bytes", self.stream_max_bytes as u128, 1 << 20, i64::MAX as u128)?;
+        range("--stream-max-per-user", self.stream_max_per_user as u128, 1, i64::MAX as u128)?;
+        range("--stream-max-age (seconds)", self.stream_max_age.as_secs() as u128, 1, u64::MAX as u128)?;
         range(
             "--stream-duplicate-window (ms)",
             self.stream_duplicate_window.as_millis(),
@@ -395,9 +354,7 @@ impl NodeArgs {
             .nats_url
             .split(',')
             .map(|u| {
-                u.trim()
-                    .parse::<async_nats::ServerAddr>()
-                    .map_err(|e| ConfigError::NatsUrl(format!("{u:?}: {e}")))
+                u.trim().parse::<async_nats::ServerAddr>().map_err(|e| ConfigError::NatsUrl(format!("{u:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let node_id = self.node_id.unwrap_or_else(default_node_id);
@@ -413,6 +370,7 @@ impl NodeArgs {
                 tls_required: self.nats_tls || self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some(),
                 tls_ca: self.nats_tls_ca,
                 tls_client: self.nats_tls_cert.zip(self.nats_tls_key),
+                subscription_capacity: self.nats_subscription_capacity,
             },
             stream: StreamSettings {
                 name: self.stream,
@@ -438,11 +396,8 @@ impl NodeArgs {
 /// Trims entries and a trailing `/` (browsers send origins without one). An
 /// empty list, as an empty environment variable gives, means unset.
 fn normalise_origins(list: Option<Vec<String>>) -> Option<Vec<String>> {
-    let list: Vec<String> = list?
-        .into_iter()
-        .map(|o| o.trim().trim_end_matches('/').to_owned())
-        .filter(|o| !o.is_empty())
-        .collect();
+    let list: Vec<String> =
+        list?.into_iter().map(|o| o.trim().trim_end_matches('/').to_owned()).filter(|o| !o.is_empty()).collect();
     (!list.is_empty()).then_some(list)
 }
 
@@ -463,9 +418,7 @@ mod tests {
     fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
         let mut args = vec!["agentcast", "serve", "--jwt-secret", "0123456789abcdef0123456789abcdef"];
         args.extend_from_slice(extra);
-        let Command::Serve(s) = Cli::try_parse_from(args).unwrap().command else {
-            unreachable!()
-        };
+        let Command::Serve(s) = Cli::try_parse_from(args).unwrap().command else { unreachable!() };
         let auth = s.jwt.authenticator()?;
         s.node.into_config(auth)
     }
@@ -493,9 +446,7 @@ mod tests {
 
     #[test]
     fn a_key_is_required() {
-        let Command::Serve(s) = Cli::try_parse_from(["agentcast", "serve"]).unwrap().command else {
-            unreachable!()
-        };
+        let Command::Serve(s) = Cli::try_parse_from(["agentcast", "serve"]).unwrap().command else { unreachable!() };
         assert!(matches!(s.jwt.authenticator(), Err(ConfigError::NoJwtKey)));
     }
 }

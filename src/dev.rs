@@ -55,22 +55,13 @@ pub async fn run(mut args: DevArgs) -> i32 {
                 _nats_dir = dir;
             }
             Err(e) => {
-                eprintln!(
-                    "agentcast: no NATS at {} and could not start one: {e}",
-                    args.node.nats_url
-                );
+                eprintln!("agentcast: no NATS at {} and could not start one: {e}", args.node.nats_url);
                 return 1;
             }
         }
     }
     let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
-    let auth = match Authenticator::hs256(
-        secret.as_bytes(),
-        &ClaimRules {
-            leeway_secs: 30,
-            ..Default::default()
-        },
-    ) {
+    let auth = match Authenticator::hs256(secret.as_bytes(), &ClaimRules { leeway_secs: 30, ..Default::default() }) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("agentcast: {e}");
@@ -97,11 +88,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
     let shutdown = crate::server::shutdown_on_signals();
     let banner_subject = subject.clone();
     let result = crate::server::start(config, shutdown.clone(), move |addr| {
-        let host = if addr.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            addr.ip().to_string()
-        };
+        let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
         println!();
         println!("  agentcast dev is running");
         println!("  JWT secret (HS256):  {secret}");
@@ -127,10 +114,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
 
 async fn nats_answers(url: &str) -> bool {
     let opts = async_nats::ConnectOptions::new().connection_timeout(PROBE_TIMEOUT);
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT * 2, opts.connect(url)).await,
-        Ok(Ok(_))
-    )
+    matches!(tokio::time::timeout(PROBE_TIMEOUT * 2, opts.connect(url)).await, Ok(Ok(_)))
 }
 
 /// Starts nats-server with JetStream on a random loopback port.

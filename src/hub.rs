@@ -1,27 +1,40 @@
-//! Per-user interest and fan-out.
+//! Per-user interest, continuity and fan-out.
 //!
 //! The hub holds one entry per user with at least one socket on this node.
 //! The first socket of a user subscribes to the user's live subject; the last
 //! one to leave unsubscribes, so a node's NATS interest is exactly the users
-//! it serves. One task per user drains that subscription, builds each event
-//! frame once, and hands a reference-counted copy to every socket's bounded
-//! queue with `try_send`: a socket whose queue is full is closed as slow
-//! ([`crate::protocol::close::SLOW`]) and nobody else waits for it.
+//! it serves.
+//!
+//! One task per user drains that subscription and keeps the user's events
+//! continuous: every republished event carries `Nats-Last-Sequence`, the
+//! previous sequence of the same user. When it is not the last one the task
+//! delivered (a message lost while NATS reconnected, dropped as a slow
+//! consumer, or a republish lost), the task reads the missing events from
+//! JetStream and delivers them first. After a NATS reconnect, or when
+//! async-nats reports dropped messages, every user task also catches up to
+//! the end of its stored events without waiting for the next event. When a
+//! hole cannot be filled, a gap notice is queued in its place.
+//!
+//! Delivery builds each event frame once and hands a reference-counted copy
+//! to every socket's bounded queue with `try_send`: a socket whose queue is
+//! full is closed as slow ([`crate::protocol::close::SLOW`]); nobody waits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Message, Subscriber};
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::{OnceCell, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StreamSettings;
+use crate::history::{Gap, GapReason, History, Stored};
 use crate::metrics as m;
 use crate::protocol::event_frame;
-use crate::stream::{self, StreamError};
+use crate::stream::StreamError;
 use crate::user::UserId;
 
 /// Distinct publisher subjects remembered for "log once per subject" of bad
@@ -29,12 +42,33 @@ use crate::user::UserId;
 /// logged only once more, as a group, so a flood cannot grow memory.
 pub const MAX_LOGGED_BAD_SUBJECTS: usize = 10_000;
 
+/// Users catching up from JetStream at once after a reconnect. Each catch-up
+/// is a chain of direct gets; bounding them keeps a node with 10k users from
+/// sending 10k requests to NATS in the same instant it comes back.
+pub const CATCHUP_CONCURRENCY: usize = 32;
+
+/// Attempts to read a hole from JetStream before announcing it as a gap.
+const REPAIR_ATTEMPTS: u32 = 3;
+/// Pause between those attempts.
+const REPAIR_BACKOFF: Duration = Duration::from_millis(200);
+/// Events read from JetStream per repair or catch-up round before they are
+/// delivered; bounds the memory one user's repair holds.
+const READ_CHUNK: usize = 256;
+
 /// One event, ready to write: the stream sequence and the frame text shared
 /// by every socket of the user.
 #[derive(Debug, Clone)]
 pub struct EventFrame {
     pub seq: u64,
     pub text: Utf8Bytes,
+}
+
+/// What a socket's queue carries, in the user's order.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Event(EventFrame),
+    /// Events up to `to` (or up to the next event) may be missing.
+    Gap(Gap),
 }
 
 /// Why the hub or the server asks a socket to close.
@@ -47,6 +81,8 @@ pub enum Kick {
     Drain = 2,
     /// The user's subscription ended unexpectedly.
     Error = 3,
+    /// The stream was recreated; positions from before mean nothing now.
+    StreamReset = 4,
 }
 
 /// A socket's close request: the first reason set wins.
@@ -58,11 +94,7 @@ pub struct Kicker {
 
 impl Kicker {
     pub fn kick(&self, why: Kick) {
-        if self
-            .reason
-            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if self.reason.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.token.cancel();
         }
     }
@@ -72,6 +104,7 @@ impl Kicker {
         match self.reason.load(Ordering::Acquire) {
             1 => Kick::Slow,
             2 => Kick::Drain,
+            4 => Kick::StreamReset,
             _ => Kick::Error,
         }
     }
@@ -79,25 +112,46 @@ impl Kicker {
 
 struct SocketTx {
     id: u64,
-    tx: mpsc::Sender<EventFrame>,
+    tx: mpsc::Sender<Item>,
     kicker: Arc<Kicker>,
+}
+
+/// Guarded together so that a joining socket reads `last` atomically with
+/// respect to deliveries: everything after the `last` it reads reaches its
+/// queue.
+struct Shared {
+    sockets: Vec<SocketTx>,
+    /// Sequence of the newest event of the user this node has delivered
+    /// (or skipped as not forwardable); the position live delivery continues from.
+    last: u64,
 }
 
 struct UserEntry {
     user: UserId,
-    sockets: Mutex<Vec<SocketTx>>,
-    /// Set once the live subscription exists; later sockets wait on it so
-    /// none reads its position before the node's interest is registered.
-    subscribed: OnceCell<()>,
+    shared: Mutex<Shared>,
+    /// Set once the live subscription exists and `last` is initialised;
+    /// later sockets wait on it.
+    ready: OnceCell<()>,
     stop: CancellationToken,
 }
 
 pub struct Hub {
     client: Client,
     settings: StreamSettings,
-    stream: async_nats::jetstream::stream::Stream<()>,
+    history: History,
     users: Mutex<HashMap<UserId, Arc<UserEntry>>>,
     bad_subjects: Mutex<HashSet<String>>,
+    /// Bumped to make every user task catch up (NATS reconnect, slow consumer).
+    catchup: watch::Sender<u64>,
+    catchup_slots: Semaphore,
+    stream_state: Mutex<StreamState>,
+}
+
+/// What the node last learned of the stream (refreshed by the readiness loop).
+#[derive(Debug, Clone, Default)]
+struct StreamState {
+    epoch: String,
+    last_seq: u64,
 }
 
 /// A socket's place in the hub; leaving happens on drop.
@@ -105,6 +159,9 @@ pub struct Membership {
     hub: Arc<Hub>,
     user: UserId,
     id: u64,
+    /// The user's position when this socket joined: every later event of the
+    /// user reaches the socket's queue.
+    pub position: u64,
 }
 
 impl Drop for Membership {
@@ -114,9 +171,18 @@ impl Drop for Membership {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these short locks leaves consistent data
-    // (every critical section is a single push, retain or lookup).
+    // Every critical section is a push, retain, lookup or a loop of
+    // try_send: a panic inside one leaves the data consistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why a socket could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("subscribing: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 impl Hub {
@@ -126,26 +192,63 @@ impl Hub {
         let stream = futures_util::FutureExt::now_or_never(js.get_stream_no_info(&settings.name))
             .expect("get_stream_no_info does not wait")
             .expect("stream name validated by config");
+        let history = History::new(stream, settings.subject_prefix.clone(), settings.max_per_user);
         Arc::new(Self {
             client,
             settings,
-            stream,
+            history,
             users: Mutex::default(),
             bad_subjects: Mutex::default(),
+            catchup: watch::Sender::new(0),
+            catchup_slots: Semaphore::new(CATCHUP_CONCURRENCY),
+            stream_state: Mutex::default(),
         })
     }
 
+    /// Records the stream's epoch and last sequence. When the epoch changed
+    /// from a known one, the stream was recreated: every socket is closed
+    /// with [`Kick::StreamReset`] and `true` is returned.
+    pub fn observe_stream(&self, epoch: String, last_seq: u64) -> bool {
+        let mut st = lock(&self.stream_state);
+        let reset = !st.epoch.is_empty() && st.epoch != epoch;
+        st.epoch = epoch;
+        st.last_seq = last_seq;
+        drop(st);
+        if reset {
+            self.reset();
+        }
+        reset
+    }
+
+    /// The stream's epoch, empty until the stream was first checked.
+    pub fn epoch(&self) -> String {
+        lock(&self.stream_state).epoch.clone()
+    }
+
+    /// The stream's last sequence when last checked.
+    pub fn stream_last(&self) -> u64 {
+        lock(&self.stream_state).last_seq
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Every user task reads what it may have missed, now.
+    pub fn catch_up_all(&self) {
+        self.catchup.send_modify(|g| *g += 1);
+    }
+
     /// Adds a socket for `user`, subscribing to the user's live subject if it
-    /// is the first. Returns once the subscription is registered with NATS
-    /// (commands on one connection are processed in order, so a later
-    /// request on this client is answered after the SUB took effect).
+    /// is the first. Returns once the subscription is registered and the
+    /// user's position known.
     pub async fn join(
         self: &Arc<Self>,
         user: &UserId,
         id: u64,
-        tx: mpsc::Sender<EventFrame>,
+        tx: mpsc::Sender<Item>,
         kicker: Arc<Kicker>,
-    ) -> Result<Membership, async_nats::SubscribeError> {
+    ) -> Result<Membership, JoinError> {
         let entry = {
             let mut users = lock(&self.users);
             let entry = users
@@ -153,47 +256,43 @@ impl Hub {
                 .or_insert_with(|| {
                     Arc::new(UserEntry {
                         user: user.clone(),
-                        sockets: Mutex::default(),
-                        subscribed: OnceCell::new(),
+                        shared: Mutex::new(Shared { sockets: Vec::new(), last: 0 }),
+                        ready: OnceCell::new(),
                         stop: CancellationToken::new(),
                     })
                 })
                 .clone();
-            lock(&entry.sockets).push(SocketTx { id, tx, kicker });
+            lock(&entry.shared).sockets.push(SocketTx { id, tx, kicker });
             entry
         };
-        let membership = Membership {
-            hub: self.clone(),
-            user: user.clone(),
-            id,
-        };
-        entry
-            .subscribed
-            .get_or_try_init(|| async {
-                let sub = self.client.subscribe(self.settings.live_subject(user.as_str())).await?;
-                metrics::gauge!(m::USERS_SUBSCRIBED).increment(1.0);
-                tokio::spawn(self.clone().run_user(entry.clone(), sub));
-                Ok::<_, async_nats::SubscribeError>(())
-            })
-            .await?;
+        let mut membership = Membership { hub: self.clone(), user: user.clone(), id, position: 0 };
+        entry.ready.get_or_try_init(|| self.start_user(entry.clone())).await?;
+        membership.position = lock(&entry.shared).last;
         Ok(membership)
+    }
+
+    /// Subscribes, then reads the user's position: commands on one connection
+    /// are handled in order, so the read is answered after the SUB took
+    /// effect and no event falls between the two.
+    async fn start_user(self: &Arc<Self>, entry: Arc<UserEntry>) -> Result<(), JoinError> {
+        let sub = self.client.subscribe(self.settings.live_subject(entry.user.as_str())).await?;
+        let last = self.history.last(entry.user.as_str()).await?;
+        lock(&entry.shared).last = last;
+        metrics::gauge!(m::USERS_SUBSCRIBED).increment(1.0);
+        tokio::spawn(self.clone().run_user(entry, sub));
+        Ok(())
     }
 
     fn leave(&self, user: &UserId, id: u64) {
         let mut users = lock(&self.users);
         let Some(entry) = users.get(user) else { return };
-        let mut sockets = lock(&entry.sockets);
-        sockets.retain(|s| s.id != id);
-        if sockets.is_empty() {
-            drop(sockets);
+        let mut shared = lock(&entry.shared);
+        shared.sockets.retain(|s| s.id != id);
+        if shared.sockets.is_empty() {
+            drop(shared);
             entry.stop.cancel();
             users.remove(user);
         }
-    }
-
-    /// The sequence of the user's newest stored event, 0 when there is none.
-    pub async fn position(&self, user: &UserId) -> Result<u64, StreamError> {
-        stream::position(&self.stream, &self.settings.event_subject(user.as_str())).await
     }
 
     /// Every socket's kicker, for the drain.
@@ -201,8 +300,21 @@ impl Hub {
         let users = lock(&self.users);
         users
             .values()
-            .flat_map(|e| lock(&e.sockets).iter().map(|s| s.kicker.clone()).collect::<Vec<_>>())
+            .flat_map(|e| lock(&e.shared).sockets.iter().map(|s| s.kicker.clone()).collect::<Vec<_>>())
             .collect()
+    }
+
+    /// The stream was recreated: close every socket (they resume and learn of
+    /// the reset) and forget every user, whose positions are now meaningless.
+    pub fn reset(&self) {
+        let mut users = lock(&self.users);
+        for entry in users.values() {
+            entry.stop.cancel();
+            for s in &lock(&entry.shared).sockets {
+                s.kicker.kick(Kick::StreamReset);
+            }
+        }
+        users.clear();
     }
 
     /// Number of users with a live subscription on this node.
@@ -211,16 +323,25 @@ impl Hub {
     }
 
     async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, mut sub: Subscriber) {
+        let mut catchup = self.catchup.subscribe();
+        catchup.mark_unchanged();
         loop {
             tokio::select! {
                 biased;
                 _ = entry.stop.cancelled() => break,
+                changed = catchup.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let _permit = self.catchup_slots.acquire().await;
+                    self.fill(&entry, None).await;
+                }
                 msg = sub.next() => match msg {
-                    Some(msg) => self.deliver(&entry, msg),
+                    Some(msg) => self.on_message(&entry, msg).await,
                     None => {
                         // The client closed: these sockets would get nothing more.
                         tracing::error!(user = %entry.user, "live subscription ended; closing the user's sockets");
-                        for s in lock(&entry.sockets).iter() {
+                        for s in &lock(&entry.shared).sockets {
                             s.kicker.kick(Kick::Error);
                         }
                         break;
@@ -234,7 +355,7 @@ impl Hub {
         metrics::gauge!(m::USERS_SUBSCRIBED).decrement(1.0);
     }
 
-    fn deliver(&self, entry: &UserEntry, msg: Message) {
+    async fn on_message(&self, entry: &UserEntry, msg: Message) {
         metrics::counter!(m::EVENTS_RECEIVED).increment(1);
         let headers = msg.headers.as_ref();
         let Some(seq) = header_u64(headers, "Nats-Sequence") else {
@@ -247,30 +368,130 @@ impl Hub {
             );
             return;
         };
-        let frame = match event_frame(seq, &msg.payload) {
-            Ok(text) => EventFrame { seq, text },
-            Err(e) => {
-                metrics::counter!(m::EVENTS_REJECTED, "reason" => e.reason()).increment(1);
-                let subject = headers
-                    .and_then(|h| h.get("Nats-Subject"))
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_else(|| msg.subject.to_string());
-                self.log_bad_once(
-                    &subject,
-                    &format!(
-                        "event payload is not a JSON object ({}), not forwarded; seq {seq}",
-                        e.reason()
-                    ),
-                );
+        let last = lock(&entry.shared).last;
+        if seq <= last {
+            // Already delivered by a repair or catch-up read.
+            return;
+        }
+        if let Some(prev) = header_u64(headers, "Nats-Last-Sequence")
+            && prev > last
+        {
+            metrics::counter!(m::GAPS_DETECTED).increment(1);
+            tracing::debug!(user = %entry.user, last, prev, seq, "hole on the live path; reading it from JetStream");
+            self.fill(entry, Some(seq)).await;
+        }
+        self.deliver(entry, Stored { seq, payload: msg.payload });
+    }
+
+    /// Reads the user's stored events after `last` (up to, not including,
+    /// `before` when given) and delivers them; announces what cannot be read.
+    async fn fill(&self, entry: &UserEntry, before: Option<u64>) {
+        let user = entry.user.as_str();
+        let mut attempts = 0;
+        let mut first_round = true;
+        loop {
+            let after = lock(&entry.shared).last;
+            if before.is_some_and(|b| after + 1 >= b) {
                 return;
             }
-        };
-        for s in lock(&entry.sockets).iter() {
-            match s.tx.try_send(frame.clone()) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => s.kicker.kick(Kick::Slow),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            let read = self.read_chunk(user, after, before).await;
+            let (events, done) = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    attempts += 1;
+                    if attempts < REPAIR_ATTEMPTS {
+                        tokio::time::sleep(REPAIR_BACKOFF).await;
+                        continue;
+                    }
+                    tracing::warn!(user, error = %e, "cannot read missing events; announcing a gap");
+                    if let Some(b) = before {
+                        let gap = Gap {
+                            reason: GapReason::Unavailable,
+                            from: Some(after + 1),
+                            to: Some(b - 1),
+                            earliest: None,
+                        };
+                        self.announce(entry, gap, b - 1);
+                    }
+                    return;
+                }
+            };
+            if first_round {
+                first_round = false;
+                match self.history.check(user, after, events.first().map(|s| s.seq)).await {
+                    Ok(Some(gap)) => {
+                        let to = gap.to.unwrap_or(after);
+                        self.announce(entry, gap, to);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(user, error = %e, "cannot check continuity"),
+                }
             }
+            if !events.is_empty() {
+                let trigger = if before.is_some() { "sequence" } else { "catchup" };
+                metrics::counter!(m::GAPS_REPAIRED, "trigger" => trigger).increment(1);
+            }
+            for ev in events {
+                self.deliver(entry, ev);
+            }
+            if done {
+                return;
+            }
+        }
+    }
+
+    /// Up to [`READ_CHUNK`] events after `after` and before `before`; `true`
+    /// when nothing more is there.
+    async fn read_chunk(
+        &self,
+        user: &str,
+        after: u64,
+        before: Option<u64>,
+    ) -> Result<(Vec<Stored>, bool), StreamError> {
+        let mut out = Vec::new();
+        let mut from = after + 1;
+        while out.len() < READ_CHUNK {
+            match self.history.next(user, from).await? {
+                Some(ev) if before.is_none_or(|b| ev.seq < b) => {
+                    from = ev.seq + 1;
+                    out.push(ev);
+                }
+                _ => return Ok((out, true)),
+            }
+        }
+        Ok((out, false))
+    }
+
+    fn announce(&self, entry: &UserEntry, gap: Gap, through: u64) {
+        metrics::counter!(m::GAPS_ANNOUNCED, "reason" => gap.reason.label(), "path" => "live").increment(1);
+        let mut shared = lock(&entry.shared);
+        shared.last = shared.last.max(through);
+        fan_out(&shared.sockets, Item::Gap(gap));
+    }
+
+    /// Delivers one stored event to every socket of the user, or skips it
+    /// (counted, logged once per subject) when it is not a JSON object; either
+    /// way the user's position moves past it, so it is never taken for a hole.
+    fn deliver(&self, entry: &UserEntry, ev: Stored) {
+        let frame = match event_frame(ev.seq, &ev.payload) {
+            Ok(text) => Some(EventFrame { seq: ev.seq, text }),
+            Err(e) => {
+                metrics::counter!(m::EVENTS_REJECTED, "reason" => e.reason()).increment(1);
+                let subject = self.settings.event_subject(entry.user.as_str());
+                self.log_bad_once(
+                    &subject,
+                    &format!("event payload is not a JSON object ({}), not forwarded; seq {}", e.reason(), ev.seq),
+                );
+                None
+            }
+        };
+        let mut shared = lock(&entry.shared);
+        if ev.seq <= shared.last {
+            return;
+        }
+        shared.last = ev.seq;
+        if let Some(frame) = frame {
+            fan_out(&shared.sockets, Item::Event(frame));
         }
     }
 
@@ -287,6 +508,16 @@ impl Hub {
             tracing::warn!(
                 "bad payloads from more than {MAX_LOGGED_BAD_SUBJECTS} subjects; further subjects are only counted"
             );
+        }
+    }
+}
+
+fn fan_out(sockets: &[SocketTx], item: Item) {
+    for s in sockets {
+        match s.tx.try_send(item.clone()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => s.kicker.kick(Kick::Slow),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }

@@ -10,17 +10,21 @@
 //! - [`auth`]: JWT checks before the upgrade, one pinned algorithm.
 //! - [`user`]: user ids and the single subject token each maps to.
 //! - [`nats`]: the node's NATS connection and its events.
-//! - [`stream`]: the JetStream stream: create, check, read positions.
-//! - [`hub`]: per-user subscriptions and fan-out to socket queues.
-//! - [`socket`]: one WebSocket: batched writes, pings, close codes.
+//! - [`stream`]: the JetStream stream: create and check it.
+//! - [`history`]: reads of a user's stored events and the continuity rule.
+//! - [`hub`]: per-user subscriptions, live gap repair, fan-out to socket queues.
+//! - [`socket`]: one WebSocket: resume, batched writes, pings, close codes.
 //! - [`protocol`]: frames and close codes (docs/protocol.md).
 //! - [`server`]: HTTP routes, readiness, the drain.
 //! - [`metrics`]: metric names and the Prometheus recorder.
 //! - [`dev`]: `agentcast dev`, the zero-setup trial.
+//! - [`client`]: a resuming Rust client of the socket protocol.
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod dev;
+pub mod history;
 pub mod hub;
 pub mod metrics;
 pub mod nats;

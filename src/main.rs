@@ -19,11 +19,7 @@ fn main() -> ExitCode {
             }
             // One line: clap's first line names the flag and the problem.
             let text = e.render().to_string();
-            let line = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+            let line = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
             eprintln!("agentcast: {line}");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
@@ -65,10 +61,7 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("AGENTCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

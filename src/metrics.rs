@@ -24,6 +24,13 @@ pub const CLIENT_FRAMES_REJECTED: &str = "agentcast_client_frames_rejected_total
 pub const NATS_CONNECTED: &str = "agentcast_nats_connected";
 pub const NATS_EVENTS: &str = "agentcast_nats_events_total";
 pub const READY: &str = "agentcast_ready";
+pub const RESUMES: &str = "agentcast_resumes_total";
+pub const REPLAYED_EVENTS: &str = "agentcast_replayed_events_total";
+pub const GAPS_DETECTED: &str = "agentcast_live_gaps_detected_total";
+pub const GAPS_REPAIRED: &str = "agentcast_live_gaps_repaired_total";
+pub const GAPS_ANNOUNCED: &str = "agentcast_live_gaps_announced_total";
+pub const GAPS_SENT: &str = "agentcast_gap_frames_sent_total";
+pub const STREAM_RESETS: &str = "agentcast_stream_resets_total";
 
 /// How often histogram buckets are folded; the exporter needs it to be called.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -36,10 +43,7 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full(WRITE_BATCH.into()),
-                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
-                )
+                .set_buckets_for_metric(Matcher::Full(WRITE_BATCH.into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
                 .expect("non-empty bucket list")
                 .install_recorder()
                 .expect("metrics recorder installed once");
@@ -61,17 +65,9 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_gauge!(SOCKETS_OPEN, Unit::Count, "WebSocket connections open on this node.");
-    describe_gauge!(
-        USERS_SUBSCRIBED,
-        Unit::Count,
-        "Users with a live NATS subscription on this node."
-    );
+    describe_gauge!(USERS_SUBSCRIBED, Unit::Count, "Users with a live NATS subscription on this node.");
     describe_counter!(CONNECTIONS_ACCEPTED, Unit::Count, "WebSocket upgrades accepted.");
-    describe_counter!(
-        CONNECTIONS_REFUSED,
-        Unit::Count,
-        "Connection attempts refused before the upgrade, by reason."
-    );
+    describe_counter!(CONNECTIONS_REFUSED, Unit::Count, "Connection attempts refused before the upgrade, by reason.");
     describe_counter!(DISCONNECTS, Unit::Count, "Sockets closed, by reason.");
     describe_counter!(EVENTS_RECEIVED, Unit::Count, "Events received from NATS live subjects.");
     describe_counter!(
@@ -88,10 +84,25 @@ fn describe() {
         "Client frames answered with an error or a close, by reason."
     );
     describe_gauge!(NATS_CONNECTED, Unit::Count, "1 while the NATS connection is up.");
-    describe_counter!(
-        NATS_EVENTS,
-        Unit::Count,
-        "NATS client events (connected, disconnected, slow_consumer, ...)."
-    );
+    describe_counter!(NATS_EVENTS, Unit::Count, "NATS client events (connected, disconnected, slow_consumer, ...).");
     describe_gauge!(READY, Unit::Count, "1 while /readyz answers 200.");
+    describe_counter!(RESUMES, Unit::Count, "Resumes from a last_seq, by outcome (complete, gap, failed).");
+    describe_counter!(REPLAYED_EVENTS, Unit::Count, "Events sent from history on resume.");
+    describe_counter!(
+        GAPS_DETECTED,
+        Unit::Count,
+        "Holes seen on the live path (Nats-Last-Sequence not the last delivered)."
+    );
+    describe_counter!(
+        GAPS_REPAIRED,
+        Unit::Count,
+        "Live-path holes filled from JetStream, by trigger: sequence (Nats-Last-Sequence) or catchup (after a NATS reconnect or dropped messages)."
+    );
+    describe_counter!(
+        GAPS_ANNOUNCED,
+        Unit::Count,
+        "Live-path holes that could not be filled and were announced, by reason."
+    );
+    describe_counter!(GAPS_SENT, Unit::Count, "Gap frames written to sockets, by reason.");
+    describe_counter!(STREAM_RESETS, Unit::Count, "Times the stream was seen recreated (a new epoch).");
 }

@@ -1,6 +1,7 @@
 //! The node's one NATS connection: options from the configuration, and the
 //! client events turned into logs and metrics.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
@@ -8,8 +9,9 @@ use async_nats::{Client, ConnectOptions, Event};
 use crate::config::NatsSettings;
 use crate::metrics as m;
 
-/// Messages buffered per subscription inside async-nats before it drops and
-/// reports `SlowConsumer`. A user's subscription is drained by one task that
+/// Default for the messages buffered per subscription inside async-nats
+/// before it drops and reports `SlowConsumer` (the hub then reads the dropped
+/// events from JetStream). A user's subscription is drained by one task that
 /// only copies references into socket queues, so it falls behind only when
 /// the node is out of CPU; 8192 absorbs a burst of several seconds of a busy
 /// user (the default, 65,536, would let one user pin ~20 MB).
@@ -22,17 +24,30 @@ pub const CLIENT_CAPACITY: usize = 2048;
 /// Time allowed for one JetStream API request (stream info, direct get).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Client events the hub acts on. `Notify` keeps one pending signal when
+/// nobody waits, so none is lost and bursts collapse into one.
+#[derive(Debug, Default)]
+pub struct Signals {
+    /// The connection came (back) up: messages may have been missed.
+    pub connected: tokio::sync::Notify,
+    /// async-nats dropped messages for a subscription that fell behind.
+    pub dropped: tokio::sync::Notify,
+}
+
 /// Connects without waiting for the server: the client retries in the
 /// background, and /readyz says not-ready until it is connected.
-pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<Client> {
+pub async fn connect(s: &NatsSettings, name: &str, signals: Arc<Signals>) -> anyhow::Result<Client> {
     let mut opts = ConnectOptions::new()
         .name(name)
-        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .subscription_capacity(s.subscription_capacity)
         .client_capacity(CLIENT_CAPACITY)
         .request_timeout(Some(REQUEST_TIMEOUT))
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .event_callback(|event| async move { on_event(event) });
+        .event_callback(move |event| {
+            let signals = signals.clone();
+            async move { on_event(event, &signals) }
+        });
     if let Some((user, pass)) = &s.user {
         opts = opts.user_and_password(user.clone(), pass.clone());
     }
@@ -40,10 +55,8 @@ pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<Client> {
         opts = opts.token(token.clone());
     }
     if let Some(creds) = &s.creds {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .map_err(|e| anyhow::anyhow!("--nats-creds {}: {e}", creds.display()))?;
+        opts =
+            opts.credentials_file(creds).await.map_err(|e| anyhow::anyhow!("--nats-creds {}: {e}", creds.display()))?;
     }
     if let Some(ca) = &s.tls_ca {
         opts = opts.add_root_certificates(ca.clone());
@@ -57,7 +70,7 @@ pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<Client> {
     Ok(opts.connect(s.urls.clone()).await?)
 }
 
-fn on_event(event: Event) {
+fn on_event(event: Event, signals: &Signals) {
     let name = match &event {
         Event::Connected => "connected",
         Event::Disconnected => "disconnected",
@@ -73,13 +86,15 @@ fn on_event(event: Event) {
         Event::Connected => {
             metrics::gauge!(m::NATS_CONNECTED).set(1.0);
             tracing::info!("NATS connected");
+            signals.connected.notify_one();
         }
         Event::Disconnected | Event::Closed => {
             metrics::gauge!(m::NATS_CONNECTED).set(0.0);
             tracing::warn!("NATS {name}");
         }
         Event::SlowConsumer(sid) => {
-            tracing::warn!(sid, "NATS subscription fell behind; messages were dropped")
+            tracing::warn!(sid, "NATS subscription fell behind; messages were dropped and will be read from JetStream");
+            signals.dropped.notify_one();
         }
         other => tracing::warn!("NATS event: {other}"),
     }

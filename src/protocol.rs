@@ -20,12 +20,17 @@ pub mod close {
     /// any node, and resume from the last `seq`.
     pub const DRAIN: u16 = 1012;
     /// The client fell behind its outbound queue bound. Reconnect and resume
-    /// from the last `seq`; nothing is lost, the missed events are replayed.
+    /// from the last `seq`; the missed events are replayed.
     pub const SLOW: u16 = 4000;
     /// The token's `exp` has passed. Reconnect with a fresh token and resume.
     pub const TOKEN_EXPIRED: u16 = 4001;
     /// No frame or pong from the client within the ping timeout.
     pub const PING_TIMEOUT: u16 = 4002;
+    /// The stream was deleted and created again. Reconnect and resume with
+    /// the last `seq` and `epoch`: the node answers with a `stream_reset` gap.
+    pub const STREAM_RESET: u16 = 4003;
+    /// `resume=frame` was asked for but no `resume` frame came first.
+    pub const POLICY: u16 = 1008;
 }
 
 /// Largest frame a client may send, in bytes. Clients only send small
@@ -42,8 +47,21 @@ pub enum ServerFrame<'a> {
     Welcome {
         node: &'a str,
         user: &'a str,
-        /// Sequence of the user's newest stored event, 0 when there is none.
+        /// Sequence of the user's newest event, 0 when there is none.
         position: u64,
+        /// Identifies the stream; changes when it is recreated.
+        epoch: &'a str,
+    },
+    /// Events in `from..=to` may be missing; see docs/protocol.md.
+    Gap {
+        reason: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to: Option<u64>,
+        /// The user's oldest event still stored, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        earliest: Option<u64>,
     },
     /// The node is going away; reconnect (to any node) and resume.
     Reconnect { reason: &'a str },
@@ -67,6 +85,13 @@ pub enum ClientFrame {
     /// Application-level keepalive for clients that cannot send WebSocket
     /// pings (browsers); answered with `pong`.
     Ping,
+    /// In-band resume, the first frame of a socket opened with `resume=frame`.
+    Resume {
+        #[serde(default)]
+        last_seq: Option<u64>,
+        #[serde(default)]
+        epoch: Option<String>,
+    },
 }
 
 /// Why a publisher payload was not forwarded.
@@ -141,18 +166,18 @@ mod tests {
 
     #[test]
     fn control_frames_serialise_with_their_type() {
-        let w = ServerFrame::Welcome {
-            node: "n1",
-            user: "u1",
-            position: 7,
-        }
-        .to_text();
-        assert_eq!(w.as_str(), r#"{"type":"welcome","node":"n1","user":"u1","position":7}"#);
-        assert_eq!(ServerFrame::Pong.to_text().as_str(), r#"{"type":"pong"}"#);
+        let w = ServerFrame::Welcome { node: "n1", user: "u1", position: 7, epoch: "1" }.to_text();
+        assert_eq!(w.as_str(), r#"{"type":"welcome","node":"n1","user":"u1","position":7,"epoch":"1"}"#);
+        let g = ServerFrame::Gap { reason: "expired", from: Some(3), to: Some(9), earliest: Some(10) }.to_text();
+        assert_eq!(g.as_str(), r#"{"type":"gap","reason":"expired","from":3,"to":9,"earliest":10}"#);
+        let r = ServerFrame::Gap { reason: "stream_reset", from: None, to: None, earliest: None }.to_text();
+        assert_eq!(r.as_str(), r#"{"type":"gap","reason":"stream_reset"}"#);
         assert_eq!(
-            serde_json::from_str::<ClientFrame>(r#"{"type":"ping"}"#).unwrap(),
-            ClientFrame::Ping
+            serde_json::from_str::<ClientFrame>(r#"{"type":"resume","last_seq":5,"epoch":"e"}"#).unwrap(),
+            ClientFrame::Resume { last_seq: Some(5), epoch: Some("e".into()) }
         );
+        assert_eq!(ServerFrame::Pong.to_text().as_str(), r#"{"type":"pong"}"#);
+        assert_eq!(serde_json::from_str::<ClientFrame>(r#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"subscribe","user":"other"}"#).is_err());
     }
 }

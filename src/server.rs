@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::hub::{Hub, Kick, Kicker};
 use crate::metrics as m;
 use crate::protocol::MAX_CLIENT_FRAME;
-use crate::socket::{self, MAX_WRITE_BUFFER, READ_BUFFER, Session, WRITE_BUFFER};
+use crate::socket::{self, MAX_WRITE_BUFFER, READ_BUFFER, Session, Start, WRITE_BUFFER};
 use crate::stream::{self, StreamError};
 
 /// How often readiness re-checks the stream (and creates it if missing).
@@ -36,6 +36,10 @@ pub const READY_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How soon to look again while not ready: checking the connection state is
 /// free, and a node should take traffic as soon as NATS is back.
 pub const NOT_READY_RETRY: Duration = Duration::from_millis(100);
+
+/// Slow-consumer reports come in bursts while a node is overloaded; a
+/// catch-up of every user (a direct get each) runs at most this often for them.
+pub const DROP_CATCHUP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Time allowed to flush pending NATS commands on exit.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -103,25 +107,35 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
         "draining": st.draining.load(Ordering::Acquire),
         "node": &*st.node_id,
     });
-    let code = if st.ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if st.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
 }
 
 #[derive(Debug, Deserialize)]
 struct WsParams {
     token: Option<String>,
+    /// Resume after this sequence (0: everything still stored).
+    last_seq: Option<u64>,
+    /// The epoch the client's `last_seq` belongs to.
+    epoch: Option<String>,
+    /// `frame`: the client sends its resume position as the first frame.
+    resume: Option<String>,
+}
+
+impl WsParams {
+    fn start(&self) -> Result<Start, &'static str> {
+        match (self.last_seq, self.resume.as_deref()) {
+            (Some(_), Some(_)) => Err("give last_seq or resume=frame, not both"),
+            (Some(last_seq), None) => Ok(Start::After { last_seq, epoch: self.epoch.clone() }),
+            (None, Some("frame")) => Ok(Start::Frame),
+            (None, Some(_)) => Err("resume takes the value frame"),
+            (None, None) => Ok(Start::Live),
+        }
+    }
 }
 
 /// A refusal before the upgrade: status, a fixed reason and a message.
@@ -144,29 +158,21 @@ async fn ws_handler(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if st.draining.load(Ordering::Acquire) {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this node is draining; connect to another".into(),
-        );
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", "this node is draining; connect to another".into());
     }
     if !st.ready() {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "this node is not connected to NATS yet".into(),
-        );
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "this node is not connected to NATS yet".into());
     }
     if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN)) {
         let origin = origin.to_str().unwrap_or("");
         if !allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "origin",
-                format!("origin {origin:?} is not allowed"),
-            );
+            return refuse(StatusCode::FORBIDDEN, "origin", format!("origin {origin:?} is not allowed"));
         }
     }
+    let start = match params.start() {
+        Ok(s) => s,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, "bad_request", why.into()),
+    };
     let token = bearer(&headers).or(params.token.as_deref()).unwrap_or("");
     let identity = match st.config.auth.verify(token) {
         Ok(id) => id,
@@ -178,11 +184,7 @@ async fn ws_handler(
     // Reserve a slot before upgrading so the bound holds under a burst.
     if st.sockets.fetch_add(1, Ordering::AcqRel) >= st.config.max_connections {
         st.sockets.fetch_sub(1, Ordering::AcqRel);
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "capacity",
-            "this node is at its connection limit".into(),
-        );
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "capacity", "this node is at its connection limit".into());
     }
     let slot = Slot(st.clone());
     let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -196,6 +198,7 @@ async fn ws_handler(
         queue: st.config.socket_queue,
         ping_interval: st.config.ping_interval,
         kicker: Arc::new(Kicker::default()),
+        start,
     };
     upgrade
         .read_buffer_size(READ_BUFFER)
@@ -234,13 +237,23 @@ impl Drop for Slot {
 async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), StreamError> {
     let js = async_nats::jetstream::new(st.client.clone());
     let mut first = true;
+    let mut last_line = String::new();
     loop {
         if st.nats_connected() {
             match stream::ensure(&js, &st.config.stream).await {
-                Ok(line) => {
-                    if first {
-                        tracing::info!("{line}");
-                        first = false;
+                Ok(ensured) => {
+                    if first || (!ensured.as_configured && ensured.line != last_line) {
+                        tracing::info!("{}", ensured.line);
+                    }
+                    first = false;
+                    last_line = ensured.line;
+                    let epoch = crate::history::epoch(&ensured.info);
+                    if st.hub.observe_stream(epoch.clone(), ensured.info.state.last_sequence) {
+                        metrics::counter!(m::STREAM_RESETS).increment(1);
+                        tracing::warn!(
+                            epoch,
+                            "the stream was recreated; closing every socket so clients resume against it"
+                        );
                     }
                     st.stream_ok.store(true, Ordering::Release);
                 }
@@ -283,9 +296,7 @@ pub async fn run(listener: TcpListener, st: Arc<AppState>, shutdown: Cancellatio
         let http_stop = http_stop.clone();
         let router = app(st.clone());
         tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .await
+            axum::serve(listener, router).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
         })
     };
     // Wait for a shutdown request or a fatal stream error.
@@ -331,10 +342,7 @@ async fn drain(st: &AppState) {
     }
     let deadline = start + window;
     if tokio::time::timeout_at(deadline, st.tracker.wait()).await.is_err() {
-        tracing::warn!(
-            left = st.tracker.len(),
-            "drain window passed with sockets still closing"
-        );
+        tracing::warn!(left = st.tracker.len(), "drain window passed with sockets still closing");
     }
     tracing::info!(elapsed = ?start.elapsed(), "drained");
 }
@@ -343,10 +351,7 @@ async fn drain(st: &AppState) {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {err}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        err: std::io::Error,
-    },
+    Bind { addr: std::net::SocketAddr, err: std::io::Error },
     #[error("NATS: {0}")]
     Nats(anyhow::Error),
     #[error(transparent)]
@@ -372,17 +377,12 @@ pub async fn start(
     on_listen: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), StartError> {
     let metrics = m::install();
-    let listener = TcpListener::bind(config.listen).await.map_err(|err| StartError::Bind {
-        addr: config.listen,
-        err,
-    })?;
-    let addr = listener.local_addr().map_err(|err| StartError::Bind {
-        addr: config.listen,
-        err,
-    })?;
-    let client = crate::nats::connect(&config.nats, &config.node_id)
-        .await
-        .map_err(StartError::Nats)?;
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|err| StartError::Bind { addr: config.listen, err })?;
+    let addr = listener.local_addr().map_err(|err| StartError::Bind { addr: config.listen, err })?;
+    let signals = Arc::new(crate::nats::Signals::default());
+    let client =
+        crate::nats::connect(&config.nats, &config.node_id, signals.clone()).await.map_err(StartError::Nats)?;
     if config.allowed_origins.is_none() {
         tracing::warn!(
             "no --allowed-origins: browser pages from any origin may open sockets (tokens are still required)"
@@ -391,8 +391,31 @@ pub async fn start(
     tracing::info!(node = %config.node_id, nats = ?config.nats.urls, stream = %config.stream.name, "listening on {addr}");
     on_listen(addr);
     let st = AppState::new(config, client, metrics);
-    run(listener, st, shutdown).await?;
+    let catchup = tokio::spawn(catch_up_on_signals(st.hub.clone(), signals));
+    let result = run(listener, st, shutdown).await;
+    catchup.abort();
+    result?;
     Ok(())
+}
+
+/// Makes every user catch up when NATS events mean messages may have been
+/// missed: at once after a (re)connect; after dropped messages at most once
+/// per [`DROP_CATCHUP_INTERVAL`], delayed rather than skipped so that drops
+/// at the very end of a burst, which no later event reveals, are read too.
+async fn catch_up_on_signals(hub: Arc<Hub>, signals: Arc<crate::nats::Signals>) {
+    let mut last_drop_round: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = signals.connected.notified() => hub.catch_up_all(),
+            _ = signals.dropped.notified() => {
+                if let Some(t) = last_drop_round {
+                    tokio::time::sleep_until(t + DROP_CATCHUP_INTERVAL).await;
+                }
+                last_drop_round = Some(tokio::time::Instant::now());
+                hub.catch_up_all();
+            }
+        }
+    }
 }
 
 /// Cancels the returned token on SIGTERM or SIGINT; a second signal exits at once.

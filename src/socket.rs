@@ -1,8 +1,7 @@
-//! One WebSocket connection: welcome, batched writes, client frames, pings,
-//! token expiry and the close codes of docs/protocol.md.
+//! One WebSocket connection: welcome, resume, batched writes, client frames,
+//! pings, token expiry and the close codes of docs/protocol.md.
 //!
-//! [`run`] is generic over any `Sink + Stream` of axum WebSocket messages so
-//! that unit tests can drive it with channels.
+//! [`run`] is generic over any `Sink + Stream` of axum WebSocket messages.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,13 +10,15 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::hub::{EventFrame, Hub, Kick, Kicker};
+use crate::history::{Gap, GapReason};
+use crate::hub::{Hub, Item, Kick, Kicker};
 use crate::metrics as m;
-use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close};
+use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close, event_frame};
+use crate::stream::StreamError;
 use crate::user::UserId;
 
 /// Frames written per flush at most. Batching amortises the syscall and the
-/// TLS/TCP overhead (about 10x more frames/s at 16 per flush, see
+/// TCP overhead (about 10x more frames/s at 16 per flush, see
 /// ../shared/nats-facts.md); the cap keeps one busy socket from delaying its
 /// own control frames (pong, close) behind a long run of events.
 pub const MAX_WRITE_BATCH: usize = 64;
@@ -44,6 +45,21 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time given to deliver a close frame before the connection is dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a socket opened with `resume=frame` waits for its resume frame.
+pub const RESUME_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the client wants its events to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Live from the user's current position.
+    Live,
+    /// Everything after `last_seq` (0: everything still stored), in the
+    /// stream identified by `epoch` when given.
+    After { last_seq: u64, epoch: Option<String> },
+    /// Wait for a `resume` frame first.
+    Frame,
+}
+
 /// What the socket needs besides its transport.
 pub struct Session {
     pub conn_id: u64,
@@ -54,6 +70,7 @@ pub struct Session {
     pub queue: usize,
     pub ping_interval: Duration,
     pub kicker: Arc<Kicker>,
+    pub start: Start,
 }
 
 /// Why the socket ended, for metrics and logs.
@@ -66,6 +83,7 @@ pub enum End {
     TokenExpired,
     TooBig,
     Unsupported,
+    StreamReset,
     Error,
 }
 
@@ -79,132 +97,89 @@ impl End {
             End::TokenExpired => "token_expired",
             End::TooBig => "too_big",
             End::Unsupported => "unsupported",
+            End::StreamReset => "stream_reset",
             End::Error => "error",
         }
     }
 }
 
 /// Serves one socket until it ends; returns why.
-pub async fn run<S, E>(mut ws: S, hub: Arc<Hub>, s: Session) -> End
+pub async fn run<S, E>(mut ws: S, hub: Arc<Hub>, mut s: Session) -> End
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<EventFrame>(s.queue);
-    let _membership = match hub.join(&s.user, s.conn_id, tx, s.kicker.clone()).await {
+    if s.start == Start::Frame {
+        s.start = match wait_resume_frame(&mut ws).await {
+            Ok(start) => start,
+            Err(end) => return end,
+        };
+    }
+    let (tx, mut rx) = mpsc::channel::<Item>(s.queue);
+    let membership = match hub.join(&s.user, s.conn_id, tx, s.kicker.clone()).await {
         Ok(m) => m,
         Err(e) => {
-            tracing::error!(error = %e, "subscribing to the user's live subject failed");
+            tracing::error!(error = %e, "joining the user's live stream failed");
             return close_with(&mut ws, close::INTERNAL, "subscribe failed", End::Error).await;
         }
     };
-    let mut position = match hub.position(&s.user).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "reading the user's position failed");
-            return close_with(&mut ws, close::INTERNAL, "history unavailable", End::Error).await;
-        }
-    };
-    let welcome = ServerFrame::Welcome {
-        node: &s.node_id,
-        user: s.user.as_str(),
-        position,
-    }
-    .to_text();
+    let epoch = hub.epoch();
+    let welcome =
+        ServerFrame::Welcome { node: &s.node_id, user: s.user.as_str(), position: membership.position, epoch: &epoch }
+            .to_text();
     if send(&mut ws, Message::Text(welcome)).await.is_err() {
         return End::Client;
+    }
+    // Everything at or below `position` has been sent or was before this
+    // socket's time; queued items at or below it are dropped.
+    let mut position = membership.position;
+    if let Start::After { last_seq, epoch: client_epoch } = &s.start {
+        match replay(&mut ws, &hub, &s, *last_seq, client_epoch.as_deref(), &epoch, membership.position).await {
+            Ok(p) => position = p,
+            Err(end) => return end,
+        }
     }
 
     let expiry = token_deadline(s.token_exp);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + s.ping_interval, s.ping_interval);
     let mut last_heard = Instant::now();
-    let mut batch: Vec<EventFrame> = Vec::with_capacity(MAX_WRITE_BATCH);
+    let mut batch: Vec<Item> = Vec::with_capacity(MAX_WRITE_BATCH);
+    let mut out: Vec<Utf8Bytes> = Vec::with_capacity(MAX_WRITE_BATCH);
 
     loop {
         tokio::select! {
             biased;
-            why = s.kicker.kicked() => {
-                return match why {
-                    Kick::Slow => close_with(&mut ws, close::SLOW, "slow: reconnect and resume", End::Slow).await,
-                    Kick::Error => close_with(&mut ws, close::INTERNAL, "internal error: reconnect and resume", End::Error).await,
-                    Kick::Drain => {
-                        let frame = ServerFrame::Reconnect { reason: "drain" }.to_text();
-                        let _ = send(&mut ws, Message::Text(frame)).await;
-                        close_with(&mut ws, close::DRAIN, "drain: reconnect and resume", End::Drain).await
-                    }
-                };
-            }
+            why = s.kicker.kicked() => return on_kick(&mut ws, why).await,
             n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
                 if n == 0 {
                     // The hub dropped our sender: only on leave, which we own.
                     return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
                 }
-                // Anything at or below what this socket has already covered
-                // (its welcome position) is not sent again.
-                batch.retain(|f| f.seq > position);
-                if let Some(last) = batch.last() {
-                    position = last.seq;
-                    let frames = batch.len();
-                    let bytes: usize = batch.iter().map(|f| f.text.len()).sum();
-                    let result = tokio::select! {
-                        r = write_batch(&mut ws, batch.drain(..)) => r,
-                        _ = s.kicker.kicked() => Err(WriteFail::Kicked),
-                    };
-                    match result {
-                        Ok(()) => {
-                            metrics::counter!(m::FRAMES_SENT).increment(frames as u64);
-                            metrics::counter!(m::BYTES_SENT).increment(bytes as u64);
-                            metrics::histogram!(m::WRITE_BATCH).record(frames as f64);
-                        }
-                        // The select above will see the kick next turn.
-                        Err(WriteFail::Kicked) => continue,
-                        Err(WriteFail::Timeout) => return End::Slow,
-                        Err(WriteFail::Closed) => return End::Client,
+                for item in batch.drain(..) {
+                    if let Some(text) = render(item, &mut position) {
+                        out.push(text);
                     }
                 }
-                batch.clear();
+                if out.is_empty() {
+                    continue;
+                }
+                let result = tokio::select! {
+                    r = write_batch(&mut ws, &mut out) => r,
+                    _ = s.kicker.kicked() => Err(WriteFail::Kicked),
+                };
+                out.clear();
+                match result {
+                    Ok(()) => {}
+                    // The select above will see the kick next turn.
+                    Err(WriteFail::Kicked) => continue,
+                    Err(WriteFail::Timeout) => return End::Slow,
+                    Err(WriteFail::Closed) => return End::Client,
+                }
             }
             msg = ws.next() => {
                 last_heard = Instant::now();
-                match msg {
-                    None => return End::Client,
-                    Some(Ok(Message::Close(_))) => {
-                        // tungstenite queued the close reply; a flush sends it.
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
-                        return End::Client;
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        let reply = match serde_json::from_str::<ClientFrame>(text.as_str()) {
-                            Ok(ClientFrame::Ping) => ServerFrame::Pong.to_text(),
-                            Err(e) => {
-                                metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "bad_frame").increment(1);
-                                ServerFrame::Error { code: "bad_frame", message: &e.to_string() }.to_text()
-                            }
-                        };
-                        if send(&mut ws, Message::Text(reply)).await.is_err() {
-                            return End::Client;
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "binary").increment(1);
-                        return close_with(&mut ws, close::UNSUPPORTED, "binary frames are not supported", End::Unsupported).await;
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Err(e)) => match read_failure(&e) {
-                        Some(ReadFailure::TooBig) => {
-                            metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "too_big").increment(1);
-                            let why = format!("client frames are limited to {MAX_CLIENT_FRAME} bytes");
-                            return close_with(&mut ws, close::TOO_BIG, &why, End::TooBig).await;
-                        }
-                        Some(ReadFailure::NotUtf8) => {
-                            metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "not_utf8").increment(1);
-                            return close_with(&mut ws, close::NOT_UTF8, "text frames must be UTF-8", End::Unsupported).await;
-                        }
-                        None => {
-                            tracing::debug!(error = %e, "read failed");
-                            return End::Client;
-                        }
-                    },
+                if let Some(end) = on_client_message(&mut ws, msg).await {
+                    return end;
                 }
             }
             _ = ping.tick() => {
@@ -222,24 +197,269 @@ where
     }
 }
 
+/// The frame for a queued item, unless this socket already covered it.
+fn render(item: Item, position: &mut u64) -> Option<Utf8Bytes> {
+    match item {
+        Item::Event(f) if f.seq > *position => {
+            *position = f.seq;
+            Some(f.text)
+        }
+        Item::Event(_) => None,
+        Item::Gap(g) => {
+            let to = g.to?;
+            if to <= *position {
+                return None;
+            }
+            // Only the part this socket has not already covered.
+            let from = g.from.map(|f| f.max(*position + 1));
+            *position = to;
+            metrics::counter!(m::GAPS_SENT, "reason" => g.reason.label()).increment(1);
+            Some(gap_text(&Gap { from, ..g }))
+        }
+    }
+}
+
+fn gap_text(g: &Gap) -> Utf8Bytes {
+    ServerFrame::Gap { reason: g.reason.label(), from: g.from, to: g.to, earliest: g.earliest }.to_text()
+}
+
+/// Sends the user's stored events after `last_seq`, with a gap frame first
+/// when continuity cannot be proven. Returns the position reached.
+#[allow(clippy::too_many_arguments)]
+async fn replay<S, E>(
+    ws: &mut S,
+    hub: &Hub,
+    s: &Session,
+    last_seq: u64,
+    client_epoch: Option<&str>,
+    epoch: &str,
+    joined_at: u64,
+) -> Result<u64, End>
+where
+    S: Sink<Message, Error = E> + Unpin,
+{
+    let user = s.user.as_str();
+    let history = hub.history();
+    let mut after = last_seq;
+    // A position from another stream: the epoch says so, or the position
+    // lies beyond anything this stream has stored.
+    let mut reset = client_epoch.is_some_and(|e| !epoch.is_empty() && e != epoch);
+    if !reset && after > joined_at && after > hub.stream_last() {
+        reset = match history.stream_last().await {
+            Ok(last) => after > last,
+            Err(e) => return Err(resume_failed(ws, &e).await),
+        };
+    }
+    if reset {
+        let earliest = match history.first(user).await {
+            Ok(f) => f,
+            Err(e) => return Err(resume_failed(ws, &e).await),
+        };
+        let gap = Gap { reason: GapReason::StreamReset, from: None, to: None, earliest };
+        metrics::counter!(m::GAPS_SENT, "reason" => "stream_reset").increment(1);
+        if send(ws, Message::Text(gap_text(&gap))).await.is_err() {
+            return Err(End::Client);
+        }
+        after = 0;
+    } else if after >= joined_at {
+        // Nothing stored that this socket lacks; live delivery continues.
+        metrics::counter!(m::RESUMES, "outcome" => "complete").increment(1);
+        return Ok(after);
+    }
+    let mut position = after;
+    let mut first = true;
+    let mut replayed = 0u64;
+    let mut gapped = reset;
+    loop {
+        let mut chunk: Vec<Utf8Bytes> = Vec::with_capacity(MAX_WRITE_BATCH);
+        let mut end = false;
+        while chunk.len() < MAX_WRITE_BATCH {
+            match history.next(user, position + 1).await {
+                Ok(Some(ev)) => {
+                    if first {
+                        first = false;
+                        match history.check(user, after, Some(ev.seq)).await {
+                            Ok(Some(gap)) => {
+                                gapped = true;
+                                metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
+                                chunk.push(gap_text(&gap));
+                            }
+                            Ok(None) => {}
+                            Err(e) => return Err(resume_failed(ws, &e).await),
+                        }
+                    }
+                    position = ev.seq;
+                    // Not forwardable payloads are skipped, not holes.
+                    if let Ok(text) = event_frame(ev.seq, &ev.payload) {
+                        chunk.push(text);
+                        replayed += 1;
+                    }
+                }
+                Ok(None) => {
+                    if first {
+                        first = false;
+                        match history.check(user, after, None).await {
+                            Ok(Some(gap)) => {
+                                gapped = true;
+                                position = position.max(gap.to.unwrap_or(position));
+                                metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
+                                chunk.push(gap_text(&gap));
+                            }
+                            Ok(None) => {}
+                            Err(e) => return Err(resume_failed(ws, &e).await),
+                        }
+                    }
+                    end = true;
+                    break;
+                }
+                Err(e) => return Err(resume_failed(ws, &e).await),
+            }
+        }
+        if !chunk.is_empty() {
+            match write_batch(ws, &mut chunk).await {
+                Ok(()) => {}
+                Err(WriteFail::Timeout) => return Err(End::Slow),
+                Err(_) => return Err(End::Client),
+            }
+        }
+        if end {
+            break;
+        }
+    }
+    metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
+    metrics::counter!(m::RESUMES, "outcome" => if gapped { "gap" } else { "complete" }).increment(1);
+    Ok(position)
+}
+
+async fn resume_failed<S, E>(ws: &mut S, e: &StreamError) -> End
+where
+    S: Sink<Message, Error = E> + Unpin,
+{
+    tracing::warn!(error = %e, "reading history for a resume failed");
+    metrics::counter!(m::RESUMES, "outcome" => "failed").increment(1);
+    close_with(ws, close::INTERNAL, "history unavailable: reconnect and resume", End::Error).await
+}
+
+/// Reads the first client frame of a `resume=frame` socket.
+async fn wait_resume_frame<S, E>(ws: &mut S) -> Result<Start, End>
+where
+    S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
+{
+    let first = tokio::time::timeout(RESUME_FRAME_TIMEOUT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return Some(t),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    match first {
+        Ok(Some(text)) => match serde_json::from_str::<ClientFrame>(text.as_str()) {
+            Ok(ClientFrame::Resume { last_seq: Some(last_seq), epoch }) => Ok(Start::After { last_seq, epoch }),
+            Ok(ClientFrame::Resume { last_seq: None, .. }) => Ok(Start::Live),
+            _ => Err(close_with(ws, close::POLICY, "expected a resume frame first", End::Unsupported).await),
+        },
+        Ok(None) => Err(End::Client),
+        Err(_) => Err(close_with(ws, close::POLICY, "no resume frame", End::Unsupported).await),
+    }
+}
+
+async fn on_kick<S, E>(ws: &mut S, why: Kick) -> End
+where
+    S: Sink<Message, Error = E> + Unpin,
+{
+    match why {
+        Kick::Slow => close_with(ws, close::SLOW, "slow: reconnect and resume", End::Slow).await,
+        Kick::Error => close_with(ws, close::INTERNAL, "internal error: reconnect and resume", End::Error).await,
+        Kick::StreamReset => {
+            close_with(ws, close::STREAM_RESET, "stream reset: reconnect and resume", End::StreamReset).await
+        }
+        Kick::Drain => {
+            let frame = ServerFrame::Reconnect { reason: "drain" }.to_text();
+            let _ = send(ws, Message::Text(frame)).await;
+            close_with(ws, close::DRAIN, "drain: reconnect and resume", End::Drain).await
+        }
+    }
+}
+
+/// Handles one read from the client; `Some` ends the socket.
+async fn on_client_message<S, E>(ws: &mut S, msg: Option<Result<Message, E>>) -> Option<End>
+where
+    S: Sink<Message, Error = E> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match msg {
+        None => Some(End::Client),
+        Some(Ok(Message::Close(_))) => {
+            // tungstenite queued the close reply; a flush sends it.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+            Some(End::Client)
+        }
+        Some(Ok(Message::Text(text))) => {
+            let reply = match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                Ok(ClientFrame::Ping) => ServerFrame::Pong.to_text(),
+                Ok(ClientFrame::Resume { .. }) => {
+                    metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "late_resume").increment(1);
+                    let message = "resume is only accepted as the first frame of a socket opened with resume=frame";
+                    ServerFrame::Error { code: "late_resume", message }.to_text()
+                }
+                Err(e) => {
+                    metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "bad_frame").increment(1);
+                    ServerFrame::Error { code: "bad_frame", message: &e.to_string() }.to_text()
+                }
+            };
+            send(ws, Message::Text(reply)).await.err().map(|_| End::Client)
+        }
+        Some(Ok(Message::Binary(_))) => {
+            metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "binary").increment(1);
+            Some(close_with(ws, close::UNSUPPORTED, "binary frames are not supported", End::Unsupported).await)
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+        Some(Err(e)) => match read_failure(&e) {
+            Some(ReadFailure::TooBig) => {
+                metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "too_big").increment(1);
+                let why = format!("client frames are limited to {MAX_CLIENT_FRAME} bytes");
+                Some(close_with(ws, close::TOO_BIG, &why, End::TooBig).await)
+            }
+            Some(ReadFailure::NotUtf8) => {
+                metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "not_utf8").increment(1);
+                Some(close_with(ws, close::NOT_UTF8, "text frames must be UTF-8", End::Unsupported).await)
+            }
+            None => {
+                tracing::debug!(error = %e, "read failed");
+                Some(End::Client)
+            }
+        },
+    }
+}
+
 enum WriteFail {
     Kicked,
     Timeout,
     Closed,
 }
 
-async fn write_batch<S, E>(ws: &mut S, frames: impl Iterator<Item = EventFrame>) -> Result<(), WriteFail>
+async fn write_batch<S, E>(ws: &mut S, frames: &mut Vec<Utf8Bytes>) -> Result<(), WriteFail>
 where
     S: Sink<Message, Error = E> + Unpin,
 {
+    let n = frames.len();
+    let bytes: usize = frames.iter().map(|f| f.len()).sum();
     let write = async {
-        for f in frames {
-            ws.feed(Message::Text(f.text)).await?;
+        for f in frames.drain(..) {
+            ws.feed(Message::Text(f)).await?;
         }
         ws.flush().await
     };
     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => {
+            metrics::counter!(m::FRAMES_SENT).increment(n as u64);
+            metrics::counter!(m::BYTES_SENT).increment(bytes as u64);
+            metrics::histogram!(m::WRITE_BATCH).record(n as f64);
+            Ok(())
+        }
         Ok(Err(_)) => Err(WriteFail::Closed),
         Err(_) => Err(WriteFail::Timeout),
     }
@@ -260,20 +480,14 @@ async fn close_with<S, E>(ws: &mut S, code: u16, reason: &str, end: End) -> End
 where
     S: Sink<Message, Error = E> + Unpin,
 {
-    let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    };
+    let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
     end
 }
 
 /// The instant the token expires, as a tokio deadline.
 fn token_deadline(exp: u64) -> tokio::time::Instant {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     // Capped so a far-future exp does not overflow the timer.
     let left = Duration::from_secs(exp.saturating_sub(now).min(10 * 365 * 24 * 3600));
     tokio::time::Instant::now() + left

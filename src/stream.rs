@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use async_nats::jetstream::{
     self, ErrorCode,
     context::GetStreamErrorKind,
-    stream::{Config, DirectGetErrorKind, DiscardPolicy, Republish, RetentionPolicy, StorageType},
+    stream::{Config, DiscardPolicy, Info, Republish, RetentionPolicy, StorageType},
 };
 
 use crate::config::StreamSettings;
@@ -73,14 +73,8 @@ fn structural_diff(have: &Config, want: &Config) -> String {
     if !have.subjects.iter().any(|s| want.subjects.contains(s)) {
         let _ = write!(d, "subjects are {:?}, need {:?}; ", have.subjects, want.subjects);
     }
-    if have
-        .republish
-        .as_ref()
-        .map(|r| (&r.source, &r.destination, r.headers_only))
-        != want
-            .republish
-            .as_ref()
-            .map(|r| (&r.source, &r.destination, r.headers_only))
+    if have.republish.as_ref().map(|r| (&r.source, &r.destination, r.headers_only))
+        != want.republish.as_ref().map(|r| (&r.source, &r.destination, r.headers_only))
     {
         let _ = write!(
             d,
@@ -104,13 +98,7 @@ fn limits_diff(have: &Config, want: &Config) -> String {
     macro_rules! cmp {
         ($field:ident) => {
             if have.$field != want.$field {
-                let _ = write!(
-                    d,
-                    "{} is {:?}, configured {:?}; ",
-                    stringify!($field),
-                    have.$field,
-                    want.$field
-                );
+                let _ = write!(d, "{} is {:?}, configured {:?}; ", stringify!($field), have.$field, want.$field);
             }
         };
     }
@@ -125,9 +113,19 @@ fn limits_diff(have: &Config, want: &Config) -> String {
     d.trim_end_matches("; ").to_owned()
 }
 
-/// Creates the stream if it is missing; checks it otherwise. With
-/// `external`, never changes anything. Returns a line for the log.
-pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<String, StreamError> {
+/// What [`ensure`] found or did.
+pub struct Ensured {
+    /// A line for the log.
+    pub line: String,
+    /// True when nothing differs or was changed.
+    pub as_configured: bool,
+    pub info: Info,
+}
+
+/// Creates the stream if it is missing; checks it otherwise, and updates its
+/// limits unless `external`.
+pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<Ensured, StreamError> {
+    let nats = |what: &str, e: &dyn std::fmt::Display| StreamError::Nats(format!("{what} {}: {e}", s.name));
     let want = desired(s);
     let mut existing = match js.get_stream(&s.name).await {
         Ok(stream) => stream,
@@ -136,47 +134,30 @@ pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<Strin
                 if s.external {
                     return Err(StreamError::Missing(s.name.clone()));
                 }
-                js.create_stream(want)
-                    .await
-                    .map_err(|e| StreamError::Nats(format!("creating stream {}: {e}", s.name)))?;
-                return Ok(format!("created stream {}", s.name));
+                let created = js.create_stream(want).await.map_err(|e| nats("creating stream", &e))?;
+                let info = created.cached_info().clone();
+                return Ok(Ensured { line: format!("created stream {}", s.name), as_configured: false, info });
             }
-            _ => {
-                return Err(StreamError::Nats(format!("looking up stream {}: {e}", s.name)));
-            }
+            _ => return Err(nats("looking up stream", &e)),
         },
     };
-    let have = existing
-        .info()
-        .await
-        .map_err(|e| StreamError::Nats(format!("stream info {}: {e}", s.name)))?
-        .config
-        .clone();
+    let info = existing.info().await.map_err(|e| nats("stream info", &e))?.clone();
+    let have = info.config.clone();
     let structural = structural_diff(&have, &want);
     if !structural.is_empty() {
-        return Err(StreamError::Mismatch {
-            name: s.name.clone(),
-            diff: structural,
-        });
+        return Err(StreamError::Mismatch { name: s.name.clone(), diff: structural });
     }
     let limits = limits_diff(&have, &want);
     if limits.is_empty() {
-        return Ok(format!("stream {} is as configured", s.name));
+        return Ok(Ensured { line: format!("stream {} is as configured", s.name), as_configured: true, info });
     }
     if s.external {
-        return Ok(format!(
-            "stream {} is managed externally and differs from this node's flags: {limits}",
-            s.name
-        ));
+        let line = format!("stream {} is managed externally and differs from this node's flags: {limits}", s.name);
+        return Ok(Ensured { line, as_configured: false, info });
     }
     if have.storage != want.storage {
-        return Err(StreamError::Mismatch {
-            name: s.name.clone(),
-            diff: format!(
-                "storage is {:?}, need {:?} (cannot be changed in place)",
-                have.storage, want.storage
-            ),
-        });
+        let diff = format!("storage is {:?}, need {:?} (cannot be changed in place)", have.storage, want.storage);
+        return Err(StreamError::Mismatch { name: s.name.clone(), diff });
     }
     let mut update = have;
     update.max_age = want.max_age;
@@ -186,19 +167,8 @@ pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<Strin
     update.num_replicas = want.num_replicas;
     update.duplicate_window = want.duplicate_window;
     update.discard = want.discard;
-    js.update_stream(update)
-        .await
-        .map_err(|e| StreamError::Nats(format!("updating stream {}: {e}", s.name)))?;
-    Ok(format!("updated stream {} limits: {limits}", s.name))
-}
-
-/// The sequence of the user's newest stored event, 0 when there is none.
-pub async fn position(stream: &jetstream::stream::Stream<()>, event_subject: &str) -> Result<u64, StreamError> {
-    match stream.direct_get_last_for_subject(event_subject).await {
-        Ok(msg) => Ok(msg.sequence),
-        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(0),
-        Err(e) => Err(StreamError::Nats(format!("last sequence of {event_subject}: {e}"))),
-    }
+    let info = js.update_stream(update).await.map_err(|e| nats("updating stream", &e))?;
+    Ok(Ensured { line: format!("updated stream {} limits: {limits}", s.name), as_configured: false, info })
 }
 
 #[cfg(test)]
@@ -226,10 +196,7 @@ mod tests {
         let c = desired(&settings());
         assert_eq!(c.subjects, vec!["ev.*".to_string()]);
         let r = c.republish.unwrap();
-        assert_eq!(
-            (r.source.as_str(), r.destination.as_str()),
-            ("ev.*", "live.{{wildcard(1)}}")
-        );
+        assert_eq!((r.source.as_str(), r.destination.as_str()), ("ev.*", "live.{{wildcard(1)}}"));
         assert!(c.allow_direct);
     }
 

@@ -14,12 +14,7 @@ fn now() -> u64 {
 }
 
 fn hs256(claims: serde_json::Value, secret: &[u8]) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .unwrap()
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap()
 }
 
 fn fixture(name: &str) -> String {
@@ -41,17 +36,10 @@ async fn bad_tokens_get_401_with_a_reason_and_no_socket() {
     let cases: Vec<(&str, String, &str)> = vec![
         ("missing", format!("ws://{}/ws", node.addr), "missing"),
         ("malformed", url("not.a.jwt"), "malformed"),
-        (
-            "expired",
-            url(&hs256(json!({"sub":"u1","exp":now() - 3600}), s)),
-            "expired",
-        ),
+        ("expired", url(&hs256(json!({"sub":"u1","exp":now() - 3600}), s)), "expired"),
         (
             "wrong signature",
-            url(&hs256(
-                json!({"sub":"u1","exp":exp}),
-                b"some-other-secret-some-other-secret",
-            )),
+            url(&hs256(json!({"sub":"u1","exp":exp}), b"some-other-secret-some-other-secret")),
             "bad_signature",
         ),
         ("alg none", url(&none), "algorithm"),
@@ -62,10 +50,7 @@ async fn bad_tokens_get_401_with_a_reason_and_no_socket() {
         let (status, body) = refused(u, &[]).await;
         assert_eq!(status, 401, "{what}: {body}");
         assert_eq!(body["error"], *reason, "{what}: {body}");
-        assert!(
-            body["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{what}: {body}"
-        );
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {body}");
     }
     // The Authorization header is read too, and wins over the query.
     let good = token("u1");
@@ -77,21 +62,13 @@ async fn bad_tokens_get_401_with_a_reason_and_no_socket() {
             node.addr
         ))
         .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {good}").parse().unwrap());
+        req.headers_mut().insert("authorization", format!("Bearer {good}").parse().unwrap());
         tokio_tungstenite::connect_async(req).await.unwrap()
     };
     let w = futures_util::StreamExt::next(&mut c).await.unwrap().unwrap();
     assert!(w.to_text().unwrap().contains(r#""type":"welcome""#));
-    assert_eq!(
-        node.metric("agentcast_connections_refused_total", "").await,
-        cases.len() as f64 + 1.0
-    );
-    assert_eq!(
-        node.metric("agentcast_connections_refused_total", r#"reason="missing_claim""#)
-            .await,
-        2.0
-    );
+    assert_eq!(node.metric("agentcast_connections_refused_total", "").await, cases.len() as f64 + 1.0);
+    assert_eq!(node.metric("agentcast_connections_refused_total", r#"reason="missing_claim""#).await, 2.0);
     assert_eq!(node.metric("agentcast_connections_accepted_total", "").await, 1.0);
     assert!(nats.live_subscriptions().await == vec!["agentcast.live.u1"]);
 }
@@ -103,12 +80,9 @@ async fn public_key_nodes_verify_their_algorithm_and_refuse_confusion() {
     let node = Node::start(&nats, &["--jwt-public-key", &key]).await;
     let private = std::fs::read(fixture("rsa-private.pem")).unwrap();
     let claims = json!({"sub":"u1","exp":now() + 600});
-    let good = jsonwebtoken::encode(
-        &Header::new(Algorithm::RS256),
-        &claims,
-        &EncodingKey::from_rsa_pem(&private).unwrap(),
-    )
-    .unwrap();
+    let good =
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &EncodingKey::from_rsa_pem(&private).unwrap())
+            .unwrap();
     let (_c, w) = {
         let mut c = Client::connect(&node.ws_url(&good)).await;
         let w = c.next_json().await;
@@ -145,11 +119,7 @@ async fn user_ids_that_could_widen_a_subscription_get_403() {
 #[tokio::test]
 async fn origins_outside_the_allowed_list_get_403() {
     let nats = NatsServer::start();
-    let node = Node::start(
-        &nats,
-        &["--allowed-origins", "https://app.example.com,https://admin.example.com"],
-    )
-    .await;
+    let node = Node::start(&nats, &["--allowed-origins", "https://app.example.com,https://admin.example.com"]).await;
     let url = node.ws_url(&token("u1"));
     let (status, body) = refused(&url, &[("origin", "https://evil.example.com")]).await;
     assert_eq!((status, body["error"].as_str()), (403, Some("origin")), "{body}");
@@ -161,9 +131,5 @@ async fn origins_outside_the_allowed_list_get_403() {
     }
     // Non-browser clients send no Origin and are allowed.
     let _ = Client::join(&node, "u1").await;
-    assert_eq!(
-        node.metric("agentcast_connections_refused_total", r#"reason="origin""#)
-            .await,
-        1.0
-    );
+    assert_eq!(node.metric("agentcast_connections_refused_total", r#"reason="origin""#).await, 1.0);
 }

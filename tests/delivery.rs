@@ -36,10 +36,8 @@ async fn every_socket_of_a_user_on_any_node_gets_every_event_in_order() {
                 .unwrap();
             got.push(msg.into_text().unwrap().to_string());
         }
-        let want: Vec<String> = sent
-            .iter()
-            .map(|(seq, p)| format!(r#"{{"type":"event","seq":{seq},"event":{p}}}"#))
-            .collect();
+        let want: Vec<String> =
+            sent.iter().map(|(seq, p)| format!(r#"{{"type":"event","seq":{seq},"event":{p}}}"#)).collect();
         assert_eq!(got, want);
     }
 }
@@ -113,28 +111,16 @@ async fn subscribes_on_first_socket_and_unsubscribes_on_last() {
     let (c2, _) = Client::join(&node, "u1").await;
     let (c3, _) = Client::join(&node, "u2").await;
     // One subscription per user, not per socket.
-    assert_eq!(
-        nats.live_subscriptions().await,
-        vec!["agentcast.live.u1", "agentcast.live.u2"]
-    );
+    assert_eq!(nats.live_subscriptions().await, vec!["agentcast.live.u1", "agentcast.live.u2"]);
     assert_eq!(node.metric("agentcast_users_subscribed", "").await, 2.0);
     assert_eq!(node.metric("agentcast_sockets_open", "").await, 3.0);
     drop(c1);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        nats.live_subscriptions().await,
-        vec!["agentcast.live.u1", "agentcast.live.u2"]
-    );
+    assert_eq!(nats.live_subscriptions().await, vec!["agentcast.live.u1", "agentcast.live.u2"]);
     drop(c2);
-    eventually("u1 unsubscribed", || async {
-        nats.live_subscriptions().await == vec!["agentcast.live.u2"]
-    })
-    .await;
+    eventually("u1 unsubscribed", || async { nats.live_subscriptions().await == vec!["agentcast.live.u2"] }).await;
     drop(c3);
-    eventually("all unsubscribed", || async {
-        nats.live_subscriptions().await.is_empty()
-    })
-    .await;
+    eventually("all unsubscribed", || async { nats.live_subscriptions().await.is_empty() }).await;
     eventually("gauges at zero", || async {
         node.metric("agentcast_users_subscribed", "").await == 0.0
             && node.metric("agentcast_sockets_open", "").await == 0.0
@@ -156,16 +142,8 @@ async fn payloads_that_are_not_json_objects_are_counted_logged_once_and_skipped(
     publish(&js, "u1", "not json either").await;
     let good = publish(&js, "u1", r#"{"type":"agent_started"}"#).await;
     assert_eq!(c.events(1).await, vec![(good, json!({"type":"agent_started"}))]);
-    assert_eq!(
-        node.metric("agentcast_events_rejected_total", r#"reason="not_json""#)
-            .await,
-        2.0
-    );
-    assert_eq!(
-        node.metric("agentcast_events_rejected_total", r#"reason="not_object""#)
-            .await,
-        1.0
-    );
+    assert_eq!(node.metric("agentcast_events_rejected_total", r#"reason="not_json""#).await, 2.0);
+    assert_eq!(node.metric("agentcast_events_rejected_total", r#"reason="not_object""#).await, 1.0);
     let warnings = node.log_text().lines().filter(|l| l.contains("not forwarded")).count();
     assert_eq!(warnings, 1, "logged once per subject:\n{}", node.log_text());
     // Other users are unaffected.
@@ -183,10 +161,7 @@ async fn core_nats_publishes_are_stored_and_delivered_too() {
     let (mut c, _) = Client::join(&node, "u1").await;
     let client = nats.client().await;
     for i in 0..10 {
-        client
-            .publish("agentcast.events.u1", format!(r#"{{"i":{i}}}"#).into())
-            .await
-            .unwrap();
+        client.publish("agentcast.events.u1", format!(r#"{{"i":{i}}}"#).into()).await.unwrap();
     }
     client.flush().await.unwrap();
     let got = c.events(10).await;

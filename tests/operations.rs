@@ -24,38 +24,19 @@ fn bad_configuration_exits_64_with_one_clear_line() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["serve"], "AGENTCAST_JWT_SECRET"),
         (vec!["serve", "--jwt-secret", "short"], "at least 32"),
-        (
-            vec!["serve", "--jwt-public-key", "/nonexistent.pem"],
-            "/nonexistent.pem",
-        ),
+        (vec!["serve", "--jwt-public-key", "/nonexistent.pem"], "/nonexistent.pem"),
         ([&["serve", "--listen", "nowhere"][..], &secret].concat(), "--listen"),
-        (
-            [&["serve", "--socket-queue", "0"][..], &secret].concat(),
-            "--socket-queue",
-        ),
-        (
-            [&["serve", "--subject-prefix", "a.>"][..], &secret].concat(),
-            "--subject-prefix",
-        ),
+        ([&["serve", "--socket-queue", "0"][..], &secret].concat(), "--socket-queue"),
+        ([&["serve", "--subject-prefix", "a.>"][..], &secret].concat(), "--subject-prefix"),
         ([&["serve", "--stream", "has.dot"][..], &secret].concat(), "--stream"),
-        (
-            [&["serve", "--stream-max-age", "soon"][..], &secret].concat(),
-            "--stream-max-age",
-        ),
+        ([&["serve", "--stream-max-age", "soon"][..], &secret].concat(), "--stream-max-age"),
         ([&["serve", "--no-such-flag"][..], &secret].concat(), "--no-such-flag"),
-        (
-            [&["serve", "--nats-creds", "/nonexistent.creds"][..], &secret].concat(),
-            "--nats-creds",
-        ),
+        ([&["serve", "--nats-creds", "/nonexistent.creds"][..], &secret].concat(), "--nats-creds"),
     ];
     for (args, needle) in cases {
         let (code, stderr) = run(&args);
         assert_eq!(code, Some(64), "{args:?}: {stderr}");
-        assert_eq!(
-            stderr.trim_end().lines().count(),
-            1,
-            "{args:?}: one line, got {stderr:?}"
-        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: one line, got {stderr:?}");
         assert!(stderr.contains(needle), "{args:?}: {stderr:?} should mention {needle}");
     }
     let (code, out) = run(&["--help"]);
@@ -72,10 +53,7 @@ async fn readiness_follows_nats_and_sockets_survive_an_outage() {
     let (mut c, _) = Client::join(&node, "u1").await;
 
     nats.stop();
-    eventually("not ready without NATS", || async {
-        node.get("/readyz").await.0 == 503
-    })
-    .await;
+    eventually("not ready without NATS", || async { node.get("/readyz").await.0 == 503 }).await;
     assert_eq!(node.get("/healthz").await.0, 200, "the process is still healthy");
     let (status, body) = refused(&node.ws_url(&token("u2")), &[]).await;
     assert_eq!((status, body["error"].as_str()), (503, Some("not_ready")));
@@ -86,11 +64,7 @@ async fn readiness_follows_nats_and_sockets_survive_an_outage() {
     let js = async_nats::jetstream::new(nats.client().await);
     let s = publish(&js, "u1", r#"{"after":"restart"}"#).await;
     assert_eq!(c.events(1).await, vec![(s, json!({"after":"restart"}))]);
-    assert!(
-        node.metric("agentcast_nats_events_total", r#"event="disconnected""#)
-            .await
-            >= 1.0
-    );
+    assert!(node.metric("agentcast_nats_events_total", r#"event="disconnected""#).await >= 1.0);
 }
 
 #[tokio::test]
@@ -116,21 +90,10 @@ async fn the_node_creates_the_stream_and_reports_its_config() {
     assert_eq!(c.max_age, Duration::from_secs(3600));
     assert!(c.allow_direct);
     let r = c.republish.expect("republish");
-    assert_eq!(
-        (r.source.as_str(), r.destination.as_str()),
-        ("agentcast.events.*", "agentcast.live.{{wildcard(1)}}")
-    );
+    assert_eq!((r.source.as_str(), r.destination.as_str()), ("agentcast.events.*", "agentcast.live.{{wildcard(1)}}"));
     // A second node with other limits updates them in place.
     let _b = Node::start(&nats, &["--stream-max-per-user", "800"]).await;
-    let c = js
-        .get_stream("AGENTCAST")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .config
-        .clone();
+    let c = js.get_stream("AGENTCAST").await.unwrap().info().await.unwrap().config.clone();
     assert_eq!(c.max_messages_per_subject, 800);
 }
 
@@ -180,14 +143,6 @@ async fn an_external_stream_is_only_checked_and_differences_are_named() {
         log.contains("managed externally") && log.contains("max_messages_per_subject is 42, configured 10000"),
         "{log}"
     );
-    let c = js
-        .get_stream("AGENTCAST")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .config
-        .clone();
+    let c = js.get_stream("AGENTCAST").await.unwrap().info().await.unwrap().config.clone();
     assert_eq!(c.max_messages_per_subject, 42, "unchanged");
 }

@@ -18,11 +18,7 @@ async fn client_frames_are_answered_or_closed_as_documented() {
     assert_eq!(c.next_json().await, json!({"type":"pong"}));
     c.send_text("hello").await;
     let e = c.next_json().await;
-    assert_eq!(
-        (e["type"].as_str(), e["code"].as_str()),
-        (Some("error"), Some("bad_frame")),
-        "{e}"
-    );
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("bad_frame")), "{e}");
     // A frame asking for someone else's events is just a bad frame.
     c.send_text(r#"{"type":"subscribe","user":"u2"}"#).await;
     assert_eq!(c.next_json().await["code"], "bad_frame");
@@ -47,8 +43,7 @@ async fn client_frames_are_answered_or_closed_as_documented() {
     assert_eq!(u16::from(close.expect("close frame").code), 1007);
 
     let (mut big, _) = Client::join(&node, "u1").await;
-    big.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(5000)))
-        .await;
+    big.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(5000))).await;
     let (_, close) = big.until_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 1009);
     assert_eq!(node.metric("agentcast_client_frames_rejected_total", "").await, 5.0);
@@ -56,20 +51,9 @@ async fn client_frames_are_answered_or_closed_as_documented() {
     // A client's close is answered with a close.
     let (mut leaving, _) = Client::join(&node, "u1").await;
     use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
-    leaving
-        .ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "bye".into(),
-        }))
-        .await
-        .unwrap();
+    leaving.ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })).await.unwrap();
     let (_, close) = leaving.until_close().await;
-    assert_eq!(
-        close.map(|c| u16::from(c.code)),
-        Some(1000),
-        "the server answers the close handshake"
-    );
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1000), "the server answers the close handshake");
 }
 
 // Multi-threaded so the fast reader, the publisher and the test's clients do
@@ -102,11 +86,7 @@ async fn a_slow_client_is_closed_while_a_fast_one_keeps_up() {
     let started = Instant::now();
     let got = fast.events(N).await;
     let seqs = publisher.await.unwrap();
-    assert_eq!(
-        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-        seqs,
-        "fast socket got everything in order"
-    );
+    assert_eq!(got.iter().map(|(s, _)| *s).collect::<Vec<_>>(), seqs, "fast socket got everything in order");
     let elapsed = started.elapsed();
     assert_eq!(other.events(N / 50).await.len(), N / 50, "another user is unaffected");
 
@@ -115,16 +95,10 @@ async fn a_slow_client_is_closed_while_a_fast_one_keeps_up() {
     assert_eq!(u16::from(close.code), 4000, "{close:?}");
     assert!(frames.len() < N, "slow socket was cut short ({} frames)", frames.len());
     // What it did get is an in-order prefix.
-    let slow_seqs: Vec<u64> = frames
-        .iter()
-        .filter(|f| f["type"] == "event")
-        .map(|f| f["seq"].as_u64().unwrap())
-        .collect();
+    let slow_seqs: Vec<u64> =
+        frames.iter().filter(|f| f["type"] == "event").map(|f| f["seq"].as_u64().unwrap()).collect();
     assert_eq!(slow_seqs, seqs[..slow_seqs.len()].to_vec());
-    assert_eq!(
-        node.metric("agentcast_disconnects_total", r#"reason="slow""#).await,
-        1.0
-    );
+    assert_eq!(node.metric("agentcast_disconnects_total", r#"reason="slow""#).await, 1.0);
     eprintln!("fast socket received {N} events of 32 KiB in {elapsed:?} while the slow one was closed");
 }
 
@@ -187,18 +161,11 @@ async fn sigterm_drains_every_socket_and_exits_zero_within_the_window() {
     }
     let code = node.wait_exit(Duration::from_secs(4));
     assert_eq!(code, Some(0), "exit code; log:\n{}", node.log_text());
-    assert!(
-        started.elapsed() < Duration::from_millis(2500),
-        "exited within the window: {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_millis(2500), "exited within the window: {:?}", started.elapsed());
     // Closes were spread out, not all at once.
     close_times.sort();
     let spread = *close_times.last().unwrap() - close_times[0];
-    assert!(
-        spread >= Duration::from_millis(800),
-        "closes spread over the window: {close_times:?}"
-    );
+    assert!(spread >= Duration::from_millis(800), "closes spread over the window: {close_times:?}");
 }
 
 #[tokio::test]

@@ -24,11 +24,9 @@ pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("AGENTCAST_TEST_NATS_SERVER") {
         return PathBuf::from(p);
     }
-    if let Some(p) = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("nats-server"))
-            .find(|p| p.is_file())
-    }) {
+    if let Some(p) = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("nats-server")).find(|p| p.is_file()))
+    {
         return p;
     }
     PathBuf::from("/usr/sbin/nats-server")
@@ -46,18 +44,8 @@ impl NatsServer {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (child, url, monitor) = Self::spawn(dir.path(), None);
-        let port = url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port in url");
-        Self {
-            child: Some(child),
-            dir,
-            url,
-            monitor,
-            port,
-        }
+        let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in url");
+        Self { child: Some(child), dir, url, monitor, port }
     }
 
     // The child is returned to the caller, which kills and waits on drop.
@@ -113,9 +101,7 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(&self.url)
-            .await
-            .expect("connect to test nats-server")
+        async_nats::connect(&self.url).await.expect("connect to test nats-server")
     }
 
     /// Live-subject subscriptions the server holds, from its monitoring endpoint.
@@ -161,9 +147,8 @@ impl Node {
 
     /// Starts a node and returns once it listens, ready or not.
     pub fn spawn(nats_url: &str, extra: &[&str]) -> Self {
-        let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0", "--nats-url", nats_url]
-            .map(String::from)
-            .to_vec();
+        let mut args: Vec<String> =
+            ["serve", "--listen", "127.0.0.1:0", "--nats-url", nats_url].map(String::from).to_vec();
         if !extra.iter().any(|a| *a == "--jwt-secret" || *a == "--jwt-public-key") {
             args.extend(["--jwt-secret".into(), SECRET.into()]);
         }
@@ -194,11 +179,7 @@ impl Node {
             Ok(a) => a.parse().expect("listen address"),
             Err(_) => panic!("node did not start; log:\n{}", log.lock().unwrap().join("\n")),
         };
-        Self {
-            child: Some(child),
-            addr,
-            log,
-        }
+        Self { child: Some(child), addr, log }
     }
 
     pub async fn wait_ready(&self) {
@@ -235,11 +216,7 @@ impl Node {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap().success();
         assert!(ok, "kill -{sig}");
     }
 
@@ -275,24 +252,16 @@ pub fn token(user: &str) -> String {
 /// Minimal HTTP/1.0 GET: status and body.
 pub async fn http_get(url: &str) -> (u16, String) {
     let rest = url.strip_prefix("http://").expect("http url");
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
     // A refused connection reads as status 0: the process is gone.
     let Ok(mut s) = tokio::net::TcpStream::connect(host).await else {
         return (0, String::new());
     };
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     let status = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 
@@ -305,9 +274,7 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
         Self { ws }
     }
 
@@ -378,20 +345,14 @@ impl Client {
 pub async fn refused(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     let mut req = url.into_client_request().unwrap();
     for (k, v) in headers {
-        req.headers_mut().insert(
-            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
+        req.headers_mut().insert(tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
     }
     match tokio_tungstenite::connect_async(req).await {
         Ok(_) => panic!("connection to {url} was accepted"),
         Err(tungstenite::Error::Http(resp)) => {
             let status = resp.status().as_u16();
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
-                .unwrap_or(Value::Null);
+            let body =
+                resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap_or(Value::Null)).unwrap_or(Value::Null);
             (status, body)
         }
         Err(e) => panic!("unexpected error {e}"),
@@ -400,12 +361,7 @@ pub async fn refused(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
 
 /// Publishes through JetStream and returns the stored sequence.
 pub async fn publish(js: &async_nats::jetstream::Context, user: &str, payload: impl Into<bytes::Bytes>) -> u64 {
-    js.publish(format!("agentcast.events.{user}"), payload.into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack")
-        .sequence
+    js.publish(format!("agentcast.events.{user}"), payload.into()).await.expect("publish").await.expect("ack").sequence
 }
 
 /// Polls `f` until it returns true or the timeout passes.

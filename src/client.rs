@@ -1,0 +1,240 @@
+//! A resuming client for the socket protocol, for Rust programs, the tests,
+//! the CLI tools and the benchmark.
+//!
+//! It connects to one of several node URLs, remembers the last `seq` and the
+//! stream `epoch`, and after any disconnect reconnects (to the next URL) with
+//! them, so the node replays what was missed. Reconnects back off
+//! exponentially with full jitter; a drain (1012) or slow-client close (4000)
+//! reconnects at once. Duplicates by `seq` are dropped, gaps are reported,
+//! and refusals that a retry cannot fix (401, 403, 400) end the client.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// First reconnect delay ceiling; doubles per failed attempt.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Largest reconnect delay ceiling.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Time allowed to open a socket and read its welcome.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the client hands to its user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// A (re)connection was welcomed.
+    Welcome { node: String, position: u64, epoch: String },
+    /// An event, once, in order; `event` is the published JSON text.
+    Event { seq: u64, event: String },
+    /// Events may be missing (see docs/protocol.md).
+    Gap { reason: String, from: Option<u64>, to: Option<u64>, earliest: Option<u64> },
+}
+
+/// Why the client stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("refused with HTTP {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("closed with code {code} ({reason}), which a reconnect does not fix")]
+    Closed { code: u16, reason: String },
+    #[error("bad frame from the server: {0}")]
+    Protocol(String),
+}
+
+/// Every server frame's fields, flat: serde cannot hold a `RawValue` (the
+/// event, kept as published) inside an internally tagged enum.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    seq: Option<u64>,
+    #[serde(borrow)]
+    event: Option<&'a RawValue>,
+    node: Option<String>,
+    position: Option<u64>,
+    epoch: Option<String>,
+    reason: Option<String>,
+    from: Option<u64>,
+    to: Option<u64>,
+    earliest: Option<u64>,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A resuming connection to a user's event stream.
+pub struct Client {
+    urls: Vec<String>,
+    token: Box<dyn Fn() -> String + Send + Sync>,
+    next_url: usize,
+    ws: Option<Ws>,
+    last_seq: Option<u64>,
+    epoch: Option<String>,
+    attempt: u32,
+    /// Reconnections made (not counting the first connection).
+    pub reconnects: u64,
+    /// Events dropped because their `seq` was not after the last one.
+    pub duplicates: u64,
+}
+
+impl Client {
+    /// `urls` are node base URLs such as `ws://127.0.0.1:8080/ws`; `token`
+    /// is called before every connection, so it can refresh expiring tokens.
+    pub fn new(urls: Vec<String>, token: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        Self {
+            urls,
+            token: Box::new(token),
+            next_url: 0,
+            ws: None,
+            last_seq: None,
+            epoch: None,
+            attempt: 0,
+            reconnects: 0,
+            duplicates: 0,
+        }
+    }
+
+    /// Starts from a known position instead of live.
+    pub fn resume_from(mut self, last_seq: u64, epoch: Option<String>) -> Self {
+        self.last_seq = Some(last_seq);
+        self.epoch = epoch;
+        self
+    }
+
+    /// The last `seq` delivered (or resumed from).
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// Drops the current socket without a close handshake, as a network
+    /// failure would; the next [`Client::next`] reconnects and resumes.
+    pub fn disconnect(&mut self) {
+        self.ws = None;
+    }
+
+    fn url(&self, base: &str) -> String {
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let mut url = format!("{base}{sep}token={}", (self.token)());
+        if let Some(seq) = self.last_seq {
+            url.push_str(&format!("&last_seq={seq}"));
+            if let Some(e) = &self.epoch {
+                url.push_str(&format!("&epoch={e}"));
+            }
+        }
+        url
+    }
+
+    fn backoff(&self) -> Duration {
+        if self.attempt == 0 {
+            return Duration::ZERO;
+        }
+        let ceiling = BACKOFF_BASE.saturating_mul(1 << self.attempt.min(16)).min(BACKOFF_MAX);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+
+    async fn connect(&mut self) -> Result<(), ClientError> {
+        loop {
+            tokio::time::sleep(self.backoff()).await;
+            let base = self.urls[self.next_url % self.urls.len()].clone();
+            self.next_url += 1;
+            let url = self.url(&base);
+            match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url.as_str())).await {
+                Ok(Ok((ws, _))) => {
+                    self.ws = Some(ws);
+                    return Ok(());
+                }
+                Ok(Err(tungstenite::Error::Http(resp))) => {
+                    let status = resp.status().as_u16();
+                    let body =
+                        resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                    if matches!(status, 400 | 401 | 403) {
+                        return Err(ClientError::Refused { status, body });
+                    }
+                }
+                Ok(Err(_)) | Err(_) => {}
+            }
+            self.attempt += 1;
+        }
+    }
+
+    /// The next delivery; reconnects and resumes as needed.
+    pub async fn next(&mut self) -> Result<Delivery, ClientError> {
+        loop {
+            if self.ws.is_none() {
+                if self.reconnects > 0 || self.attempt > 0 || self.next_url > 0 {
+                    self.reconnects += 1;
+                }
+                self.connect().await?;
+            }
+            let ws = self.ws.as_mut().expect("connected above");
+            let msg = ws.next().await;
+            let text = match msg {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) =
+                        frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                    self.ws = None;
+                    match code {
+                        // Drain and slow-client closes: straight back.
+                        1012 | 4000 | 4003 => self.attempt = 0,
+                        // The client itself is at fault: a retry repeats it.
+                        1003 | 1007 | 1008 | 1009 => return Err(ClientError::Closed { code, reason }),
+                        _ => self.attempt = self.attempt.max(1),
+                    }
+                    continue;
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => {
+                    self.ws = None;
+                    self.attempt = self.attempt.max(1);
+                    continue;
+                }
+            };
+            let frame: Frame = serde_json::from_str(text.as_str()).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let missing = |field: &str| ClientError::Protocol(format!("{} frame without {field}", frame.kind));
+            match frame.kind.as_str() {
+                "welcome" => {
+                    self.attempt = 0;
+                    let position = frame.position.ok_or_else(|| missing("position"))?;
+                    if self.last_seq.is_none() {
+                        self.last_seq = Some(position);
+                    }
+                    let epoch = frame.epoch.unwrap_or_default();
+                    self.epoch = Some(epoch.clone());
+                    return Ok(Delivery::Welcome { node: frame.node.unwrap_or_default(), position, epoch });
+                }
+                "event" => {
+                    let seq = frame.seq.ok_or_else(|| missing("seq"))?;
+                    let event = frame.event.ok_or_else(|| missing("event"))?;
+                    if self.last_seq.is_some_and(|l| seq <= l) {
+                        self.duplicates += 1;
+                        continue;
+                    }
+                    self.last_seq = Some(seq);
+                    return Ok(Delivery::Event { seq, event: event.get().to_owned() });
+                }
+                "gap" => {
+                    let reason = frame.reason.unwrap_or_default();
+                    if reason == "stream_reset" {
+                        // Positions from the old stream mean nothing now.
+                        self.last_seq = Some(0);
+                    } else if let Some(to) = frame.to {
+                        self.last_seq = Some(self.last_seq.unwrap_or(0).max(to));
+                    }
+                    return Ok(Delivery::Gap { reason, from: frame.from, to: frame.to, earliest: frame.earliest });
+                }
+                // `reconnect`: the close that follows says what to do.
+                _ => continue,
+            }
+        }
+    }
+
+    /// Closes the socket politely.
+    pub async fn close(&mut self) {
+        if let Some(mut ws) = self.ws.take() {
+            let _ = ws.close(None).await;
+        }
+    }
+}

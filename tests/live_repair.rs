@@ -1,0 +1,115 @@
+//! The live path's hole detection, driven deterministically: an in-process
+//! hub listens on a live prefix that the stream does not republish to, and
+//! the test plays the republished messages itself, leaving some out, against
+//! a real nats-server and a real stream.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcast::config::StreamSettings;
+use agentcast::hub::{Hub, Item, Kicker};
+use agentcast::user::UserId;
+use common::*;
+use tokio::sync::mpsc;
+
+fn settings(max_per_user: i64) -> StreamSettings {
+    StreamSettings {
+        name: "AGENTCAST".into(),
+        subject_prefix: "agentcast.events".into(),
+        live_prefix: "agentcast.live".into(),
+        external: false,
+        replicas: 1,
+        max_age: Duration::from_secs(3600),
+        max_bytes: 1 << 30,
+        max_per_user,
+        max_event_bytes: 1024,
+        duplicate_window: Duration::from_secs(60),
+    }
+}
+
+/// A stream as a node creates it, and a hub that hears only what the test
+/// publishes to `shadow.<user>`.
+async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::Client, Arc<Hub>) {
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(agentcast::stream::desired(&settings(max_per_user))).await.unwrap();
+    let hub_settings = StreamSettings { live_prefix: "shadow".into(), ..settings(max_per_user) };
+    (client.clone(), Hub::new(client, hub_settings))
+}
+
+/// Plays the republish of stored event `seq` (previous of the user: `prev`).
+async fn republish(client: &async_nats::Client, user: &str, seq: u64, prev: u64, payload: &str) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Sequence", seq.to_string().as_str());
+    h.insert("Nats-Last-Sequence", prev.to_string().as_str());
+    client.publish_with_headers(format!("shadow.{user}"), h, payload.to_owned().into()).await.unwrap();
+    client.flush().await.unwrap();
+}
+
+async fn next_item(rx: &mut mpsc::Receiver<Item>) -> Item {
+    tokio::time::timeout(RECV_TIMEOUT, rx.recv()).await.expect("item in time").expect("queue open")
+}
+
+#[tokio::test]
+async fn a_hole_revealed_by_nats_last_sequence_is_read_from_jetstream() {
+    let nats = NatsServer::start();
+    let (client, hub) = setup(&nats, 100).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let user = UserId::parse("u1").unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default())).await.unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..4 {
+        seqs.push(publish(&js, "u1", format!(r#"{{"i":{i}}}"#)).await);
+    }
+    // Only the last one's republish arrives: the first three were "lost".
+    republish(&client, "u1", seqs[3], seqs[2], r#"{"i":3}"#).await;
+    for (i, want) in seqs.iter().enumerate() {
+        match next_item(&mut rx).await {
+            Item::Event(f) => {
+                assert_eq!(f.seq, *want);
+                assert!(f.text.as_str().ends_with(&format!(r#""event":{{"i":{i}}}}}"#)), "{}", f.text.as_str());
+            }
+            other => panic!("expected event {want}, got {other:?}"),
+        }
+    }
+    // A duplicate of something already delivered is dropped.
+    republish(&client, "u1", seqs[1], seqs[0], r#"{"i":1}"#).await;
+    let s5 = publish(&js, "u1", r#"{"i":4}"#).await;
+    republish(&client, "u1", s5, seqs[3], r#"{"i":4}"#).await;
+    match next_item(&mut rx).await {
+        Item::Event(f) => assert_eq!(f.seq, s5),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_hole_that_expired_is_announced_before_what_remains() {
+    let nats = NatsServer::start();
+    let (client, hub) = setup(&nats, 2).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let user = UserId::parse("u1").unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default())).await.unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        seqs.push(publish(&js, "u1", format!(r#"{{"i":{i}}}"#)).await);
+    }
+    // The stream keeps two per user: the first three are gone for good.
+    republish(&client, "u1", seqs[4], seqs[3], r#"{"i":4}"#).await;
+    match next_item(&mut rx).await {
+        Item::Gap(g) => {
+            assert_eq!(g.reason.label(), "expired");
+            assert_eq!((g.from, g.to, g.earliest), (Some(1), Some(seqs[3] - 1), Some(seqs[3])));
+        }
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    for want in &seqs[3..] {
+        match next_item(&mut rx).await {
+            Item::Event(f) => assert_eq!(f.seq, *want),
+            other => panic!("{other:?}"),
+        }
+    }
+}
