@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
@@ -169,5 +168,28 @@ async fn core_nats_publishes_are_stored_and_delivered_too() {
     assert_eq!(seqs, (1..=10).collect::<Vec<u64>>());
     let is: Vec<i64> = got.iter().map(|(_, e)| e["i"].as_i64().unwrap()).collect();
     assert_eq!(is, (0..10).collect::<Vec<i64>>());
-    let _ = HashMap::<(), ()>::new();
+}
+
+#[tokio::test]
+async fn a_retried_publish_with_the_same_msg_id_is_stored_and_delivered_once() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (mut c, _) = Client::join(&node, "u1").await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut acks = Vec::new();
+    for _ in 0..3 {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", "run-7-step-1");
+        let ack = js
+            .publish_with_headers("agentcast.events.u1", h, r#"{"type":"agent_started"}"#.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        acks.push((ack.sequence, ack.duplicate));
+    }
+    assert_eq!(acks, vec![(acks[0].0, false), (acks[0].0, true), (acks[0].0, true)]);
+    let next = publish(&js, "u1", r#"{"type":"agent_completed"}"#).await;
+    let got = c.events(2).await;
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![acks[0].0, next], "delivered once");
 }
