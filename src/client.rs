@@ -4,8 +4,10 @@
 //! It connects to one of several node URLs, remembers the last `seq` and the
 //! stream `epoch`, and after any disconnect reconnects (to the next URL) with
 //! them, so the node replays what was missed. Reconnects back off
-//! exponentially with full jitter; a drain (1012) or slow-client close (4000)
-//! reconnects at once. Duplicates by `seq` are dropped, gaps are reported,
+//! exponentially with full jitter, and the backoff only resets once an event
+//! arrives; a drain (1012), slow-client (4000) or stream-reset (4003) close
+//! reconnects after a short jitter only, so a node's clients do not all
+//! return in the same instant. Duplicates by `seq` are dropped, gaps are reported,
 //! and refusals that a retry cannot fix (401, 403, 400) end the client.
 
 use std::time::Duration;
@@ -126,8 +128,10 @@ impl Client {
         url
     }
 
+    /// Full jitter: uniform in [0, min(max, base * 2^attempt)). The first
+    /// connection waits for nothing.
     fn backoff(&self) -> Duration {
-        if self.attempt == 0 {
+        if self.next_url == 0 {
             return Duration::ZERO;
         }
         let ceiling = BACKOFF_BASE.saturating_mul(1 << self.attempt.min(16)).min(BACKOFF_MAX);
@@ -177,7 +181,8 @@ impl Client {
                         frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
                     self.ws = None;
                     match code {
-                        // Drain and slow-client closes: straight back.
+                        // Drain, slow-client and stream-reset closes: back
+                        // after a short jitter.
                         1012 | 4000 | 4003 => self.attempt = 0,
                         // The client itself is at fault: a retry repeats it.
                         1003 | 1007 | 1008 | 1009 => return Err(ClientError::Closed { code, reason }),
@@ -196,12 +201,18 @@ impl Client {
             let missing = |field: &str| ClientError::Protocol(format!("{} frame without {field}", frame.kind));
             match frame.kind.as_str() {
                 "welcome" => {
-                    self.attempt = 0;
                     let position = frame.position.ok_or_else(|| missing("position"))?;
+                    let epoch = frame.epoch.unwrap_or_default();
+                    if self.epoch.as_deref().is_some_and(|e| e != epoch) && self.last_seq.is_some() {
+                        // A new stream: the old position means nothing in it.
+                        // The node says so with a stream_reset gap next; if
+                        // the socket dies before that, the next resume must
+                        // not pair the old position with the new epoch.
+                        self.last_seq = Some(0);
+                    }
                     if self.last_seq.is_none() {
                         self.last_seq = Some(position);
                     }
-                    let epoch = frame.epoch.unwrap_or_default();
                     self.epoch = Some(epoch.clone());
                     return Ok(Delivery::Welcome { node: frame.node.unwrap_or_default(), position, epoch });
                 }
@@ -213,6 +224,7 @@ impl Client {
                         continue;
                     }
                     self.last_seq = Some(seq);
+                    self.attempt = 0;
                     return Ok(Delivery::Event { seq, event: event.get().to_owned() });
                 }
                 "gap" => {

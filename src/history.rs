@@ -1,25 +1,22 @@
-//! Reading a user's stored events, and deciding whether a read is complete.
+//! Reading a user's stored events, and proving that a read missed nothing.
 //!
-//! The continuity rule (docs/protocol.md, "Resume and gaps") rests on how
-//! JetStream removes messages under limits: `max_age`, `max_bytes` and
+//! The continuity rule (docs/protocol.md, "When a resume is complete") rests
+//! on how JetStream removes messages under limits: `max_age`, `max_bytes` and
 //! `max_msgs` remove the stream's oldest messages (a prefix of the stream),
 //! and `max_msgs_per_subject` removes a subject's oldest. Either way, what is
-//! stored for a user is always a suffix of the user's history. So after a
-//! read of the user's events following `after`:
-//! - if an event of the user at or before `after` is still stored, nothing
-//!   after it can have been removed: the read is complete;
-//! - otherwise events in between may have been removed, unless the stream
-//!   still starts at or before `after + 1` (no prefix removal past `after`)
-//!   and the user holds fewer events than the per-subject limit (the limit
-//!   never removed anything since, see [`History::check`]).
+//! stored for a user is always a suffix of the user's history, and it only
+//! shrinks from the old end. So after reading the user's events following
+//! `after` (one direct get per event), the read is complete when:
+//! - an event of the user at or before `after` is still stored: nothing
+//!   after it was removed before or during the read; or
+//! - the stream still starts at or before `after + 1` and the user holds
+//!   fewer events than the stream's per-subject limit: no removal reached
+//!   past `after` (see [`History::read`]).
 //!
-//! When neither holds the reader reports a [`Gap`]. Deleting or purging a
-//! user's messages by hand is outside this rule (docs/operations.md).
-//!
-//! Costs, which matter when thousands of sockets resume at once: one direct
-//! get per event read, one more (first event of the subject) when the first
-//! event found is not right after `after`, and one stream info only when that
-//! does not settle it. Direct gets are answered by any replica.
+//! Otherwise a [`Gap`] says what may be missing, and read events inside it
+//! are left out. The check runs after every chunk of reads, since removals
+//! can happen while a long read is under way. Deleting or purging a user's
+//! messages by hand is outside this rule.
 
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use bytes::Bytes;
@@ -73,12 +70,11 @@ pub struct Gap {
 pub struct History {
     stream: Stream<()>,
     subject_prefix: String,
-    max_per_user: i64,
 }
 
 impl History {
-    pub fn new(stream: Stream<()>, subject_prefix: String, max_per_user: i64) -> Self {
-        Self { stream, subject_prefix, max_per_user }
+    pub fn new(stream: Stream<()>, subject_prefix: String) -> Self {
+        Self { stream, subject_prefix }
     }
 
     fn subject(&self, user: &str) -> String {
@@ -117,50 +113,96 @@ impl History {
         Ok(self.next(user, 1).await?.map(|s| s.seq))
     }
 
-    /// The stream's first sequence and the number of events stored for the user.
-    async fn subject_state(&self, user: &str) -> Result<(u64, u64), StreamError> {
+    /// The stream's first sequence and limit, and the user's event count.
+    async fn subject_state(&self, user: &str) -> Result<SubjectState, StreamError> {
         let subject = self.subject(user);
         let err = |e: &dyn std::fmt::Display| StreamError::Nats(format!("stream info for {subject}: {e}"));
         let mut info = self.stream.info_with_subjects(subject.as_str()).await.map_err(|e| err(&e))?;
-        let first = info.info.state.first_sequence;
+        let stream_first = info.info.state.first_sequence;
+        let limit = info.info.config.max_messages_per_subject;
         let mut count = 0;
         while let Some((s, n)) = info.try_next().await.map_err(|e| err(&e))? {
             if s == subject {
                 count = n as u64;
             }
         }
-        Ok((first, count))
+        Ok(SubjectState { stream_first, count, limit })
     }
 
-    /// Whether a read of the user's events after `after`, whose first result
-    /// was `first_found` (None: nothing stored after `after`), is complete.
-    /// Returns the gap to announce when it cannot be proven.
-    pub async fn check(&self, user: &str, after: u64, first_found: Option<u64>) -> Result<Option<Gap>, StreamError> {
-        if first_found == Some(after + 1) {
-            return Ok(None);
+    /// Whether the stored message at `seq` is one of the user's.
+    pub async fn is_users(&self, user: &str, seq: u64) -> Result<bool, StreamError> {
+        let subject = self.subject(user);
+        match self.stream.direct_get(seq).await {
+            Ok(m) => Ok(m.subject.as_str() == subject),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(false),
+            Err(e) => Err(StreamError::Nats(format!("message {seq}: {e}"))),
         }
-        if first_found.is_none() && after == 0 {
-            // Nothing held and nothing asked for: no history to be partial.
-            return Ok(None);
-        }
-        if after > 0 && self.first(user).await?.is_some_and(|f| f <= after) {
-            // An event at or before `after` survives, so nothing after it was removed.
-            return Ok(None);
-        }
-        let (stream_first, count) = self.subject_state(user).await?;
-        // After a per-subject removal the user holds exactly the limit, and
-        // only removals of the stream's prefix lower it again, which move
-        // `stream_first` past what they removed.
-        let per_subject_untouched = (count as i64) < self.max_per_user;
-        if stream_first <= after + 1 && (first_found.is_none() || per_subject_untouched) {
-            return Ok(None);
-        }
-        let to = match first_found {
-            Some(e1) => e1 - 1,
-            None => stream_first.saturating_sub(1).max(after + 1),
-        };
-        Ok(Some(Gap { reason: GapReason::Expired, from: Some(after + 1), to: Some(to), earliest: first_found }))
     }
+
+    /// Reads up to `max` of the user's events after `after` and below
+    /// `before`, then proves the read complete or returns the gap, with the
+    /// events inside the gap left out. `done` is true when nothing more is
+    /// stored in the range.
+    pub async fn read(&self, user: &str, after: u64, before: Option<u64>, max: usize) -> Result<Read, StreamError> {
+        let mut events = Vec::new();
+        let mut from = after + 1;
+        let mut done = false;
+        while events.len() < max {
+            match self.next(user, from).await? {
+                Some(ev) if before.is_none_or(|b| ev.seq < b) => {
+                    from = ev.seq + 1;
+                    events.push(ev);
+                }
+                _ => {
+                    done = true;
+                    break;
+                }
+            }
+        }
+        // Judged after the reads: the stored suffix only shrinks from the old
+        // end, so if it still reaches back to `after`, every read above saw
+        // everything there was.
+        let first = self.first(user).await?;
+        if first.is_some_and(|f| f <= after) {
+            return Ok(Read { events, gap: None, done });
+        }
+        if first.is_none() && events.is_empty() && after == 0 {
+            // Nothing held and nothing asked for: no history to be partial.
+            return Ok(Read { events, gap: None, done });
+        }
+        let state = self.subject_state(user).await?;
+        // After a per-subject removal the user holds exactly the limit, and
+        // only removals of the stream's prefix lower it again, which move the
+        // stream's first sequence past what they removed. A subject that is
+        // empty was not emptied by the per-subject limit (it keeps the newest).
+        let per_subject_untouched = state.limit <= 0 || (state.count as i64) < state.limit;
+        if state.stream_first <= after + 1 && (first.is_none() || per_subject_untouched) {
+            return Ok(Read { events, gap: None, done });
+        }
+        let to = match first {
+            Some(f) => f - 1,
+            None => state.stream_first.saturating_sub(1).max(after + 1),
+        };
+        events.retain(|e| e.seq > to);
+        let gap = Gap { reason: GapReason::Expired, from: Some(after + 1), to: Some(to), earliest: first };
+        Ok(Read { events, gap: Some(gap), done })
+    }
+}
+
+/// The outcome of [`History::read`].
+#[derive(Debug)]
+pub struct Read {
+    pub events: Vec<Stored>,
+    pub gap: Option<Gap>,
+    pub done: bool,
+}
+
+struct SubjectState {
+    stream_first: u64,
+    count: u64,
+    /// The stream's own per-subject limit (not this node's flag: with an
+    /// externally managed stream, or mid-rollout, they can differ).
+    limit: i64,
 }
 
 /// The stream's epoch: its creation time in nanoseconds since the Unix

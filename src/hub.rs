@@ -42,9 +42,10 @@ use crate::user::UserId;
 /// logged only once more, as a group, so a flood cannot grow memory.
 pub const MAX_LOGGED_BAD_SUBJECTS: usize = 10_000;
 
-/// Users catching up from JetStream at once after a reconnect. Each catch-up
-/// is a chain of direct gets; bounding them keeps a node with 10k users from
-/// sending 10k requests to NATS in the same instant it comes back.
+/// Users reading from JetStream at once (catch-ups and hole repairs). Each is
+/// a chain of direct gets; bounding them keeps a node with 10k users from
+/// sending 10k requests to NATS in the same instant it comes back, and bounds
+/// the memory held by reads to this many [`READ_CHUNK`]s.
 pub const CATCHUP_CONCURRENCY: usize = 32;
 
 /// Attempts to read a hole from JetStream before announcing it as a gap.
@@ -52,8 +53,8 @@ const REPAIR_ATTEMPTS: u32 = 3;
 /// Pause between those attempts.
 const REPAIR_BACKOFF: Duration = Duration::from_millis(200);
 /// Events read from JetStream per repair or catch-up round before they are
-/// delivered; bounds the memory one user's repair holds.
-const READ_CHUNK: usize = 256;
+/// delivered; with the largest events (1 MiB) one read holds at most 32 MiB.
+const READ_CHUNK: usize = 32;
 
 /// One event, ready to write: the stream sequence and the frame text shared
 /// by every socket of the user.
@@ -192,7 +193,7 @@ impl Hub {
         let stream = futures_util::FutureExt::now_or_never(js.get_stream_no_info(&settings.name))
             .expect("get_stream_no_info does not wait")
             .expect("stream name validated by config");
-        let history = History::new(stream, settings.subject_prefix.clone(), settings.max_per_user);
+        let history = History::new(stream, settings.subject_prefix.clone());
         Arc::new(Self {
             client,
             settings,
@@ -274,12 +275,20 @@ impl Hub {
     /// Subscribes, then reads the user's position: commands on one connection
     /// are handled in order, so the read is answered after the SUB took
     /// effect and no event falls between the two.
+    ///
+    /// A user with nothing stored starts at the stream's last sequence as
+    /// last seen (the horizon): no event of the user exists before it, and a
+    /// client resuming from there needs no history proof.
     async fn start_user(self: &Arc<Self>, entry: Arc<UserEntry>) -> Result<(), JoinError> {
+        // Taken before the SUB so no catch-up request falls in between.
+        let mut catchup = self.catchup.subscribe();
+        catchup.mark_unchanged();
+        let horizon = self.stream_last();
         let sub = self.client.subscribe(self.settings.live_subject(entry.user.as_str())).await?;
         let last = self.history.last(entry.user.as_str()).await?;
-        lock(&entry.shared).last = last;
+        lock(&entry.shared).last = if last == 0 { horizon } else { last };
         metrics::gauge!(m::USERS_SUBSCRIBED).increment(1.0);
-        tokio::spawn(self.clone().run_user(entry, sub));
+        tokio::spawn(self.clone().run_user(entry, sub, catchup));
         Ok(())
     }
 
@@ -322,9 +331,7 @@ impl Hub {
         lock(&self.users).len()
     }
 
-    async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, mut sub: Subscriber) {
-        let mut catchup = self.catchup.subscribe();
-        catchup.mark_unchanged();
+    async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, mut sub: Subscriber, mut catchup: watch::Receiver<u64>) {
         loop {
             tokio::select! {
                 biased;
@@ -334,7 +341,7 @@ impl Hub {
                         break;
                     }
                     let _permit = self.catchup_slots.acquire().await;
-                    self.fill(&entry, None).await;
+                    self.fill(&entry, None, None).await;
                 }
                 msg = sub.next() => match msg {
                     Some(msg) => self.on_message(&entry, msg).await,
@@ -343,6 +350,11 @@ impl Hub {
                         tracing::error!(user = %entry.user, "live subscription ended; closing the user's sockets");
                         for s in &lock(&entry.shared).sockets {
                             s.kicker.kick(Kick::Error);
+                        }
+                        // Later sockets of the user must not join a dead entry.
+                        let mut users = lock(&self.users);
+                        if users.get(&entry.user).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                            users.remove(&entry.user);
                         }
                         break;
                     }
@@ -378,32 +390,56 @@ impl Hub {
         {
             metrics::counter!(m::GAPS_DETECTED).increment(1);
             tracing::debug!(user = %entry.user, last, prev, seq, "hole on the live path; reading it from JetStream");
-            self.fill(entry, Some(seq)).await;
+            let _permit = self.catchup_slots.acquire().await;
+            self.fill(entry, Some(seq), Some(prev)).await;
         }
         self.deliver(entry, Stored { seq, payload: msg.payload });
     }
 
-    /// Reads the user's stored events after `last` (up to, not including,
-    /// `before` when given) and delivers them; announces what cannot be read.
-    async fn fill(&self, entry: &UserEntry, before: Option<u64>) {
+    /// Reads the user's stored events after `last` (below `before` when
+    /// given) and delivers them, announcing what cannot be proven complete.
+    /// `expect` is the user's previous event according to the live message
+    /// (`Nats-Last-Sequence`): a read that ends below it missed something
+    /// (a lagging replica, a message deleted by hand) and says so.
+    async fn fill(&self, entry: &UserEntry, before: Option<u64>, expect: Option<u64>) {
         let user = entry.user.as_str();
+        // Observed before reading: a complete read that finds nothing more
+        // proves that the user has no event up to here.
+        let horizon = self.stream_last();
         let mut attempts = 0;
-        let mut first_round = true;
         loop {
             let after = lock(&entry.shared).last;
             if before.is_some_and(|b| after + 1 >= b) {
-                return;
+                break;
             }
-            let read = self.read_chunk(user, after, before).await;
-            let (events, done) = match read {
-                Ok(r) => r,
+            match self.history.read(user, after, before, READ_CHUNK).await {
+                Ok(read) => {
+                    attempts = 0;
+                    if let Some(gap) = read.gap {
+                        self.announce(entry, gap, gap.to.unwrap_or(after));
+                    }
+                    if !read.events.is_empty() {
+                        let trigger = if before.is_some() { "sequence" } else { "catchup" };
+                        metrics::counter!(m::GAPS_REPAIRED, "trigger" => trigger).increment(1);
+                    }
+                    for ev in read.events {
+                        self.deliver(entry, ev);
+                    }
+                    if read.done {
+                        if before.is_none() {
+                            let mut shared = lock(&entry.shared);
+                            shared.last = shared.last.max(horizon);
+                        }
+                        break;
+                    }
+                }
                 Err(e) => {
                     attempts += 1;
                     if attempts < REPAIR_ATTEMPTS {
                         tokio::time::sleep(REPAIR_BACKOFF).await;
                         continue;
                     }
-                    tracing::warn!(user, error = %e, "cannot read missing events; announcing a gap");
+                    tracing::warn!(user, error = %e, "cannot read missing events from JetStream");
                     if let Some(b) = before {
                         let gap = Gap {
                             reason: GapReason::Unavailable,
@@ -415,51 +451,16 @@ impl Hub {
                     }
                     return;
                 }
-            };
-            if first_round {
-                first_round = false;
-                match self.history.check(user, after, events.first().map(|s| s.seq)).await {
-                    Ok(Some(gap)) => {
-                        let to = gap.to.unwrap_or(after);
-                        self.announce(entry, gap, to);
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(user, error = %e, "cannot check continuity"),
-                }
-            }
-            if !events.is_empty() {
-                let trigger = if before.is_some() { "sequence" } else { "catchup" };
-                metrics::counter!(m::GAPS_REPAIRED, "trigger" => trigger).increment(1);
-            }
-            for ev in events {
-                self.deliver(entry, ev);
-            }
-            if done {
-                return;
             }
         }
-    }
-
-    /// Up to [`READ_CHUNK`] events after `after` and before `before`; `true`
-    /// when nothing more is there.
-    async fn read_chunk(
-        &self,
-        user: &str,
-        after: u64,
-        before: Option<u64>,
-    ) -> Result<(Vec<Stored>, bool), StreamError> {
-        let mut out = Vec::new();
-        let mut from = after + 1;
-        while out.len() < READ_CHUNK {
-            match self.history.next(user, from).await? {
-                Some(ev) if before.is_none_or(|b| ev.seq < b) => {
-                    from = ev.seq + 1;
-                    out.push(ev);
-                }
-                _ => return Ok((out, true)),
-            }
+        let last = lock(&entry.shared).last;
+        if let Some(prev) = expect
+            && last < prev
+        {
+            tracing::warn!(user, last, prev, "JetStream did not return an event the live stream says exists");
+            let gap = Gap { reason: GapReason::Unavailable, from: Some(last + 1), to: Some(prev), earliest: None };
+            self.announce(entry, gap, prev);
         }
-        Ok((out, false))
     }
 
     fn announce(&self, entry: &UserEntry, gap: Gap, through: u64) {

@@ -223,9 +223,10 @@ fn gap_text(g: &Gap) -> Utf8Bytes {
     ServerFrame::Gap { reason: g.reason.label(), from: g.from, to: g.to, earliest: g.earliest }.to_text()
 }
 
-/// Sends the user's stored events after `last_seq`, with a gap frame first
-/// when continuity cannot be proven. Returns the position reached.
-#[allow(clippy::too_many_arguments)]
+/// Sends the user's stored events after `last_seq` up to `joined_at` (the
+/// user's position when this socket joined: later events reach its queue),
+/// each chunk proven complete or preceded by a gap frame. Returns the
+/// position reached.
 async fn replay<S, E>(
     ws: &mut S,
     hub: &Hub,
@@ -267,52 +268,26 @@ where
         return Ok(after);
     }
     let mut position = after;
-    let mut first = true;
     let mut replayed = 0u64;
     let mut gapped = reset;
     loop {
-        let mut chunk: Vec<Utf8Bytes> = Vec::with_capacity(MAX_WRITE_BATCH);
-        let mut end = false;
-        while chunk.len() < MAX_WRITE_BATCH {
-            match history.next(user, position + 1).await {
-                Ok(Some(ev)) => {
-                    if first {
-                        first = false;
-                        match history.check(user, after, Some(ev.seq)).await {
-                            Ok(Some(gap)) => {
-                                gapped = true;
-                                metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
-                                chunk.push(gap_text(&gap));
-                            }
-                            Ok(None) => {}
-                            Err(e) => return Err(resume_failed(ws, &e).await),
-                        }
-                    }
-                    position = ev.seq;
-                    // Not forwardable payloads are skipped, not holes.
-                    if let Ok(text) = event_frame(ev.seq, &ev.payload) {
-                        chunk.push(text);
-                        replayed += 1;
-                    }
-                }
-                Ok(None) => {
-                    if first {
-                        first = false;
-                        match history.check(user, after, None).await {
-                            Ok(Some(gap)) => {
-                                gapped = true;
-                                position = position.max(gap.to.unwrap_or(position));
-                                metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
-                                chunk.push(gap_text(&gap));
-                            }
-                            Ok(None) => {}
-                            Err(e) => return Err(resume_failed(ws, &e).await),
-                        }
-                    }
-                    end = true;
-                    break;
-                }
-                Err(e) => return Err(resume_failed(ws, &e).await),
+        let read = match history.read(user, position, Some(joined_at + 1), MAX_WRITE_BATCH).await {
+            Ok(r) => r,
+            Err(e) => return Err(resume_failed(ws, &e).await),
+        };
+        let mut chunk: Vec<Utf8Bytes> = Vec::with_capacity(read.events.len() + 1);
+        if let Some(gap) = read.gap {
+            gapped = true;
+            position = position.max(gap.to.unwrap_or(position));
+            metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
+            chunk.push(gap_text(&gap));
+        }
+        for ev in read.events {
+            position = ev.seq;
+            // Not forwardable payloads are skipped, not holes.
+            if let Ok(text) = event_frame(ev.seq, &ev.payload) {
+                chunk.push(text);
+                replayed += 1;
             }
         }
         if !chunk.is_empty() {
@@ -322,8 +297,22 @@ where
                 Err(_) => return Err(End::Client),
             }
         }
-        if end {
+        if read.done {
             break;
+        }
+    }
+    if position < joined_at {
+        // The read ended short of the position this node has delivered. That
+        // is fine when `joined_at` is not an event of the user (a horizon or
+        // the end of an announced gap); if it is, the read missed stored
+        // events (a replica lagging behind) and the client must retry.
+        match history.is_users(user, joined_at).await {
+            Ok(false) => position = joined_at,
+            Ok(true) => {
+                let e = StreamError::Nats(format!("history read ended at {position}, before event {joined_at}"));
+                return Err(resume_failed(ws, &e).await);
+            }
+            Err(e) => return Err(resume_failed(ws, &e).await),
         }
     }
     metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);

@@ -113,3 +113,37 @@ async fn a_hole_that_expired_is_announced_before_what_remains() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_hole_already_removed_by_the_per_user_limit_is_announced() {
+    let nats = NatsServer::start();
+    let (client, hub) = setup(&nats, 2).await;
+    let js = async_nats::jetstream::new(client.clone());
+    // Another user's event keeps the stream's first sequence at 1.
+    publish(&js, "other", r#"{"o":1}"#).await;
+    let user = UserId::parse("u1").unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default())).await.unwrap();
+    let e0 = publish(&js, "u1", r#"{"i":0}"#).await;
+    republish(&client, "u1", e0, 0, r#"{"i":0}"#).await;
+    match next_item(&mut rx).await {
+        Item::Event(f) => assert_eq!(f.seq, e0),
+        other => panic!("{other:?}"),
+    }
+    let e1 = publish(&js, "u1", r#"{"i":1}"#).await;
+    let e2 = publish(&js, "u1", r#"{"i":2}"#).await;
+    let e3 = publish(&js, "u1", r#"{"i":3}"#).await;
+    // The limit keeps e2 and e3; e1's republish was lost and e1 is gone.
+    republish(&client, "u1", e2, e1, r#"{"i":2}"#).await;
+    republish(&client, "u1", e3, e2, r#"{"i":3}"#).await;
+    match next_item(&mut rx).await {
+        Item::Gap(g) => assert_eq!((g.reason.label(), g.from, g.to), ("expired", Some(e1), Some(e1))),
+        other => panic!("expected the lost e1 to be announced, got {other:?}"),
+    }
+    for want in [e2, e3] {
+        match next_item(&mut rx).await {
+            Item::Event(f) => assert_eq!(f.seq, want),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -400,3 +400,95 @@ async fn a_reconnect_storm_resumes_every_client_exactly() {
         started.elapsed()
     );
 }
+
+/// Checks deliveries against the user's published sequences: events strictly
+/// increasing, and every published event either delivered or inside a gap
+/// received before anything after it.
+fn assert_accounted(published: &[u64], deliveries: &[Delivery]) {
+    let mut covered_to = 0u64;
+    let mut delivered = std::collections::BTreeSet::new();
+    let mut last = 0u64;
+    for d in deliveries {
+        match d {
+            Delivery::Event { seq, .. } => {
+                assert!(*seq > last, "order: {seq} after {last}");
+                for p in published.iter().filter(|p| **p > last && **p < *seq) {
+                    assert!(*p <= covered_to, "event {p} skipped silently (between {last} and {seq})");
+                }
+                delivered.insert(*seq);
+                last = *seq;
+            }
+            Delivery::Gap { to: Some(to), .. } => {
+                covered_to = covered_to.max(*to);
+                last = last.max(*to);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_replay_racing_the_per_user_limit_never_skips_silently() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &["--stream-max-per-user", "1000"]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut published = publish_n(&js, "u1", 1000).await;
+    // Resume from the very first event while more are published: the limit
+    // removes the oldest events under the reader as it goes.
+    let mut c = resuming(&[&node], "u1").resume_from(published[0], None);
+    let writer = {
+        let js = js.clone();
+        // Steadily, one acknowledged publish after another, so that removals
+        // keep happening all through the replay, not only before it.
+        tokio::spawn(async move { publish_n(&js, "u1", 3000).await })
+    };
+    let mut deliveries = Vec::new();
+    let mut writer = Some(writer);
+    let mut last = u64::MAX;
+    loop {
+        let d = tokio::time::timeout(RECV_TIMEOUT * 3, c.next()).await.expect("in time").expect("client");
+        if let Some(w) = writer.take_if(|w| w.is_finished()) {
+            published.extend(w.await.unwrap());
+            last = *published.last().unwrap();
+        }
+        let done = matches!(d, Delivery::Event { seq, .. } if seq == last);
+        deliveries.push(d);
+        if done {
+            break;
+        }
+    }
+    let gaps = deliveries.iter().filter(|d| matches!(d, Delivery::Gap { .. })).count();
+    eprintln!("{} deliveries, {gaps} gap frames", deliveries.len());
+    assert_accounted(&published, &deliveries);
+}
+
+#[tokio::test]
+async fn the_streams_own_per_user_limit_decides_not_the_nodes_flag() {
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    let settings = agentcast::config::StreamSettings {
+        name: "AGENTCAST".into(),
+        subject_prefix: "agentcast.events".into(),
+        live_prefix: "agentcast.live".into(),
+        external: true,
+        replicas: 1,
+        max_age: Duration::from_secs(3600),
+        max_bytes: 1 << 30,
+        max_per_user: 5,
+        max_event_bytes: 256 * 1024,
+        duplicate_window: Duration::from_secs(120),
+    };
+    js.create_stream(agentcast::stream::desired(&settings)).await.unwrap();
+    // The node's flag says 10000 per user; the stream keeps 5. Another
+    // user's event keeps the stream's first sequence at 1, so only the
+    // per-user limit tells that events were removed.
+    publish(&js, "other", r#"{"o":1}"#).await;
+    let node = Node::start(&nats, &["--stream-external"]).await;
+    let seqs = publish_n(&js, "u1", 20).await;
+    let url = format!("{}&last_seq={}", node.ws_url(&token("u1")), seqs[2]);
+    let mut c = Client::connect(&url).await;
+    assert_eq!(c.next_json().await["type"], "welcome");
+    let gap = c.next_json().await;
+    assert_eq!((gap["type"].as_str(), gap["to"].as_u64()), (Some("gap"), Some(seqs[15] - 1)), "{gap}");
+    assert_eq!(c.events(5).await.iter().map(|e| e.0).collect::<Vec<_>>(), seqs[15..].to_vec());
+}
