@@ -20,12 +20,10 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
@@ -169,7 +167,7 @@ async fn resume(
     let mut got = Vec::with_capacity(want.len());
     let mut welcomed = false;
     while !welcomed || got.len() < want.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(60), ws.next())
+        let msg = tokio::time::timeout(Duration::from_secs(300), ws.next())
             .await
             .map_err(|_| format!("timeout after {} of {}", got.len(), want.len()))?;
         let Some(Ok(Message::Text(t))) = msg else { return Err(format!("socket ended: {msg:?}")) };
@@ -216,19 +214,15 @@ async fn main() {
     let pad = "x".repeat(o.payload.saturating_sub(80));
     let start = Instant::now();
     let mut seqs: HashMap<usize, Vec<u64>> = HashMap::new();
-    let inflight = Arc::new(Semaphore::new(4096));
+    // At most MAX_INFLIGHT acknowledgements outstanding.
+    const MAX_INFLIGHT: usize = 4096;
     let mut pending = futures_util::stream::FuturesOrdered::new();
     for i in 0..o.events {
         let u = i % o.users;
         let payload = format!(r#"{{"type":"agent_thinking","run_id":"r-{i:08}","data":{{"text":"{pad}"}}}}"#);
-        let permit = inflight.clone().acquire_owned().await.unwrap();
         let ack = js.publish(format!("agentcast.events.{}", user(u)), payload.into()).await.unwrap();
-        pending.push_back(async move {
-            let seq = ack.await.expect("ack").sequence;
-            drop(permit);
-            (u, seq)
-        });
-        while pending.len() > 4096 {
+        pending.push_back(async move { (u, ack.await.expect("ack").sequence) });
+        while pending.len() >= MAX_INFLIGHT {
             let (u, seq) = pending.next().await.unwrap();
             seqs.entry(u).or_default().push(seq);
         }

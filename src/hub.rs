@@ -42,11 +42,18 @@ use crate::user::UserId;
 /// logged only once more, as a group, so a flood cannot grow memory.
 pub const MAX_LOGGED_BAD_SUBJECTS: usize = 10_000;
 
-/// Users reading from JetStream at once (catch-ups and hole repairs). Each is
-/// a chain of direct gets; bounding them keeps a node with 10k users from
-/// sending 10k requests to NATS in the same instant it comes back, and bounds
-/// the memory held by reads to this many [`READ_CHUNK`]s.
-pub const CATCHUP_CONCURRENCY: usize = 32;
+/// History reads from JetStream under way at once on a node: resumes (one
+/// chunk each), catch-ups and hole repairs, and first positions of users.
+/// A storm of resumes after a node dies would otherwise send NATS more
+/// requests than it answers within their timeout, failing all of them (seen
+/// in benches/resume.rs before this bound); queued here, they wait instead.
+/// Also bounds the memory held by reads to this many chunks.
+pub const HISTORY_READ_CONCURRENCY: usize = 32;
+
+/// Frames of one replay kept for the user's other sockets that resume from
+/// the same position (two tabs of a user coming back after a node died):
+/// they are served from memory instead of reading JetStream again.
+pub const MAX_SHARED_REPLAY: usize = 256;
 
 /// Attempts to read a hole from JetStream before announcing it as a gap.
 const REPAIR_ATTEMPTS: u32 = 3;
@@ -127,9 +134,23 @@ struct Shared {
     last: u64,
 }
 
+/// A replay done for one socket, kept for the user's others.
+#[derive(Debug, Default)]
+pub struct SharedReplay {
+    /// The position the replay started after.
+    pub after: u64,
+    /// The position it reached: the range (`after`, `through`] was proven
+    /// complete or announced, and `frames` is exactly what was sent for it.
+    pub through: u64,
+    pub frames: Vec<Utf8Bytes>,
+    pub gapped: bool,
+}
+
 struct UserEntry {
     user: UserId,
     shared: Mutex<Shared>,
+    /// Serialises the replays of this user's sockets and keeps the last one.
+    replay: Arc<tokio::sync::Mutex<Option<SharedReplay>>>,
     /// Set once the live subscription exists and `last` is initialised;
     /// later sockets wait on it.
     ready: OnceCell<()>,
@@ -144,7 +165,7 @@ pub struct Hub {
     bad_subjects: Mutex<HashSet<String>>,
     /// Bumped to make every user task catch up (NATS reconnect, slow consumer).
     catchup: watch::Sender<u64>,
-    catchup_slots: Semaphore,
+    read_slots: Semaphore,
     stream_state: Mutex<StreamState>,
 }
 
@@ -163,6 +184,8 @@ pub struct Membership {
     /// The user's position when this socket joined: every later event of the
     /// user reaches the socket's queue.
     pub position: u64,
+    /// The user's replay lock and last replay, shared by its sockets here.
+    pub replay: Arc<tokio::sync::Mutex<Option<SharedReplay>>>,
 }
 
 impl Drop for Membership {
@@ -201,7 +224,7 @@ impl Hub {
             users: Mutex::default(),
             bad_subjects: Mutex::default(),
             catchup: watch::Sender::new(0),
-            catchup_slots: Semaphore::new(CATCHUP_CONCURRENCY),
+            read_slots: Semaphore::new(HISTORY_READ_CONCURRENCY),
             stream_state: Mutex::default(),
         })
     }
@@ -235,6 +258,12 @@ impl Hub {
         &self.history
     }
 
+    /// Waits for a history-read slot (see [`HISTORY_READ_CONCURRENCY`]).
+    pub async fn read_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        // The semaphore is never closed.
+        self.read_slots.acquire().await.expect("read slots are never closed")
+    }
+
     /// Every user task reads what it may have missed, now.
     pub fn catch_up_all(&self) {
         self.catchup.send_modify(|g| *g += 1);
@@ -258,6 +287,7 @@ impl Hub {
                     Arc::new(UserEntry {
                         user: user.clone(),
                         shared: Mutex::new(Shared { sockets: Vec::new(), last: 0 }),
+                        replay: Arc::default(),
                         ready: OnceCell::new(),
                         stop: CancellationToken::new(),
                     })
@@ -266,7 +296,8 @@ impl Hub {
             lock(&entry.shared).sockets.push(SocketTx { id, tx, kicker });
             entry
         };
-        let mut membership = Membership { hub: self.clone(), user: user.clone(), id, position: 0 };
+        let mut membership =
+            Membership { hub: self.clone(), user: user.clone(), id, position: 0, replay: entry.replay.clone() };
         entry.ready.get_or_try_init(|| self.start_user(entry.clone())).await?;
         membership.position = lock(&entry.shared).last;
         Ok(membership)
@@ -285,7 +316,10 @@ impl Hub {
         catchup.mark_unchanged();
         let horizon = self.stream_last();
         let sub = self.client.subscribe(self.settings.live_subject(entry.user.as_str())).await?;
-        let last = self.history.last(entry.user.as_str()).await?;
+        let last = {
+            let _permit = self.read_slot().await;
+            self.history.last(entry.user.as_str()).await?
+        };
         lock(&entry.shared).last = if last == 0 { horizon } else { last };
         metrics::gauge!(m::USERS_SUBSCRIBED).increment(1.0);
         tokio::spawn(self.clone().run_user(entry, sub, catchup));
@@ -340,7 +374,7 @@ impl Hub {
                     if changed.is_err() {
                         break;
                     }
-                    let _permit = self.catchup_slots.acquire().await;
+                    let _permit = self.read_slot().await;
                     self.fill(&entry, None, None).await;
                 }
                 msg = sub.next() => match msg {
@@ -390,7 +424,7 @@ impl Hub {
         {
             metrics::counter!(m::GAPS_DETECTED).increment(1);
             tracing::debug!(user = %entry.user, last, prev, seq, "hole on the live path; reading it from JetStream");
-            let _permit = self.catchup_slots.acquire().await;
+            let _permit = self.read_slot().await;
             self.fill(entry, Some(seq), Some(prev)).await;
         }
         self.deliver(entry, Stored { seq, payload: msg.payload });

@@ -31,6 +31,7 @@ pub const GAPS_REPAIRED: &str = "agentcast_live_gaps_repaired_total";
 pub const GAPS_ANNOUNCED: &str = "agentcast_live_gaps_announced_total";
 pub const GAPS_SENT: &str = "agentcast_gap_frames_sent_total";
 pub const STREAM_RESETS: &str = "agentcast_stream_resets_total";
+pub const SHARED_REPLAYS: &str = "agentcast_shared_replays_total";
 
 /// How often histogram buckets are folded; the exporter needs it to be called.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -105,4 +106,9 @@ fn describe() {
     );
     describe_counter!(GAPS_SENT, Unit::Count, "Gap frames written to sockets, by reason.");
     describe_counter!(STREAM_RESETS, Unit::Count, "Times the stream was seen recreated (a new epoch).");
+    describe_counter!(
+        SHARED_REPLAYS,
+        Unit::Count,
+        "Resumes served from another socket's replay of the same user, without reading JetStream."
+    );
 }

@@ -11,7 +11,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::history::{Gap, GapReason};
-use crate::hub::{Hub, Item, Kick, Kicker};
+use crate::hub::{Hub, Item, Kick, Kicker, MAX_SHARED_REPLAY, Membership, SharedReplay};
 use crate::metrics as m;
 use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close, event_frame};
 use crate::stream::StreamError;
@@ -134,7 +134,7 @@ where
     // socket's time; queued items at or below it are dropped.
     let mut position = membership.position;
     if let Start::After { last_seq, epoch: client_epoch } = &s.start {
-        match replay(&mut ws, &hub, &s, *last_seq, client_epoch.as_deref(), &epoch, membership.position).await {
+        match replay(&mut ws, &hub, &s, &membership, *last_seq, client_epoch.as_deref(), &epoch).await {
             Ok(p) => position = p,
             Err(end) => return end,
         }
@@ -227,18 +227,24 @@ fn gap_text(g: &Gap) -> Utf8Bytes {
 /// user's position when this socket joined: later events reach its queue),
 /// each chunk proven complete or preceded by a gap frame. Returns the
 /// position reached.
+///
+/// Replays of one user's sockets on this node run one at a time; one that
+/// starts from the same position as the previous one is served from it
+/// (both tabs of a user coming back after their node died), and only what
+/// arrived since is read.
 async fn replay<S, E>(
     ws: &mut S,
     hub: &Hub,
     s: &Session,
+    membership: &Membership,
     last_seq: u64,
     client_epoch: Option<&str>,
     epoch: &str,
-    joined_at: u64,
 ) -> Result<u64, End>
 where
     S: Sink<Message, Error = E> + Unpin,
 {
+    let joined_at = membership.position;
     let user = s.user.as_str();
     let history = hub.history();
     let mut after = last_seq;
@@ -270,10 +276,28 @@ where
     let mut position = after;
     let mut replayed = 0u64;
     let mut gapped = reset;
-    loop {
-        let read = match history.read(user, position, Some(joined_at + 1), MAX_WRITE_BATCH).await {
-            Ok(r) => r,
-            Err(e) => return Err(resume_failed(ws, &e).await),
+    let mut shared = membership.replay.lock().await;
+    let mut kept: Option<Vec<Utf8Bytes>> = Some(Vec::new());
+    if let Some(prev) = shared.as_ref().filter(|p| p.after == after && !reset) {
+        let mut frames = prev.frames.clone();
+        replayed += frames.len() as u64;
+        gapped |= prev.gapped;
+        position = prev.through;
+        kept = None;
+        metrics::counter!(m::SHARED_REPLAYS).increment(1);
+        match write_batch(ws, &mut frames).await {
+            Ok(()) => {}
+            Err(WriteFail::Timeout) => return Err(End::Slow),
+            Err(_) => return Err(End::Client),
+        }
+    }
+    while position < joined_at {
+        let read = {
+            let _slot = hub.read_slot().await;
+            match history.read(user, position, Some(joined_at + 1), MAX_WRITE_BATCH).await {
+                Ok(r) => r,
+                Err(e) => return Err(resume_failed(ws, &e).await),
+            }
         };
         let mut chunk: Vec<Utf8Bytes> = Vec::with_capacity(read.events.len() + 1);
         if let Some(gap) = read.gap {
@@ -288,6 +312,13 @@ where
             if let Ok(text) = event_frame(ev.seq, &ev.payload) {
                 chunk.push(text);
                 replayed += 1;
+            }
+        }
+        if let Some(k) = kept.as_mut() {
+            if k.len() + chunk.len() <= MAX_SHARED_REPLAY {
+                k.extend(chunk.iter().cloned());
+            } else {
+                kept = None;
             }
         }
         if !chunk.is_empty() {
@@ -315,6 +346,10 @@ where
             Err(e) => return Err(resume_failed(ws, &e).await),
         }
     }
+    if let Some(frames) = kept {
+        *shared = Some(SharedReplay { after, through: position, frames, gapped });
+    }
+    drop(shared);
     metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
     metrics::counter!(m::RESUMES, "outcome" => if gapped { "gap" } else { "complete" }).increment(1);
     Ok(position)

@@ -394,6 +394,11 @@ async fn a_reconnect_storm_resumes_every_client_exactly() {
     .await;
     let whole = results.iter().filter(|r| r.0 && r.1 && r.2 == 0).count();
     assert_eq!(whole, clients.len(), "every client resumed exactly");
+    // Both sockets of a user resume from the same position: one of them is
+    // served from the other's replay whenever they land on the same node.
+    let shared =
+        b.metric("agentcast_shared_replays_total", "").await + c2.metric("agentcast_shared_replays_total", "").await;
+    eprintln!("{shared} resumes served from another socket's replay");
     eprintln!(
         "{} sockets resumed 20 events each in {:?} (debug build, shared machine)",
         clients.len(),
