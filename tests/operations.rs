@@ -146,3 +146,28 @@ async fn an_external_stream_is_only_checked_and_differences_are_named() {
     let c = js.get_stream("AGENTCAST").await.unwrap().info().await.unwrap().config.clone();
     assert_eq!(c.max_messages_per_subject, 42, "unchanged");
 }
+
+#[tokio::test]
+async fn nats_credentials_are_used_and_wrong_ones_leave_the_node_not_ready() {
+    // User and password.
+    let nats = NatsServer::start_with(&["--user", "agentcast", "--pass", "s3cret"]);
+    let node = Node::start(&nats, &["--nats-user", "agentcast", "--nats-password", "s3cret"]).await;
+    let (mut c, _) = Client::join(&node, "u1").await;
+    let admin = async_nats::ConnectOptions::with_user_and_password("agentcast".into(), "s3cret".into())
+        .connect(&nats.url)
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(admin);
+    let s = publish(&js, "u1", r#"{"ok":1}"#).await;
+    assert_eq!(c.events(1).await, vec![(s, json!({"ok":1}))]);
+    let wrong = Node::spawn(&nats.url, &["--nats-user", "agentcast", "--nats-password", "nope"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = wrong.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(r#""nats_connected":false"#), "{body}");
+    assert!(wrong.log_text().to_lowercase().contains("authorization"), "{}", wrong.log_text());
+    // A token.
+    let nats = NatsServer::start_with(&["--auth", "t0ken"]);
+    let node = Node::start(&nats, &["--nats-token", "t0ken"]).await;
+    assert_eq!(node.get("/readyz").await.0, 200);
+}

@@ -38,19 +38,26 @@ pub struct NatsServer {
     pub url: String,
     pub monitor: String,
     port: u16,
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra nats-server arguments (for example `--user u --pass p`).
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (child, url, monitor) = Self::spawn(dir.path(), None);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, url, monitor) = Self::spawn(dir.path(), None, &extra);
         let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in url");
-        Self { child: Some(child), dir, url, monitor, port }
+        Self { child: Some(child), dir, url, monitor, port, extra }
     }
 
     // The child is returned to the caller, which kills and waits on drop.
     #[allow(clippy::zombie_processes)]
-    fn spawn(dir: &Path, port: Option<u16>) -> (Child, String, String) {
+    fn spawn(dir: &Path, port: Option<u16>, extra: &[String]) -> (Child, String, String) {
         let ports_dir = dir.join(format!("ports-{}", rand_suffix()));
         std::fs::create_dir_all(&ports_dir).unwrap();
         let port = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
@@ -60,6 +67,7 @@ impl NatsServer {
             .arg(dir.join("jetstream"))
             .arg("--ports_file_dir")
             .arg(&ports_dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("nats.log")).unwrap())
             .spawn()
@@ -87,7 +95,7 @@ impl NatsServer {
     /// Kills the server and starts it again on the same port and store.
     pub fn restart(&mut self) {
         self.stop();
-        let (child, url, monitor) = Self::spawn(self.dir.path(), Some(self.port));
+        let (child, url, monitor) = Self::spawn(self.dir.path(), Some(self.port), &self.extra);
         self.child = Some(child);
         self.url = url;
         self.monitor = monitor;
