@@ -68,27 +68,6 @@ impl Drop for Proc {
     }
 }
 
-fn start_nats(dir: &std::path::Path) -> (Proc, String) {
-    let bin = std::env::var("AGENTCAST_BENCH_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-    let child = Command::new(&bin)
-        .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
-        .arg(dir.join("js"))
-        .arg("--ports_file_dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{bin}: {e}"));
-    let proc = Proc(child);
-    for _ in 0..500 {
-        if let Some(url) = agentcast::dev::read_ports_file(dir) {
-            return (proc, url);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nats-server did not start");
-}
-
 fn start_node(nats_url: &str, max_per_user: usize) -> (Proc, std::net::SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
         .args(["serve", "--listen", "127.0.0.1:0", "--nats-url", nats_url, "--jwt-secret", SECRET])
@@ -191,13 +170,13 @@ async fn resume(
 async fn main() {
     let o = opts();
     let dir = tempfile::tempdir().unwrap();
-    let (nats_proc, nats_url) = start_nats(dir.path());
-    let nats_version =
-        Command::new(std::env::var("AGENTCAST_BENCH_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()))
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default();
+    let nats_bin = std::env::var("AGENTCAST_BENCH_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+    let (nats_proc, nats_url) = agentcast::dev::start_nats(std::path::Path::new(&nats_bin), dir.path()).await.unwrap();
+    let nats_version = Command::new(&nats_bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     let per_user = o.events.div_ceil(o.users);
     let (node_proc, addr) = start_node(&nats_url, per_user * 2);
     while http_status(addr, "/readyz").await != 200 {

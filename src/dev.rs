@@ -117,8 +117,9 @@ async fn nats_answers(url: &str) -> bool {
     matches!(tokio::time::timeout(PROBE_TIMEOUT * 2, opts.connect(url)).await, Ok(Ok(_)))
 }
 
-/// Starts nats-server with JetStream on a random loopback port.
-async fn start_nats(bin: &Path, dir: &Path) -> anyhow::Result<(Child, String)> {
+/// Starts nats-server with JetStream in `dir` on a random loopback port;
+/// returns the process (killed when dropped) and its client URL.
+pub async fn start_nats(bin: &Path, dir: &Path) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(bin)
         .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
         .arg(dir.join("jetstream"))

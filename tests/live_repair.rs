@@ -15,18 +15,7 @@ use common::*;
 use tokio::sync::mpsc;
 
 fn settings(max_per_user: i64) -> StreamSettings {
-    StreamSettings {
-        name: "AGENTCAST".into(),
-        subject_prefix: "agentcast.events".into(),
-        live_prefix: "agentcast.live".into(),
-        external: false,
-        replicas: 1,
-        max_age: Duration::from_secs(3600),
-        max_bytes: 1 << 30,
-        max_per_user,
-        max_event_bytes: 1024,
-        duplicate_window: Duration::from_secs(60),
-    }
+    StreamSettings { max_event_bytes: 1024, duplicate_window: Duration::from_secs(60), ..stream_settings(max_per_user) }
 }
 
 /// A stream as a node creates it, and a hub that hears only what the test

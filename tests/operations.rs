@@ -124,18 +124,8 @@ async fn an_external_stream_is_only_checked_and_differences_are_named() {
 
     // Right structure, other limits: the node runs, reports, changes nothing.
     js.delete_stream("AGENTCAST").await.unwrap();
-    let settings = agentcast::config::StreamSettings {
-        name: "AGENTCAST".into(),
-        subject_prefix: "agentcast.events".into(),
-        live_prefix: "agentcast.live".into(),
-        external: true,
-        replicas: 1,
-        max_age: Duration::from_secs(7200),
-        max_bytes: 1 << 30,
-        max_per_user: 42,
-        max_event_bytes: 256 * 1024,
-        duplicate_window: Duration::from_secs(120),
-    };
+    let settings =
+        agentcast::config::StreamSettings { external: true, max_age: Duration::from_secs(7200), ..stream_settings(42) };
     js.create_stream(agentcast::stream::desired(&settings)).await.unwrap();
     let node = Node::start(&nats, &["--stream-external"]).await;
     let log = node.log_text();

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use agentcast::client::{Client as Resuming, Delivery};
+use agentcast::config::StreamSettings;
 use common::*;
 use serde_json::{Value, json};
 
@@ -128,8 +129,27 @@ async fn events_that_are_not_forwarded_are_not_holes() {
     assert_eq!(node.metric("agentcast_gap_frames_sent_total", "").await, 0.0);
 }
 
-/// Publishes `per_user` events for each user while `during` runs, then checks
-/// that each client got all of its user's events exactly once, in order.
+/// Publishes one event per user per round, pausing between rounds, and
+/// returns each user's sequences.
+async fn publish_rounds(
+    js: async_nats::jetstream::Context,
+    users: Vec<String>,
+    rounds: usize,
+    pause: Duration,
+) -> std::collections::HashMap<String, Vec<u64>> {
+    let mut expected: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for round in 0..rounds {
+        for u in &users {
+            let seq = publish(&js, u, format!(r#"{{"round":{round}}}"#)).await;
+            expected.entry(u.clone()).or_default().push(seq);
+        }
+        tokio::time::sleep(pause).await;
+    }
+    expected
+}
+
+/// Checks that each client got all of its user's events exactly once, in
+/// order, with no gap.
 async fn check_continuous(clients: &mut [(String, Resuming)], expected: &std::collections::HashMap<String, Vec<u64>>) {
     for (user, c) in clients.iter_mut() {
         let want = &expected[user.as_str()];
@@ -156,20 +176,7 @@ async fn clients_fail_over_when_a_node_is_killed_mid_stream() {
         }
     }
     let js = async_nats::jetstream::new(nats.client().await);
-    let publisher = {
-        let users = users.clone();
-        tokio::spawn(async move {
-            let mut expected: std::collections::HashMap<String, Vec<u64>> = Default::default();
-            for round in 0..40 {
-                for u in &users {
-                    let seq = publish(&js, u, format!(r#"{{"round":{round}}}"#)).await;
-                    expected.entry(u.clone()).or_default().push(seq);
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            expected
-        })
-    };
+    let publisher = tokio::spawn(publish_rounds(js, users.clone(), 40, Duration::from_millis(5)));
     tokio::time::sleep(Duration::from_millis(80)).await;
     a.signal("KILL");
     let expected = publisher.await.unwrap();
@@ -191,20 +198,7 @@ async fn clients_resume_elsewhere_when_a_node_drains() {
         clients.push((u.clone(), c));
     }
     let js = async_nats::jetstream::new(nats.client().await);
-    let publisher = {
-        let users = users.clone();
-        tokio::spawn(async move {
-            let mut expected: std::collections::HashMap<String, Vec<u64>> = Default::default();
-            for round in 0..60 {
-                for u in &users {
-                    let seq = publish(&js, u, format!(r#"{{"round":{round}}}"#)).await;
-                    expected.entry(u.clone()).or_default().push(seq);
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            expected
-        })
-    };
+    let publisher = tokio::spawn(publish_rounds(js, users.clone(), 60, Duration::from_millis(10)));
     tokio::time::sleep(Duration::from_millis(100)).await;
     a.signal("TERM");
     let expected = publisher.await.unwrap();
@@ -471,18 +465,7 @@ async fn a_long_replay_racing_the_per_user_limit_never_skips_silently() {
 async fn the_streams_own_per_user_limit_decides_not_the_nodes_flag() {
     let nats = NatsServer::start();
     let js = async_nats::jetstream::new(nats.client().await);
-    let settings = agentcast::config::StreamSettings {
-        name: "AGENTCAST".into(),
-        subject_prefix: "agentcast.events".into(),
-        live_prefix: "agentcast.live".into(),
-        external: true,
-        replicas: 1,
-        max_age: Duration::from_secs(3600),
-        max_bytes: 1 << 30,
-        max_per_user: 5,
-        max_event_bytes: 256 * 1024,
-        duplicate_window: Duration::from_secs(120),
-    };
+    let settings = StreamSettings { external: true, ..stream_settings(5) };
     js.create_stream(agentcast::stream::desired(&settings)).await.unwrap();
     // The node's flag says 10000 per user; the stream keeps 5. Another
     // user's event keeps the stream's first sequence at 1, so only the

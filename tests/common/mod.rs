@@ -253,6 +253,22 @@ impl Drop for Node {
     }
 }
 
+/// The stream settings a node uses by default, with another per-user limit.
+pub fn stream_settings(max_per_user: i64) -> agentcast::config::StreamSettings {
+    agentcast::config::StreamSettings {
+        name: "AGENTCAST".into(),
+        subject_prefix: "agentcast.events".into(),
+        live_prefix: "agentcast.live".into(),
+        external: false,
+        replicas: 1,
+        max_age: Duration::from_secs(3600),
+        max_bytes: 1 << 30,
+        max_per_user,
+        max_event_bytes: 256 * 1024,
+        duplicate_window: Duration::from_secs(120),
+    }
+}
+
 pub fn token(user: &str) -> String {
     agentcast::auth::mint_hs256(SECRET.as_bytes(), user, Duration::from_secs(600)).unwrap()
 }
