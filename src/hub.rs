@@ -50,10 +50,13 @@ pub const MAX_LOGGED_BAD_SUBJECTS: usize = 10_000;
 /// Also bounds the memory held by reads to this many chunks.
 pub const HISTORY_READ_CONCURRENCY: usize = 32;
 
-/// Frames of one replay kept for the user's other sockets that resume from
+/// Bytes of one replay kept for the user's other sockets that resume from
 /// the same position (two tabs of a user coming back after a node died):
-/// they are served from memory instead of reading JetStream again.
-pub const MAX_SHARED_REPLAY: usize = 256;
+/// they are served from memory instead of reading JetStream again. A storm
+/// resume of 20 events of 300 bytes needs 6 KB; a longer replay is not kept.
+/// It lives as long as the user has sockets on the node, so the bound is per
+/// user: 10k users hold at most 160 MiB, typically a few KB each.
+pub const MAX_SHARED_REPLAY_BYTES: usize = 16 * 1024;
 
 /// Attempts to read a hole from JetStream before announcing it as a gap.
 const REPAIR_ATTEMPTS: u32 = 3;

@@ -11,7 +11,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::history::{Gap, GapReason};
-use crate::hub::{Hub, Item, Kick, Kicker, MAX_SHARED_REPLAY, Membership, SharedReplay};
+use crate::hub::{Hub, Item, Kick, Kicker, MAX_SHARED_REPLAY_BYTES, Membership, SharedReplay};
 use crate::metrics as m;
 use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close, event_frame};
 use crate::stream::StreamError;
@@ -315,7 +315,8 @@ where
             }
         }
         if let Some(k) = kept.as_mut() {
-            if k.len() + chunk.len() <= MAX_SHARED_REPLAY {
+            let bytes = |frames: &[Utf8Bytes]| frames.iter().map(|f| f.len()).sum::<usize>();
+            if bytes(k) + bytes(&chunk) <= MAX_SHARED_REPLAY_BYTES {
                 k.extend(chunk.iter().cloned());
             } else {
                 kept = None;
