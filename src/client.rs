@@ -110,12 +110,6 @@ impl Client {
         self.last_seq
     }
 
-    /// Drops the current socket without a close handshake, as a network
-    /// failure would; the next [`Client::next`] reconnects and resumes.
-    pub fn disconnect(&mut self) {
-        self.ws = None;
-    }
-
     fn url(&self, base: &str) -> String {
         let sep = if base.contains('?') { '&' } else { '?' };
         let mut url = format!("{base}{sep}token={}", (self.token)());

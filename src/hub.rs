@@ -363,11 +363,6 @@ impl Hub {
         users.clear();
     }
 
-    /// Number of users with a live subscription on this node.
-    pub fn users(&self) -> usize {
-        lock(&self.users).len()
-    }
-
     async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, mut sub: Subscriber, mut catchup: watch::Receiver<u64>) {
         loop {
             tokio::select! {
