@@ -91,13 +91,21 @@ fn start_node(nats_url: &str, max_per_user: usize) -> (Proc, std::net::SocketAdd
     (Proc(child), addr)
 }
 
-async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return 0 };
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
     let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await;
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf).await;
-    buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    buf
+}
+
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    http_get(addr, path).await.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+async fn http_body(addr: std::net::SocketAddr, path: &str) -> String {
+    http_get(addr, path).await.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -166,6 +174,51 @@ async fn resume(
     Ok(elapsed)
 }
 
+fn server_at_least(client: &async_nats::Client, major: u64, minor: u64) -> bool {
+    let v = client.server_info().version;
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// Batch direct get (nats-server 2.11+): up to `n` messages of `subject`
+/// from `from` in one request; answers end with a 204 status.
+async fn batch_next(client: &async_nats::Client, subject: &str, from: u64, n: usize) -> Vec<u64> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.unwrap();
+    let req = json!({"seq": from, "next_by_subj": subject, "batch": n});
+    client.publish_with_reply("$JS.API.DIRECT.GET.AGENTCAST", inbox, req.to_string().into()).await.unwrap();
+    let mut seqs = Vec::new();
+    while let Some(m) = sub.next().await {
+        if m.status.is_some() {
+            break;
+        }
+        let seq = m.headers.as_ref().and_then(|h| h.get("Nats-Sequence")).and_then(|v| v.as_str().parse().ok());
+        seqs.push(seq.unwrap());
+    }
+    seqs
+}
+
+/// Reads every message of the stream from `from` through `to` with an
+/// unfiltered ordered consumer; returns how many it read.
+async fn scan(stream: &async_nats::jetstream::stream::Stream, from: u64, to: u64) -> u64 {
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap();
+    let mut n = 0;
+    while let Some(m) = msgs.next().await {
+        n += 1;
+        if m.unwrap().info().unwrap().stream_sequence >= to {
+            break;
+        }
+    }
+    n
+}
+
 #[tokio::main]
 async fn main() {
     let o = opts();
@@ -227,6 +280,8 @@ async fn main() {
     let mut first_ms = Vec::new();
     let mut info_ms = Vec::new();
     let mut ordered_ms = Vec::new();
+    let mut batch_ms = Vec::new();
+    let batch_supported = server_at_least(&client, 2, 11);
     for &u in &sample_users {
         let subject = format!("agentcast.events.{}", user(u));
         let s = &seqs[&u];
@@ -265,6 +320,12 @@ async fn main() {
             m.unwrap();
         }
         ordered_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if batch_supported {
+            let t = Instant::now();
+            let got = batch_next(&client, &subject, from, k).await;
+            batch_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(got, s[s.len() - k..], "batch direct get of {subject}");
+        }
     }
     results.push(summary("direct get: last of the user's subject", last_ms));
     results.push(summary("direct get: next of the user's subject", next_ms));
@@ -272,6 +333,24 @@ async fn main() {
     results.push(summary("direct get: first of the user's subject", first_ms));
     results.push(summary("stream info with a subject filter", info_ms));
     results.push(summary(&format!("ordered consumer: create, read {k}"), ordered_ms));
+    if batch_supported {
+        results.push(summary(&format!("batch direct get: {k} next in one request"), batch_ms));
+    }
+
+    // The range a storm of the first `storm_users` users reads, scanned once
+    // with an unfiltered ordered consumer.
+    let storm_users = (o.storm / 2).min(o.users);
+    let scan_from = (0..storm_users).map(|u| seqs[&u][seqs[&u].len() - k]).min().unwrap_or(1);
+    let scan_to = info.state.last_sequence;
+    let mut scan_ms = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let n = scan(&stream, scan_from, scan_to).await;
+        scan_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(n, scan_to - scan_from + 1, "scan read every message");
+    }
+    let scan_summary = summary(&format!("ordered consumer: scan {} messages", scan_to - scan_from + 1), scan_ms);
+    results.push(scan_summary);
 
     // 2. One resume at a time, end to end.
     println!("single resume over WebSocket (connect to last missed event, one at a time):");
@@ -287,7 +366,6 @@ async fn main() {
     }
 
     // 3. The storm.
-    let storm_users = (o.storm / 2).min(o.users);
     let sockets = storm_users * 2;
     let rss_before = rss_kb(node_proc.0.id());
     println!("storm: {sockets} sockets ({storm_users} users x 2) resume at once, each missing {k}:");
@@ -323,6 +401,18 @@ async fn main() {
     }
     let storm_lat = summary("storm: per-socket connect to whole", lat);
     println!("  node RSS {} MB before, {} MB after", rss_before / 1024, rss_after / 1024);
+    let node_metrics = http_body(addr, "/metrics").await;
+    let storm_metrics: Vec<&str> = node_metrics
+        .lines()
+        .filter(|l| {
+            ["agentcast_history_scan", "agentcast_resumes_total", "agentcast_shared_replays"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .collect();
+    for l in &storm_metrics {
+        println!("  node: {l}");
+    }
 
     let report = json!({
         "bench": "resume",
@@ -331,7 +421,8 @@ async fn main() {
         "fill_events_per_s": o.events as f64 / fill.as_secs_f64(),
         "reads": results,
         "storm": {"sockets": sockets, "whole": whole, "failed": failures.len(), "seconds": all.as_secs_f64(),
-                  "latency": storm_lat, "node_rss_kb_before": rss_before, "node_rss_kb_after": rss_after},
+                  "latency": storm_lat, "node_rss_kb_before": rss_before, "node_rss_kb_after": rss_after,
+                  "node_metrics": storm_metrics},
         "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
     });
     if let Some(out) = o.out {

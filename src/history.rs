@@ -77,7 +77,12 @@ impl History {
         Self { stream, subject_prefix }
     }
 
-    fn subject(&self, user: &str) -> String {
+    pub fn stream(&self) -> &Stream<()> {
+        &self.stream
+    }
+
+    /// The subject the user's events are stored under.
+    pub fn subject(&self, user: &str) -> String {
         format!("{}.{user}", self.subject_prefix)
     }
 
@@ -140,8 +145,8 @@ impl History {
     }
 
     /// Reads up to `max` of the user's events after `after` and below
-    /// `before`, then proves the read complete or returns the gap, with the
-    /// events inside the gap left out. `done` is true when nothing more is
+    /// `before` with direct gets, then proves the read complete or returns
+    /// the gap (see [`History::prove`]). `done` is true when nothing more is
     /// stored in the range.
     pub async fn read(&self, user: &str, after: u64, before: Option<u64>, max: usize) -> Result<Read, StreamError> {
         let mut events = Vec::new();
@@ -159,9 +164,22 @@ impl History {
                 }
             }
         }
-        // Judged after the reads: the stored suffix only shrinks from the old
-        // end, so if it still reaches back to `after`, every read above saw
-        // everything there was.
+        self.prove(user, after, events, done).await
+    }
+
+    /// Judges a read of the user's events after `after`, made by any means
+    /// that returns every event stored in its range at the moment it passes
+    /// it: proven complete, or the gap, with the events inside it left out.
+    /// Called after the read: the stored suffix only shrinks from the old
+    /// end, so if it still reaches back to `after`, the read saw everything
+    /// there was.
+    pub async fn prove(
+        &self,
+        user: &str,
+        after: u64,
+        mut events: Vec<Stored>,
+        done: bool,
+    ) -> Result<Read, StreamError> {
         let first = self.first(user).await?;
         if first.is_some_and(|f| f <= after) {
             return Ok(Read { events, gap: None, done });

@@ -31,9 +31,10 @@ use tokio::sync::{OnceCell, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StreamSettings;
-use crate::history::{Gap, GapReason, History, Stored};
+use crate::history::{Gap, GapReason, History, Read, Stored};
 use crate::metrics as m;
 use crate::protocol::event_frame;
+use crate::scan::{MAX_SCAN_SPAN, Scanner};
 use crate::stream::StreamError;
 use crate::user::UserId;
 
@@ -169,7 +170,16 @@ pub struct Hub {
     /// Bumped to make every user task catch up (NATS reconnect, slow consumer).
     catchup: watch::Sender<u64>,
     read_slots: Semaphore,
+    scanner: Arc<Scanner>,
+    /// Stops the scanner's task when the hub is dropped.
+    stop_scanner: CancellationToken,
     stream_state: Mutex<StreamState>,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop_scanner.cancel();
+    }
 }
 
 /// What the node last learned of the stream (refreshed by the readiness loop).
@@ -219,6 +229,12 @@ impl Hub {
         let stream = futures_util::FutureExt::now_or_never(js.get_stream_no_info(&settings.name))
             .expect("get_stream_no_info does not wait")
             .expect("stream name validated by config");
+        let scanner = Arc::new(Scanner::new(stream.clone()));
+        let stop_scanner = CancellationToken::new();
+        tokio::spawn({
+            let (scanner, stop) = (scanner.clone(), stop_scanner.clone());
+            async move { scanner.run(stop).await }
+        });
         let history = History::new(stream, settings.subject_prefix.clone());
         Arc::new(Self {
             client,
@@ -228,6 +244,8 @@ impl Hub {
             bad_subjects: Mutex::default(),
             catchup: watch::Sender::new(0),
             read_slots: Semaphore::new(HISTORY_READ_CONCURRENCY),
+            scanner,
+            stop_scanner,
             stream_state: Mutex::default(),
         })
     }
@@ -265,6 +283,33 @@ impl Hub {
     pub async fn read_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
         // The semaphore is never closed.
         self.read_slots.acquire().await.expect("read slots are never closed")
+    }
+
+    /// Reads up to `max` of the user's events after `after` and below
+    /// `before` for a resume, proven complete or with the gap. While a
+    /// history-read slot is free this is direct gets, the cheapest way for
+    /// one resume. When every slot is busy (a storm: many sockets came back
+    /// at once) or a shared scan is already gathering, a recent range joins
+    /// the scan instead ([`crate::scan`]); if the scan fails, direct gets.
+    pub async fn read_for_resume(&self, user: &str, after: u64, before: u64, max: usize) -> Result<Read, StreamError> {
+        let mut slot = self.read_slots.try_acquire().ok();
+        if self.scanner.busy() {
+            slot = None;
+        }
+        if slot.is_none() && before.saturating_sub(after + 1) <= MAX_SCAN_SPAN {
+            match self.scanner.read(self.history.subject(user), after, before, max).await {
+                Ok(found) => {
+                    let _slot = self.read_slot().await;
+                    return self.history.prove(user, after, found.events, found.done).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "shared scan failed; reading with direct gets"),
+            }
+        }
+        let _slot = match slot {
+            Some(slot) => slot,
+            None => self.read_slot().await,
+        };
+        self.history.read(user, after, Some(before), max).await
     }
 
     /// Every user task reads what it may have missed, now.

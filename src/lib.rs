@@ -12,6 +12,7 @@
 //! - [`nats`]: the node's NATS connection and its events.
 //! - [`stream`]: the JetStream stream: create and check it.
 //! - [`history`]: reads of a user's stored events and the continuity rule.
+//! - [`scan`]: one sequential read of the stream serving a storm of resumes.
 //! - [`hub`]: per-user subscriptions, live gap repair, fan-out to socket queues.
 //! - [`socket`]: one WebSocket: resume, batched writes, pings, close codes.
 //! - [`protocol`]: frames and close codes (docs/protocol.md).
@@ -29,6 +30,7 @@ pub mod hub;
 pub mod metrics;
 pub mod nats;
 pub mod protocol;
+pub mod scan;
 pub mod server;
 pub mod socket;
 pub mod stream;

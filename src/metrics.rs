@@ -32,6 +32,8 @@ pub const GAPS_ANNOUNCED: &str = "agentcast_live_gaps_announced_total";
 pub const GAPS_SENT: &str = "agentcast_gap_frames_sent_total";
 pub const STREAM_RESETS: &str = "agentcast_stream_resets_total";
 pub const SHARED_REPLAYS: &str = "agentcast_shared_replays_total";
+pub const HISTORY_SCANS: &str = "agentcast_history_scans_total";
+pub const HISTORY_SCAN_MESSAGES: &str = "agentcast_history_scan_messages_total";
 
 /// How often histogram buckets are folded; the exporter needs it to be called.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -111,4 +113,10 @@ fn describe() {
         Unit::Count,
         "Resumes served from another socket's replay of the same user, without reading JetStream."
     );
+    describe_counter!(
+        HISTORY_SCANS,
+        Unit::Count,
+        "Shared tail scans run for resumes while every history-read slot was busy, by outcome (ok, failed)."
+    );
+    describe_counter!(HISTORY_SCAN_MESSAGES, Unit::Count, "Stream messages read by shared tail scans.");
 }

@@ -292,12 +292,9 @@ where
         }
     }
     while position < joined_at {
-        let read = {
-            let _slot = hub.read_slot().await;
-            match history.read(user, position, Some(joined_at + 1), MAX_WRITE_BATCH).await {
-                Ok(r) => r,
-                Err(e) => return Err(resume_failed(ws, &e).await),
-            }
+        let read = match hub.read_for_resume(user, position, joined_at + 1, MAX_WRITE_BATCH).await {
+            Ok(r) => r,
+            Err(e) => return Err(resume_failed(ws, &e).await),
         };
         let mut chunk: Vec<Utf8Bytes> = Vec::with_capacity(read.events.len() + 1);
         if let Some(gap) = read.gap {

@@ -17,7 +17,7 @@ use async_nats::jetstream::{
 use crate::config::StreamSettings;
 
 /// Why the stream cannot be used as is.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StreamError {
     /// The stream exists with settings the node cannot work with or change.
     /// This is a configuration problem: the node exits with code 64.
