@@ -82,6 +82,9 @@ fn start_node(nats_url: &str, max_per_user: usize) -> (Proc, std::net::SocketAdd
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("  node: {line}");
+            }
             if let Some(a) = line.split("listening on ").nth(1) {
                 let _ = tx.send(a.split_whitespace().next().unwrap_or("").to_owned());
             }
@@ -281,6 +284,9 @@ async fn main() {
     let mut info_ms = Vec::new();
     let mut ordered_ms = Vec::new();
     let mut batch_ms = Vec::new();
+    let mut history_ms = Vec::new();
+    let history =
+        agentcast::history::History::new(js.get_stream_no_info("AGENTCAST").await.unwrap(), "agentcast.events".into());
     let batch_supported = server_at_least(&client, 2, 11);
     for &u in &sample_users {
         let subject = format!("agentcast.events.{}", user(u));
@@ -320,6 +326,10 @@ async fn main() {
             m.unwrap();
         }
         ordered_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let read = history.read(&user(u), s[s.len() - k - 1], Some(s[s.len() - 1] + 1), 64).await.unwrap();
+        history_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(read.gap.is_none() && read.done && read.events.len() == k, "history read of {subject}");
         if batch_supported {
             let t = Instant::now();
             let got = batch_next(&client, &subject, from, k).await;
@@ -333,6 +343,7 @@ async fn main() {
     results.push(summary("direct get: first of the user's subject", first_ms));
     results.push(summary("stream info with a subject filter", info_ms));
     results.push(summary(&format!("ordered consumer: create, read {k}"), ordered_ms));
+    results.push(summary(&format!("history read: {k} events, proven (as a resume reads)"), history_ms));
     if batch_supported {
         results.push(summary(&format!("batch direct get: {k} next in one request"), batch_ms));
     }

@@ -56,9 +56,14 @@ pub const MAX_SCAN_BYTES_PER_REQUEST: usize = 32 * 1024;
 /// request as for two thousand.
 const ROUND_GATHER: Duration = Duration::from_millis(20);
 
-/// A round that has not finished after this fails its requests, which fall
-/// back to direct gets. At the rate above, a full round takes under 1 s.
-const ROUND_TIMEOUT: Duration = Duration::from_secs(15);
+/// A round that receives no message for this long has stalled: it fails
+/// its requests, which fall back to direct gets. Messages arrive every few
+/// microseconds while a scan runs.
+const SCAN_STALL: Duration = Duration::from_secs(3);
+
+/// A round that has not finished after this fails the same way. At the rate
+/// above, a round of [`MAX_SCAN_SPAN`] takes under 1 s.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a round found for one request: the user's events in order, and
 /// whether the whole range was read (false when the request's cap was hit).
@@ -182,8 +187,12 @@ impl Scanner {
         let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
         let mut read = 0u64;
         let reached = loop {
-            let Some(msg) = messages.next().await else {
-                return Err(StreamError::Nats(format!("history scan from {from} ended early")));
+            let msg = match tokio::time::timeout(SCAN_STALL, messages.next()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Err(StreamError::Nats(format!("history scan from {from} ended early"))),
+                Err(_) => {
+                    return Err(StreamError::Nats(format!("history scan from {from} stalled after {read} messages")));
+                }
             };
             let msg = msg.map_err(|e| err(&e))?;
             let info = msg.info().map_err(|e| err(&e))?;
