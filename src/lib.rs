@@ -19,6 +19,7 @@
 //! - [`metrics`]: metric names and the Prometheus recorder.
 //! - [`dev`]: `agentcast dev`, the zero-setup trial.
 //! - [`client`]: a resuming Rust client of the socket protocol.
+//! - [`publisher`]: the event envelope and JetStream publishing (docs/publishing.md).
 
 pub mod auth;
 pub mod client;
@@ -29,6 +30,7 @@ pub mod hub;
 pub mod metrics;
 pub mod nats;
 pub mod protocol;
+pub mod publisher;
 pub mod server;
 pub mod socket;
 pub mod stream;
