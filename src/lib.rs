@@ -20,6 +20,7 @@
 //! - [`dev`]: `agentcast dev`, the zero-setup trial.
 //! - [`client`]: a resuming Rust client of the socket protocol.
 //! - [`publisher`]: the event envelope and JetStream publishing (docs/publishing.md).
+//! - [`tools`]: `agentcast publish`, `tail`, `token` and `stream`.
 
 pub mod auth;
 pub mod client;
@@ -34,4 +35,5 @@ pub mod publisher;
 pub mod server;
 pub mod socket;
 pub mod stream;
+pub mod tools;
 pub mod user;
