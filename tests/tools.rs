@@ -339,7 +339,7 @@ async fn bad_input_exits_nonzero_with_one_clear_line() {
         assert_eq!(out.status.code(), Some(code), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }
-    // A bad line anywhere means nothing of that input was published.
+    // A bad line means nothing of its batch (here the whole input) was published.
     assert_eq!(stream_json(&nats, "u1")["user"]["events"], 0);
 
     // NATS not reachable: a runtime failure.
