@@ -30,6 +30,11 @@ pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// things; a long-lived token is a credential nobody remembers to revoke.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Lifetime of the tokens `agentcast tail` mints from --user and
+/// --jwt-secret. A fresh one is minted for every connection, so a tail that
+/// runs for days never presents an expired token.
+pub const TAIL_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
 /// Lines of JSON read from stdin before they are published as one pipelined
 /// batch: bounds the memory `agentcast publish` holds for a long input.
 /// Output (one line per event) follows each batch.
@@ -338,10 +343,7 @@ async fn tail_inner(a: TailArgs) -> Result<(), Failure> {
                 return Err(usage(anyhow::anyhow!("--jwt-secret must be at least {MIN_SECRET_LEN} bytes")));
             }
             let secret = secret.clone();
-            // Minted before every connection, so a long tail never holds an expired token.
-            Box::new(move || {
-                mint_hs256(secret.as_bytes(), user.as_str(), Duration::from_secs(3600)).unwrap_or_default()
-            })
+            Box::new(move || mint_hs256(secret.as_bytes(), user.as_str(), TAIL_TOKEN_LIFETIME).unwrap_or_default())
         }
         _ => return Err(usage(anyhow::anyhow!("give --token, or --user with --jwt-secret"))),
     };
