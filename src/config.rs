@@ -47,6 +47,14 @@ pub enum Command {
     Serve(ServeArgs),
     /// Zero-setup trial: NATS at the default URL or a local nats-server, a dev token and a ready URL.
     Dev(DevArgs),
+    /// Publish one event (--type), or JSON envelopes from stdin, one per line.
+    Publish(crate::tools::PublishArgs),
+    /// Print a user's events as they come, resuming across reconnects.
+    Tail(crate::tools::TailArgs),
+    /// Mint an HS256 token for a user.
+    Token(crate::tools::TokenArgs),
+    /// Show the stream's config and state, and a user's position.
+    Stream(crate::tools::StreamArgs),
 }
 
 #[derive(Debug, Args)]

@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 
 use crate::auth::{Authenticator, ClaimRules, mint_hs256};
 use crate::config::{DevArgs, EXIT_CONFIG};
+use crate::publisher::{Event, Publisher};
 use crate::user::UserId;
 
 /// How long to wait for NATS at the configured URL before starting one.
@@ -85,6 +86,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
         }
     };
     let subject = config.stream.event_subject(user.as_str());
+    let subject_prefix = config.stream.subject_prefix.clone();
     let shutdown = crate::server::shutdown_on_signals();
     let banner_subject = subject.clone();
     let result = crate::server::start(config, shutdown.clone(), move |addr| {
@@ -99,7 +101,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
         println!("  metrics:             http://{host}:{}/metrics", addr.port());
         println!();
         if demo {
-            tokio::spawn(demo_publisher(nats_url, banner_subject));
+            tokio::spawn(demo_publisher(nats_url, subject_prefix, user));
         }
     })
     .await;
@@ -157,36 +159,27 @@ pub fn read_ports_file(dir: &Path) -> Option<String> {
     None
 }
 
-/// Publishes a small agent run every [`DEMO_INTERVAL`] through JetStream.
-async fn demo_publisher(url: String, subject: String) {
+/// Publishes a small agent run every [`DEMO_INTERVAL`] through the [`Publisher`].
+async fn demo_publisher(url: String, subject_prefix: String, user: UserId) {
     let Ok(client) = async_nats::connect(&url).await else {
         tracing::warn!("demo publisher could not connect to {url}");
         return;
     };
-    let js = async_nats::jetstream::new(client);
+    let publisher = Publisher::new(client).subject_prefix(&subject_prefix);
     let mut run = 0u64;
     loop {
         run += 1;
         let run_id = format!("demo-{run}");
         let steps = [
-            serde_json::json!({"type":"agent_started","run_id":run_id,"agent":"demo","data":{"input":"What is the weather in Paris?"}}),
-            serde_json::json!({"type":"agent_thinking","run_id":run_id,"agent":"demo","data":{"text":"I should call the weather tool."}}),
-            serde_json::json!({"type":"tool_executing","run_id":run_id,"agent":"demo","data":{"tool":"weather","args":{"city":"Paris"}}}),
-            serde_json::json!({"type":"tool_completed","run_id":run_id,"agent":"demo","data":{"tool":"weather","result":{"celsius":18}}}),
-            serde_json::json!({"type":"agent_completed","run_id":run_id,"agent":"demo","data":{"output":"18 °C in Paris."}}),
+            Event::agent_started(&run_id, "What is the weather in Paris?"),
+            Event::agent_thinking(&run_id, "I should call the weather tool."),
+            Event::tool_executing(&run_id, "weather", serde_json::json!({"city": "Paris"})),
+            Event::tool_completed(&run_id, "weather", serde_json::json!({"celsius": 18})),
+            Event::agent_completed(&run_id, "18 °C in Paris."),
         ];
         for step in steps {
-            let mut event = step;
-            event["timestamp"] =
-                serde_json::json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
-            let payload = serde_json::to_vec(&event).unwrap_or_default();
-            match js.publish(subject.clone(), payload.into()).await {
-                Ok(ack) => {
-                    if let Err(e) = ack.await {
-                        tracing::warn!(error = %e, "demo publish not acknowledged");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "demo publish failed"),
+            if let Err(e) = publisher.publish(user.as_str(), &step.agent("demo")).await {
+                tracing::warn!(error = %e, "demo publish failed");
             }
             tokio::time::sleep(Duration::from_millis(400)).await;
         }

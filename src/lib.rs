@@ -20,6 +20,8 @@
 //! - [`metrics`]: metric names and the Prometheus recorder.
 //! - [`dev`]: `agentcast dev`, the zero-setup trial.
 //! - [`client`]: a resuming Rust client of the socket protocol.
+//! - [`publisher`]: the event envelope and JetStream publishing (docs/publishing.md).
+//! - [`tools`]: `agentcast publish`, `tail`, `token` and `stream`.
 
 pub mod auth;
 pub mod client;
@@ -30,8 +32,10 @@ pub mod hub;
 pub mod metrics;
 pub mod nats;
 pub mod protocol;
+pub mod publisher;
 pub mod scan;
 pub mod server;
 pub mod socket;
 pub mod stream;
+pub mod tools;
 pub mod user;

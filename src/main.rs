@@ -24,7 +24,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    init_logging(cli.log_format);
+    // The tools log only warnings unless asked: their output is the point.
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) { "info" } else { "warn" };
+    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -52,14 +54,18 @@ fn main() -> ExitCode {
                 }
             }
             Command::Dev(args) => agentcast::dev::run(args).await,
+            Command::Publish(args) => agentcast::tools::publish(args).await,
+            Command::Tail(args) => agentcast::tools::tail(args).await,
+            Command::Token(args) => agentcast::tools::token(args),
+            Command::Stream(args) => agentcast::tools::stream(args).await,
         }
     });
     ExitCode::from(code as u8)
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("AGENTCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("AGENTCAST_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {

@@ -1,0 +1,462 @@
+//! The command-line tools: `agentcast publish`, `tail`, `token` and `stream`.
+//!
+//! Each returns a process exit code. Anything the user got wrong (a flag, a
+//! user id, an input line) prints one line `agentcast: …` and exits with
+//! [`EXIT_CONFIG`] (64); a failure at run time (NATS unreachable, no stream,
+//! a publish not acknowledged, a refused socket) prints one line and exits
+//! with [`EXIT_RUNTIME`] (1). anyhow is used here, at the edge, only.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::json;
+
+use crate::auth::{MIN_SECRET_LEN, mint_hs256};
+use crate::client::{Client, Delivery};
+use crate::config::EXIT_CONFIG;
+use crate::history::History;
+use crate::publisher::{Event, PublishError, Publisher};
+use crate::user::UserId;
+
+/// Exit code for failures at run time.
+pub const EXIT_RUNTIME: i32 = 1;
+
+/// Time allowed to connect to NATS before the tool gives up.
+pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest lifetime `agentcast token` mints: dev tokens are for trying
+/// things; a long-lived token is a credential nobody remembers to revoke.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Lifetime of the tokens `agentcast tail` mints from --user and
+/// --jwt-secret. A fresh one is minted for every connection, so a tail that
+/// runs for days never presents an expired token.
+pub const TAIL_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Lines of JSON read from stdin before they are published as one pipelined
+/// batch: bounds the memory `agentcast publish` holds for a long input.
+/// Output (one line per event) follows each batch.
+pub const STDIN_BATCH_LINES: usize = 1024;
+
+/// How a tool reaches NATS: the node's flags and variables, minus TLS.
+#[derive(Debug, Args)]
+pub struct NatsArgs {
+    /// NATS server URLs, comma-separated.
+    #[arg(long, env = "AGENTCAST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(long, env = "AGENTCAST_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "AGENTCAST_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    #[arg(long, env = "AGENTCAST_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT and nkey seed).
+    #[arg(long, env = "AGENTCAST_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// The user whose stream receives the events.
+    #[arg(long)]
+    pub user: String,
+    /// Event type of one event; without it, JSON envelopes are read from stdin, one per line.
+    #[arg(long = "type")]
+    pub kind: Option<String>,
+    /// The event's `data`, a JSON object.
+    #[arg(long, requires = "kind")]
+    pub data: Option<String>,
+    #[arg(long, requires = "kind")]
+    pub run_id: Option<String>,
+    #[arg(long, requires = "kind")]
+    pub thread_id: Option<String>,
+    #[arg(long, requires = "kind")]
+    pub agent: Option<String>,
+    /// Nats-Msg-Id of the event (default: random); publishing again with it stores it once.
+    #[arg(long, requires = "kind")]
+    pub msg_id: Option<String>,
+    #[arg(long, env = "AGENTCAST_SUBJECT_PREFIX", default_value = crate::publisher::DEFAULT_SUBJECT_PREFIX)]
+    pub subject_prefix: String,
+    /// Largest event in bytes (the node's --max-event-bytes).
+    #[arg(long, env = "AGENTCAST_MAX_EVENT_BYTES", default_value_t = crate::publisher::DEFAULT_MAX_EVENT_BYTES)]
+    pub max_event_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Node WebSocket URL (ws://host:port/ws); repeat for several nodes, tried in turn.
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// Token to connect with.
+    #[arg(long, env = "AGENTCAST_TOKEN", hide_env_values = true, conflicts_with_all = ["user", "jwt_secret"])]
+    pub token: Option<String>,
+    /// Mint a token for this user (with --jwt-secret) instead of --token.
+    #[arg(long, requires = "jwt_secret")]
+    pub user: Option<String>,
+    /// HS256 secret to mint the token with.
+    #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true, requires = "user")]
+    pub jwt_secret: Option<String>,
+    /// Resume after this seq instead of starting live.
+    #[arg(long)]
+    pub from_seq: Option<u64>,
+    /// The stream epoch --from-seq belongs to (from a welcome).
+    #[arg(long, requires = "from_seq")]
+    pub epoch: Option<String>,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The token's `sub`.
+    #[arg(long)]
+    pub user: String,
+    /// HS256 secret (the node's --jwt-secret).
+    #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub lifetime: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// JetStream stream name.
+    #[arg(long, env = "AGENTCAST_STREAM", default_value = "AGENTCAST")]
+    pub stream: String,
+    #[arg(long, env = "AGENTCAST_SUBJECT_PREFIX", default_value = crate::publisher::DEFAULT_SUBJECT_PREFIX)]
+    pub subject_prefix: String,
+    /// Also show this user's position: event count, first and last seq.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+/// A failure with its exit code; printed as one line.
+struct Failure(i32, anyhow::Error);
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure(EXIT_CONFIG, e.into())
+}
+
+fn runtime(e: impl Into<anyhow::Error>) -> Failure {
+    Failure(EXIT_RUNTIME, e.into())
+}
+
+fn finish(r: Result<(), Failure>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(Failure(code, e)) => {
+            // `{:#}` joins the context chain on one line.
+            eprintln!("agentcast: {e:#}");
+            code
+        }
+    }
+}
+
+/// Input errors are the caller's to fix; the rest may pass on a retry.
+fn publish_exit_code(e: &PublishError) -> i32 {
+    match e {
+        PublishError::UserId(_)
+        | PublishError::TooLarge { .. }
+        | PublishError::EventType(_)
+        | PublishError::Envelope(_) => EXIT_CONFIG,
+        _ => EXIT_RUNTIME,
+    }
+}
+
+fn publish_failure(e: PublishError) -> Failure {
+    Failure(publish_exit_code(&e), e.into())
+}
+
+async fn connect(a: &NatsArgs) -> Result<async_nats::Client, Failure> {
+    let urls = a
+        .nats_url
+        .split(',')
+        .map(|u| {
+            u.trim().parse::<async_nats::ServerAddr>().map_err(|e| usage(anyhow::anyhow!("--nats-url {u:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut opts = async_nats::ConnectOptions::new().name("agentcast-cli").connection_timeout(NATS_CONNECT_TIMEOUT);
+    if let (Some(u), Some(p)) = (&a.nats_user, &a.nats_password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &a.nats_token {
+        opts = opts.token(t.clone());
+    }
+    if let Some(c) = &a.nats_creds {
+        opts =
+            opts.credentials_file(c).await.map_err(|e| usage(anyhow::anyhow!("--nats-creds {}: {e}", c.display())))?;
+    }
+    match tokio::time::timeout(NATS_CONNECT_TIMEOUT * 2, opts.connect(urls)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(runtime(anyhow::anyhow!("cannot connect to NATS at {}: {e}", a.nats_url))),
+        Err(_) => Err(runtime(anyhow::anyhow!("cannot connect to NATS at {}: timed out", a.nats_url))),
+    }
+}
+
+fn parse_user(flag: &str, user: &str) -> Result<UserId, Failure> {
+    UserId::parse(user).map_err(|e| usage(anyhow::anyhow!("{flag} {user:?}: {e}")))
+}
+
+/// `agentcast publish`: one event from flags, or JSON lines from stdin. Prints
+/// `{"seq":…,"duplicate":…,"msg_id":…}` per stored event.
+pub async fn publish(args: PublishArgs) -> i32 {
+    finish(publish_inner(args).await)
+}
+
+async fn publish_inner(a: PublishArgs) -> Result<(), Failure> {
+    let user = parse_user("--user", &a.user)?;
+    let single = match &a.kind {
+        Some(kind) => Some(one_event(kind, &a)?),
+        None => None,
+    };
+    let client = connect(&a.nats).await?;
+    let publisher = Publisher::new(client).subject_prefix(&a.subject_prefix).max_event_bytes(a.max_event_bytes);
+    if let Some(event) = single {
+        let p = publisher.publish(user.as_str(), &event).await.map_err(publish_failure)?;
+        print_published(&p);
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let mut line_no = 0usize;
+    let mut total = 0usize;
+    loop {
+        let mut batch = Vec::new();
+        for line in lines.by_ref() {
+            line_no += 1;
+            let line = line.map_err(|e| runtime(anyhow::anyhow!("reading stdin: {e}")))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let event = Event::from_json(&line)
+                .map_err(|e| usage(anyhow::anyhow!("stdin line {line_no}: {e}{}", published_before(total))))?;
+            batch.push(event);
+            if batch.len() == STDIN_BATCH_LINES {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for result in publisher.publish_batch(user.as_str(), &batch).await {
+            match result {
+                Ok(p) => {
+                    print_published(&p);
+                    total += 1;
+                }
+                Err(e) => {
+                    let code = publish_exit_code(&e);
+                    return Err(Failure(code, anyhow::anyhow!("{e}{}", published_before(total))));
+                }
+            }
+        }
+    }
+}
+
+fn published_before(total: usize) -> String {
+    if total == 0 { String::new() } else { format!(" ({total} events before it were published)") }
+}
+
+fn one_event(kind: &str, a: &PublishArgs) -> Result<Event, Failure> {
+    let data = match &a.data {
+        Some(d) => {
+            let v: serde_json::Value =
+                serde_json::from_str(d).map_err(|e| usage(anyhow::anyhow!("--data is not JSON: {e}")))?;
+            if !v.is_object() {
+                return Err(usage(anyhow::anyhow!("--data must be a JSON object")));
+            }
+            v
+        }
+        None => json!({}),
+    };
+    let mut event = Event::new(kind, data).map_err(usage)?;
+    event.run_id = a.run_id.clone();
+    if let Some(t) = &a.thread_id {
+        event = event.thread(t);
+    }
+    if let Some(g) = &a.agent {
+        event = event.agent(g);
+    }
+    if let Some(id) = &a.msg_id {
+        if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(usage(anyhow::anyhow!("--msg-id must be non-empty, without whitespace")));
+        }
+        event = event.id(id);
+    }
+    Ok(event)
+}
+
+fn print_published(p: &crate::publisher::Published) {
+    println!("{}", json!({"seq": p.seq, "duplicate": p.duplicate, "msg_id": p.msg_id}));
+}
+
+/// `agentcast token`: prints an HS256 token for a user.
+pub fn token(a: TokenArgs) -> i32 {
+    finish((|| {
+        let user = parse_user("--user", &a.user)?;
+        if a.jwt_secret.len() < MIN_SECRET_LEN {
+            return Err(usage(anyhow::anyhow!(
+                "--jwt-secret is {} bytes; at least {MIN_SECRET_LEN} are required for HS256",
+                a.jwt_secret.len()
+            )));
+        }
+        if a.lifetime < Duration::from_secs(1) || a.lifetime > MAX_TOKEN_LIFETIME {
+            return Err(usage(anyhow::anyhow!(
+                "--lifetime must be between 1s and {}",
+                humantime::format_duration(MAX_TOKEN_LIFETIME)
+            )));
+        }
+        let t = mint_hs256(a.jwt_secret.as_bytes(), user.as_str(), a.lifetime).map_err(runtime)?;
+        println!("{t}");
+        Ok(())
+    })())
+}
+
+/// `agentcast tail`: prints a user's events as JSON lines, resuming across
+/// reconnects; gaps are printed too, the welcome goes to stderr.
+pub async fn tail(a: TailArgs) -> i32 {
+    finish(tail_inner(a).await)
+}
+
+async fn tail_inner(a: TailArgs) -> Result<(), Failure> {
+    for u in &a.urls {
+        if !(u.starts_with("ws://") || u.starts_with("wss://")) {
+            return Err(usage(anyhow::anyhow!("--url {u:?} must start with ws:// or wss://")));
+        }
+    }
+    let token: Box<dyn Fn() -> String + Send + Sync> = match (&a.token, &a.user, &a.jwt_secret) {
+        (Some(t), _, _) => {
+            let t = t.clone();
+            Box::new(move || t.clone())
+        }
+        (None, Some(user), Some(secret)) => {
+            let user = parse_user("--user", user)?;
+            if secret.len() < MIN_SECRET_LEN {
+                return Err(usage(anyhow::anyhow!("--jwt-secret must be at least {MIN_SECRET_LEN} bytes")));
+            }
+            let secret = secret.clone();
+            Box::new(move || mint_hs256(secret.as_bytes(), user.as_str(), TAIL_TOKEN_LIFETIME).unwrap_or_default())
+        }
+        _ => return Err(usage(anyhow::anyhow!("give --token, or --user with --jwt-secret"))),
+    };
+    let mut client = Client::new(a.urls.clone(), token);
+    if let Some(seq) = a.from_seq {
+        client = client.resume_from(seq, a.epoch.clone());
+    }
+    let mut events = 0u64;
+    let mut out = std::io::stdout();
+    while a.count.is_none_or(|c| events < c) {
+        let resuming = client.last_seq();
+        let d = client.next().await.map_err(runtime)?;
+        match d {
+            Delivery::Welcome { node, position, epoch } => {
+                let from = resuming.map_or_else(|| "live".to_owned(), |s| format!("resuming after seq {s}"));
+                eprintln!("agentcast tail: connected to {node} (user position {position}, epoch {epoch}), {from}");
+            }
+            Delivery::Event { seq, event } => {
+                events += 1;
+                let _ = writeln!(out, "{{\"seq\":{seq},\"event\":{event}}}");
+            }
+            Delivery::Gap { reason, from, to, earliest } => {
+                let gap = json!({"gap": {"reason": reason, "from": from, "to": to, "earliest": earliest}});
+                let _ = writeln!(out, "{gap}");
+            }
+        }
+        let _ = out.flush();
+    }
+    client.close().await;
+    Ok(())
+}
+
+/// `agentcast stream`: the stream's config and state, and a user's position,
+/// as one JSON object.
+pub async fn stream(a: StreamArgs) -> i32 {
+    finish(stream_inner(a).await)
+}
+
+async fn stream_inner(a: StreamArgs) -> Result<(), Failure> {
+    let user = a.user.as_deref().map(|u| parse_user("--user", u)).transpose()?;
+    let client = connect(&a.nats).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(&a.stream).await.map_err(|e| {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        match e.kind() {
+            GetStreamErrorKind::JetStream(je)
+                if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                runtime(anyhow::anyhow!(
+                    "stream {} does not exist on {}: a node (agentcast serve) creates it",
+                    a.stream,
+                    a.nats.nats_url
+                ))
+            }
+            _ => runtime(anyhow::anyhow!("stream {}: {e}", a.stream)),
+        }
+    })?;
+    let info = stream.info().await.map_err(|e| runtime(anyhow::anyhow!("stream {} info: {e}", a.stream)))?.clone();
+    let c = &info.config;
+    let s = &info.state;
+    let mut out = json!({
+        "stream": c.name,
+        "epoch": crate::history::epoch(&info),
+        "config": {
+            "subjects": c.subjects,
+            "republish": c.republish.as_ref().map(|r| json!({"src": r.source, "dest": r.destination})),
+            "storage": format!("{:?}", c.storage).to_lowercase(),
+            "replicas": c.num_replicas,
+            "max_age": humantime::format_duration(c.max_age).to_string(),
+            "max_bytes": c.max_bytes,
+            "max_msgs_per_subject": c.max_messages_per_subject,
+            "max_msg_size": c.max_message_size,
+            "duplicate_window": humantime::format_duration(c.duplicate_window).to_string(),
+            "allow_direct": c.allow_direct,
+        },
+        "state": {
+            "messages": s.messages,
+            "bytes": s.bytes,
+            "first_seq": s.first_sequence,
+            "last_seq": s.last_sequence,
+            "users": s.subjects_count,
+        },
+    });
+    if let Some(user) = user {
+        let plain =
+            js.get_stream_no_info(&a.stream).await.map_err(|e| runtime(anyhow::anyhow!("stream {}: {e}", a.stream)))?;
+        let history = History::new(plain, a.subject_prefix.clone());
+        let nats = |e: crate::stream::StreamError| runtime(anyhow::anyhow!("{e}"));
+        let last = history.last(user.as_str()).await.map_err(nats)?;
+        let first = history.first(user.as_str()).await.map_err(nats)?;
+        let subject = format!("{}.{user}", a.subject_prefix);
+        let mut subjects = stream
+            .info_with_subjects(subject.as_str())
+            .await
+            .map_err(|e| runtime(anyhow::anyhow!("stream info for {subject}: {e}")))?;
+        let mut events = 0usize;
+        use futures_util::TryStreamExt;
+        while let Some((s, n)) =
+            subjects.try_next().await.map_err(|e| runtime(anyhow::anyhow!("stream info for {subject}: {e}")))?
+        {
+            if s == subject {
+                events = n;
+            }
+        }
+        out["user"] = json!({
+            "id": user.as_str(),
+            "subject": subject,
+            "events": events,
+            "first_seq": first,
+            "last_seq": last,
+        });
+    }
+    let text = serde_json::to_string_pretty(&out).map_err(runtime)?;
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The Rust `Publisher` against a real nats-server and node: order, acks
+//! and their sequences, exactly-once by message id, and its errors.
+
+mod common;
+
+use std::time::Duration;
+
+use agentcast::publisher::{Event, MAX_IN_FLIGHT, PublishError, Publisher};
+use common::*;
+use serde_json::{Value, json};
+
+/// Messages the stream holds for a user, from the server's own count.
+async fn stored_for(nats: &NatsServer, user: &str) -> u64 {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let stream = js.get_stream("AGENTCAST").await.unwrap();
+    let subject = format!("agentcast.events.{user}");
+    let mut info = stream.info_with_subjects(subject.as_str()).await.unwrap();
+    let mut n = 0;
+    use futures_util::TryStreamExt;
+    while let Some((s, c)) = info.try_next().await.unwrap() {
+        if s == subject {
+            n = c as u64;
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn a_pipelined_batch_is_stored_and_delivered_in_order() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (mut client, welcome) = Client::join(&node, "u1").await;
+    assert_eq!(welcome["position"], 0);
+    let publisher = Publisher::new(nats.client().await);
+    // More than the in-flight window, so the window fills and drains.
+    let n = MAX_IN_FLIGHT + 44;
+    let events: Vec<Event> = (0..n)
+        .map(|i| match i % 3 {
+            0 => Event::agent_thinking("r1", &format!("step {i}")),
+            1 => Event::tool_executing("r1", "calc", json!({"i": i})).agent("a1").thread("t1"),
+            _ => Event::custom("acme.progress", "r1", json!({"i": i})).unwrap(),
+        })
+        .collect();
+    let results = publisher.publish_batch("u1", &events).await;
+    let seqs: Vec<u64> = results.iter().map(|r| r.as_ref().unwrap().seq).collect();
+    assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+    assert!(results.iter().all(|r| !r.as_ref().unwrap().duplicate));
+    for (r, e) in results.iter().zip(&events) {
+        assert_eq!(r.as_ref().unwrap().msg_id, e.msg_id);
+    }
+    let got = client.events(n).await;
+    for ((seq, ev), (want_seq, want)) in got.iter().zip(seqs.iter().zip(&events)) {
+        assert_eq!(seq, want_seq);
+        let want: Value = serde_json::from_slice(&want.to_bytes()).unwrap();
+        assert_eq!(ev, &want);
+    }
+    assert_eq!(got[1].1["thread_id"], "t1");
+    assert_eq!(got[2].1["type"], "acme.progress");
+}
+
+#[tokio::test]
+async fn the_same_message_id_is_stored_once() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (mut client, _) = Client::join(&node, "u1").await;
+    let publisher = Publisher::new(nats.client().await);
+    let event = Event::agent_completed("r1", "done").id("r1-final");
+    let first = publisher.publish("u1", &event).await.unwrap();
+    let again = publisher.publish("u1", &event).await.unwrap();
+    assert_eq!((first.seq, first.duplicate), (1, false));
+    assert_eq!((again.seq, again.duplicate), (1, true));
+    // The same id inside a batch is also stored once.
+    let batch = publisher.publish_batch("u1", &[event.clone(), Event::agent_thinking("r2", "next")]).await;
+    assert_eq!(batch[0].as_ref().unwrap().seq, 1);
+    assert!(batch[0].as_ref().unwrap().duplicate);
+    assert_eq!(batch[1].as_ref().unwrap().seq, 2);
+    assert_eq!(stored_for(&nats, "u1").await, 2);
+    let got = client.events(2).await;
+    assert_eq!((got[0].0, got[0].1["type"].as_str()), (1, Some("agent_completed")));
+    assert_eq!((got[1].0, got[1].1["type"].as_str()), (2, Some("agent_thinking")));
+    client.quiet_for(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_publish_retried_across_a_nats_restart_is_stored_once() {
+    let mut nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let nc = async_nats::ConnectOptions::new()
+        .reconnect_delay_callback(|_| Duration::from_millis(50))
+        .connect(&nats.url)
+        .await
+        .unwrap();
+    let publisher = Publisher::new(nc).ack_timeout(Duration::from_millis(800));
+    assert_eq!(publisher.publish("u1", &Event::agent_started("r1", "go")).await.unwrap().seq, 1);
+    nats.stop();
+    let event = Event::agent_thinking("r1", "during the outage");
+    let task = {
+        let publisher = publisher.clone();
+        let event = event.clone();
+        tokio::spawn(async move { publisher.publish("u1", &event).await })
+    };
+    // Longer than one ack timeout: at least one attempt fails and is retried.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    nats.restart();
+    let published = task.await.unwrap().expect("stored once NATS is back");
+    assert_eq!(published.seq, 2);
+    assert_eq!(published.msg_id, event.msg_id);
+    // However many attempts reached the stream, it holds the event once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stored_for(&nats, "u1").await, 2);
+    drop(node);
+}
+
+#[tokio::test]
+async fn errors_say_what_is_wrong() {
+    let nats = NatsServer::start();
+    let publisher = Publisher::new(nats.client().await).max_event_bytes(1024);
+    // No node has created the stream yet.
+    let e = publisher.publish("u1", &Event::agent_thinking("r", "x")).await.unwrap_err();
+    assert!(matches!(&e, PublishError::StreamUnavailable { subject } if subject == "agentcast.events.u1"), "{e}");
+    let e = publisher.publish("a.b", &Event::agent_thinking("r", "x")).await.unwrap_err();
+    assert!(matches!(e, PublishError::UserId(_)), "{e}");
+    let big = Event::agent_thinking("r", &"x".repeat(2000));
+    let e = publisher.publish("u1", &big).await.unwrap_err();
+    assert!(matches!(e, PublishError::TooLarge { max: 1024, .. }), "{e}");
+    assert!(matches!(Event::custom("progress", "r", json!({})), Err(PublishError::EventType(_))));
+
+    // The stream's own limit is smaller than the publisher's: the stream refuses, once.
+    let _node = Node::start(&nats, &["--max-event-bytes", "512"]).await;
+    let e = publisher.publish("u1", &Event::agent_thinking("r", &"y".repeat(700))).await.unwrap_err();
+    assert!(matches!(&e, PublishError::Rejected(m) if m.contains("maximum")), "{e}");
+
+    // In a batch, each event gets its own result, in order.
+    let results =
+        publisher.publish_batch("u1", &[Event::agent_thinking("r", "a"), big, Event::agent_thinking("r", "b")]).await;
+    assert_eq!(results[0].as_ref().unwrap().seq, 1);
+    assert!(matches!(results[1], Err(PublishError::TooLarge { .. })));
+    assert_eq!(results[2].as_ref().unwrap().seq, 2);
+}

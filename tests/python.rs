@@ -1,0 +1,85 @@
+//! The Python example publisher (examples/python, nats-py) against a real
+//! nats-server and node; its events reach a WebSocket client.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// `$AGENTCAST_TEST_PYTHON`, else the CI venv's python (`.ci/run` installs
+/// nats-py there), else `python3`.
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("AGENTCAST_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = std::env::var_os("AGENTCAST_CI_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/agentcast-ci-venv")));
+    match venv.map(|v| v.join("bin/python")) {
+        Some(p) if p.is_file() => p,
+        _ => PathBuf::from("python3"),
+    }
+}
+
+fn run_example(nats: &NatsServer, user: &str, run_id: &str) -> Vec<(u64, String, String)> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/publish_agent_run.py");
+    let out = Command::new(python())
+        .args([script, "--nats-url", &nats.url, "--user", user, "--run-id", run_id])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    assert!(out.status.success(), "example failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut f = l.split(' ');
+            let seq = f.next().unwrap().parse().unwrap();
+            (seq, f.next().unwrap().to_owned(), f.next().unwrap().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_python_example_reaches_a_websocket_client_once() {
+    let py = python();
+    let check = Command::new(&py).args(["-c", "import nats"]).output();
+    assert!(
+        check.as_ref().is_ok_and(|o| o.status.success()),
+        "{} cannot import nats-py: install it (pip install nats-py) or set AGENTCAST_TEST_PYTHON",
+        py.display()
+    );
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (mut client, _) = Client::join(&node, "alice").await;
+    let printed = run_example(&nats, "alice", "py-1");
+    let types = [
+        "agent_started",
+        "agent_thinking",
+        "tool_executing",
+        "tool_completed",
+        "acme.forecast_chart",
+        "agent_completed",
+    ];
+    assert_eq!(printed.iter().map(|p| p.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+    assert_eq!(printed.iter().map(|p| p.1.as_str()).collect::<Vec<_>>(), types);
+    assert!(printed.iter().all(|p| p.2 == "stored"));
+    let got = client.events(6).await;
+    for ((seq, ev), (want_seq, want_type, _)) in got.iter().zip(&printed) {
+        assert_eq!((seq, ev["type"].as_str().unwrap()), (want_seq, want_type.as_str()));
+        assert_eq!(ev["run_id"], "py-1");
+        assert_eq!(ev["agent"], "weather-bot");
+        assert!(ev["timestamp"].as_str().unwrap().ends_with('Z'), "{ev}");
+        assert!(ev["data"].is_object());
+    }
+    assert_eq!(got[2].1["data"]["args"]["city"], "Paris");
+    // The same run again: every Nats-Msg-Id is known, nothing new is stored.
+    let again = run_example(&nats, "alice", "py-1");
+    assert_eq!(
+        again.iter().map(|p| (p.0, p.2.as_str())).collect::<Vec<_>>(),
+        (1..=6).map(|s| (s, "duplicate")).collect::<Vec<_>>()
+    );
+    client.quiet_for(Duration::from_millis(300)).await;
+}
