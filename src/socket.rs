@@ -145,6 +145,14 @@ where
     let mut last_heard = Instant::now();
     let mut batch: Vec<Item> = Vec::with_capacity(MAX_WRITE_BATCH);
     let mut out: Vec<Utf8Bytes> = Vec::with_capacity(MAX_WRITE_BATCH);
+    // Resolved once per socket: recording through a handle skips the
+    // registry lookup. Sampled once per batch, not per frame, so sockets do
+    // not all contend on the histograms' shared buckets for every event.
+    let depth = metrics::histogram!(m::QUEUE_DEPTH);
+    let latency = Latency {
+        stream: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Stream.label()),
+        envelope: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Envelope.label()),
+    };
 
     loop {
         tokio::select! {
@@ -155,7 +163,13 @@ where
                     // The hub dropped our sender: only on leave, which we own.
                     return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
                 }
+                depth.record((n + rx.len()) as f64);
+                // Items are in the user's order: the first timed one is the oldest.
+                let mut oldest: Option<m::Origin> = None;
                 for item in batch.drain(..) {
+                    if let Item::Event(f) = &item {
+                        oldest = oldest.or(f.origin);
+                    }
                     if let Some(text) = render(item, &mut position) {
                         out.push(text);
                     }
@@ -169,7 +183,7 @@ where
                 };
                 out.clear();
                 match result {
-                    Ok(()) => {}
+                    Ok(()) => latency.record(oldest),
                     // The select above will see the kick next turn.
                     Err(WriteFail::Kicked) => continue,
                     Err(WriteFail::Timeout) => return End::Slow,
@@ -193,6 +207,25 @@ where
             _ = tokio::time::sleep_until(expiry) => {
                 return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token", End::TokenExpired).await;
             }
+        }
+    }
+}
+
+/// The delivery latency histograms of one socket, by origin clock.
+struct Latency {
+    stream: metrics::Histogram,
+    envelope: metrics::Histogram,
+}
+
+impl Latency {
+    /// Records the time from `origin` to now. A clock behind the origin (the
+    /// publisher's clock ahead of ours) counts as zero rather than vanishing.
+    fn record(&self, origin: Option<m::Origin>) {
+        let Some(o) = origin else { return };
+        let secs = std::time::SystemTime::now().duration_since(o.at).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        match o.clock {
+            m::Clock::Stream => self.stream.record(secs),
+            m::Clock::Envelope => self.envelope.record(secs),
         }
     }
 }
@@ -361,6 +394,7 @@ where
     S: Sink<Message, Error = E> + Unpin,
 {
     tracing::warn!(error = %e, "reading history for a resume failed");
+    m::jetstream_error("resume");
     metrics::counter!(m::RESUMES, "outcome" => "failed").increment(1);
     close_with(ws, close::INTERNAL, "history unavailable: reconnect and resume", End::Error).await
 }
