@@ -307,19 +307,18 @@ where
         return Ok(after);
     }
     let mut position = after;
-    let mut replayed = 0u64;
     let mut gapped = reset;
     let mut shared = membership.replay.lock().await;
     let mut kept: Option<Vec<Utf8Bytes>> = Some(Vec::new());
     if let Some(prev) = shared.as_ref().filter(|p| p.after == after && !reset) {
         let mut frames = prev.frames.clone();
-        replayed += frames.len() as u64;
+        let replayed = frames.len() as u64;
         gapped |= prev.gapped;
         position = prev.through;
         kept = None;
         metrics::counter!(m::SHARED_REPLAYS).increment(1);
         match write_batch(ws, &mut frames).await {
-            Ok(()) => {}
+            Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(replayed),
             Err(WriteFail::Timeout) => return Err(End::Slow),
             Err(_) => return Err(End::Client),
         }
@@ -333,6 +332,7 @@ where
             }
         };
         let mut chunk: Vec<Utf8Bytes> = Vec::with_capacity(read.events.len() + 1);
+        let mut chunk_events = 0u64;
         if let Some(gap) = read.gap {
             gapped = true;
             position = position.max(gap.to.unwrap_or(position));
@@ -344,7 +344,7 @@ where
             // Not forwardable payloads are skipped, not holes.
             if let Ok(text) = event_frame(ev.seq, &ev.payload) {
                 chunk.push(text);
-                replayed += 1;
+                chunk_events += 1;
             }
         }
         if let Some(k) = kept.as_mut() {
@@ -356,8 +356,10 @@ where
             }
         }
         if !chunk.is_empty() {
+            // Counted as written, so a client that leaves mid-replay still
+            // shows what it was sent.
             match write_batch(ws, &mut chunk).await {
-                Ok(()) => {}
+                Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(chunk_events),
                 Err(WriteFail::Timeout) => return Err(End::Slow),
                 Err(_) => return Err(End::Client),
             }
@@ -384,7 +386,6 @@ where
         *shared = Some(SharedReplay { after, through: position, frames, gapped });
     }
     drop(shared);
-    metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
     metrics::counter!(m::RESUMES, "outcome" => if gapped { "gap" } else { "complete" }).increment(1);
     Ok(position)
 }
