@@ -185,6 +185,10 @@ pub struct NodeArgs {
     /// On SIGTERM/SIGINT, closes are spread over this window; the process exits within it.
     #[arg(long, env = "AGENTCAST_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_window: Duration,
+    /// Name users in logs. Off by default: logs then carry a per-process tag
+    /// (u:xxxxxxxx) instead, and connection lines only their connection id.
+    #[arg(long, env = "AGENTCAST_LOG_USER_IDS")]
+    pub log_user_ids: bool,
 }
 
 fn parse_algorithm(s: &str) -> Result<jsonwebtoken::Algorithm, String> {
@@ -231,6 +235,7 @@ pub struct Config {
     pub max_connections: usize,
     pub ping_interval: Duration,
     pub drain_window: Duration,
+    pub log_user_ids: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -397,6 +402,7 @@ impl NodeArgs {
             max_connections: self.max_connections,
             ping_interval: self.ping_interval,
             drain_window: self.drain_window,
+            log_user_ids: self.log_user_ids,
         })
     }
 }

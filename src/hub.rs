@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::StreamSettings;
 use crate::history::{Gap, GapReason, History, Read, Stored};
 use crate::metrics as m;
-use crate::protocol::event_frame;
+use crate::protocol::event_frame_timed;
 use crate::scan::{MAX_SCAN_SPAN, Scanner};
 use crate::stream::StreamError;
 use crate::user::UserId;
@@ -68,11 +68,13 @@ const REPAIR_BACKOFF: Duration = Duration::from_millis(200);
 const READ_CHUNK: usize = 32;
 
 /// One event, ready to write: the stream sequence and the frame text shared
-/// by every socket of the user.
+/// by every socket of the user, and when it was stored or published (for
+/// the delivery latency metric), found once here rather than per socket.
 #[derive(Debug, Clone)]
 pub struct EventFrame {
     pub seq: u64,
     pub text: Utf8Bytes,
+    pub origin: Option<m::Origin>,
 }
 
 /// What a socket's queue carries, in the user's order.
@@ -366,7 +368,7 @@ impl Hub {
         let sub = self.client.subscribe(self.settings.live_subject(entry.user.as_str())).await?;
         let last = {
             let _permit = self.read_slot().await;
-            self.history.last(entry.user.as_str()).await?
+            self.history.last(entry.user.as_str()).await.inspect_err(|_| m::jetstream_error("join"))?
         };
         lock(&entry.shared).last = if last == 0 { horizon } else { last };
         metrics::gauge!(m::USERS_SUBSCRIBED).increment(1.0);
@@ -424,7 +426,7 @@ impl Hub {
                     Some(msg) => self.on_message(&entry, msg).await,
                     None => {
                         // The client closed: these sockets would get nothing more.
-                        tracing::error!(user = %entry.user, "live subscription ended; closing the user's sockets");
+                        tracing::error!(user = %entry.user.for_log(), "live subscription ended; closing the user's sockets");
                         for s in &lock(&entry.shared).sockets {
                             s.kicker.kick(Kick::Error);
                         }
@@ -452,6 +454,7 @@ impl Hub {
             // live subject directly. It has no place in the user's history.
             metrics::counter!(m::EVENTS_REJECTED, "reason" => "no_sequence").increment(1);
             self.log_bad_once(
+                &entry.user,
                 msg.subject.as_str(),
                 "message on a live subject without Nats-Sequence (publish to the event subject instead)",
             );
@@ -466,11 +469,15 @@ impl Hub {
             && prev > last
         {
             metrics::counter!(m::GAPS_DETECTED).increment(1);
-            tracing::debug!(user = %entry.user, last, prev, seq, "hole on the live path; reading it from JetStream");
+            tracing::debug!(user = %entry.user.for_log(), last, prev, seq, "hole on the live path; reading it from JetStream");
             let _permit = self.read_slot().await;
             self.fill(entry, Some(seq), Some(prev)).await;
         }
-        self.deliver(entry, Stored { seq, payload: msg.payload });
+        // 2.10+ stamp the republished message; 2.9 does not (the envelope's
+        // timestamp is used then).
+        let stored_at =
+            headers.and_then(|h| h.get("Nats-Time-Stamp")).and_then(|v| m::Origin::parse(v.as_str(), m::Clock::Stream));
+        self.deliver(entry, Stored { seq, payload: msg.payload }, stored_at);
     }
 
     /// Reads the user's stored events after `last` (below `before` when
@@ -500,7 +507,7 @@ impl Hub {
                         metrics::counter!(m::GAPS_REPAIRED, "trigger" => trigger).increment(1);
                     }
                     for ev in read.events {
-                        self.deliver(entry, ev);
+                        self.deliver(entry, ev, None);
                     }
                     if read.done {
                         if before.is_none() {
@@ -511,12 +518,13 @@ impl Hub {
                     }
                 }
                 Err(e) => {
+                    m::jetstream_error("repair");
                     attempts += 1;
                     if attempts < REPAIR_ATTEMPTS {
                         tokio::time::sleep(REPAIR_BACKOFF).await;
                         continue;
                     }
-                    tracing::warn!(user, error = %e, "cannot read missing events from JetStream");
+                    tracing::warn!(user = %entry.user.for_log(), error = %e, "cannot read missing events from JetStream");
                     if let Some(b) = before {
                         let gap = Gap {
                             reason: GapReason::Unavailable,
@@ -534,7 +542,7 @@ impl Hub {
         if let Some(prev) = expect
             && last < prev
         {
-            tracing::warn!(user, last, prev, "JetStream did not return an event the live stream says exists");
+            tracing::warn!(user = %entry.user.for_log(), last, prev, "JetStream did not return an event the live stream says exists");
             let gap = Gap { reason: GapReason::Unavailable, from: Some(last + 1), to: Some(prev), earliest: None };
             self.announce(entry, gap, prev);
         }
@@ -550,13 +558,19 @@ impl Hub {
     /// Delivers one stored event to every socket of the user, or skips it
     /// (counted, logged once per subject) when it is not a JSON object; either
     /// way the user's position moves past it, so it is never taken for a hole.
-    fn deliver(&self, entry: &UserEntry, ev: Stored) {
-        let frame = match event_frame(ev.seq, &ev.payload) {
-            Ok(text) => Some(EventFrame { seq: ev.seq, text }),
+    /// `stored_at` is the stream's time for the event when the message gave
+    /// one; else the envelope's `timestamp`, if any, is the origin.
+    fn deliver(&self, entry: &UserEntry, ev: Stored, stored_at: Option<m::Origin>) {
+        let frame = match event_frame_timed(ev.seq, &ev.payload) {
+            Ok((text, stamp)) => {
+                let origin = stored_at.or_else(|| stamp.and_then(|t| m::Origin::parse(t, m::Clock::Envelope)));
+                Some(EventFrame { seq: ev.seq, text, origin })
+            }
             Err(e) => {
                 metrics::counter!(m::EVENTS_REJECTED, "reason" => e.reason()).increment(1);
                 let subject = self.settings.event_subject(entry.user.as_str());
                 self.log_bad_once(
+                    &entry.user,
                     &subject,
                     &format!("event payload is not a JSON object ({}), not forwarded; seq {}", e.reason(), ev.seq),
                 );
@@ -573,14 +587,20 @@ impl Hub {
         }
     }
 
-    fn log_bad_once(&self, subject: &str, what: &str) {
+    /// The subject names the user, so it is logged only when user ids may be
+    /// (see [`crate::user::set_log_user_ids`]); else the user's log tag is.
+    fn log_bad_once(&self, user: &UserId, subject: &str, what: &str) {
         let mut seen = lock(&self.bad_subjects);
         if seen.contains(subject) {
             return;
         }
         if seen.len() < MAX_LOGGED_BAD_SUBJECTS {
             seen.insert(subject.to_owned());
-            tracing::warn!(subject, "{what} (logged once per subject)");
+            if crate::user::log_user_ids() {
+                tracing::warn!(subject, "{what} (logged once per subject)");
+            } else {
+                tracing::warn!(user = %user.for_log(), "{what} (logged once per subject)");
+            }
         } else if seen.len() == MAX_LOGGED_BAD_SUBJECTS {
             seen.insert(String::new());
             tracing::warn!(

@@ -1,11 +1,17 @@
 //! Metric names, their help texts, and the Prometheus recorder.
 //!
-//! Names are constants so the code, the tests and (later) the dashboard and
-//! alert rules agree. No label ever carries a user id: labels are fixed,
-//! low-cardinality reasons.
+//! Names are constants so the code, the tests, the dashboard
+//! (grafana/dashboards/agentcast.json) and the alert rules
+//! (deploy/prometheus/alerts.yml) agree; tests/observability.rs checks that
+//! every series those query is one a node exports. No label ever carries a
+//! user id: labels are fixed, low-cardinality reasons.
+//!
+//! Every series with a known label set is registered at zero on start
+//! ([`register_known`]), so dashboards and `rate()` in alert rules see a
+//! series from the first scrape rather than "no data" until the first event.
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -34,6 +40,135 @@ pub const STREAM_RESETS: &str = "agentcast_stream_resets_total";
 pub const SHARED_REPLAYS: &str = "agentcast_shared_replays_total";
 pub const HISTORY_SCANS: &str = "agentcast_history_scans_total";
 pub const HISTORY_SCAN_MESSAGES: &str = "agentcast_history_scan_messages_total";
+pub const DELIVERY_LATENCY: &str = "agentcast_delivery_latency_seconds";
+pub const QUEUE_DEPTH: &str = "agentcast_socket_queue_depth";
+pub const JETSTREAM_ERRORS: &str = "agentcast_jetstream_errors_total";
+pub const NATS_RECONNECTS: &str = "agentcast_nats_reconnects_total";
+
+/// Every metric a node exports, for the tests that check the dashboard and
+/// the alert rules against them.
+pub const ALL: &[&str] = &[
+    SOCKETS_OPEN,
+    USERS_SUBSCRIBED,
+    CONNECTIONS_ACCEPTED,
+    CONNECTIONS_REFUSED,
+    DISCONNECTS,
+    EVENTS_RECEIVED,
+    EVENTS_REJECTED,
+    FRAMES_SENT,
+    BYTES_SENT,
+    WRITE_BATCH,
+    CLIENT_FRAMES_REJECTED,
+    NATS_CONNECTED,
+    NATS_EVENTS,
+    READY,
+    RESUMES,
+    REPLAYED_EVENTS,
+    GAPS_DETECTED,
+    GAPS_REPAIRED,
+    GAPS_ANNOUNCED,
+    GAPS_SENT,
+    STREAM_RESETS,
+    SHARED_REPLAYS,
+    DELIVERY_LATENCY,
+    QUEUE_DEPTH,
+    JETSTREAM_ERRORS,
+    NATS_RECONNECTS,
+    HISTORY_SCANS,
+    HISTORY_SCAN_MESSAGES,
+];
+
+/// The histograms among [`ALL`] (exported as `_bucket`, `_sum`, `_count`).
+pub const HISTOGRAMS: &[&str] = &[WRITE_BATCH, DELIVERY_LATENCY, QUEUE_DEPTH];
+
+/// Buckets of [`DELIVERY_LATENCY`], in seconds: fine below 10 ms, where a
+/// healthy node delivers (p99 of a few ms measured here, see
+/// ../shared/nats-facts.md), and coarse up to 10 s, where repairs after a
+/// NATS reconnect land. Prometheus interpolates inside a bucket, so the
+/// steps bound the error of a percentile read from them.
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Buckets of [`WRITE_BATCH`]: powers of two up to the batch cap
+/// ([`crate::socket::MAX_WRITE_BATCH`]).
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
+/// Buckets of [`QUEUE_DEPTH`]: powers of four up to the largest queue a
+/// socket may be given ([`crate::config::MAX_SOCKET_QUEUE`]); a depth near
+/// the configured `--socket-queue` means clients are about to be closed as slow.
+pub const QUEUE_BUCKETS: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0];
+
+/// Label values of [`DISCONNECTS`] (see [`crate::socket::End::label`]).
+pub const DISCONNECT_REASONS: &[&str] =
+    &["client", "slow", "drain", "ping_timeout", "token_expired", "too_big", "unsupported", "stream_reset", "error"];
+
+/// Label values of [`CONNECTIONS_REFUSED`] that are not token failures.
+pub const REFUSAL_REASONS: &[&str] = &["draining", "not_ready", "origin", "bad_request", "capacity"];
+
+/// Label values of [`CONNECTIONS_REFUSED`] for token failures (see
+/// [`crate::auth::AuthError::reason`]); the alert on auth failures sums these.
+pub const AUTH_FAILURE_REASONS: &[&str] = &[
+    "missing",
+    "malformed",
+    "expired",
+    "not_yet_valid",
+    "bad_signature",
+    "algorithm",
+    "missing_claim",
+    "claim",
+    "user_id",
+];
+
+/// Label values of [`JETSTREAM_ERRORS`]: which request failed.
+/// `resume`: a history read for a resume; `repair`: a live-path hole read
+/// (every failed attempt); `join`: the user's position for a first socket;
+/// `stream_check`: the readiness check of the stream.
+pub const JETSTREAM_OPS: &[&str] = &["resume", "repair", "join", "stream_check"];
+
+/// Which clock an event's origin time came from, the label `clock` of
+/// [`DELIVERY_LATENCY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// `Nats-Time-Stamp` of the republished message (nats-server 2.10+): when
+    /// the stream stored it.
+    Stream,
+    /// The event's own `timestamp` field, set by the publisher (2.9, and
+    /// events read back from history): includes the publisher's clock skew.
+    Envelope,
+}
+
+impl Clock {
+    pub fn label(self) -> &'static str {
+        match self {
+            Clock::Stream => "stream",
+            Clock::Envelope => "envelope",
+        }
+    }
+}
+
+/// When an event was stored or published, carried with its frame so the
+/// latency is measured at the socket write without parsing anything there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub at: SystemTime,
+    pub clock: Clock,
+}
+
+impl Origin {
+    /// From an RFC 3339 time (`Nats-Time-Stamp`, or an envelope `timestamp`
+    /// such as `2026-11-24T10:00:00.123Z` or `...+01:00`); `None` when it is
+    /// not one, since the latency metric is best effort.
+    pub fn parse(text: &str, clock: Clock) -> Option<Self> {
+        let t = time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339).ok()?;
+        let nanos = u64::try_from(t.unix_timestamp_nanos()).ok()?;
+        Some(Origin { at: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos), clock })
+    }
+}
+
+/// Counts one failed JetStream request; `op` is one of [`JETSTREAM_OPS`].
+pub fn jetstream_error(op: &'static str) {
+    metrics::counter!(JETSTREAM_ERRORS, "op" => op).increment(1);
+}
 
 /// How often histogram buckets are folded; the exporter needs it to be called.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -46,11 +181,16 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(WRITE_BATCH.into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+                .set_buckets_for_metric(Matcher::Full(WRITE_BATCH.into()), BATCH_BUCKETS)
+                .expect("non-empty bucket list")
+                .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
+                .expect("non-empty bucket list")
+                .set_buckets_for_metric(Matcher::Full(QUEUE_DEPTH.into()), QUEUE_BUCKETS)
                 .expect("non-empty bucket list")
                 .install_recorder()
                 .expect("metrics recorder installed once");
             describe();
+            register_known();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -81,6 +221,22 @@ fn describe() {
     describe_counter!(FRAMES_SENT, Unit::Count, "Frames written to sockets.");
     describe_counter!(BYTES_SENT, Unit::Bytes, "Frame payload bytes written to sockets.");
     describe_histogram!(WRITE_BATCH, Unit::Count, "Frames written per socket flush.");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "From the event's origin time (clock: stream = Nats-Time-Stamp, envelope = the event's timestamp) to its socket write; one sample per write batch, for its oldest event."
+    );
+    describe_histogram!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Items waiting in a socket's outbound queue, sampled at each write batch."
+    );
+    describe_counter!(
+        JETSTREAM_ERRORS,
+        Unit::Count,
+        "Failed JetStream requests, by op (resume, repair, join, stream_check)."
+    );
+    describe_counter!(NATS_RECONNECTS, Unit::Count, "Times the NATS connection came back after being lost.");
     describe_counter!(
         CLIENT_FRAMES_REJECTED,
         Unit::Count,
@@ -119,4 +275,49 @@ fn describe() {
         "Shared tail scans run for resumes while every history-read slot was busy, by outcome (ok, failed)."
     );
     describe_counter!(HISTORY_SCAN_MESSAGES, Unit::Count, "Stream messages read by shared tail scans.");
+}
+
+/// Registers every series whose labels are known in advance, at zero.
+fn register_known() {
+    for reason in DISCONNECT_REASONS {
+        metrics::counter!(DISCONNECTS, "reason" => *reason).absolute(0);
+    }
+    for reason in REFUSAL_REASONS.iter().chain(AUTH_FAILURE_REASONS) {
+        metrics::counter!(CONNECTIONS_REFUSED, "reason" => *reason).absolute(0);
+    }
+    for reason in ["not_json", "not_object", "not_utf8", "no_sequence"] {
+        metrics::counter!(EVENTS_REJECTED, "reason" => reason).absolute(0);
+    }
+    for reason in ["late_resume", "bad_frame", "binary", "too_big", "not_utf8"] {
+        metrics::counter!(CLIENT_FRAMES_REJECTED, "reason" => reason).absolute(0);
+    }
+    for outcome in ["complete", "gap", "failed"] {
+        metrics::counter!(RESUMES, "outcome" => outcome).absolute(0);
+    }
+    for trigger in ["sequence", "catchup"] {
+        metrics::counter!(GAPS_REPAIRED, "trigger" => trigger).absolute(0);
+    }
+    for reason in ["expired", "stream_reset", "unavailable"] {
+        metrics::counter!(GAPS_SENT, "reason" => reason).absolute(0);
+    }
+    metrics::counter!(GAPS_ANNOUNCED, "reason" => "unavailable", "path" => "live").absolute(0);
+    metrics::counter!(GAPS_ANNOUNCED, "reason" => "expired", "path" => "live").absolute(0);
+    for op in JETSTREAM_OPS {
+        metrics::counter!(JETSTREAM_ERRORS, "op" => *op).absolute(0);
+    }
+    for event in ["connected", "disconnected", "slow_consumer"] {
+        metrics::counter!(NATS_EVENTS, "event" => event).absolute(0);
+    }
+    for name in [CONNECTIONS_ACCEPTED, EVENTS_RECEIVED, FRAMES_SENT, BYTES_SENT, REPLAYED_EVENTS, GAPS_DETECTED] {
+        metrics::counter!(name).absolute(0);
+    }
+    for name in [STREAM_RESETS, SHARED_REPLAYS, NATS_RECONNECTS, HISTORY_SCAN_MESSAGES] {
+        metrics::counter!(name).absolute(0);
+    }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!(HISTORY_SCANS, "outcome" => outcome).absolute(0);
+    }
+    for name in [SOCKETS_OPEN, USERS_SUBSCRIBED, NATS_CONNECTED, READY] {
+        metrics::gauge!(name).increment(0.0);
+    }
 }

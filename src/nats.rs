@@ -32,6 +32,8 @@ pub struct Signals {
     pub connected: tokio::sync::Notify,
     /// async-nats dropped messages for a subscription that fell behind.
     pub dropped: tokio::sync::Notify,
+    /// Set at the first connect, so later ones count as reconnects.
+    pub was_connected: std::sync::atomic::AtomicBool,
 }
 
 /// Connects without waiting for the server: the client retries in the
@@ -85,6 +87,9 @@ fn on_event(event: Event, signals: &Signals) {
     match event {
         Event::Connected => {
             metrics::gauge!(m::NATS_CONNECTED).set(1.0);
+            if signals.was_connected.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                metrics::counter!(m::NATS_RECONNECTS).increment(1);
+            }
             tracing::info!("NATS connected");
             signals.connected.notify_one();
         }

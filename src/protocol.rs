@@ -116,6 +116,21 @@ impl PayloadError {
 /// socket of the user then shares the same bytes. The payload must be a JSON
 /// object and is embedded exactly as published.
 pub fn event_frame(seq: u64, payload: &[u8]) -> Result<Utf8Bytes, PayloadError> {
+    event_frame_timed(seq, payload).map(|(text, _)| text)
+}
+
+/// The one envelope field the node reads: the publisher's `timestamp`, used
+/// only for the delivery latency metric (docs/protocol.md). Read in the same
+/// pass that checks the payload is JSON, so it costs no second parse.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    timestamp: Option<&'a serde_json::value::RawValue>,
+}
+
+/// [`event_frame`], plus the envelope's `timestamp` when it is a plain JSON
+/// string (no escapes); parsing it as a time is left to the caller.
+pub fn event_frame_timed(seq: u64, payload: &[u8]) -> Result<(Utf8Bytes, Option<&str>), PayloadError> {
     let text = std::str::from_utf8(payload).map_err(|_| PayloadError::NotUtf8)?;
     if !text.trim_start().starts_with('{') {
         // Catches non-JSON too, but report it precisely.
@@ -124,7 +139,15 @@ pub fn event_frame(seq: u64, payload: &[u8]) -> Result<Utf8Bytes, PayloadError> 
             Err(_) => PayloadError::NotJson,
         });
     }
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|_| PayloadError::NotJson)?;
+    let timestamp = match serde_json::from_str::<Envelope>(text) {
+        Ok(env) => env.timestamp.and_then(|raw| plain_string(raw.get())),
+        // Valid JSON the struct refuses (a repeated `timestamp` key) is
+        // still forwarded, untimed.
+        Err(_) => {
+            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|_| PayloadError::NotJson)?;
+            None
+        }
+    };
     const HEAD: &str = r#"{"type":"event","seq":"#;
     const MID: &str = r#","event":"#;
     let mut out = String::with_capacity(HEAD.len() + 20 + MID.len() + text.len() + 1);
@@ -133,7 +156,13 @@ pub fn event_frame(seq: u64, payload: &[u8]) -> Result<Utf8Bytes, PayloadError> 
     out.push_str(MID);
     out.push_str(text);
     out.push('}');
-    Ok(Utf8Bytes::from(out))
+    Ok((Utf8Bytes::from(out), timestamp))
+}
+
+/// The contents of a JSON string literal without escapes, else `None`.
+fn plain_string(raw: &str) -> Option<&str> {
+    let s = raw.strip_prefix('"')?.strip_suffix('"')?;
+    (!s.contains('\\')).then_some(s)
 }
 
 #[cfg(test)]
@@ -151,6 +180,18 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
         assert_eq!(v["seq"], 42);
         assert_eq!(v["event"]["type"], "agent_thinking");
+    }
+
+    #[test]
+    fn the_envelope_timestamp_is_read_in_the_same_pass() {
+        let (f, ts) = event_frame_timed(3, br#"{"type":"x","timestamp":"2026-11-24T10:00:00.5Z"}"#).unwrap();
+        assert_eq!(ts, Some("2026-11-24T10:00:00.5Z"));
+        assert!(f.as_str().starts_with(r#"{"type":"event","seq":3,"#));
+        assert_eq!(event_frame_timed(1, br#"{"timestamp":12}"#).unwrap().1, None);
+        assert_eq!(event_frame_timed(1, br#"{"timestamp":null}"#).unwrap().1, None);
+        assert_eq!(event_frame_timed(1, br#"{"a":{"timestamp":"x"}}"#).unwrap().1, None);
+        // A repeated key is still a forwardable object, just untimed.
+        assert_eq!(event_frame_timed(1, br#"{"timestamp":"a","timestamp":"b"}"#).unwrap().1, None);
     }
 
     #[test]

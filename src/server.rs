@@ -189,7 +189,12 @@ async fn ws_handler(
     let slot = Slot(st.clone());
     let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
     let tracked = st.tracker.token();
-    let span = tracing::info_span!("conn", id = conn_id);
+    // Every line of the socket carries its connection id; the user only
+    // when the operator allows user ids in logs (--log-user-ids).
+    let span = tracing::info_span!("conn", id = conn_id, user = tracing::field::Empty);
+    if crate::user::log_user_ids() {
+        span.record("user", identity.user.as_str());
+    }
     let session = Session {
         conn_id,
         user: identity.user,
@@ -259,6 +264,7 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                 }
                 Err(e) if e.is_config() => return Err(e),
                 Err(e) => {
+                    m::jetstream_error("stream_check");
                     if st.stream_ok.swap(false, Ordering::AcqRel) || first {
                         tracing::warn!(error = %e, "stream check failed; not ready");
                     }
@@ -377,6 +383,7 @@ pub async fn start(
     on_listen: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), StartError> {
     let metrics = m::install();
+    crate::user::set_log_user_ids(config.log_user_ids);
     let listener =
         TcpListener::bind(config.listen).await.map_err(|err| StartError::Bind { addr: config.listen, err })?;
     let addr = listener.local_addr().map_err(|err| StartError::Bind { addr: config.listen, err })?;

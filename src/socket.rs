@@ -145,6 +145,14 @@ where
     let mut last_heard = Instant::now();
     let mut batch: Vec<Item> = Vec::with_capacity(MAX_WRITE_BATCH);
     let mut out: Vec<Utf8Bytes> = Vec::with_capacity(MAX_WRITE_BATCH);
+    // Resolved once per socket: recording through a handle skips the
+    // registry lookup. Sampled once per batch, not per frame, so sockets do
+    // not all contend on the histograms' shared buckets for every event.
+    let depth = metrics::histogram!(m::QUEUE_DEPTH);
+    let latency = Latency {
+        stream: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Stream.label()),
+        envelope: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Envelope.label()),
+    };
 
     loop {
         tokio::select! {
@@ -155,7 +163,13 @@ where
                     // The hub dropped our sender: only on leave, which we own.
                     return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
                 }
+                depth.record((n + rx.len()) as f64);
+                // Items are in the user's order: the first timed one is the oldest.
+                let mut oldest: Option<m::Origin> = None;
                 for item in batch.drain(..) {
+                    if let Item::Event(f) = &item {
+                        oldest = oldest.or(f.origin);
+                    }
                     if let Some(text) = render(item, &mut position) {
                         out.push(text);
                     }
@@ -169,7 +183,7 @@ where
                 };
                 out.clear();
                 match result {
-                    Ok(()) => {}
+                    Ok(()) => latency.record(oldest),
                     // The select above will see the kick next turn.
                     Err(WriteFail::Kicked) => continue,
                     Err(WriteFail::Timeout) => return End::Slow,
@@ -193,6 +207,25 @@ where
             _ = tokio::time::sleep_until(expiry) => {
                 return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token", End::TokenExpired).await;
             }
+        }
+    }
+}
+
+/// The delivery latency histograms of one socket, by origin clock.
+struct Latency {
+    stream: metrics::Histogram,
+    envelope: metrics::Histogram,
+}
+
+impl Latency {
+    /// Records the time from `origin` to now. A clock behind the origin (the
+    /// publisher's clock ahead of ours) counts as zero rather than vanishing.
+    fn record(&self, origin: Option<m::Origin>) {
+        let Some(o) = origin else { return };
+        let secs = std::time::SystemTime::now().duration_since(o.at).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        match o.clock {
+            m::Clock::Stream => self.stream.record(secs),
+            m::Clock::Envelope => self.envelope.record(secs),
         }
     }
 }
@@ -274,19 +307,18 @@ where
         return Ok(after);
     }
     let mut position = after;
-    let mut replayed = 0u64;
     let mut gapped = reset;
     let mut shared = membership.replay.lock().await;
     let mut kept: Option<Vec<Utf8Bytes>> = Some(Vec::new());
     if let Some(prev) = shared.as_ref().filter(|p| p.after == after && !reset) {
         let mut frames = prev.frames.clone();
-        replayed += frames.len() as u64;
+        let replayed = frames.len() as u64;
         gapped |= prev.gapped;
         position = prev.through;
         kept = None;
         metrics::counter!(m::SHARED_REPLAYS).increment(1);
         match write_batch(ws, &mut frames).await {
-            Ok(()) => {}
+            Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(replayed),
             Err(WriteFail::Timeout) => return Err(End::Slow),
             Err(_) => return Err(End::Client),
         }
@@ -297,6 +329,7 @@ where
             Err(e) => return Err(resume_failed(ws, &e).await),
         };
         let mut chunk: Vec<Utf8Bytes> = Vec::with_capacity(read.events.len() + 1);
+        let mut chunk_events = 0u64;
         if let Some(gap) = read.gap {
             gapped = true;
             position = position.max(gap.to.unwrap_or(position));
@@ -308,7 +341,7 @@ where
             // Not forwardable payloads are skipped, not holes.
             if let Ok(text) = event_frame(ev.seq, &ev.payload) {
                 chunk.push(text);
-                replayed += 1;
+                chunk_events += 1;
             }
         }
         if let Some(k) = kept.as_mut() {
@@ -320,8 +353,10 @@ where
             }
         }
         if !chunk.is_empty() {
+            // Counted as written, so a client that leaves mid-replay still
+            // shows what it was sent.
             match write_batch(ws, &mut chunk).await {
-                Ok(()) => {}
+                Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(chunk_events),
                 Err(WriteFail::Timeout) => return Err(End::Slow),
                 Err(_) => return Err(End::Client),
             }
@@ -348,7 +383,6 @@ where
         *shared = Some(SharedReplay { after, through: position, frames, gapped });
     }
     drop(shared);
-    metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
     metrics::counter!(m::RESUMES, "outcome" => if gapped { "gap" } else { "complete" }).increment(1);
     Ok(position)
 }
@@ -358,6 +392,7 @@ where
     S: Sink<Message, Error = E> + Unpin,
 {
     tracing::warn!(error = %e, "reading history for a resume failed");
+    m::jetstream_error("resume");
     metrics::counter!(m::RESUMES, "outcome" => "failed").increment(1);
     close_with(ws, close::INTERNAL, "history unavailable: reconnect and resume", End::Error).await
 }

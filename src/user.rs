@@ -9,6 +9,9 @@
 //! visible (HTTP 403) instead of silently rewritten.
 
 use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Longest accepted user id, in bytes. Long enough for UUIDs, ULIDs, e-mail
 /// hashes and provider ids like `auth0|64b…`; short enough that a subject
@@ -57,6 +60,46 @@ impl UserId {
     }
 }
 
+/// Whether logs may name users (`--log-user-ids`). Process-wide, like the
+/// log subscriber it governs; off unless the operator turns it on, since a
+/// user id is personal data in many deployments.
+static LOG_USER_IDS: AtomicBool = AtomicBool::new(false);
+
+/// Key of the tags logged in place of user ids, random per process.
+static TAG_KEY: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+
+/// Lets logs name users (or stops them).
+pub fn set_log_user_ids(on: bool) {
+    LOG_USER_IDS.store(on, Ordering::Relaxed);
+}
+
+pub fn log_user_ids() -> bool {
+    LOG_USER_IDS.load(Ordering::Relaxed)
+}
+
+impl UserId {
+    /// The id for a log line: itself when the operator allows it, else a tag
+    /// (`u:` and 8 hex digits) from a keyed hash that is stable within this
+    /// process, so lines about one user can be matched up, but that cannot be
+    /// turned back into the id without the process's random key.
+    pub fn for_log(&self) -> LogUser<'_> {
+        LogUser(self)
+    }
+}
+
+/// See [`UserId::for_log`].
+pub struct LogUser<'a>(&'a UserId);
+
+impl fmt::Display for LogUser<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if log_user_ids() {
+            return f.write_str(self.0.as_str());
+        }
+        let hash = TAG_KEY.get_or_init(Default::default).hash_one(self.0.as_str());
+        write!(f, "u:{:08x}", hash as u32)
+    }
+}
+
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -72,6 +115,17 @@ impl fmt::Debug for UserId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_name_users_only_when_allowed() {
+        let u = UserId::parse("alice").unwrap();
+        let tag = u.for_log().to_string();
+        assert!(tag.starts_with("u:") && tag.len() == 10 && !tag.contains("alice"), "{tag}");
+        assert_eq!(u.for_log().to_string(), tag, "stable within the process");
+        set_log_user_ids(true);
+        assert_eq!(u.for_log().to_string(), "alice");
+        set_log_user_ids(false);
+    }
 
     #[test]
     fn accepts_common_id_schemes() {

@@ -302,6 +302,14 @@ impl Client {
         Self { ws }
     }
 
+    /// Connects to a full socket URL and reads the welcome frame.
+    pub async fn join_url(url: &str) -> (Self, Value) {
+        let mut c = Self::connect(url).await;
+        let w = c.next_json().await;
+        assert_eq!(w["type"], "welcome", "{w}");
+        (c, w)
+    }
+
     /// Connects and reads the welcome frame.
     pub async fn join(node: &Node, user: &str) -> (Self, Value) {
         let mut c = Self::connect(&node.ws_url(&token(user))).await;
