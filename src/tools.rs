@@ -35,9 +35,10 @@ pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// runs for days never presents an expired token.
 pub const TAIL_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// Lines of JSON read from stdin before they are published as one pipelined
-/// batch: bounds the memory `agentcast publish` holds for a long input.
-/// Output (one line per event) follows each batch.
+/// Lines of JSON read ahead from stdin, and the most published as one
+/// pipelined batch: bounds the memory `agentcast publish` holds for a long
+/// input. A batch is what is already waiting, so input that trickles in is
+/// published as it comes. Output (one line per event) follows each batch.
 pub const STDIN_BATCH_LINES: usize = 1024;
 
 /// How a tool reaches NATS: the node's flags and variables, minus TLS.
@@ -224,27 +225,33 @@ async fn publish_inner(a: PublishArgs) -> Result<(), Failure> {
         print_published(&p);
         return Ok(());
     }
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
-    let mut line_no = 0usize;
-    let mut total = 0usize;
-    loop {
-        let mut batch = Vec::new();
-        for line in lines.by_ref() {
-            line_no += 1;
-            let line = line.map_err(|e| runtime(anyhow::anyhow!("reading stdin: {e}")))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let event = Event::from_json(&line)
-                .map_err(|e| usage(anyhow::anyhow!("stdin line {line_no}: {e}{}", published_before(total))))?;
-            batch.push(event);
-            if batch.len() == STDIN_BATCH_LINES {
-                break;
+    // A thread reads stdin (blocking) into a bounded queue; each batch is
+    // whatever lines are already waiting, so a slow trickle of input is
+    // published line by line and a large input in batches.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(STDIN_BATCH_LINES);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.blocking_send(line).is_err() {
+                return;
             }
         }
-        if batch.is_empty() {
-            return Ok(());
+    });
+    let mut line_no = 0usize;
+    let mut total = 0usize;
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(line) = next.take() {
+            line_no += 1;
+            let line = line.map_err(|e| runtime(anyhow::anyhow!("reading stdin: {e}")))?;
+            if !line.trim().is_empty() {
+                let event = Event::from_json(&line)
+                    .map_err(|e| usage(anyhow::anyhow!("stdin line {line_no}: {e}{}", published_before(total))))?;
+                batch.push(event);
+            }
+            if batch.len() < STDIN_BATCH_LINES {
+                next = rx.try_recv().ok();
+            }
         }
         for result in publisher.publish_batch(user.as_str(), &batch).await {
             match result {
@@ -259,6 +266,7 @@ async fn publish_inner(a: PublishArgs) -> Result<(), Failure> {
             }
         }
     }
+    Ok(())
 }
 
 fn published_before(total: usize) -> String {
