@@ -15,6 +15,9 @@
 //!
 //! Options: --events N (1000000) --users N (10000) --payload BYTES (240)
 //! --samples N (200) --storm N (10000) --missed N (20) --out FILE.json
+//! --burst N (1): each user's events are written N in a row before the next
+//! user's, as agent runs emit theirs; 1 is round-robin, the worst case for
+//! reads by subject.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -35,12 +38,13 @@ struct Opts {
     samples: usize,
     storm: usize,
     missed: usize,
+    burst: usize,
     out: Option<PathBuf>,
 }
 
 fn opts() -> Opts {
     let mut o =
-        Opts { events: 1_000_000, users: 10_000, payload: 240, samples: 200, storm: 10_000, missed: 20, out: None };
+        Opts { events: 1_000_000, users: 10_000, payload: 240, samples: 200, storm: 10_000, missed: 20, burst: 1, out: None };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -53,6 +57,7 @@ fn opts() -> Opts {
             "--samples" => o.samples = num(),
             "--storm" => o.storm = num(),
             "--missed" => o.missed = num(),
+            "--burst" => o.burst = num().max(1),
             "--out" => o.out = Some(PathBuf::from(val)),
             other => panic!("unknown option {other}"),
         }
@@ -239,8 +244,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
-        "agentcast resume benchmark: {nats_version}, {} events over {} users (~{per_user} each)",
-        o.events, o.users
+        "agentcast resume benchmark: {nats_version}, {} events over {} users (~{per_user} each, in bursts of {})",
+        o.events, o.users, o.burst
     );
 
     // Fill, pipelined with a bounded number of acks in flight.
@@ -253,7 +258,7 @@ async fn main() {
     const MAX_INFLIGHT: usize = 4096;
     let mut pending = futures_util::stream::FuturesOrdered::new();
     for i in 0..o.events {
-        let u = i % o.users;
+        let u = (i / o.burst) % o.users;
         let payload = format!(r#"{{"type":"agent_thinking","run_id":"r-{i:08}","data":{{"text":"{pad}"}}}}"#);
         let ack = js.publish(format!("agentcast.events.{}", user(u)), payload.into()).await.unwrap();
         pending.push_back(async move { (u, ack.await.expect("ack").sequence) });
@@ -428,7 +433,7 @@ async fn main() {
     let report = json!({
         "bench": "resume",
         "nats_server": nats_version,
-        "events": o.events, "users": o.users, "payload_bytes": o.payload, "missed": k,
+        "events": o.events, "users": o.users, "payload_bytes": o.payload, "missed": k, "burst": o.burst,
         "fill_events_per_s": o.events as f64 / fill.as_secs_f64(),
         "reads": results,
         "storm": {"sockets": sockets, "whole": whole, "failed": failures.len(), "seconds": all.as_secs_f64(),
