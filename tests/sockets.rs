@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -111,6 +111,7 @@ async fn a_silent_client_is_closed_after_two_ping_intervals() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let (_, close) = c.until_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 4002);
+    assert_eq!(node.metric("agentcast_disconnects_total", r#"reason="ping_timeout""#).await, 1.0);
     // A client that is read (and so answers pings) stays open.
     let (mut live, _) = Client::join(&node, "u1").await;
     live.quiet_for(Duration::from_millis(800)).await;
@@ -129,6 +130,7 @@ async fn the_socket_closes_when_the_token_expires() {
     let (_, close) = c.until_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 4001);
     assert!(start.elapsed() <= Duration::from_secs(3), "{:?}", start.elapsed());
+    assert_eq!(node.metric("agentcast_disconnects_total", r#"reason="token_expired""#).await, 1.0);
 }
 
 #[tokio::test]
@@ -181,4 +183,19 @@ async fn a_draining_node_refuses_new_sockets() {
     eventually("not ready", || async { node.get("/readyz").await.0 == 503 }).await;
     let (status, body) = refused(&node.ws_url(&token("u2")), &[]).await;
     assert_eq!((status, body["error"].as_str()), (503, Some("draining")));
+    assert_eq!(node.metric("agentcast_connections_refused_total", r#"reason="draining""#).await, 1.0);
+    assert_eq!(node.metric("agentcast_ready", "").await, 0.0);
+    // The drain's closes are counted as they happen, and HTTP stays up
+    // meanwhile: read while the last socket (closed about 1 s after the
+    // others, and the node exits after it) is still open.
+    let mut closing: futures_util::stream::FuturesUnordered<_> =
+        clients.iter_mut().map(|(c, _)| async move { c.until_close().await }).collect();
+    for _ in 0..4 {
+        let (_, close) = closing.next().await.expect("a socket closes");
+        assert_eq!(u16::from(close.expect("close frame").code), 1012);
+    }
+    eventually("drain closes counted", || async {
+        node.metric("agentcast_disconnects_total", r#"reason="drain""#).await == 4.0
+    })
+    .await;
 }
