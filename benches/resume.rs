@@ -298,8 +298,13 @@ async fn main() {
     let mut ordered_ms = Vec::new();
     let mut batch_ms = Vec::new();
     let mut history_ms = Vec::new();
-    let history =
-        agentcast::history::History::new(js.get_stream_no_info("AGENTCAST").await.unwrap(), "agentcast.events".into());
+    // As a node reads: over READ_CONNECTIONS connections of its own.
+    let mut read_streams = Vec::new();
+    for _ in 0..agentcast::nats::READ_CONNECTIONS {
+        let c = async_nats::connect(&nats_url).await.unwrap();
+        read_streams.push(async_nats::jetstream::new(c).get_stream_no_info("AGENTCAST").await.unwrap());
+    }
+    let history = agentcast::history::History::new(read_streams, "agentcast.events".into());
     let batch_supported = server_at_least(&client, 2, 11);
     for &u in &sample_users {
         let subject = format!("agentcast.events.{}", user(u));

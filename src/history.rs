@@ -18,11 +18,26 @@
 //! can happen while a long read is under way. Deleting or purging a user's
 //! messages by hand is outside this rule.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 
 use crate::stream::StreamError;
+
+/// Parts a long bounded read is split into, read at once on different
+/// connections (see [`History::read`] and [`crate::nats::READ_CONNECTIONS`]).
+/// Each part costs one extra get where it ends, and reads up to `max` events
+/// before the parts are joined, so a read holds at most this many times
+/// `max` events.
+pub const READ_CHAINS: usize = 4;
+
+/// Ranges shorter than this many stream sequences are read as one chain:
+/// few other users' events lie between the user's, gets are cheap, and the
+/// parts' extra gets would cost more than they save.
+const CHAIN_MIN_SPAN: u64 = 4096;
 
 /// One stored event of a user.
 #[derive(Debug, Clone)]
@@ -65,20 +80,26 @@ pub struct Gap {
     pub earliest: Option<u64>,
 }
 
-/// Reads of one stream.
+/// Reads of one stream, spread over the node's read connections.
 #[derive(Clone)]
 pub struct History {
-    stream: Stream<()>,
+    /// One handle per read connection ([`crate::nats::READ_CONNECTIONS`]).
+    streams: Arc<[Stream<()>]>,
+    /// Picks the connection of the next single request.
+    turn: Arc<AtomicUsize>,
     subject_prefix: String,
 }
 
 impl History {
-    pub fn new(stream: Stream<()>, subject_prefix: String) -> Self {
-        Self { stream, subject_prefix }
+    /// `streams`: a handle to the stream on each read connection (at least one).
+    pub fn new(streams: Vec<Stream<()>>, subject_prefix: String) -> Self {
+        assert!(!streams.is_empty(), "History needs a stream handle");
+        Self { streams: streams.into(), turn: Arc::default(), subject_prefix }
     }
 
+    /// The handle for the next request, round-robin over the connections.
     pub fn stream(&self) -> &Stream<()> {
-        &self.stream
+        &self.streams[self.turn.fetch_add(1, Ordering::Relaxed) % self.streams.len()]
     }
 
     /// The subject the user's events are stored under.
@@ -89,7 +110,7 @@ impl History {
     /// Sequence of the user's newest stored event, 0 when none.
     pub async fn last(&self, user: &str) -> Result<u64, StreamError> {
         let subject = self.subject(user);
-        match self.stream.direct_get_last_for_subject(subject.as_str()).await {
+        match self.stream().direct_get_last_for_subject(subject.as_str()).await {
             Ok(m) => Ok(m.sequence),
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(0),
             Err(e) => Err(StreamError::Nats(format!("last of {subject}: {e}"))),
@@ -98,8 +119,12 @@ impl History {
 
     /// The user's first stored event at or after `from`.
     pub async fn next(&self, user: &str, from: u64) -> Result<Option<Stored>, StreamError> {
+        self.next_on(self.stream(), user, from).await
+    }
+
+    async fn next_on(&self, stream: &Stream<()>, user: &str, from: u64) -> Result<Option<Stored>, StreamError> {
         let subject = self.subject(user);
-        match self.stream.direct_get_next_for_subject(subject.as_str(), Some(from.max(1))).await {
+        match stream.direct_get_next_for_subject(subject.as_str(), Some(from.max(1))).await {
             Ok(m) => Ok(Some(Stored { seq: m.sequence, payload: m.payload })),
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
             Err(e) => Err(StreamError::Nats(format!("next of {subject} from {from}: {e}"))),
@@ -109,7 +134,7 @@ impl History {
     /// The stream's last sequence, asked of the stream leader.
     pub async fn stream_last(&self) -> Result<u64, StreamError> {
         let info =
-            self.stream.info_with_subjects("").await.map_err(|e| StreamError::Nats(format!("stream info: {e}")))?;
+            self.stream().info_with_subjects("").await.map_err(|e| StreamError::Nats(format!("stream info: {e}")))?;
         Ok(info.info.state.last_sequence)
     }
 
@@ -122,7 +147,7 @@ impl History {
     async fn subject_state(&self, user: &str) -> Result<SubjectState, StreamError> {
         let subject = self.subject(user);
         let err = |e: &dyn std::fmt::Display| StreamError::Nats(format!("stream info for {subject}: {e}"));
-        let mut info = self.stream.info_with_subjects(subject.as_str()).await.map_err(|e| err(&e))?;
+        let mut info = self.stream().info_with_subjects(subject.as_str()).await.map_err(|e| err(&e))?;
         let stream_first = info.info.state.first_sequence;
         let limit = info.info.config.max_messages_per_subject;
         let mut count = 0;
@@ -137,7 +162,7 @@ impl History {
     /// Whether the stored message at `seq` is one of the user's.
     pub async fn is_users(&self, user: &str, seq: u64) -> Result<bool, StreamError> {
         let subject = self.subject(user);
-        match self.stream.direct_get(seq).await {
+        match self.stream().direct_get(seq).await {
             Ok(m) => Ok(m.subject.as_str() == subject),
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(false),
             Err(e) => Err(StreamError::Nats(format!("message {seq}: {e}"))),
@@ -148,23 +173,67 @@ impl History {
     /// `before` with direct gets, then proves the read complete or returns
     /// the gap (see [`History::prove`]). `done` is true when nothing more is
     /// stored in the range.
+    ///
+    /// Each get returns the user's next event, so a read is a chain of round
+    /// trips, each one a server-side scan over the other users' events in
+    /// between. A long bounded range is split into [`READ_CHAINS`] parts,
+    /// read at once on different connections; the parts' events are joined
+    /// in order, up to the first part that did not reach its end.
     pub async fn read(&self, user: &str, after: u64, before: Option<u64>, max: usize) -> Result<Read, StreamError> {
+        let from = after + 1;
+        let parts: Vec<(u64, Option<u64>)> = match before {
+            Some(b) if self.streams.len() > 1 && b > from && b - from >= CHAIN_MIN_SPAN => {
+                let step = (b - from).div_ceil(READ_CHAINS as u64);
+                (0..READ_CHAINS as u64)
+                    .map(|i| (from + i * step, Some((from + (i + 1) * step).min(b))))
+                    .filter(|(f, end)| end.is_some_and(|e| *f < e))
+                    .collect()
+            }
+            _ => vec![(from, before)],
+        };
+        let chains = parts.into_iter().map(|(f, b)| {
+            let stream = self.stream();
+            async move { self.chain(stream, user, f, b, max).await }
+        });
         let mut events = Vec::new();
-        let mut from = after + 1;
-        let mut done = false;
+        let mut done = true;
+        for (part, reached_end) in futures_util::future::try_join_all(chains).await? {
+            let room = max - events.len();
+            if part.len() > room {
+                events.extend(part.into_iter().take(room));
+                done = false;
+                break;
+            }
+            events.extend(part);
+            if !reached_end {
+                done = false;
+                break;
+            }
+        }
+        self.prove(user, after, events, done).await
+    }
+
+    /// Up to `max` of the user's events from `from` and below `before`, one
+    /// direct get each on `stream`; and whether the range was read to its end.
+    async fn chain(
+        &self,
+        stream: &Stream<()>,
+        user: &str,
+        mut from: u64,
+        before: Option<u64>,
+        max: usize,
+    ) -> Result<(Vec<Stored>, bool), StreamError> {
+        let mut events = Vec::new();
         while events.len() < max {
-            match self.next(user, from).await? {
+            match self.next_on(stream, user, from).await? {
                 Some(ev) if before.is_none_or(|b| ev.seq < b) => {
                     from = ev.seq + 1;
                     events.push(ev);
                 }
-                _ => {
-                    done = true;
-                    break;
-                }
+                _ => return Ok((events, true)),
             }
         }
-        self.prove(user, after, events, done).await
+        Ok((events, false))
     }
 
     /// Judges a read of the user's events after `after`, made by any means

@@ -225,19 +225,28 @@ pub enum JoinError {
 }
 
 impl Hub {
-    pub fn new(client: Client, settings: StreamSettings) -> Arc<Self> {
-        let js = async_nats::jetstream::new(client.clone());
-        // A handle without a round trip; the name was validated with the config.
-        let stream = futures_util::FutureExt::now_or_never(js.get_stream_no_info(&settings.name))
-            .expect("get_stream_no_info does not wait")
-            .expect("stream name validated by config");
-        let scanner = Arc::new(Scanner::new(stream.clone()));
+    /// `client` carries the live subscriptions; `readers` (at least one)
+    /// carry history reads and scans.
+    pub fn new(client: Client, readers: Vec<Client>, settings: StreamSettings) -> Arc<Self> {
+        // Handles without a round trip; the name was validated with the config.
+        let streams: Vec<_> = readers
+            .into_iter()
+            .map(|c| {
+                let js = async_nats::jetstream::new(c);
+                futures_util::FutureExt::now_or_never(js.get_stream_no_info(&settings.name))
+                    .expect("get_stream_no_info does not wait")
+                    .expect("stream name validated by config")
+            })
+            .collect();
+        let history = History::new(streams, settings.subject_prefix.clone());
+        // Scans run one at a time, on one of the read connections, away
+        // from the live subscriptions.
+        let scanner = Arc::new(Scanner::new(history.stream().clone()));
         let stop_scanner = CancellationToken::new();
         tokio::spawn({
             let (scanner, stop) = (scanner.clone(), stop_scanner.clone());
             async move { scanner.run(stop).await }
         });
-        let history = History::new(stream, settings.subject_prefix.clone());
         Arc::new(Self {
             client,
             settings,

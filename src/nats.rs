@@ -1,5 +1,11 @@
-//! The node's one NATS connection: options from the configuration, and the
+//! The node's NATS connections: options from the configuration, and the
 //! client events turned into logs and metrics.
+//!
+//! A node has one connection for its live subscriptions and
+//! [`READ_CONNECTIONS`] for history reads. nats-server answers the requests
+//! of one connection one after another, so reads on separate connections
+//! run at once (see [`crate::history`]), and a storm of reads never queues
+//! in front of live events.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,17 +45,41 @@ pub struct Signals {
 /// Connects without waiting for the server: the client retries in the
 /// background, and /readyz says not-ready until it is connected.
 pub async fn connect(s: &NatsSettings, name: &str, signals: Arc<Signals>) -> anyhow::Result<Client> {
+    let opts = options(s, name).await?.subscription_capacity(s.subscription_capacity).event_callback(move |event| {
+        let signals = signals.clone();
+        async move { on_event(event, &signals) }
+    });
+    Ok(opts.connect(s.urls.clone()).await?)
+}
+
+/// Connections for history reads (direct gets and scans). Four let a
+/// resume's read run as four chains at once: measured with 1M events over
+/// 10k users on 2 cores, 20 spread-out events took p50 7.1 ms on four
+/// connections against 11.0 ms on one (2.15.1), 12.4 against 20.4 ms (2.9.10);
+/// four chains on one connection were no faster than one.
+pub const READ_CONNECTIONS: usize = 4;
+
+/// Opens [`READ_CONNECTIONS`] connections for history reads, without waiting
+/// for the server, like [`connect`]. Their state is not tracked: the live
+/// connection's events stand for the node's link to NATS, and a read that
+/// fails on a reconnecting reader is retried or reported like any other.
+pub async fn connect_readers(s: &NatsSettings, name: &str) -> anyhow::Result<Vec<Client>> {
+    let mut readers = Vec::with_capacity(READ_CONNECTIONS);
+    for i in 0..READ_CONNECTIONS {
+        readers.push(options(s, &format!("{name}-read-{i}")).await?.connect(s.urls.clone()).await?);
+    }
+    Ok(readers)
+}
+
+/// What every connection of a node shares: name, auth, TLS, timeouts, and
+/// retrying in the background.
+async fn options(s: &NatsSettings, name: &str) -> anyhow::Result<ConnectOptions> {
     let mut opts = ConnectOptions::new()
         .name(name)
-        .subscription_capacity(s.subscription_capacity)
         .client_capacity(CLIENT_CAPACITY)
         .request_timeout(Some(REQUEST_TIMEOUT))
         .retry_on_initial_connect()
-        .max_reconnects(None)
-        .event_callback(move |event| {
-            let signals = signals.clone();
-            async move { on_event(event, &signals) }
-        });
+        .max_reconnects(None);
     if let Some((user, pass)) = &s.user {
         opts = opts.user_and_password(user.clone(), pass.clone());
     }
@@ -69,7 +99,7 @@ pub async fn connect(s: &NatsSettings, name: &str, signals: Arc<Signals>) -> any
     if s.tls_required {
         opts = opts.require_tls(true);
     }
-    Ok(opts.connect(s.urls.clone()).await?)
+    Ok(opts)
 }
 
 fn on_event(event: Event, signals: &Signals) {

@@ -64,8 +64,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, client: async_nats::Client, metrics: PrometheusHandle) -> Arc<Self> {
-        let hub = Hub::new(client.clone(), config.stream.clone());
+    /// `readers`: the connections for history reads ([`crate::nats::connect_readers`]).
+    pub fn new(
+        config: Config,
+        client: async_nats::Client,
+        readers: Vec<async_nats::Client>,
+        metrics: PrometheusHandle,
+    ) -> Arc<Self> {
+        let hub = Hub::new(client.clone(), readers, config.stream.clone());
         Arc::new(Self {
             node_id: config.node_id.as_str().into(),
             config,
@@ -390,6 +396,7 @@ pub async fn start(
     let signals = Arc::new(crate::nats::Signals::default());
     let client =
         crate::nats::connect(&config.nats, &config.node_id, signals.clone()).await.map_err(StartError::Nats)?;
+    let readers = crate::nats::connect_readers(&config.nats, &config.node_id).await.map_err(StartError::Nats)?;
     if config.allowed_origins.is_none() {
         tracing::warn!(
             "no --allowed-origins: browser pages from any origin may open sockets (tokens are still required)"
@@ -397,7 +404,7 @@ pub async fn start(
     }
     tracing::info!(node = %config.node_id, nats = ?config.nats.urls, stream = %config.stream.name, "listening on {addr}");
     on_listen(addr);
-    let st = AppState::new(config, client, metrics);
+    let st = AppState::new(config, client, readers, metrics);
     let catchup = tokio::spawn(catch_up_on_signals(st.hub.clone(), signals));
     let result = run(listener, st, shutdown).await;
     catchup.abort();

@@ -25,7 +25,7 @@ async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::Client, Arc
     let js = async_nats::jetstream::new(client.clone());
     js.create_stream(agentcast::stream::desired(&settings(max_per_user))).await.unwrap();
     let hub_settings = StreamSettings { live_prefix: "shadow".into(), ..settings(max_per_user) };
-    (client.clone(), Hub::new(client, hub_settings))
+    (client.clone(), Hub::new(client.clone(), vec![client], hub_settings))
 }
 
 /// Plays the republish of stored event `seq` (previous of the user: `prev`).

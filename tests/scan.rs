@@ -18,7 +18,7 @@ async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::jetstream::
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     js.create_stream(agentcast::stream::desired(&stream_settings(max_per_user))).await.unwrap();
-    (js, Hub::new(client, stream_settings(max_per_user)))
+    (js, Hub::new(client.clone(), vec![client], stream_settings(max_per_user)))
 }
 
 /// The process-wide counter of shared scans that succeeded (this test binary
