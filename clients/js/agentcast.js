@@ -190,7 +190,7 @@ export class AgentcastClient {
 
   /** Starts connecting. Returns this. */
   connect() {
-    if (this.state === 'idle') this._schedule(0);
+    if (this.state === 'idle') this._schedule(0, null);
     return this;
   }
 
@@ -253,9 +253,10 @@ export class AgentcastClient {
     this._setState('closed', info);
   }
 
-  _schedule(delay, info = {}) {
+  /** Opens a socket after `delay` ms; `info` (null for the first connection) says why. */
+  _schedule(delay, info) {
     if (this._stopped) return;
-    if (delay > 0) this._setState('waiting', { ...info, delay, attempt: this._attempt });
+    if (info) this._setState('waiting', { ...info, delay, attempt: this._attempt });
     this._timer = setTimeout(() => {
       this._timer = null;
       this._open().catch((err) => this._failed({ error: err }));

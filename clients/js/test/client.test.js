@@ -126,7 +126,8 @@ test('a drained node (reconnect frame, 1012): the client moves over at once and 
     const drained = r.states.find((s) => s.code === 1012);
     assert.ok(drained, JSON.stringify(r.states));
     // A drain close is answered after a short jitter only (under the base).
-    assert.ok(drained.delay === undefined || drained.delay < 100, JSON.stringify(drained));
+    assert.equal(drained.s, 'waiting');
+    assert.ok(drained.delay < 100, JSON.stringify(drained));
     assert.ok(Date.now() - t0 < 5000);
   });
 });
@@ -272,5 +273,27 @@ test('a refused handshake is retried with backoff and a fresh token from the pro
         [1006, false, 2],
       ],
     );
+  });
+});
+
+test('a stored position from another epoch: reset to 0, stream_reset gap, everything the stream holds', async () => {
+  await withNodes([], 1, async (nats, [node]) => {
+    const seqs = await publish(nats, 'lee', thinking(3));
+    const storage = new MemoryStorage();
+    const key = `agentcast:${node.url}:lee`;
+    // A position from a stream that was deleted and created again.
+    storage.setItem(key, JSON.stringify({ seq: 999999, epoch: '1' }));
+    const client = new AgentcastClient({ url: node.url, token: () => token('lee'), storage });
+    const r = record(client);
+    client.connect();
+    await r.count(3);
+    await sleep(200);
+    client.close();
+    assert.equal(r.gaps.length, 1);
+    assert.equal(r.gaps[0].reason, 'stream_reset');
+    assert.equal(r.gaps[0].from, undefined);
+    assert.equal(r.gaps[0].to, undefined);
+    assert.deepEqual(r.seqs, seqs);
+    assert.deepEqual(JSON.parse(storage.getItem(key)), { seq: seqs.at(-1), epoch: r.welcomes[0].epoch });
   });
 });
