@@ -1,0 +1,181 @@
+// Type definitions for the agentcast JavaScript client (agentcast.js).
+
+/** First reconnect delay ceiling in ms; doubles per failed attempt. */
+export const BACKOFF_BASE_MS: number;
+/** Largest reconnect delay ceiling in ms. */
+export const BACKOFF_MAX_MS: number;
+/** Time allowed to open a socket and read its welcome, in ms. */
+export const CONNECT_TIMEOUT_MS: number;
+/** The built-in event types. */
+export const EVENT_TYPES: readonly BuiltinEventType[];
+
+/** Full jitter: uniform in [0, min(max, base * 2^attempt)), in ms. */
+export function backoffDelay(
+  attempt: number,
+  opts?: { base?: number; max?: number; random?: () => number },
+): number;
+
+/** The `sub` claim of a JWT, read without verification; undefined if unreadable. */
+export function tokenSubject(token: string): string | undefined;
+
+/** The common envelope fields (docs/publishing.md §2). */
+export interface EnvelopeBase<T extends string, D> {
+  type: T;
+  run_id?: string;
+  thread_id?: string;
+  agent?: string;
+  timestamp?: string;
+  data: D;
+  [extra: string]: unknown;
+}
+
+export type AgentStarted = EnvelopeBase<'agent_started', { input?: unknown; [k: string]: unknown }>;
+export type AgentThinking = EnvelopeBase<'agent_thinking', { text?: string; [k: string]: unknown }>;
+export type ToolExecuting = EnvelopeBase<'tool_executing', { tool?: string; args?: unknown; [k: string]: unknown }>;
+export type ToolCompleted = EnvelopeBase<'tool_completed', { tool?: string; result?: unknown; [k: string]: unknown }>;
+export type AgentCompleted = EnvelopeBase<'agent_completed', { output?: unknown; [k: string]: unknown }>;
+export type AgentError = EnvelopeBase<'error', { code?: string; message?: string; [k: string]: unknown }>;
+/** A custom event: its type is `<namespace>.<name>`. */
+export type CustomEvent = EnvelopeBase<`${string}.${string}`, Record<string, unknown>>;
+
+export interface EventMap {
+  agent_started: AgentStarted;
+  agent_thinking: AgentThinking;
+  tool_executing: ToolExecuting;
+  tool_completed: ToolCompleted;
+  agent_completed: AgentCompleted;
+  error: AgentError;
+  custom: CustomEvent;
+  '*': AgentcastEvent;
+}
+
+export type BuiltinEventType = Exclude<keyof EventMap, 'custom' | '*'>;
+/** Any event as published; the node forwards any JSON object. */
+export type AgentcastEvent =
+  | AgentStarted
+  | AgentThinking
+  | ToolExecuting
+  | ToolCompleted
+  | AgentCompleted
+  | AgentError
+  | CustomEvent
+  | EnvelopeBase<string, unknown>;
+
+/** The server's gap frame, as it said it (docs/protocol.md §3, §8). */
+export interface Gap {
+  reason: 'expired' | 'stream_reset' | 'unavailable' | string;
+  /** First sequence that may be missing; absent for stream_reset. */
+  from?: number;
+  /** Last sequence that may be missing; absent for stream_reset. */
+  to?: number;
+  /** The user's oldest stored event, when known. */
+  earliest?: number;
+}
+
+export interface Welcome {
+  type: 'welcome';
+  node: string;
+  user: string;
+  position: number;
+  epoch: string;
+}
+
+export type ConnectionState = 'idle' | 'connecting' | 'open' | 'waiting' | 'closed';
+
+/** What comes with a state change; which fields are set depends on the state. */
+export interface StateInfo {
+  /** Failed attempts so far ('connecting', 'waiting'). */
+  attempt?: number;
+  /** Delay before the next attempt in ms ('waiting'). */
+  delay?: number;
+  /** The node URL ('open', and after a close). */
+  url?: string;
+  /** Close code of the socket that ended (1006: no close frame, or a refused handshake). */
+  code?: number;
+  /** Close reason text, or why the client stopped. */
+  reason?: string;
+  /** Whether the socket that ended had been welcomed. */
+  welcomed?: boolean;
+  /** 'closed' only: the client stopped because a reconnect cannot help. */
+  fatal?: boolean;
+  /** 'open' only. */
+  node?: string;
+  position?: number;
+  epoch?: string;
+  /** A token provider or setup error that made the attempt fail. */
+  error?: unknown;
+}
+
+/** sessionStorage, localStorage, or anything with the same three methods. */
+export interface StorageLike {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+  removeItem(key: string): void;
+}
+/** A Map<string, string> works too. */
+export interface MapLike {
+  get(key: string): string | undefined;
+  set(key: string, value: string): unknown;
+  delete(key: string): unknown;
+}
+
+export interface AgentcastOptions {
+  /** Node URL(s) such as `wss://events.example.com/ws`; reconnects go to the next one. */
+  url: string | string[];
+  /** A token, or a function returning one (or a promise of one), called before every connection. */
+  token: string | (() => string | Promise<string>);
+  /** WebSocket constructor; default `globalThis.WebSocket`. */
+  WebSocket?: new (url: string) => WebSocket;
+  /** Where the position is kept; default `globalThis.sessionStorage`; `null` keeps it in memory only. */
+  storage?: StorageLike | MapLike | null;
+  /** Storage key; default `agentcast:<urls joined by a space>:<user>`. */
+  storageKey?: string;
+  /** User id for the storage key; default the token's `sub`. */
+  user?: string;
+  /** Start from this position instead of the stored one or live. */
+  lastSeq?: number;
+  /** The epoch that goes with `lastSeq`. */
+  epoch?: string;
+  /** Backoff base in ms (default BACKOFF_BASE_MS). */
+  backoffBase?: number;
+  /** Backoff ceiling in ms (default BACKOFF_MAX_MS). */
+  backoffMax?: number;
+  /** Time for a socket to open and be welcomed, in ms (default CONNECT_TIMEOUT_MS). */
+  connectTimeout?: number;
+  /** Random source in [0, 1) for the jitter (default Math.random). */
+  random?: () => number;
+  onState?: (state: ConnectionState, info: StateInfo) => void;
+  onGap?: (gap: Gap) => void;
+  onWelcome?: (welcome: Welcome) => void;
+  onError?: (error: unknown) => void;
+}
+
+export class AgentcastClient {
+  constructor(options: AgentcastOptions);
+  readonly urls: string[];
+  readonly state: ConnectionState;
+  /** The last `seq` delivered (or resumed from, or the welcome's position); null before any. */
+  readonly lastSeq: number | null;
+  /** The epoch of the last welcome, or the one resumed with. */
+  readonly epoch: string | null;
+  /** Events dropped because their `seq` was not after the last one. */
+  readonly duplicates: number;
+  /** Reconnections made, not counting the first connection. */
+  readonly reconnects: number;
+  /** Times the token (or the provider) was used. */
+  readonly tokenRequests: number;
+
+  /** Handler per event type, 'custom' (types with a `.`) or '*' (all). Returns a remover. */
+  on<K extends keyof EventMap>(type: K, handler: (event: EventMap[K], seq: number) => void): () => void;
+  on(type: string, handler: (event: AgentcastEvent, seq: number) => void): () => void;
+  onState(handler: (state: ConnectionState, info: StateInfo) => void): () => void;
+  onGap(handler: (gap: Gap) => void): () => void;
+  onWelcome(handler: (welcome: Welcome) => void): () => void;
+  /** A handler threw, or a frame was not JSON; the stream goes on. */
+  onError(handler: (error: unknown) => void): () => void;
+
+  /** Starts connecting; returns the client. */
+  connect(): this;
+  /** Closes the socket (code 1000) and stops reconnecting. */
+  close(): void;
+}

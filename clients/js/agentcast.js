@@ -1,0 +1,461 @@
+// agentcast JavaScript client: an ES module with no dependencies, for browsers
+// and Node 20+. It mirrors the Rust client (src/client.rs) and implements the
+// socket protocol in docs/protocol.md: it resumes from its last `seq` after
+// any disconnect, drops duplicates by `seq`, reports gaps, and reconnects with
+// exponential backoff and full jitter.
+
+/** First reconnect delay ceiling in ms; doubles per failed attempt. */
+export const BACKOFF_BASE_MS = 100;
+/** Largest reconnect delay ceiling in ms. */
+export const BACKOFF_MAX_MS = 5000;
+/** Time allowed to open a socket and read its welcome, in ms. */
+export const CONNECT_TIMEOUT_MS = 10000;
+/** Exponent cap, so `2 ** attempt` stays a small exact number. */
+const MAX_BACKOFF_EXPONENT = 16;
+
+/** Built-in event types (docs/publishing.md §2); custom types contain a `.`. */
+export const EVENT_TYPES = Object.freeze([
+  'agent_started',
+  'agent_thinking',
+  'tool_executing',
+  'tool_completed',
+  'agent_completed',
+  'error',
+]);
+
+/**
+ * Close codes after which a reconnect only repeats the client's fault
+ * (docs/protocol.md §5): binary frame, bad UTF-8, missing resume frame,
+ * oversized message.
+ */
+const FATAL_CLOSE_CODES = new Set([1003, 1007, 1008, 1009]);
+/**
+ * Close codes after which the client returns after a short jitter only:
+ * drain, slow client, stream reset. Their attempt counter restarts at 0.
+ */
+const QUICK_CLOSE_CODES = new Set([1012, 4000, 4003]);
+/** The token expired: reconnect with a fresh token from the provider. */
+const TOKEN_EXPIRED = 4001;
+
+/**
+ * Full jitter: uniform in [0, min(max, base * 2^attempt)).
+ * @param {number} attempt failed attempts so far (0 for a quick return)
+ * @param {{base?: number, max?: number, random?: () => number}} [opts]
+ * @returns {number} delay in ms
+ */
+export function backoffDelay(attempt, opts = {}) {
+  const base = opts.base ?? BACKOFF_BASE_MS;
+  const max = opts.max ?? BACKOFF_MAX_MS;
+  const random = opts.random ?? Math.random;
+  const ceiling = Math.min(max, base * 2 ** Math.min(Math.max(attempt, 0), MAX_BACKOFF_EXPONENT));
+  return ceiling * random();
+}
+
+/**
+ * The `sub` claim of a JWT, read without verifying it (the node verifies).
+ * Used only to key the stored position per user. Returns undefined when the
+ * token cannot be read.
+ * @param {string} token
+ */
+export function tokenSubject(token) {
+  try {
+    const part = String(token).split('.')[1];
+    const b64 = part.replace(/-/g, '+').replace(/_/g, '/');
+    const padded = b64 + '='.repeat((4 - (b64.length % 4)) % 4);
+    const json =
+      typeof atob === 'function'
+        ? new TextDecoder().decode(Uint8Array.from(atob(padded), (c) => c.charCodeAt(0)))
+        : undefined;
+    const sub = json && JSON.parse(json).sub;
+    return typeof sub === 'string' ? sub : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Wraps sessionStorage-like (getItem/setItem/removeItem) or Map-like (get/set/delete) storage. */
+function storageAdapter(storage) {
+  if (!storage) return null;
+  if (typeof storage.getItem === 'function') {
+    return {
+      get: (k) => storage.getItem(k),
+      set: (k, v) => storage.setItem(k, v),
+      remove: (k) => storage.removeItem(k),
+    };
+  }
+  if (typeof storage.get === 'function' && typeof storage.set === 'function') {
+    return {
+      get: (k) => storage.get(k) ?? null,
+      set: (k, v) => storage.set(k, v),
+      remove: (k) => storage.delete(k),
+    };
+  }
+  throw new TypeError('storage must have getItem/setItem/removeItem or get/set/delete');
+}
+
+function defaultStorage() {
+  try {
+    return globalThis.sessionStorage ?? null;
+  } catch {
+    // Access can throw (sandboxed iframes, disabled storage).
+    return null;
+  }
+}
+
+/**
+ * A resuming connection to one user's event stream.
+ *
+ * States: 'idle' (not started), 'connecting', 'open' (welcomed),
+ * 'waiting' (backing off before the next attempt), 'closed' (stopped for good).
+ */
+export class AgentcastClient {
+  /** @param {import('./agentcast.js').AgentcastOptions} options */
+  constructor(options) {
+    if (!options || (!options.url && !options.urls)) throw new TypeError('url is required');
+    const urls = options.urls ?? (Array.isArray(options.url) ? options.url : [options.url]);
+    if (urls.length === 0) throw new TypeError('url is required');
+    if (options.token === undefined) throw new TypeError('token is required');
+    this.urls = urls.map(String);
+    this._token = options.token;
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== 'function') {
+      throw new TypeError('no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)');
+    }
+    this._storage = storageAdapter(options.storage === undefined ? defaultStorage() : options.storage);
+    this._storageKey = options.storageKey;
+    this._user = options.user;
+    this._backoff = { base: options.backoffBase ?? BACKOFF_BASE_MS, max: options.backoffMax ?? BACKOFF_MAX_MS };
+    this._random = options.random ?? Math.random;
+    this._connectTimeout = options.connectTimeout ?? CONNECT_TIMEOUT_MS;
+
+    this.state = 'idle';
+    /** The last `seq` delivered, or the position resumed from; null before any. */
+    this.lastSeq = options.lastSeq ?? null;
+    /** The stream epoch of the last welcome, or the one resumed with. */
+    this.epoch = options.epoch ?? null;
+    /** Events dropped because their `seq` was not after the last one. */
+    this.duplicates = 0;
+    /** Reconnections made (not counting the first connection). */
+    this.reconnects = 0;
+    /** Token provider calls (or uses of the static token). */
+    this.tokenRequests = 0;
+
+    this._loaded = this.lastSeq !== null;
+    this._attempt = 0;
+    this._connections = 0;
+    this._nextUrl = 0;
+    this._ws = null;
+    this._timer = null;
+    this._stopped = false;
+    this._handlers = new Map();
+    this._stateHandlers = new Set();
+    this._gapHandlers = new Set();
+    this._welcomeHandlers = new Set();
+    this._errorHandlers = new Set();
+    if (options.onState) this._stateHandlers.add(options.onState);
+    if (options.onGap) this._gapHandlers.add(options.onGap);
+    if (options.onWelcome) this._welcomeHandlers.add(options.onWelcome);
+    if (options.onError) this._errorHandlers.add(options.onError);
+  }
+
+  /**
+   * Handler for one event type ('agent_started', ...), 'custom' (any type
+   * with a `.`), or '*' (every event). Returns a function that removes it.
+   */
+  on(type, handler) {
+    if (!this._handlers.has(type)) this._handlers.set(type, new Set());
+    this._handlers.get(type).add(handler);
+    return () => this._handlers.get(type)?.delete(handler);
+  }
+
+  /** State changes: handler(state, info). Returns a function that removes it. */
+  onState(handler) {
+    return addTo(this._stateHandlers, handler);
+  }
+
+  /** Gaps, with the server's frame: handler({reason, from, to, earliest}). */
+  onGap(handler) {
+    return addTo(this._gapHandlers, handler);
+  }
+
+  /** Every welcome: handler({node, user, position, epoch}). */
+  onWelcome(handler) {
+    return addTo(this._welcomeHandlers, handler);
+  }
+
+  /** Errors that do not stop the client (a handler threw, a bad frame). */
+  onError(handler) {
+    return addTo(this._errorHandlers, handler);
+  }
+
+  /** Starts connecting. Returns this. */
+  connect() {
+    if (this.state === 'idle') this._schedule(0, null);
+    return this;
+  }
+
+  /** Closes the socket and stops reconnecting. */
+  close() {
+    this._stop({ reason: 'closed by the client' });
+  }
+
+  // --- internals ---
+
+  _setState(state, info = {}) {
+    this.state = state;
+    for (const h of this._stateHandlers) this._call(h, state, info);
+  }
+
+  _call(handler, ...args) {
+    try {
+      handler(...args);
+    } catch (err) {
+      this._report(err);
+    }
+  }
+
+  /**
+   * A handler threw or the server sent a frame that is not JSON: tell the
+   * error handlers; without any, rethrow outside the socket's callback, as an
+   * uncaught error, so it is not silently lost. The stream goes on either way.
+   */
+  _report(err) {
+    if (this._errorHandlers.size === 0) {
+      setTimeout(() => {
+        throw err;
+      });
+      return;
+    }
+    for (const h of this._errorHandlers) {
+      try {
+        h(err);
+      } catch {
+        /* an error handler that throws is ignored */
+      }
+    }
+  }
+
+  _stop(info) {
+    if (this._stopped) return;
+    this._stopped = true;
+    clearTimeout(this._timer);
+    this._timer = null;
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      detach(ws);
+      try {
+        ws.close(1000);
+      } catch {
+        /* already closing */
+      }
+    }
+    this._setState('closed', info);
+  }
+
+  /** Opens a socket after `delay` ms; `info` (null for the first connection) says why. */
+  _schedule(delay, info) {
+    if (this._stopped) return;
+    if (info) this._setState('waiting', { ...info, delay, attempt: this._attempt });
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      this._open().catch((err) => this._failed({ error: err }));
+    }, delay);
+  }
+
+  async _getToken() {
+    this.tokenRequests += 1;
+    return typeof this._token === 'function' ? await this._token() : this._token;
+  }
+
+  _key(user) {
+    if (this._storageKey) return this._storageKey;
+    return `agentcast:${this.urls.join(' ')}:${user ?? ''}`;
+  }
+
+  _loadPosition(user) {
+    if (this._loaded || !this._storage) return;
+    this._loaded = true;
+    try {
+      const raw = this._storage.get(this._key(user));
+      const saved = raw ? JSON.parse(raw) : null;
+      if (saved && Number.isSafeInteger(saved.seq) && saved.seq >= 0) {
+        this.lastSeq = saved.seq;
+        this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
+      }
+    } catch {
+      /* unreadable position: start live */
+    }
+  }
+
+  _savePosition() {
+    if (!this._storage || this.lastSeq === null) return;
+    try {
+      this._storage.set(this._key(this._user), JSON.stringify({ seq: this.lastSeq, epoch: this.epoch }));
+    } catch {
+      /* storage full or disabled: the in-memory position still works */
+    }
+  }
+
+  async _open() {
+    if (this._stopped) return;
+    if (this._connections > 0) this.reconnects += 1;
+    this._connections += 1;
+    this._setState('connecting', { attempt: this._attempt });
+    const token = await this._getToken();
+    if (this._stopped) return;
+    if (this._user === undefined) this._user = tokenSubject(token);
+    this._loadPosition(this._user);
+    const base = this.urls[this._nextUrl % this.urls.length];
+    this._nextUrl += 1;
+    let url = `${base}${base.includes('?') ? '&' : '?'}token=${encodeURIComponent(token)}`;
+    if (this.lastSeq !== null) {
+      url += `&last_seq=${this.lastSeq}`;
+      if (this.epoch) url += `&epoch=${encodeURIComponent(this.epoch)}`;
+    }
+    const ws = new this._WebSocket(url);
+    this._ws = ws;
+    let welcomed = false;
+    const timeout = setTimeout(() => {
+      if (this._ws !== ws || welcomed) return;
+      detach(ws);
+      this._ws = null;
+      try {
+        ws.close();
+      } catch {
+        /* ignore */
+      }
+      this._failed({ url: base, reason: 'connect timeout' });
+    }, this._connectTimeout);
+    ws.onmessage = (msg) => {
+      if (this._ws !== ws) return;
+      let frame;
+      try {
+        frame = JSON.parse(typeof msg.data === 'string' ? msg.data : String(msg.data));
+      } catch (err) {
+        this._report(new Error(`bad frame from the server: ${err.message}`));
+        return;
+      }
+      if (frame.type === 'welcome') {
+        welcomed = true;
+        clearTimeout(timeout);
+      }
+      this._frame(frame, base);
+    };
+    // A refused or failed handshake, or a lost connection: the spec fires
+    // `error` then `close` (1006), but some implementations (Node 20's) fire
+    // only `error` for a refused upgrade, so whichever comes first decides.
+    const ended = (code, reason) => {
+      clearTimeout(timeout);
+      if (this._ws !== ws) return;
+      detach(ws);
+      this._ws = null;
+      this._closed(code, reason, welcomed, base);
+    };
+    ws.onclose = (ev) => ended(ev.code, ev.reason ?? '');
+    ws.onerror = () => {
+      ended(1006, '');
+      try {
+        ws.close();
+      } catch {
+        /* not open */
+      }
+    };
+  }
+
+  _failed(info) {
+    if (this._stopped) return;
+    this._attempt += 1;
+    this._schedule(backoffDelay(this._attempt, { ...this._backoff, random: this._random }), info);
+  }
+
+  _closed(code, reason, welcomed, url) {
+    const info = { code, reason, url, welcomed };
+    if (FATAL_CLOSE_CODES.has(code)) {
+      this._stop({ ...info, fatal: true });
+    } else if (QUICK_CLOSE_CODES.has(code)) {
+      this._attempt = 0;
+      this._schedule(backoffDelay(0, { ...this._backoff, random: this._random }), info);
+    } else if (code === TOKEN_EXPIRED) {
+      if (typeof this._token !== 'function') {
+        // The same token would be refused: nothing a reconnect can fix.
+        this._stop({ ...info, fatal: true, reason: 'token expired and no token provider' });
+      } else {
+        this._attempt = 0;
+        this._schedule(backoffDelay(0, { ...this._backoff, random: this._random }), info);
+      }
+    } else {
+      // 1011, 4002, 1006 (no close frame: network loss, a killed node, or a
+      // refused handshake, which a browser cannot tell apart), and the rest.
+      this._failed(info);
+    }
+  }
+
+  _frame(frame, url) {
+    switch (frame.type) {
+      case 'welcome': {
+        const epoch = frame.epoch ?? '';
+        if (this.epoch !== null && this.epoch !== epoch && this.lastSeq !== null) {
+          // A new stream: the old position means nothing in it. The node
+          // says so with a stream_reset gap next; if the socket dies before
+          // that, the next resume must not pair the old position with the
+          // new epoch.
+          this.lastSeq = 0;
+        }
+        if (this.lastSeq === null) this.lastSeq = frame.position;
+        this.epoch = epoch;
+        this._savePosition();
+        this._setState('open', { url, node: frame.node, position: frame.position, epoch });
+        for (const h of this._welcomeHandlers) this._call(h, frame);
+        return;
+      }
+      case 'event': {
+        const seq = frame.seq;
+        if (this.lastSeq !== null && seq <= this.lastSeq) {
+          this.duplicates += 1;
+          return;
+        }
+        this.lastSeq = seq;
+        this._attempt = 0;
+        this._savePosition();
+        const event = frame.event ?? {};
+        const type = typeof event.type === 'string' ? event.type : '';
+        const typed = this._handlers.get(type);
+        if (typed) for (const h of typed) this._call(h, event, seq);
+        if (type.includes('.')) {
+          const custom = this._handlers.get('custom');
+          if (custom) for (const h of custom) this._call(h, event, seq);
+        }
+        const all = this._handlers.get('*');
+        if (all) for (const h of all) this._call(h, event, seq);
+        return;
+      }
+      case 'gap': {
+        if (frame.reason === 'stream_reset') {
+          this.lastSeq = 0;
+        } else if (typeof frame.to === 'number') {
+          this.lastSeq = Math.max(this.lastSeq ?? 0, frame.to);
+        }
+        this._savePosition();
+        const gap = { reason: frame.reason, from: frame.from, to: frame.to, earliest: frame.earliest };
+        for (const h of this._gapHandlers) this._call(h, gap);
+        return;
+      }
+      // `reconnect`: the close that follows says what to do. `pong`, `error`:
+      // answers to frames this client does not send.
+      default:
+        return;
+    }
+  }
+}
+
+function addTo(set, handler) {
+  set.add(handler);
+  return () => set.delete(handler);
+}
+
+function detach(ws) {
+  ws.onmessage = null;
+  ws.onclose = null;
+  ws.onerror = null;
+}

@@ -1,0 +1,299 @@
+// The client against a real nats-server and real agentcast nodes, over real
+// WebSockets. Sequences are compared exactly with what `agentcast publish`
+// printed as stored.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { AgentcastClient } from '../agentcast.js';
+import { MemoryStorage, NatsServer, Node, eventually, publish, sleep, thinking, token } from '../testlib/harness.js';
+
+/** Clients of the running test, closed when it ends even if it failed. */
+const clients = new Set();
+
+/** Records what a client delivers. */
+function record(client) {
+  clients.add(client);
+  const r = { seqs: [], events: [], gaps: [], states: [], welcomes: [] };
+  client.on('*', (event, seq) => {
+    r.seqs.push(seq);
+    r.events.push(event);
+  });
+  client.onGap((g) => r.gaps.push(g));
+  client.onState((s, info) => r.states.push({ s, ...info }));
+  client.onWelcome((w) => r.welcomes.push(w));
+  r.count = (n) => eventually(`${n} events (have ${r.seqs.length})`, () => r.seqs.length >= n);
+  r.open = (n = 1) => eventually(`welcome #${n}`, () => r.welcomes.length >= n);
+  return r;
+}
+
+/** Runs `body` with a nats-server and nodes, then stops them all. */
+async function withNodes(extra, nodes, body) {
+  const nats = await NatsServer.start();
+  const started = [];
+  try {
+    for (let i = 0; i < nodes; i++) started.push(await Node.start(nats, extra));
+    await body(nats, started);
+  } finally {
+    for (const c of clients) c.close();
+    clients.clear();
+    for (const n of started) await n.kill();
+    await nats.stop();
+  }
+}
+
+test('events arrive in order, exactly once, to their typed handlers', async () => {
+  await withNodes([], 1, async (nats, [node]) => {
+    const client = new AgentcastClient({ url: node.url, token: token('alice'), storage: null });
+    const r = record(client);
+    const typed = [];
+    for (const t of ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed']) {
+      client.on(t, (e, seq) => typed.push([t, e.type, seq]));
+    }
+    client.on('custom', (e, seq) => typed.push(['custom', e.type, seq]));
+    client.connect();
+    await r.open();
+    const envelopes = [
+      { type: 'agent_started', data: { input: 'q' } },
+      ...thinking(20),
+      { type: 'tool_executing', data: { tool: 'search', args: {} } },
+      { type: 'tool_completed', data: { tool: 'search', result: 1 } },
+      { type: 'acme.chart', data: { points: [1, 2] } },
+      { type: 'agent_completed', data: { output: 'done' } },
+    ];
+    // Another user's events share the stream's sequence but are not ours.
+    await publish(nats, 'bob', thinking(3));
+    const seqs = await publish(nats, 'alice', envelopes);
+    await r.count(seqs.length);
+    await sleep(200);
+    client.close();
+    assert.deepEqual(r.seqs, seqs);
+    assert.deepEqual(
+      r.events.map((e) => [e.type, e.data]),
+      envelopes.map((e) => [e.type, e.data]),
+    );
+    assert.deepEqual(
+      typed,
+      envelopes.map((e, i) => [e.type.includes('.') ? 'custom' : e.type, e.type, seqs[i]]),
+    );
+    assert.equal(client.duplicates, 0);
+    assert.equal(client.state, 'closed');
+    assert.deepEqual(
+      r.states.map((s) => s.s),
+      ['connecting', 'open', 'closed'],
+    );
+  });
+});
+
+test('a killed node: the client resumes on the other node with nothing missing or repeated', async () => {
+  await withNodes([], 2, async (nats, [a, b]) => {
+    const client = new AgentcastClient({ url: [a.url, b.url], token: () => token('carol'), storage: null });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    assert.equal(r.states.find((s) => s.s === 'open').url, a.url);
+    const first = await publish(nats, 'carol', thinking(10));
+    await r.count(10);
+    await a.kill('SIGKILL');
+    // Published while the client has no socket: replayed on resume.
+    const second = await publish(nats, 'carol', thinking(10, 10));
+    await r.open(2);
+    const third = await publish(nats, 'carol', thinking(5, 20));
+    await r.count(25);
+    await sleep(200);
+    client.close();
+    assert.deepEqual(r.seqs, [...first, ...second, ...third]);
+    assert.equal(r.gaps.length, 0);
+    assert.equal(client.reconnects, 1);
+    assert.equal(r.states.filter((s) => s.s === 'open').at(-1).url, b.url);
+  });
+});
+
+test('a drained node (reconnect frame, 1012): the client moves over at once and resumes', async () => {
+  await withNodes([], 2, async (nats, [a, b]) => {
+    const client = new AgentcastClient({ url: [a.url, b.url], token: () => token('dave'), storage: null });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    const first = await publish(nats, 'dave', thinking(5));
+    await r.count(5);
+    const t0 = Date.now();
+    await a.kill('SIGTERM');
+    await r.open(2);
+    const second = await publish(nats, 'dave', thinking(5, 5));
+    await r.count(10);
+    client.close();
+    assert.deepEqual(r.seqs, [...first, ...second]);
+    const drained = r.states.find((s) => s.code === 1012);
+    assert.ok(drained, JSON.stringify(r.states));
+    // A drain close is answered after a short jitter only (under the base).
+    assert.equal(drained.s, 'waiting');
+    assert.ok(drained.delay < 100, JSON.stringify(drained));
+    assert.ok(Date.now() - t0 < 5000);
+  });
+});
+
+test('duplicates by seq are dropped (a transport that delivers every frame twice)', async () => {
+  await withNodes([], 1, async (nats, [node]) => {
+    // A real WebSocket whose message handler is called twice per frame.
+    class Doubling extends WebSocket {
+      set onmessage(h) {
+        super.onmessage = h && ((m) => (h(m), h(m)));
+      }
+      get onmessage() {
+        return super.onmessage;
+      }
+    }
+    const client = new AgentcastClient({ url: node.url, token: token('erin'), storage: null, WebSocket: Doubling });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    const seqs = await publish(nats, 'erin', thinking(8));
+    await r.count(8);
+    await sleep(200);
+    client.close();
+    assert.deepEqual(r.seqs, seqs);
+    assert.equal(client.duplicates, 8);
+  });
+});
+
+test('the position is kept in storage and a new client resumes from it', async () => {
+  await withNodes([], 1, async (nats, [node]) => {
+    const storage = new MemoryStorage();
+    const c1 = new AgentcastClient({ url: node.url, token: () => token('frank'), storage });
+    const r1 = record(c1);
+    c1.connect();
+    await r1.open();
+    const first = await publish(nats, 'frank', thinking(4));
+    await r1.count(4);
+    c1.close();
+    const key = `agentcast:${node.url}:frank`;
+    const saved = JSON.parse(storage.getItem(key));
+    assert.deepEqual(saved, { seq: first.at(-1), epoch: r1.welcomes[0].epoch });
+    // Published while no client is connected ("the page is reloading").
+    const missed = await publish(nats, 'frank', thinking(6, 4));
+    const c2 = new AgentcastClient({ url: node.url, token: () => token('frank'), storage });
+    const r2 = record(c2);
+    c2.connect();
+    await r2.count(6);
+    const later = await publish(nats, 'frank', thinking(2, 10));
+    await r2.count(8);
+    await sleep(200);
+    c2.close();
+    assert.deepEqual(r2.seqs, [...missed, ...later]);
+    assert.equal(r2.gaps.length, 0);
+    assert.equal(JSON.parse(storage.getItem(key)).seq, later.at(-1));
+    // Another user's position is kept apart.
+    assert.equal(storage.getItem(`agentcast:${node.url}:grace`), null);
+  });
+});
+
+test('history that is gone is reported as a gap with what the server said', async () => {
+  await withNodes(['--stream-max-per-user', '3'], 1, async (nats, [node]) => {
+    const storage = new MemoryStorage();
+    const c1 = new AgentcastClient({ url: node.url, token: () => token('heidi'), storage });
+    const r1 = record(c1);
+    c1.connect();
+    const before = await publish(nats, 'heidi', thinking(2));
+    await r1.count(2);
+    c1.close();
+    const missed = await publish(nats, 'heidi', thinking(10, 2));
+    const c2 = new AgentcastClient({ url: node.url, token: () => token('heidi'), storage });
+    const r2 = record(c2);
+    c2.connect();
+    await r2.count(3);
+    await sleep(200);
+    c2.close();
+    // Only the newest 3 are stored; the rest is announced, then they follow.
+    const kept = missed.slice(-3);
+    assert.deepEqual(r2.gaps, [{ reason: 'expired', from: before.at(-1) + 1, to: kept[0] - 1, earliest: kept[0] }]);
+    assert.deepEqual(r2.seqs, kept);
+  });
+});
+
+test('an expired token (4001): the provider is called again and the stream resumes', async () => {
+  await withNodes(['--jwt-leeway', '0s'], 1, async (nats, [node]) => {
+    let calls = 0;
+    const client = new AgentcastClient({
+      url: node.url,
+      token: async () => {
+        calls += 1;
+        return token('ivan', 2);
+      },
+      storage: null,
+    });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    const first = await publish(nats, 'ivan', thinking(3));
+    await r.count(3);
+    await eventually('a 4001 close', () => r.states.some((s) => s.code === 4001), 6000);
+    const second = await publish(nats, 'ivan', thinking(3, 3));
+    await r.open(2);
+    await r.count(6);
+    client.close();
+    assert.deepEqual(r.seqs, [...first, ...second]);
+    assert.equal(calls, 2);
+    assert.equal(client.tokenRequests, 2);
+  });
+});
+
+test('a static token that expires (4001) stops the client: the same token would be refused', async () => {
+  await withNodes(['--jwt-leeway', '0s'], 1, async (nats, [node]) => {
+    const client = new AgentcastClient({ url: node.url, token: token('judy', 1), storage: null });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    await eventually('closed', () => client.state === 'closed', 5000);
+    const last = r.states.at(-1);
+    assert.equal(last.code, 4001);
+    assert.equal(last.fatal, true);
+    assert.equal(client.reconnects, 0);
+  });
+});
+
+test('a refused handshake is retried with backoff and a fresh token from the provider', async () => {
+  await withNodes([], 1, async (nats, [node]) => {
+    const tokens = ['not-a-token', token('kim').replace(/.$/, 'x'), token('kim')];
+    let calls = 0;
+    const client = new AgentcastClient({ url: node.url, token: () => tokens[calls++], storage: null });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    const seqs = await publish(nats, 'kim', thinking(2));
+    await r.count(2);
+    client.close();
+    assert.equal(calls, 3);
+    assert.deepEqual(r.seqs, seqs);
+    // A browser sees a refused upgrade as a close without a code (1006).
+    const waits = r.states.filter((s) => s.s === 'waiting');
+    assert.deepEqual(
+      waits.map((s) => [s.code, s.welcomed, s.attempt]),
+      [
+        [1006, false, 1],
+        [1006, false, 2],
+      ],
+    );
+  });
+});
+
+test('a stored position from another epoch: reset to 0, stream_reset gap, everything the stream holds', async () => {
+  await withNodes([], 1, async (nats, [node]) => {
+    const seqs = await publish(nats, 'lee', thinking(3));
+    const storage = new MemoryStorage();
+    const key = `agentcast:${node.url}:lee`;
+    // A position from a stream that was deleted and created again.
+    storage.setItem(key, JSON.stringify({ seq: 999999, epoch: '1' }));
+    const client = new AgentcastClient({ url: node.url, token: () => token('lee'), storage });
+    const r = record(client);
+    client.connect();
+    await r.count(3);
+    await sleep(200);
+    client.close();
+    assert.equal(r.gaps.length, 1);
+    assert.equal(r.gaps[0].reason, 'stream_reset');
+    assert.equal(r.gaps[0].from, undefined);
+    assert.equal(r.gaps[0].to, undefined);
+    assert.deepEqual(r.seqs, seqs);
+    assert.deepEqual(JSON.parse(storage.getItem(key)), { seq: seqs.at(-1), epoch: r.welcomes[0].epoch });
+  });
+});

@@ -1,0 +1,181 @@
+// Real parts for the client's tests: a nats-server process on a free port with
+// its own JetStream directory, agentcast nodes as real processes on port 0,
+// events published with `agentcast publish`. Mirrors tests/common/mod.rs.
+//
+// AGENTCAST_BIN: the agentcast binary (tests/js_client.rs passes cargo's).
+// AGENTCAST_TEST_NATS_SERVER: the nats-server binary, else `nats-server`.
+
+import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+export const SECRET = 'test-secret-test-secret-test-secret!';
+const START_TIMEOUT_MS = 15000;
+export const RECV_TIMEOUT_MS = 10000;
+
+const AGENTCAST_BIN = process.env.AGENTCAST_BIN ?? 'agentcast';
+const NATS_BIN = process.env.AGENTCAST_TEST_NATS_SERVER ?? 'nats-server';
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Polls `f` until it returns true, or fails after the timeout. */
+export async function eventually(what, f, timeoutMs = RECV_TIMEOUT_MS) {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await f())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    await sleep(20);
+  }
+}
+
+function exited(child) {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) resolve();
+    else child.once('exit', () => resolve());
+  });
+}
+
+export class NatsServer {
+  static async start() {
+    const dir = mkdtempSync(join(tmpdir(), 'agentcast-js-'));
+    const child = spawn(
+      NATS_BIN,
+      ['-a', '127.0.0.1', '-p', '-1', '-js', '-sd', join(dir, 'jetstream'), '--ports_file_dir', dir],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
+    let log = '';
+    child.stderr.on('data', (d) => (log += d));
+    const spawnError = new Promise((_, reject) => child.once('error', reject));
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    for (;;) {
+      const file = readdirSync(dir).find((f) => f.endsWith('.ports'));
+      if (file) {
+        try {
+          const v = JSON.parse(readFileSync(join(dir, file), 'utf8'));
+          const s = new NatsServer();
+          Object.assign(s, { child, dir, url: v.nats[0] });
+          return s;
+        } catch {
+          /* half-written: retry */
+        }
+      }
+      if (Date.now() > deadline) {
+        child.kill('SIGKILL');
+        throw new Error(`nats-server did not start:\n${log}`);
+      }
+      await Promise.race([sleep(20), spawnError]);
+    }
+  }
+
+  async stop() {
+    this.child.kill('SIGKILL');
+    await exited(this.child);
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+export class Node {
+  /** Starts a node and waits until /readyz says ready. */
+  static async start(nats, extra = []) {
+    const args = ['serve', '--listen', '127.0.0.1:0', '--nats-url', nats.url, '--jwt-secret', SECRET];
+    if (!extra.includes('--drain-window')) args.push('--drain-window', '1s');
+    args.push(...extra);
+    const child = spawn(AGENTCAST_BIN, args, {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      env: { ...process.env, AGENTCAST_LOG: 'info,agentcast=debug' },
+    });
+    const node = new Node();
+    node.child = child;
+    node.log = '';
+    const addr = await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`node did not start; log:\n${node.log}`)), START_TIMEOUT_MS);
+      child.once('error', (e) => {
+        clearTimeout(timer);
+        reject(new Error(`cannot start ${AGENTCAST_BIN}: ${e.message}`));
+      });
+      child.stderr.setEncoding('utf8');
+      child.stderr.on('data', (d) => {
+        node.log += d;
+        const m = /listening on (\S+)/.exec(node.log);
+        if (m) {
+          clearTimeout(timer);
+          resolve(m[1]);
+        }
+      });
+    });
+    node.addr = addr;
+    node.url = `ws://${addr}/ws`;
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    for (;;) {
+      const ok = await fetch(`http://${addr}/readyz`).then(
+        (r) => r.status === 200,
+        () => false,
+      );
+      if (ok) return node;
+      if (Date.now() > deadline) throw new Error(`node not ready; log:\n${node.log}`);
+      await sleep(50);
+    }
+  }
+
+  /** Sends a signal and waits for the process to exit. */
+  async kill(signal = 'SIGKILL') {
+    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal);
+    await exited(this.child);
+  }
+}
+
+/** An HS256 token for `user`, valid for `lifetimeS` seconds (like `agentcast token`). */
+export function token(user, lifetimeS = 600) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${b64({ typ: 'JWT', alg: 'HS256' })}.${b64({ sub: user, exp: Math.floor(Date.now() / 1000) + lifetimeS })}`;
+  return `${body}.${createHmac('sha256', SECRET).update(body).digest('base64url')}`;
+}
+
+/**
+ * Publishes events with `agentcast publish` (JSON envelopes on stdin) and
+ * returns their stored sequences, in order.
+ */
+export async function publish(nats, user, events) {
+  const child = spawn(AGENTCAST_BIN, ['publish', '--nats-url', nats.url, '--user', user], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d) => (out += d));
+  child.stderr.on('data', (d) => (err += d));
+  child.stdin.end(events.map((e) => JSON.stringify(e)).join('\n') + '\n');
+  const code = await new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', resolve);
+  });
+  if (code !== 0) throw new Error(`agentcast publish exited with ${code}:\n${err}`);
+  const seqs = out
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+    .map((r) => r.seq);
+  if (seqs.length !== events.length) throw new Error(`published ${seqs.length} of ${events.length}:\n${out}\n${err}`);
+  return seqs;
+}
+
+/** `n` agent_thinking envelopes numbered from `from`. */
+export function thinking(n, from = 0) {
+  return Array.from({ length: n }, (_, i) => ({ type: 'agent_thinking', data: { text: `t${from + i}` } }));
+}
+
+/** A Map with the sessionStorage interface, for Node. */
+export class MemoryStorage {
+  constructor() {
+    this.map = new Map();
+  }
+  getItem(k) {
+    return this.map.has(k) ? this.map.get(k) : null;
+  }
+  setItem(k, v) {
+    this.map.set(k, String(v));
+  }
+  removeItem(k) {
+    this.map.delete(k);
+  }
+}
