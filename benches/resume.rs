@@ -43,8 +43,16 @@ struct Opts {
 }
 
 fn opts() -> Opts {
-    let mut o =
-        Opts { events: 1_000_000, users: 10_000, payload: 240, samples: 200, storm: 10_000, missed: 20, burst: 1, out: None };
+    let mut o = Opts {
+        events: 1_000_000,
+        users: 10_000,
+        payload: 240,
+        samples: 200,
+        storm: 10_000,
+        missed: 20,
+        burst: 1,
+        out: None,
+    };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
