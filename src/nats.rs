@@ -42,6 +42,7 @@ pub async fn connect(s: &NatsSettings, name: &str, signals: Arc<Signals>) -> any
     let mut opts = ConnectOptions::new()
         .name(name)
         .subscription_capacity(s.subscription_capacity)
+        .custom_inbox_prefix(&s.inbox_prefix)
         .client_capacity(CLIENT_CAPACITY)
         .request_timeout(Some(REQUEST_TIMEOUT))
         .retry_on_initial_connect()

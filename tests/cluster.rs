@@ -173,6 +173,7 @@ async fn node_account_covers_a_shared_scan(c: &Cluster) {
     let d = denied.clone();
     let client = async_nats::ConnectOptions::new()
         .user_and_password("node".into(), c.var("AGENTCAST_NODE_PASSWORD").into())
+        .custom_inbox_prefix("_INBOX_agentcast_node")
         .event_callback(move |e| {
             let d = d.clone();
             async move { d.lock().unwrap().push(e.to_string()) }
@@ -253,15 +254,18 @@ async fn cluster_survives_nats_kill_node_kill_and_roll_without_losing_an_event()
     let probe = agent_connect(&c, Some(violations.clone())).await;
     probe.publish("agentcast.live.u0", "forged".into()).await.expect("send");
     let _denied = probe.subscribe("agentcast.live.u0").await.expect("send sub");
+    // Nor read the nodes' replies (their history reads).
+    let _snoop = probe.subscribe("_INBOX_agentcast_node.>").await.expect("send sub");
     probe.flush().await.expect("flush");
-    common::eventually("both violations reported", || {
+    common::eventually("three violations reported", || {
         let v = violations.clone();
-        async move { v.lock().unwrap().iter().filter(|e| e.contains("Permissions Violation")).count() >= 2 }
+        async move { v.lock().unwrap().iter().filter(|e| e.contains("Permissions Violation")).count() >= 3 }
     })
     .await;
     let v = violations.lock().unwrap().clone();
     assert!(v.iter().any(|e| e.contains("Publish to \"agentcast.live.u0\"")), "{v:?}");
     assert!(v.iter().any(|e| e.contains("Subscription to \"agentcast.live.u0\"")), "{v:?}");
+    assert!(v.iter().any(|e| e.contains("Subscription to \"_INBOX_agentcast_node.>\"")), "{v:?}");
     drop(probe);
 
     // Clients first, from the start of every user's history, so each must
