@@ -142,6 +142,11 @@ pub struct NodeArgs {
     /// (dropped messages are then read from JetStream).
     #[arg(long, env = "AGENTCAST_NATS_SUBSCRIPTION_CAPACITY", default_value_t = crate::nats::SUBSCRIPTION_CAPACITY)]
     pub nats_subscription_capacity: usize,
+    /// Prefix of the node's reply subjects (JetStream API replies, scan
+    /// deliveries). A prefix of its own lets NATS permissions keep other
+    /// users, such as publishers allowed `_INBOX.>`, from reading them.
+    #[arg(long, env = "AGENTCAST_NATS_INBOX_PREFIX", default_value = "_INBOX")]
+    pub nats_inbox_prefix: String,
 
     /// Subjects publishers write to: <prefix>.<user_id>.
     #[arg(long, env = "AGENTCAST_SUBJECT_PREFIX", default_value = "agentcast.events")]
@@ -248,6 +253,7 @@ pub struct NatsSettings {
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub tls_required: bool,
     pub subscription_capacity: usize,
+    pub inbox_prefix: String,
 }
 
 #[derive(Debug, Clone)]
@@ -334,6 +340,7 @@ impl NodeArgs {
     pub fn into_config(self, auth: Authenticator) -> Result<Config, ConfigError> {
         check_prefix("--subject-prefix", &self.subject_prefix)?;
         check_prefix("--live-prefix", &self.live_prefix)?;
+        check_prefix("--nats-inbox-prefix", &self.nats_inbox_prefix)?;
         let (a, b) = (&self.subject_prefix, &self.live_prefix);
         if a == b || a.starts_with(&format!("{b}.")) || b.starts_with(&format!("{a}.")) {
             return Err(ConfigError::Overlap(a.clone(), b.clone()));
@@ -384,6 +391,7 @@ impl NodeArgs {
                 tls_ca: self.nats_tls_ca,
                 tls_client: self.nats_tls_cert.zip(self.nats_tls_key),
                 subscription_capacity: self.nats_subscription_capacity,
+                inbox_prefix: self.nats_inbox_prefix,
             },
             stream: StreamSettings {
                 name: self.stream,
@@ -456,6 +464,7 @@ mod tests {
         assert!(msg(&["--stream-replicas", "9"]).contains("--stream-replicas"));
         assert!(msg(&["--nats-creds", "/nonexistent"]).contains("--nats-creds"));
         assert!(msg(&["--nats-url", "nats://a:b:c"]).contains("--nats-url"));
+        assert!(msg(&["--nats-inbox-prefix", "_INBOX.>"]).contains("--nats-inbox-prefix"));
     }
 
     #[test]

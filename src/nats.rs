@@ -71,11 +71,12 @@ pub async fn connect_readers(s: &NatsSettings, name: &str) -> anyhow::Result<Vec
     Ok(readers)
 }
 
-/// What every connection of a node shares: name, auth, TLS, timeouts, and
-/// retrying in the background.
+/// What every connection of a node shares: name, auth, TLS, the inbox prefix
+/// its permissions are written for, timeouts, and retrying in the background.
 async fn options(s: &NatsSettings, name: &str) -> anyhow::Result<ConnectOptions> {
     let mut opts = ConnectOptions::new()
         .name(name)
+        .custom_inbox_prefix(&s.inbox_prefix)
         .client_capacity(CLIENT_CAPACITY)
         .request_timeout(Some(REQUEST_TIMEOUT))
         .retry_on_initial_connect()
