@@ -33,6 +33,13 @@ use crate::stream::{self, StreamError};
 /// How often readiness re-checks the stream (and creates it if missing).
 pub const READY_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long a node that had the stream, and is still connected to NATS,
+/// stays ready while stream checks fail. A stream leader election (4 to 8 s
+/// in tests/cluster.rs) times the check out on every node at once; dropping
+/// them all from the load balancer would refuse every new socket meanwhile,
+/// while open sockets go on being served. Past this, the node is not ready.
+pub const STREAM_CHECK_GRACE: Duration = Duration::from_secs(10);
+
 /// How soon to look again while not ready: checking the connection state is
 /// free, and a node should take traffic as soon as NATS is back.
 pub const NOT_READY_RETRY: Duration = Duration::from_millis(100);
@@ -249,6 +256,8 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
     let js = async_nats::jetstream::new(st.client.clone());
     let mut first = true;
     let mut last_line = String::new();
+    // When checks began to fail while the node was ready.
+    let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         if st.nats_connected() {
             match stream::ensure(&js, &st.config.stream).await {
@@ -267,17 +276,26 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                         );
                     }
                     st.stream_ok.store(true, Ordering::Release);
+                    failing_since = None;
                 }
                 Err(e) if e.is_config() => return Err(e),
                 Err(e) => {
                     m::jetstream_error("stream_check");
-                    if st.stream_ok.swap(false, Ordering::AcqRel) || first {
+                    let now = tokio::time::Instant::now();
+                    let was_ok = st.stream_ok.load(Ordering::Acquire);
+                    let since = *failing_since.get_or_insert(now);
+                    if was_ok && now - since < STREAM_CHECK_GRACE {
+                        if since == now {
+                            tracing::warn!(error = %e, grace = ?STREAM_CHECK_GRACE, "stream check failed; still ready for now");
+                        }
+                    } else if st.stream_ok.swap(false, Ordering::AcqRel) || first {
                         tracing::warn!(error = %e, "stream check failed; not ready");
                     }
                 }
             }
         } else {
             st.stream_ok.store(false, Ordering::Release);
+            failing_since = None;
         }
         metrics::gauge!(m::READY).set(if st.ready() { 1.0 } else { 0.0 });
         tokio::select! {

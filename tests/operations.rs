@@ -3,7 +3,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -65,6 +65,36 @@ async fn readiness_follows_nats_and_sockets_survive_an_outage() {
     let s = publish(&js, "u1", r#"{"after":"restart"}"#).await;
     assert_eq!(c.events(1).await, vec![(s, json!({"after":"restart"}))]);
     assert!(node.metric("agentcast_nats_events_total", r#"event="disconnected""#).await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_node_stays_ready_through_a_short_stream_outage_then_is_not_ready() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (mut c, _) = Client::join(&node, "u1").await;
+    // A frozen server keeps the TCP connection up: the node stays connected
+    // while every stream check times out, as in a stream leader election.
+    nats.signal("STOP");
+    let frozen = Instant::now();
+    eventually("a stream check fails", || async {
+        node.metric("agentcast_jetstream_errors_total", r#"op="stream_check""#).await >= 1.0
+    })
+    .await;
+    assert_eq!(node.get("/readyz").await.0, 200, "ready within the grace");
+    assert!(frozen.elapsed() < agentcast::server::STREAM_CHECK_GRACE);
+    // Past the grace it is not ready.
+    let deadline = frozen + agentcast::server::STREAM_CHECK_GRACE + Duration::from_secs(15);
+    while node.get("/readyz").await.0 == 200 {
+        assert!(Instant::now() < deadline, "still ready {:?} after the freeze", frozen.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(frozen.elapsed() >= agentcast::server::STREAM_CHECK_GRACE, "not ready only after the grace");
+    nats.signal("CONT");
+    node.wait_ready().await;
+    // The socket was kept through it and still gets events.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let seq = publish(&js, "u1", r#"{"after":"thaw"}"#).await;
+    assert_eq!(c.events(1).await[0].0, seq);
 }
 
 #[tokio::test]

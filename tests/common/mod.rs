@@ -101,6 +101,13 @@ impl NatsServer {
         self.monitor = monitor;
     }
 
+    /// Sends a signal to the server process (STOP and CONT freeze and thaw it).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("nats-server running").id();
+        let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap().success();
+        assert!(ok, "kill -{sig} nats-server");
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
