@@ -304,7 +304,8 @@ async fn main() {
         let c = async_nats::connect(&nats_url).await.unwrap();
         read_streams.push(async_nats::jetstream::new(c).get_stream_no_info("AGENTCAST").await.unwrap());
     }
-    let history = agentcast::history::History::new(read_streams, "agentcast.events".into());
+    let live = js.get_stream_no_info("AGENTCAST").await.unwrap();
+    let history = agentcast::history::History::new(live, read_streams, "agentcast.events".into());
     let batch_supported = server_at_least(&client, 2, 11);
     for &u in &sample_users {
         let subject = format!("agentcast.events.{}", user(u));

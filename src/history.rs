@@ -27,17 +27,19 @@ use futures_util::TryStreamExt;
 
 use crate::stream::StreamError;
 
-/// Parts a long bounded read is split into, read at once on different
-/// connections (see [`History::read`] and [`crate::nats::READ_CONNECTIONS`]).
-/// Each part costs one extra get where it ends, and reads up to `max` events
+/// Parts a long bounded read is split into at most, read at once on
+/// different connections (see [`History::read`] and
+/// [`crate::nats::READ_CONNECTIONS`]). Each part reads up to `max` events
 /// before the parts are joined, so a read holds at most this many times
 /// `max` events.
 pub const READ_CHAINS: usize = 4;
 
-/// Ranges shorter than this many stream sequences are read as one chain:
-/// few other users' events lie between the user's, gets are cheap, and the
-/// parts' extra gets would cost more than they save.
-const CHAIN_MIN_SPAN: u64 = 4096;
+/// Events a part of a split read is expected to hold, at least. Each part
+/// ends with a get that scans past its end to the user's next event, so a
+/// part with one or two events costs more than reading them in one chain:
+/// measured, splitting a resume of one missed event into four parts doubled
+/// its time.
+const MIN_EVENTS_PER_CHAIN: usize = 4;
 
 /// One stored event of a user.
 #[derive(Debug, Clone)]
@@ -83,6 +85,10 @@ pub struct Gap {
 /// Reads of one stream, spread over the node's read connections.
 #[derive(Clone)]
 pub struct History {
+    /// The handle on the connection that carries the live subscriptions:
+    /// [`History::last`] is asked there, so that it is answered after a
+    /// subscription made just before it on that connection took effect.
+    live: Stream<()>,
     /// One handle per read connection ([`crate::nats::READ_CONNECTIONS`]).
     streams: Arc<[Stream<()>]>,
     /// Picks the connection of the next single request.
@@ -91,10 +97,11 @@ pub struct History {
 }
 
 impl History {
-    /// `streams`: a handle to the stream on each read connection (at least one).
-    pub fn new(streams: Vec<Stream<()>>, subject_prefix: String) -> Self {
+    /// `live`: a handle to the stream on the connection of the live
+    /// subscriptions; `streams`: one on each read connection (at least one).
+    pub fn new(live: Stream<()>, streams: Vec<Stream<()>>, subject_prefix: String) -> Self {
         assert!(!streams.is_empty(), "History needs a stream handle");
-        Self { streams: streams.into(), turn: Arc::default(), subject_prefix }
+        Self { live, streams: streams.into(), turn: Arc::default(), subject_prefix }
     }
 
     /// The handle for the next request, round-robin over the connections.
@@ -107,10 +114,12 @@ impl History {
         format!("{}.{user}", self.subject_prefix)
     }
 
-    /// Sequence of the user's newest stored event, 0 when none.
+    /// Sequence of the user's newest stored event, 0 when none. Asked on the
+    /// live connection: nats-server handles one connection's commands in
+    /// order, so after a SUB on it, no event falls between the two.
     pub async fn last(&self, user: &str) -> Result<u64, StreamError> {
         let subject = self.subject(user);
-        match self.stream().direct_get_last_for_subject(subject.as_str()).await {
+        match self.live.direct_get_last_for_subject(subject.as_str()).await {
             Ok(m) => Ok(m.sequence),
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(0),
             Err(e) => Err(StreamError::Nats(format!("last of {subject}: {e}"))),
@@ -176,26 +185,52 @@ impl History {
     ///
     /// Each get returns the user's next event, so a read is a chain of round
     /// trips, each one a server-side scan over the other users' events in
-    /// between. A long bounded range is split into [`READ_CHAINS`] parts,
-    /// read at once on different connections; the parts' events are joined
-    /// in order, up to the first part that did not reach its end.
+    /// between. The first event is read alone: how far it lies from `after`
+    /// says how far apart the user's events are. When that predicts at least
+    /// [`MIN_EVENTS_PER_CHAIN`] events per part, the rest of a bounded range
+    /// is split into up to [`READ_CHAINS`] parts read at once on different
+    /// connections, and the parts' events are joined in order, up to the
+    /// first part that did not reach its end.
     pub async fn read(&self, user: &str, after: u64, before: Option<u64>, max: usize) -> Result<Read, StreamError> {
-        let from = after + 1;
-        let parts: Vec<(u64, Option<u64>)> = match before {
-            Some(b) if self.streams.len() > 1 && b > from && b - from >= CHAIN_MIN_SPAN => {
-                let step = (b - from).div_ceil(READ_CHAINS as u64);
-                (0..READ_CHAINS as u64)
-                    .map(|i| (from + i * step, Some((from + (i + 1) * step).min(b))))
-                    .filter(|(f, end)| end.is_some_and(|e| *f < e))
-                    .collect()
-            }
-            _ => vec![(from, before)],
+        let (events, done) = self.collect(user, after + 1, before, max).await?;
+        self.prove(user, after, events, done).await
+    }
+
+    async fn collect(
+        &self,
+        user: &str,
+        from: u64,
+        before: Option<u64>,
+        max: usize,
+    ) -> Result<(Vec<Stored>, bool), StreamError> {
+        let first = match self.next(user, from).await? {
+            Some(ev) if before.is_none_or(|b| ev.seq < b) => ev,
+            _ => return Ok((Vec::new(), true)),
         };
-        let chains = parts.into_iter().map(|(f, b)| {
+        let spacing = first.seq + 1 - from;
+        let rest = first.seq + 1;
+        let mut events = vec![first];
+        if max <= 1 {
+            return Ok((events, false));
+        }
+        let parts = match before {
+            Some(b) if b > rest => {
+                let expected = (b - rest) / spacing;
+                (expected as usize / MIN_EVENTS_PER_CHAIN).clamp(1, READ_CHAINS.min(self.streams.len()))
+            }
+            _ => 1,
+        };
+        let bounds: Vec<(u64, Option<u64>)> = match before {
+            Some(b) if parts > 1 => {
+                let step = (b - rest).div_ceil(parts as u64);
+                (0..parts as u64).map(|i| (rest + i * step, Some((rest + (i + 1) * step).min(b)))).collect()
+            }
+            _ => vec![(rest, before)],
+        };
+        let chains = bounds.into_iter().map(|(f, b)| {
             let stream = self.stream();
-            async move { self.chain(stream, user, f, b, max).await }
+            async move { self.chain(stream, user, f, b, max - 1).await }
         });
-        let mut events = Vec::new();
         let mut done = true;
         for (part, reached_end) in futures_util::future::try_join_all(chains).await? {
             let room = max - events.len();
@@ -210,7 +245,7 @@ impl History {
                 break;
             }
         }
-        self.prove(user, after, events, done).await
+        Ok((events, done))
     }
 
     /// Up to `max` of the user's events from `from` and below `before`, one

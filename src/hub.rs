@@ -229,16 +229,15 @@ impl Hub {
     /// carry history reads and scans.
     pub fn new(client: Client, readers: Vec<Client>, settings: StreamSettings) -> Arc<Self> {
         // Handles without a round trip; the name was validated with the config.
-        let streams: Vec<_> = readers
-            .into_iter()
-            .map(|c| {
-                let js = async_nats::jetstream::new(c);
-                futures_util::FutureExt::now_or_never(js.get_stream_no_info(&settings.name))
-                    .expect("get_stream_no_info does not wait")
-                    .expect("stream name validated by config")
-            })
-            .collect();
-        let history = History::new(streams, settings.subject_prefix.clone());
+        let handle = |c: Client| {
+            let js = async_nats::jetstream::new(c);
+            futures_util::FutureExt::now_or_never(js.get_stream_no_info(&settings.name))
+                .expect("get_stream_no_info does not wait")
+                .expect("stream name validated by config")
+        };
+        let live = handle(client.clone());
+        let streams = readers.into_iter().map(handle).collect();
+        let history = History::new(live, streams, settings.subject_prefix.clone());
         // Scans run one at a time, on one of the read connections, away
         // from the live subscriptions.
         let scanner = Arc::new(Scanner::new(history.stream().clone()));
@@ -362,9 +361,10 @@ impl Hub {
         Ok(membership)
     }
 
-    /// Subscribes, then reads the user's position: commands on one connection
-    /// are handled in order, so the read is answered after the SUB took
-    /// effect and no event falls between the two.
+    /// Subscribes, then reads the user's position on the same connection
+    /// ([`History::last`]): commands on one connection are handled in order,
+    /// so the read is answered after the SUB took effect and no event falls
+    /// between the two.
     ///
     /// A user with nothing stored starts at the stream's last sequence as
     /// last seen (the horizon): no event of the user exists before it, and a

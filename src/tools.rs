@@ -438,7 +438,7 @@ async fn stream_inner(a: StreamArgs) -> Result<(), Failure> {
     if let Some(user) = user {
         let plain =
             js.get_stream_no_info(&a.stream).await.map_err(|e| runtime(anyhow::anyhow!("stream {}: {e}", a.stream)))?;
-        let history = History::new(vec![plain], a.subject_prefix.clone());
+        let history = History::new(plain.clone(), vec![plain], a.subject_prefix.clone());
         let nats = |e: crate::stream::StreamError| runtime(anyhow::anyhow!("{e}"));
         let last = history.last(user.as_str()).await.map_err(nats)?;
         let first = history.first(user.as_str()).await.map_err(nats)?;

@@ -38,7 +38,8 @@ async fn setup(nats: &NatsServer, users_events: usize, noise: usize) -> (History
         let c = nats.client().await;
         streams.push(async_nats::jetstream::new(c).get_stream_no_info("AGENTCAST").await.unwrap());
     }
-    (History::new(streams, "agentcast.events".into()), x)
+    let live = js.get_stream_no_info("AGENTCAST").await.unwrap();
+    (History::new(live, streams, "agentcast.events".into()), x)
 }
 
 #[tokio::test]
@@ -53,8 +54,8 @@ async fn a_split_read_joins_its_parts_in_order_and_stops_at_the_first_capped_par
     assert_eq!((all.gap, all.done), (None, true));
     assert_eq!(seqs(&all), x);
 
-    // The first part holds about 10 events: with max 10 it is capped (or
-    // just reaches its end) and nothing of the later parts is taken.
+    // The first event is read alone, then four parts of about 10 each: with
+    // max 10 the first part is capped and nothing of the later ones is taken.
     let ten = history.read("x", 0, before, 10).await.unwrap();
     assert!(!ten.done);
     assert_eq!(seqs(&ten), x[..10]);
