@@ -6,7 +6,8 @@
 //! and `max_msgs_per_subject` removes a subject's oldest. Either way, what is
 //! stored for a user is always a suffix of the user's history, and it only
 //! shrinks from the old end. So after reading the user's events following
-//! `after` (one direct get per event), the read is complete when:
+//! `after` (by direct gets, or by a shared scan: [`crate::scan`]), the read is
+//! complete when:
 //! - an event of the user at or before `after` is still stored: nothing
 //!   after it was removed before or during the read; or
 //! - the stream still starts at or before `after + 1` and the user holds
@@ -29,9 +30,9 @@ use crate::stream::StreamError;
 
 /// Parts a long bounded read is split into at most, read at once on
 /// different connections (see [`History::read`] and
-/// [`crate::nats::READ_CONNECTIONS`]). Each part reads up to `max` events
-/// before the parts are joined, so a read holds at most this many times
-/// `max` events.
+/// [`crate::nats::READ_CONNECTIONS`]). Each part reads up to `max - 1`
+/// events before the parts are joined, so a read holds at most this many
+/// times `max` events.
 pub const READ_CHAINS: usize = 4;
 
 /// Events a part of a split read is expected to hold, at least. Each part
@@ -40,6 +41,18 @@ pub const READ_CHAINS: usize = 4;
 /// measured, splitting a resume of one missed event into four parts doubled
 /// its time.
 const MIN_EVENTS_PER_CHAIN: usize = 4;
+
+/// How a chain of gets ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// It saw the user's next event at or past its bound: the server that
+    /// answered held everything up to there.
+    Bound,
+    /// No later event of the user on the server that answered.
+    NotFound,
+    /// It took as many events as it was allowed.
+    Max,
+}
 
 /// One stored event of a user.
 #[derive(Debug, Clone)]
@@ -168,12 +181,28 @@ impl History {
         Ok(SubjectState { stream_first, count, limit })
     }
 
-    /// Whether the stored message at `seq` is one of the user's.
+    /// Whether the stored message at `seq` is one of the user's. A message
+    /// the answering replica does not hold counts as no one's only when the
+    /// stream (asked of its leader) no longer starts at or before it;
+    /// otherwise that replica lags, and the answer is an error.
     pub async fn is_users(&self, user: &str, seq: u64) -> Result<bool, StreamError> {
         let subject = self.subject(user);
         match self.stream().direct_get(seq).await {
             Ok(m) => Ok(m.subject.as_str() == subject),
-            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(false),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
+                let info = self
+                    .stream()
+                    .info_with_subjects("")
+                    .await
+                    .map_err(|e| StreamError::Nats(format!("stream info: {e}")))?;
+                if seq < info.info.state.first_sequence {
+                    Ok(false)
+                } else {
+                    Err(StreamError::Nats(format!(
+                        "message {seq} is stored but the replica asked does not have it yet"
+                    )))
+                }
+            }
             Err(e) => Err(StreamError::Nats(format!("message {seq}: {e}"))),
         }
     }
@@ -210,29 +239,37 @@ impl History {
         let spacing = first.seq + 1 - from;
         let rest = first.seq + 1;
         let mut events = vec![first];
+        if before.is_some_and(|b| b <= rest) {
+            return Ok((events, true));
+        }
         if max <= 1 {
             return Ok((events, false));
         }
-        let parts = match before {
-            Some(b) if b > rest => {
-                let expected = (b - rest) / spacing;
-                (expected as usize / MIN_EVENTS_PER_CHAIN).clamp(1, READ_CHAINS.min(self.streams.len()))
+        // Split only the stretch expected to hold what this read may take:
+        // parts beyond it would be read and thrown away.
+        let (window, parts) = match before {
+            Some(b) => {
+                let window = b.min(rest.saturating_add(spacing.saturating_mul(max as u64 - 1)));
+                let expected = (window - rest) / spacing;
+                (Some(window), (expected as usize / MIN_EVENTS_PER_CHAIN).clamp(1, READ_CHAINS.min(self.streams.len())))
             }
-            _ => 1,
+            None => (None, 1),
         };
-        let bounds: Vec<(u64, Option<u64>)> = match before {
-            Some(b) if parts > 1 => {
-                let step = (b - rest).div_ceil(parts as u64);
-                (0..parts as u64).map(|i| (rest + i * step, Some((rest + (i + 1) * step).min(b)))).collect()
+        let bounds: Vec<(u64, Option<u64>)> = match window {
+            Some(w) if parts > 1 => {
+                let step = (w - rest).div_ceil(parts as u64);
+                (0..parts as u64).map(|i| (rest + i * step, Some((rest + (i + 1) * step).min(w)))).collect()
             }
-            _ => vec![(rest, before)],
+            _ => vec![(rest, window)],
         };
-        let chains = bounds.into_iter().map(|(f, b)| {
-            let stream = self.stream();
+        let n = bounds.len();
+        let base = self.turn.fetch_add(n, Ordering::Relaxed);
+        let chains = bounds.into_iter().enumerate().map(|(i, (f, b))| {
+            let stream = &self.streams[(base + i) % self.streams.len()];
             async move { self.chain(stream, user, f, b, max - 1).await }
         });
-        let mut done = true;
-        for (part, reached_end) in futures_util::future::try_join_all(chains).await? {
+        let mut done = window == before;
+        for (i, (part, ended)) in futures_util::future::try_join_all(chains).await?.into_iter().enumerate() {
             let room = max - events.len();
             if part.len() > room {
                 events.extend(part.into_iter().take(room));
@@ -240,7 +277,11 @@ impl History {
                 break;
             }
             events.extend(part);
-            if !reached_end {
+            // A part that found nothing more before its bound, while a later
+            // part exists, may have been answered by a replica that lags
+            // behind the others: nothing after it is joined, and the next
+            // read goes on from the last event taken.
+            if ended == Ended::Max || (ended == Ended::NotFound && i + 1 < n) {
                 done = false;
                 break;
             }
@@ -249,7 +290,7 @@ impl History {
     }
 
     /// Up to `max` of the user's events from `from` and below `before`, one
-    /// direct get each on `stream`; and whether the range was read to its end.
+    /// direct get each on `stream`; and how the chain ended.
     async fn chain(
         &self,
         stream: &Stream<()>,
@@ -257,7 +298,7 @@ impl History {
         mut from: u64,
         before: Option<u64>,
         max: usize,
-    ) -> Result<(Vec<Stored>, bool), StreamError> {
+    ) -> Result<(Vec<Stored>, Ended), StreamError> {
         let mut events = Vec::new();
         while events.len() < max {
             match self.next_on(stream, user, from).await? {
@@ -265,10 +306,11 @@ impl History {
                     from = ev.seq + 1;
                     events.push(ev);
                 }
-                _ => return Ok((events, true)),
+                Some(_) => return Ok((events, Ended::Bound)),
+                None => return Ok((events, Ended::NotFound)),
             }
         }
-        Ok((events, false))
+        Ok((events, Ended::Max))
     }
 
     /// Judges a read of the user's events after `after`, made by any means

@@ -306,7 +306,11 @@ impl Hub {
         if self.scanner.busy() {
             slot = None;
         }
-        if slot.is_none() && before.saturating_sub(after + 1) <= MAX_SCAN_SPAN {
+        // Only ranges near the stream's end: a round reads from its oldest
+        // request to the end, so one old position would make every request
+        // of the round wait for a long read.
+        let near_end = after.saturating_add(1 + MAX_SCAN_SPAN) >= self.stream_last().max(before.saturating_sub(1));
+        if slot.is_none() && near_end {
             match self.scanner.read(self.history.subject(user), after, before, max).await {
                 Ok(found) => {
                     let _slot = self.read_slot().await;

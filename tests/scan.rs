@@ -114,6 +114,14 @@ async fn a_scan_hands_out_at_most_max_events_and_the_rest_comes_next() {
     let fits = agentcast::scan::MAX_SCAN_BYTES_PER_REQUEST / (pad.len() + 10);
     assert!(!read.done);
     assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), big[..fits]);
+
+    // An event larger than that cap is still taken when it comes first, so
+    // every round moves the request forward.
+    let huge = publish(&js, "huge", format!(r#"{{"pad":"{}"}}"#, "y".repeat(40_000))).await;
+    let after = publish(&js, "huge", r#"{"small":1}"#).await;
+    let read = read_while_slots_busy(&hub, vec![("huge".into(), 0, after + 1, 64)]).await.remove(0);
+    assert!(!read.done);
+    assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [huge]);
 }
 
 #[tokio::test]
