@@ -74,6 +74,10 @@ pub enum PublishError {
     /// Every attempt failed to send or to get its ack.
     #[error("not acknowledged after {attempts} attempts: {last}")]
     Unacknowledged { attempts: u32, last: String },
+    /// Not sent: an earlier event of the same batch failed, and sending on
+    /// would store later events around the hole it left.
+    #[error("not sent: an earlier event of the batch failed")]
+    NotSent,
 }
 
 /// One event as published: the envelope of docs/publishing.md.
@@ -293,12 +297,22 @@ impl Publisher {
     /// awaiting their acks. One result per event, in the same order. An
     /// event whose send or ack fails is retried (same message id) before
     /// later acks are collected; events already in flight behind it may then
-    /// be stored before it. Use [`Publisher::publish`] one event at a time
-    /// when order across such a failure matters.
+    /// be stored before it. Once an event has failed for good, no further
+    /// event is sent ([`PublishError::NotSent`]); those already in flight
+    /// may still be stored, and their results say so. Use
+    /// [`Publisher::publish`] one event at a time when order across such a
+    /// failure matters.
     pub async fn publish_batch(&self, user: &str, events: &[Event]) -> Vec<Result<Published, PublishError>> {
-        let mut results = Vec::with_capacity(events.len());
+        let mut results: Vec<Result<Published, PublishError>> = Vec::with_capacity(events.len());
         let mut in_flight: VecDeque<(Prepared, Result<PublishAckFuture, String>)> = VecDeque::new();
         for event in events {
+            if results.iter().any(|r| r.is_err()) {
+                while let Some((p, ack)) = in_flight.pop_front() {
+                    results.push(self.settle(&p, ack).await);
+                }
+                results.push(Err(PublishError::NotSent));
+                continue;
+            }
             let p = match self.prepare(user, event) {
                 Ok(p) => p,
                 Err(e) => {

@@ -253,17 +253,23 @@ async fn publish_inner(a: PublishArgs) -> Result<(), Failure> {
                 next = rx.try_recv().ok();
             }
         }
+        // Every stored event is printed, also those in flight behind a
+        // failed one; the first failure ends the command.
+        let mut failure = None;
         for result in publisher.publish_batch(user.as_str(), &batch).await {
             match result {
                 Ok(p) => {
                     print_published(&p);
                     total += 1;
                 }
+                Err(PublishError::NotSent) => {}
                 Err(e) => {
-                    let code = publish_exit_code(&e);
-                    return Err(Failure(code, anyhow::anyhow!("{e}{}", published_before(total))));
+                    failure.get_or_insert((e, total));
                 }
             }
+        }
+        if let Some((e, before)) = failure {
+            return Err(Failure(publish_exit_code(&e), anyhow::anyhow!("{e}{}", published_before(before))));
         }
     }
     Ok(())

@@ -130,10 +130,13 @@ async fn errors_say_what_is_wrong() {
     let e = publisher.publish("u1", &Event::agent_thinking("r", &"y".repeat(700))).await.unwrap_err();
     assert!(matches!(&e, PublishError::Rejected(m) if m.contains("maximum")), "{e}");
 
-    // In a batch, each event gets its own result, in order.
+    // In a batch, each event gets its own result, in order, and nothing is
+    // sent after a failed event: the stream holds no event beyond the hole.
     let results =
         publisher.publish_batch("u1", &[Event::agent_thinking("r", "a"), big, Event::agent_thinking("r", "b")]).await;
+    assert_eq!(results.len(), 3);
     assert_eq!(results[0].as_ref().unwrap().seq, 1);
     assert!(matches!(results[1], Err(PublishError::TooLarge { .. })));
-    assert_eq!(results[2].as_ref().unwrap().seq, 2);
+    assert!(matches!(results[2], Err(PublishError::NotSent)));
+    assert_eq!(stored_for(&nats, "u1").await, 1);
 }
