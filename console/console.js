@@ -139,6 +139,8 @@ class Console {
     this.notices = [];
     this.runs = new Map(); // run id -> {section, list, status}
     const saved = this.load();
+    /** The stream epoch the shown events belong to (null: not known yet). */
+    this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
     this.resumedFrom = saved.events.length ? saved.events[saved.events.length - 1].seq : null;
     for (const e of saved.events) this.show(e.seq, e.event);
     for (const n of saved.notices) this.notice(n, false);
@@ -153,6 +155,15 @@ class Console {
     this.client = new AgentcastClient({ url: `${scheme}://${location.host}/ws`, token, user: this.user });
     this.client.onState((state, info) => this.state(state, info));
     this.client.onWelcome((w) => {
+      const epoch = w.epoch ?? '';
+      if (this.epoch !== null && this.epoch !== epoch) {
+        // A new stream: the events shown belong to the old one and their
+        // seqs mean nothing in the new one. The node sends a stream_reset
+        // gap next, which the notices show.
+        this.clear();
+      }
+      this.epoch = epoch;
+      this.save();
       $('node').textContent = w.node;
       $('epoch').textContent = w.epoch || '–';
       this.position();
@@ -185,10 +196,19 @@ class Console {
 
   save() {
     try {
-      storage()?.setItem(this.viewKey, JSON.stringify({ events: this.events, notices: this.notices }));
+      const view = { epoch: this.epoch, events: this.events, notices: this.notices };
+      storage()?.setItem(this.viewKey, JSON.stringify(view));
     } catch {
       /* storage full or disabled: a reload starts with an empty view */
     }
+  }
+
+  /** Forgets every event shown (the notices stay). */
+  clear() {
+    this.events = [];
+    this.runs.clear();
+    $('runs').replaceChildren();
+    $('position').removeAttribute('data-resumed-from');
   }
 
   state(state, info) {

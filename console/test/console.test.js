@@ -182,6 +182,44 @@ test('a node killed and replaced on the same port: the page goes on with no miss
   }
 });
 
+test('a node on a new stream behind the same port: the page says so and shows only the new stream', async () => {
+  const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
+  const port = a.addr.split(':').at(-1);
+  const page = await newPage();
+  const other = await NatsServer.start();
+  let b;
+  try {
+    await page.goto(`http://${a.addr}/console/#token=${token('reset')}`);
+    await waitForState(page, 'open');
+    const oldEpoch = await text(page, '#epoch');
+    const old = await publish(nats, 'reset', run('old', ['started', 'thinking']));
+    assert.deepEqual(await waitForEvents(page, 2), old);
+    await a.kill('SIGKILL');
+    // Another NATS, so another stream (another epoch), whose seqs start at 1
+    // again and overlap the ones shown.
+    b = await Node.start(other, ['--console', '--node-id', 'node-b', '--listen', `127.0.0.1:${port}`]);
+    const fresh = await publish(other, 'reset', run('new', ['started']));
+    await page.waitForSelector('p.gap[data-reason="stream_reset"]', { timeout: PAGE_TIMEOUT_MS });
+    assert.deepEqual(await waitForEvents(page, 1), fresh);
+    assert.deepEqual(await page.$$eval('section.run', (els) => els.map((e) => e.dataset.run)), ['new']);
+    assert.notEqual(await text(page, '#epoch'), oldEpoch);
+    assert.equal(
+      await text(page, 'p.gap'),
+      'The stream was recreated, so the position this page had no longer exists. What follows is everything the new stream holds.',
+    );
+    // A reload keeps the new stream's view, not the old one's.
+    await page.reload();
+    await waitForState(page, 'open');
+    assert.deepEqual(sorted(await seqsShown(page)), fresh);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await a.kill();
+    await b?.kill();
+    await other.stop();
+  }
+});
+
 test('a reload mid-run resumes after the last event shown and keeps the run', async () => {
   const node = await Node.start(nats, ['--console']);
   const page = await newPage();
@@ -191,9 +229,17 @@ test('a reload mid-run resumes after the last event shown and keeps the run', as
     const seqs = await publish(nats, 'reload', run('m1', ['started', 'thinking']));
     assert.deepEqual(await waitForEvents(page, 2), seqs);
 
-    // Events published while the page reloads come from the stream on resume.
-    const [, during] = await Promise.all([page.reload(), publish(nats, 'reload', run('m1', ['tool', 'tool_done']))]);
-    seqs.push(...during);
+    // Events published while the page reloads come from the stream on
+    // resume: the reloaded page's client is held back until they are stored.
+    let stored;
+    const published = new Promise((r) => (stored = r));
+    await page.route('**/console/agentcast.js', async (route) => {
+      await published;
+      await route.continue();
+    });
+    await page.reload({ waitUntil: 'commit' });
+    seqs.push(...(await publish(nats, 'reload', run('m1', ['tool', 'tool_done']))));
+    stored();
     await waitForState(page, 'open');
     assert.equal(await page.$eval('#position', (e) => e.dataset.resumedFrom), String(seqs[1]));
     seqs.push(...(await publish(nats, 'reload', run('m1', ['completed']))));
