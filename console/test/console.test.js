@@ -255,6 +255,29 @@ test('a reload mid-run resumes after the last event shown and keeps the run', as
   }
 });
 
+test('the page keeps the last 500 events and drops a run whose events are all gone', async () => {
+  // MAX_KEPT_EVENTS in console/console.js.
+  const kept = 500;
+  const node = await Node.start(nats, ['--console']);
+  const page = await newPage();
+  try {
+    await page.goto(`http://${node.addr}/console/#token=${token('many')}`);
+    await waitForState(page, 'open');
+    const first = await publish(nats, 'many', run('x1', ['started', 'thinking', 'completed']));
+    const many = Array.from({ length: kept }, (_, i) => ({ type: 'agent_thinking', run_id: 'x2', data: { text: `t${i}` } }));
+    const rest = await publish(nats, 'many', many);
+    await eventually('the last event shown', async () => (await text(page, '#position')) === String(rest.at(-1)), PAGE_TIMEOUT_MS);
+    assert.deepEqual(sorted(await seqsShown(page)), rest);
+    assert.equal(await page.$('section.run[data-run="x1"]'), null);
+    assert.equal(await text(page, '#count'), String(kept));
+    assert.ok(first.at(-1) < rest[0]);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
+
 test('a gap is shown in plain words', async () => {
   // A server of its own: the per-user limit is the stream's, set by the
   // first node, and must not apply to the other tests.
