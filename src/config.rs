@@ -75,6 +75,9 @@ pub struct DevArgs {
     /// Publish a demo agent run to the dev user every few seconds.
     #[arg(long)]
     pub demo: bool,
+    /// Do not serve the console page (dev serves it by default).
+    #[arg(long)]
+    pub no_console: bool,
     /// nats-server binary to start when no NATS answers at --nats-url.
     #[arg(long, env = "AGENTCAST_NATS_SERVER_BIN", default_value = "nats-server")]
     pub nats_server_bin: PathBuf,
@@ -194,6 +197,12 @@ pub struct NodeArgs {
     /// (u:xxxxxxxx) instead, and connection lines only their connection id.
     #[arg(long, env = "AGENTCAST_LOG_USER_IDS")]
     pub log_user_ids: bool,
+    /// Serve the live console page at /console/ (a browser view of one
+    /// user's stream; it needs that user's token). Off by default for
+    /// `serve` so a production node exposes no page it was not asked for;
+    /// `agentcast dev` turns it on.
+    #[arg(long, env = "AGENTCAST_CONSOLE")]
+    pub console: bool,
 }
 
 fn parse_algorithm(s: &str) -> Result<jsonwebtoken::Algorithm, String> {
@@ -241,6 +250,8 @@ pub struct Config {
     pub ping_interval: Duration,
     pub drain_window: Duration,
     pub log_user_ids: bool,
+    /// Serve the console page at /console/ ([`crate::console`]).
+    pub console: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -411,6 +422,7 @@ impl NodeArgs {
             ping_interval: self.ping_interval,
             drain_window: self.drain_window,
             log_user_ids: self.log_user_ids,
+            console: self.console,
         })
     }
 }

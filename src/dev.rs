@@ -3,8 +3,9 @@
 //! Uses NATS at `--nats-url` when it answers; otherwise starts a local
 //! nats-server (JetStream in a temporary directory, removed on exit). Mints a
 //! random HS256 secret and a token for the dev user, prints a ready `ws://`
-//! URL and a publish example, and with `--demo` publishes a sample agent run
-//! every few seconds.
+//! URL, a publish example and the console's URL (the console is on unless
+//! `--no-console`), and with `--demo` publishes a sample agent run every few
+//! seconds.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -78,6 +79,10 @@ pub async fn run(mut args: DevArgs) -> i32 {
     };
     let nats_url = args.node.nats_url.clone();
     let demo = args.demo;
+    // The console is the quickest way to see a stream, so dev serves it
+    // unless told not to (`serve` needs --console).
+    args.node.console = !args.no_console;
+    let console = args.node.console;
     let config = match args.node.into_config(auth) {
         Ok(c) => c,
         Err(e) => {
@@ -99,6 +104,10 @@ pub async fn run(mut args: DevArgs) -> i32 {
         println!("  publish an event:    subject {banner_subject} on {nats_url}, payload a JSON object, e.g.");
         println!("                       {{\"type\":\"agent_started\",\"run_id\":\"r1\",\"data\":{{}}}}");
         println!("  metrics:             http://{host}:{}/metrics", addr.port());
+        if console {
+            // The token goes in the fragment, which the browser keeps to itself.
+            println!("  console:             http://{host}:{}/console/#token={token}", addr.port());
+        }
         println!();
         if demo {
             tokio::spawn(demo_publisher(nats_url, subject_prefix, user));

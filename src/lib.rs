@@ -26,6 +26,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod dev;
 pub mod history;
 pub mod hub;

@@ -104,12 +104,15 @@ impl AppState {
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/ws", get(ws_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(state)
+        .route("/metrics", get(metrics_text));
+    if state.config.console {
+        router = router.merge(crate::console::routes());
+    }
+    router.with_state(state)
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {

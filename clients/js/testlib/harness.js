@@ -76,9 +76,13 @@ export class NatsServer {
 }
 
 export class Node {
-  /** Starts a node and waits until /readyz says ready. */
+  /**
+   * Starts a node and waits until /readyz says ready. It listens on a free
+   * port unless `extra` has its own `--listen` (a node taking over a port).
+   */
   static async start(nats, extra = []) {
-    const args = ['serve', '--listen', '127.0.0.1:0', '--nats-url', nats.url, '--jwt-secret', SECRET];
+    const args = ['serve', '--nats-url', nats.url, '--jwt-secret', SECRET];
+    if (!extra.includes('--listen')) args.push('--listen', '127.0.0.1:0');
     if (!extra.includes('--drain-window')) args.push('--drain-window', '1s');
     args.push(...extra);
     const child = spawn(AGENTCAST_BIN, args, {

@@ -1,0 +1,337 @@
+// The agentcast console: one user's stream as the browser client sees it.
+// Served by the node at /console/ (src/console.rs); no build step, no
+// dependencies beyond the client the node serves beside it.
+//
+// The token comes from the URL fragment (#token=...), which browsers do not
+// send to the server, or from the form. It is kept in this tab's
+// sessionStorage and removed from the address bar, so it does not end up in
+// history, bookmarks or screenshots.
+//
+// What the page has shown is kept in sessionStorage too, written in the same
+// task as the client's position, so a reload resumes after the last event
+// shown and still shows the runs seen before it.
+
+import { AgentcastClient, tokenSubject } from './agentcast.js';
+
+/** Events kept for a reload; older ones leave the page and the saved view. */
+const MAX_KEPT_EVENTS = 500;
+/** Gap notices kept; each is one line, and more than this is a broken stream. */
+const MAX_KEPT_NOTICES = 50;
+/** Characters of an event's data shown in its line; the rest is in the tooltip. */
+const MAX_SUMMARY_CHARS = 160;
+const TOKEN_KEY = 'agentcast-console:token';
+const VIEW_KEY_PREFIX = 'agentcast-console:view:';
+/** Heading for events that carry no run_id. */
+const NO_RUN = '(no run)';
+
+const $ = (id) => document.getElementById(id);
+
+/** Per-type label and how a run's status changes when the event arrives. */
+const KINDS = {
+  agent_started: { label: 'started', status: 'running' },
+  agent_thinking: { label: 'thinking' },
+  tool_executing: { label: 'tool' },
+  tool_completed: { label: 'tool done' },
+  agent_completed: { label: 'completed', status: 'completed' },
+  error: { label: 'error', status: 'failed' },
+};
+
+function storage() {
+  try {
+    return window.sessionStorage;
+  } catch {
+    return null;
+  }
+}
+
+function readToken() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const fromUrl = params.get('token');
+  const store = storage();
+  if (fromUrl) {
+    try {
+      store?.setItem(TOKEN_KEY, fromUrl);
+    } catch {
+      /* storage disabled: the token lives only in this page */
+    }
+    history.replaceState(null, '', location.pathname + location.search);
+    return fromUrl;
+  }
+  try {
+    return store?.getItem(TOKEN_KEY) ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/** One line of text for an event's data. */
+function summary(event) {
+  const d = event.data ?? {};
+  const text = (v) => (typeof v === 'string' ? v : JSON.stringify(v));
+  let s;
+  switch (event.type) {
+    case 'agent_started':
+      s = d.input !== undefined ? text(d.input) : '';
+      break;
+    case 'agent_thinking':
+      s = d.text !== undefined ? text(d.text) : '';
+      break;
+    case 'tool_executing':
+      s = `${d.tool ?? '?'}(${d.args !== undefined ? text(d.args) : ''})`;
+      break;
+    case 'tool_completed':
+      s = `${d.tool ?? '?'} → ${d.result !== undefined ? text(d.result) : ''}`;
+      break;
+    case 'agent_completed':
+      s = d.output !== undefined ? text(d.output) : '';
+      break;
+    case 'error':
+      s = [d.code, d.message].filter(Boolean).join(': ');
+      break;
+    default:
+      s = JSON.stringify(d);
+  }
+  return s.length > MAX_SUMMARY_CHARS ? `${s.slice(0, MAX_SUMMARY_CHARS)}…` : s;
+}
+
+/** A gap frame in plain words. */
+function gapText(gap) {
+  const range =
+    typeof gap.from === 'number' && typeof gap.to === 'number'
+      ? gap.from === gap.to
+        ? `Event ${gap.from} may be missing`
+        : `Events ${gap.from} to ${gap.to} may be missing`
+      : 'Some events may be missing';
+  switch (gap.reason) {
+    case 'expired':
+      return `${range}: the stream removed them (its age, size or per-user limit) before this page could read them.`;
+    case 'stream_reset':
+      return 'The stream was recreated, so the position this page had no longer exists. What follows is everything the new stream holds.';
+    case 'unavailable':
+      return `${range}: the node could not read them from NATS.`;
+    default:
+      return `${range} (${gap.reason}).`;
+  }
+}
+
+function stateText(state, info) {
+  switch (state) {
+    case 'connecting':
+      return 'connecting…';
+    case 'open':
+      return 'connected';
+    case 'waiting': {
+      const why = info.reason || (info.code ? `closed with ${info.code}` : 'connection lost');
+      return `reconnecting in ${(info.delay / 1000).toFixed(1)} s (${why})`;
+    }
+    case 'closed':
+      return `stopped: ${info.reason || 'closed'}`;
+    default:
+      return state;
+  }
+}
+
+class Console {
+  constructor(token) {
+    this.user = tokenSubject(token) ?? '';
+    this.viewKey = VIEW_KEY_PREFIX + this.user;
+    this.events = []; // [{seq, event}], oldest first
+    this.notices = [];
+    this.runs = new Map(); // run id -> {section, list, status}
+    const saved = this.load();
+    /** The stream epoch the shown events belong to (null: not known yet). */
+    this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
+    this.resumedFrom = saved.events.length ? saved.events[saved.events.length - 1].seq : null;
+    for (const e of saved.events) this.show(e.seq, e.event);
+    for (const n of saved.notices) this.notice(n, false);
+    $('user').textContent = this.user || '(unknown)';
+    $('count').textContent = String(this.events.length);
+    if (this.resumedFrom !== null) {
+      $('position').dataset.resumedFrom = String(this.resumedFrom);
+      $('detail').textContent = `Resumed in this tab after event ${this.resumedFrom}.`;
+    }
+
+    const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+    this.client = new AgentcastClient({ url: `${scheme}://${location.host}/ws`, token, user: this.user });
+    this.client.onState((state, info) => this.state(state, info));
+    this.client.onWelcome((w) => {
+      const epoch = w.epoch ?? '';
+      if (this.epoch !== null && this.epoch !== epoch) {
+        // A new stream: the events shown belong to the old one and their
+        // seqs mean nothing in the new one. The node sends a stream_reset
+        // gap next, which the notices show.
+        this.clear();
+      }
+      this.epoch = epoch;
+      this.save();
+      $('node').textContent = w.node;
+      $('epoch').textContent = w.epoch || '–';
+      this.position();
+    });
+    this.client.onGap((gap) => {
+      this.notice({ text: gapText(gap), reason: gap.reason, from: gap.from, to: gap.to }, true);
+      this.position();
+    });
+    this.client.onError((err) => {
+      $('detail').textContent = `Error: ${err.message}`;
+    });
+    this.client.on('*', (event, seq) => {
+      this.show(seq, event);
+      this.save();
+      this.position();
+    });
+    this.client.connect();
+  }
+
+  load() {
+    try {
+      const raw = storage()?.getItem(this.viewKey);
+      const v = raw ? JSON.parse(raw) : null;
+      if (v && Array.isArray(v.events) && Array.isArray(v.notices)) return v;
+    } catch {
+      /* unreadable: start with an empty view */
+    }
+    return { events: [], notices: [] };
+  }
+
+  save() {
+    try {
+      const view = { epoch: this.epoch, events: this.events, notices: this.notices };
+      storage()?.setItem(this.viewKey, JSON.stringify(view));
+    } catch {
+      /* storage full or disabled: a reload starts with an empty view */
+    }
+  }
+
+  /** Forgets every event shown (the notices stay). */
+  clear() {
+    this.events = [];
+    this.runs.clear();
+    $('runs').replaceChildren();
+    $('position').removeAttribute('data-resumed-from');
+  }
+
+  state(state, info) {
+    const el = $('state');
+    el.dataset.state = state;
+    el.textContent = stateText(state, info);
+    if (state === 'closed' && info.fatal) {
+      $('detail').textContent =
+        'The node refused this token or the stream for good; open the page with a fresh token (#token=…).';
+    }
+  }
+
+  position() {
+    const c = this.client;
+    $('position').textContent = c.lastSeq === null ? '–' : String(c.lastSeq);
+    $('count').textContent = String(this.events.length);
+  }
+
+  notice(n, persist) {
+    this.notices.push(n);
+    const p = document.createElement('p');
+    p.className = 'gap';
+    p.dataset.reason = n.reason ?? '';
+    if (typeof n.from === 'number') p.dataset.from = String(n.from);
+    if (typeof n.to === 'number') p.dataset.to = String(n.to);
+    p.textContent = n.text;
+    $('notices').prepend(p);
+    while (this.notices.length > MAX_KEPT_NOTICES) {
+      this.notices.shift();
+      $('notices').lastElementChild?.remove();
+    }
+    if (persist) this.save();
+  }
+
+  run(id) {
+    let run = this.runs.get(id);
+    if (run) return run;
+    const section = document.createElement('section');
+    section.className = 'run';
+    section.dataset.run = id;
+    const h = document.createElement('h2');
+    const name = document.createElement('span');
+    name.textContent = id;
+    const status = document.createElement('span');
+    status.className = 'status';
+    h.append(name, status);
+    const list = document.createElement('ol');
+    section.append(h, list);
+    // Newest run first: the one being watched is at the top.
+    $('runs').prepend(section);
+    run = { section, list, status };
+    this.runs.set(id, run);
+    return run;
+  }
+
+  show(seq, event) {
+    this.events.push({ seq, event });
+    const id = typeof event.run_id === 'string' && event.run_id ? event.run_id : NO_RUN;
+    const run = this.run(id);
+    const kind = KINDS[event.type];
+    const li = document.createElement('li');
+    li.className = `event ${kind ? event.type : 'custom'}`;
+    li.dataset.seq = String(seq);
+    li.dataset.type = String(event.type ?? '');
+    const seqEl = document.createElement('span');
+    seqEl.className = 'seq';
+    seqEl.textContent = `#${seq}`;
+    const typeEl = document.createElement('span');
+    typeEl.className = 'type';
+    typeEl.textContent = kind ? kind.label : String(event.type ?? '?');
+    const textEl = document.createElement('span');
+    textEl.className = 'text';
+    textEl.textContent = summary(event);
+    li.title = JSON.stringify(event);
+    li.append(seqEl, typeEl, textEl);
+    run.list.append(li);
+    if (kind?.status) {
+      run.status.textContent = kind.status;
+      run.section.dataset.status = kind.status;
+    } else if (!run.section.dataset.status) {
+      run.status.textContent = 'running';
+      run.section.dataset.status = 'running';
+    }
+    // The run that moved last goes to the top.
+    if ($('runs').firstElementChild !== run.section) $('runs').prepend(run.section);
+    while (this.events.length > MAX_KEPT_EVENTS) this.forget();
+  }
+
+  /** Drops the oldest event from the view, and its run when it was the last. */
+  forget() {
+    const old = this.events.shift();
+    const el = document.querySelector(`li[data-seq="${old.seq}"]`);
+    const list = el?.parentElement;
+    el?.remove();
+    if (list && list.children.length === 0) {
+      const section = list.parentElement;
+      this.runs.delete(section.dataset.run);
+      section.remove();
+    }
+  }
+}
+
+function start() {
+  const token = readToken();
+  if (token) {
+    new Console(token);
+    return;
+  }
+  const form = $('login');
+  form.hidden = false;
+  $('state').textContent = 'no token';
+  form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const value = $('token-input').value.trim();
+    if (!value) return;
+    form.hidden = true;
+    try {
+      storage()?.setItem(TOKEN_KEY, value);
+    } catch {
+      /* kept in this page only */
+    }
+    new Console(value);
+  });
+}
+
+start();

@@ -1,0 +1,357 @@
+// The console page end to end: real nats-server, real agentcast processes,
+// Debian's Chromium driven by playwright-core. tests/console.rs runs this
+// with AGENTCAST_BIN and AGENTCAST_TEST_NATS_SERVER set; a missing Chromium
+// or playwright-core fails, it does not skip.
+//
+// Every assertion on what the page shows reads the DOM: each event is an
+// element with data-seq, so "no missing or repeated event" is the list of
+// data-seq values equal to the list of published sequences.
+
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+import { NatsServer, Node, eventually, publish, token } from '../../clients/js/testlib/harness.js';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const CHROMIUM = process.env.AGENTCAST_TEST_CHROMIUM ?? '/usr/bin/chromium';
+const AGENTCAST_BIN = process.env.AGENTCAST_BIN ?? 'agentcast';
+/** Where the screenshot under a real agent run is kept (a CI artifact). */
+const SCREENSHOT =
+  process.env.AGENTCAST_CONSOLE_SCREENSHOT ?? resolve(HERE, '../../target/console-screenshot.png');
+/**
+ * How long the page may take to show something. A reconnect after a killed
+ * node backs off up to the client's 5 s ceiling, plus the new node's start.
+ */
+const PAGE_TIMEOUT_MS = 20000;
+/** `agentcast dev --demo` publishes a run every 5 s; two runs fit in this. */
+const DEMO_TIMEOUT_MS = 30000;
+/** Chromium flags for this machine (no GPU, no sandbox as root, no network beyond loopback). */
+const CHROMIUM_ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
+let nats;
+let browser;
+
+before(async () => {
+  nats = await NatsServer.start();
+  // playwright-core gives every launch a fresh, empty user data directory.
+  browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+});
+
+after(async () => {
+  await browser?.close();
+  await nats?.stop();
+});
+
+/** A page in a fresh context (its own sessionStorage) that records page errors and CSP reports. */
+async function newPage() {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 760 } });
+  const page = await context.newPage();
+  page.problems = [];
+  page.on('pageerror', (e) => page.problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => {
+    if (/Content.Security.Policy|Refused to/i.test(m.text())) page.problems.push(`CSP: ${m.text()}`);
+  });
+  return page;
+}
+
+const seqsShown = (page) => page.$$eval('li[data-seq]', (els) => els.map((e) => Number(e.dataset.seq)));
+const sorted = (xs) => [...xs].sort((a, b) => a - b);
+const text = (page, sel) => page.$eval(sel, (e) => e.textContent);
+
+/** Waits until the page shows exactly `n` events, then returns their seqs in seq order. */
+async function waitForEvents(page, n) {
+  await eventually(`${n} events on the page`, async () => (await seqsShown(page)).length >= n, PAGE_TIMEOUT_MS);
+  return sorted(await seqsShown(page));
+}
+
+async function waitForState(page, state) {
+  await page.waitForSelector(`#state[data-state="${state}"]`, { timeout: PAGE_TIMEOUT_MS });
+}
+
+function run(id, steps) {
+  const all = {
+    started: { type: 'agent_started', run_id: id, data: { input: `question for ${id}` } },
+    thinking: { type: 'agent_thinking', run_id: id, data: { text: 'I should look it up.' } },
+    tool: { type: 'tool_executing', run_id: id, data: { tool: 'search', args: { q: id } } },
+    tool_done: { type: 'tool_completed', run_id: id, data: { tool: 'search', result: { hits: 3 } } },
+    completed: { type: 'agent_completed', run_id: id, data: { output: `answer for ${id}` } },
+  };
+  return steps.map((s) => all[s]);
+}
+
+test('the page shows published events grouped by run, with the node and position', async () => {
+  const node = await Node.start(nats, ['--console', '--node-id', 'node-a']);
+  const page = await newPage();
+  try {
+    await page.goto(`http://${node.addr}/console/#token=${token('shows')}`);
+    await waitForState(page, 'open');
+    assert.equal(await text(page, '#node'), 'node-a');
+    assert.equal(await text(page, '#user'), 'shows');
+    assert.ok(!page.url().includes('token'), `the token stayed in the address bar: ${page.url()}`);
+    assert.equal(await page.isVisible('#login'), false, 'the token form is shown although a token was given');
+
+    const seqs = [
+      ...(await publish(nats, 'shows', run('r1', ['started', 'thinking', 'tool', 'tool_done', 'completed']))),
+      ...(await publish(nats, 'shows', run('r2', ['started']))),
+    ];
+    assert.deepEqual(await waitForEvents(page, 6), seqs);
+    const types = await page.$$eval('section.run[data-run="r1"] li', (els) => els.map((e) => e.dataset.type));
+    assert.deepEqual(types, ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed']);
+    assert.equal(await page.$eval('section.run[data-run="r1"]', (e) => e.dataset.status), 'completed');
+    assert.equal(await page.$eval('section.run[data-run="r2"]', (e) => e.dataset.status), 'running');
+    // The run that moved last is on top.
+    assert.deepEqual(await page.$$eval('section.run', (els) => els.map((e) => e.dataset.run)), ['r2', 'r1']);
+    assert.equal(await text(page, '#position'), String(seqs.at(-1)));
+    assert.equal(await text(page, '#count'), '6');
+    assert.match(await text(page, 'section.run[data-run="r1"] li[data-type="tool_executing"] .text'), /search\(\{"q":"r1"\}\)/);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
+
+test('without a token the page asks for one, and connects with the one given', async () => {
+  const node = await Node.start(nats, ['--console', '--node-id', 'node-f']);
+  const page = await newPage();
+  try {
+    await page.goto(`http://${node.addr}/console/`);
+    assert.equal(await page.isVisible('#login'), true);
+    assert.equal(await text(page, '#state'), 'no token');
+    await page.fill('#token-input', token('typed'));
+    await page.click('#login button');
+    await waitForState(page, 'open');
+    assert.equal(await page.isVisible('#login'), false);
+    assert.equal(await text(page, '#node'), 'node-f');
+    assert.equal(await text(page, '#user'), 'typed');
+    const seqs = await publish(nats, 'typed', run('f1', ['started']));
+    assert.deepEqual(await waitForEvents(page, 1), seqs);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
+
+test('a node killed and replaced on the same port: the page goes on with no missing or repeated event', async () => {
+  const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
+  const port = a.addr.split(':').at(-1);
+  const page = await newPage();
+  let b;
+  try {
+    await page.goto(`http://${a.addr}/console/#token=${token('takeover')}`);
+    await waitForState(page, 'open');
+    const seqs = await publish(nats, 'takeover', run('t1', ['started', 'thinking']));
+    assert.deepEqual(await waitForEvents(page, 2), seqs);
+
+    await a.kill('SIGKILL');
+    await page.waitForSelector('#state:not([data-state="open"])', { timeout: PAGE_TIMEOUT_MS });
+    // Published while no node serves the page: stored, read on resume.
+    seqs.push(...(await publish(nats, 'takeover', run('t1', ['tool', 'tool_done']))));
+    b = await Node.start(nats, ['--console', '--node-id', 'node-b', '--listen', `127.0.0.1:${port}`]);
+    await page.waitForFunction(() => document.getElementById('node').textContent === 'node-b', null, {
+      timeout: PAGE_TIMEOUT_MS,
+    });
+    seqs.push(...(await publish(nats, 'takeover', run('t1', ['completed']))));
+    seqs.push(...(await publish(nats, 'takeover', run('t2', ['started', 'thinking']))));
+    assert.deepEqual(await waitForEvents(page, 7), seqs);
+    // Nothing late: a repeat would arrive after the last event.
+    await new Promise((r) => setTimeout(r, 500));
+    assert.deepEqual(await seqsShown(page).then(sorted), seqs);
+    assert.equal((await seqsShown(page)).length, 7);
+    assert.equal(await page.$eval('section.run[data-run="t1"]', (e) => e.dataset.status), 'completed');
+    assert.equal(await text(page, '#state'), 'connected');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await a.kill();
+    await b?.kill();
+  }
+});
+
+test('a node on a new stream behind the same port: the page says so and shows only the new stream', async () => {
+  const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
+  const port = a.addr.split(':').at(-1);
+  const page = await newPage();
+  const other = await NatsServer.start();
+  let b;
+  try {
+    await page.goto(`http://${a.addr}/console/#token=${token('reset')}`);
+    await waitForState(page, 'open');
+    const oldEpoch = await text(page, '#epoch');
+    const old = await publish(nats, 'reset', run('old', ['started', 'thinking']));
+    assert.deepEqual(await waitForEvents(page, 2), old);
+    await a.kill('SIGKILL');
+    // Another NATS, so another stream (another epoch), whose seqs start at 1
+    // again and overlap the ones shown.
+    b = await Node.start(other, ['--console', '--node-id', 'node-b', '--listen', `127.0.0.1:${port}`]);
+    const fresh = await publish(other, 'reset', run('new', ['started']));
+    await page.waitForSelector('p.gap[data-reason="stream_reset"]', { timeout: PAGE_TIMEOUT_MS });
+    assert.deepEqual(await waitForEvents(page, 1), fresh);
+    assert.deepEqual(await page.$$eval('section.run', (els) => els.map((e) => e.dataset.run)), ['new']);
+    assert.notEqual(await text(page, '#epoch'), oldEpoch);
+    assert.equal(
+      await text(page, 'p.gap'),
+      'The stream was recreated, so the position this page had no longer exists. What follows is everything the new stream holds.',
+    );
+    // A reload keeps the new stream's view, not the old one's.
+    await page.reload();
+    await waitForState(page, 'open');
+    assert.deepEqual(sorted(await seqsShown(page)), fresh);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await a.kill();
+    await b?.kill();
+    await other.stop();
+  }
+});
+
+test('a reload mid-run resumes after the last event shown and keeps the run', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const page = await newPage();
+  try {
+    await page.goto(`http://${node.addr}/console/#token=${token('reload')}`);
+    await waitForState(page, 'open');
+    const seqs = await publish(nats, 'reload', run('m1', ['started', 'thinking']));
+    assert.deepEqual(await waitForEvents(page, 2), seqs);
+
+    // Events published while the page reloads come from the stream on
+    // resume: the reloaded page's client is held back until they are stored.
+    let stored;
+    const published = new Promise((r) => (stored = r));
+    await page.route('**/console/agentcast.js', async (route) => {
+      await published;
+      await route.continue();
+    });
+    await page.reload({ waitUntil: 'commit' });
+    seqs.push(...(await publish(nats, 'reload', run('m1', ['tool', 'tool_done']))));
+    stored();
+    await waitForState(page, 'open');
+    assert.equal(await page.$eval('#position', (e) => e.dataset.resumedFrom), String(seqs[1]));
+    seqs.push(...(await publish(nats, 'reload', run('m1', ['completed']))));
+    assert.deepEqual(await waitForEvents(page, 5), seqs);
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal((await seqsShown(page)).length, 5);
+    const types = await page.$$eval('section.run[data-run="m1"] li', (els) => els.map((e) => e.dataset.type));
+    assert.deepEqual(types, ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed']);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
+
+test('the page keeps the last 500 events and drops a run whose events are all gone', async () => {
+  // MAX_KEPT_EVENTS in console/console.js.
+  const kept = 500;
+  const node = await Node.start(nats, ['--console']);
+  const page = await newPage();
+  try {
+    await page.goto(`http://${node.addr}/console/#token=${token('many')}`);
+    await waitForState(page, 'open');
+    const first = await publish(nats, 'many', run('x1', ['started', 'thinking', 'completed']));
+    const many = Array.from({ length: kept }, (_, i) => ({ type: 'agent_thinking', run_id: 'x2', data: { text: `t${i}` } }));
+    const rest = await publish(nats, 'many', many);
+    await eventually('the last event shown', async () => (await text(page, '#position')) === String(rest.at(-1)), PAGE_TIMEOUT_MS);
+    assert.deepEqual(sorted(await seqsShown(page)), rest);
+    assert.equal(await page.$('section.run[data-run="x1"]'), null);
+    assert.equal(await text(page, '#count'), String(kept));
+    assert.ok(first.at(-1) < rest[0]);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
+
+test('a gap is shown in plain words', async () => {
+  // A server of its own: the per-user limit is the stream's, set by the
+  // first node, and must not apply to the other tests.
+  const own = await NatsServer.start();
+  const node = await Node.start(own, ['--console', '--stream-max-per-user', '3']);
+  const page = await newPage();
+  try {
+    const url = `http://${node.addr}/console/#token=${token('gappy')}`;
+    await page.goto(url);
+    await waitForState(page, 'open');
+    const first = await publish(own, 'gappy', run('g1', ['started']));
+    assert.deepEqual(await waitForEvents(page, 1), first);
+    // Leave the page (its sessionStorage stays with the tab), publish more
+    // than the stream keeps, and come back.
+    await page.goto('about:blank');
+    const more = await publish(own, 'gappy', run('g1', ['thinking', 'tool', 'tool_done', 'completed', 'started']));
+    await page.goto(`http://${node.addr}/console/`);
+    await page.waitForSelector('p.gap', { timeout: PAGE_TIMEOUT_MS });
+    const kept = more.slice(-3);
+    const expired = more.slice(0, -3);
+    assert.deepEqual(await waitForEvents(page, 4), [...first, ...kept]);
+    const gap = await page.$eval('p.gap', (e) => ({ ...e.dataset, text: e.textContent }));
+    assert.equal(gap.reason, 'expired');
+    assert.equal(gap.from, String(expired[0]));
+    assert.equal(gap.to, String(expired.at(-1)));
+    assert.equal(
+      gap.text,
+      `Events ${expired[0]} to ${expired.at(-1)} may be missing: the stream removed them (its age, size or per-user limit) before this page could read them.`,
+    );
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+    await own.stop();
+  }
+});
+
+test('agentcast dev prints the console link, and a screenshot is kept of a demo run', async () => {
+  const dev = spawn(AGENTCAST_BIN, ['dev', '--demo', '--listen', '127.0.0.1:0', '--nats-url', nats.url], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let err = '';
+  dev.stdout.on('data', (d) => (out += d));
+  dev.stderr.on('data', (d) => (err += d));
+  const page = await newPage();
+  try {
+    await eventually('the console link from agentcast dev', () => /console:\s+http/.test(out), PAGE_TIMEOUT_MS).catch(
+      (e) => {
+        throw new Error(`${e.message}\nstdout:\n${out}\nstderr:\n${err}`);
+      },
+    );
+    const link = /console:\s+(http\S+)/.exec(out)[1];
+    assert.match(link, /^http:\/\/127\.0\.0\.1:\d+\/console\/#token=[\w-]+\.[\w-]+\.[\w-]+$/);
+    await page.goto(link);
+    await waitForState(page, 'open');
+    assert.equal(await text(page, '#user'), 'dev');
+    // A demo run seen from its start to its end.
+    await page.waitForSelector('section.run[data-status="completed"] li[data-type="agent_started"]', {
+      timeout: DEMO_TIMEOUT_MS,
+    });
+    const whole = await page.$$eval('section.run[data-status="completed"]', (runs) =>
+      runs
+        .filter((r) => r.querySelector('li[data-type="agent_started"]'))
+        .map((r) => [...r.querySelectorAll('li')].map((e) => e.dataset.type)),
+    );
+    assert.deepEqual(whole[0], ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed']);
+    mkdirSync(dirname(SCREENSHOT), { recursive: true });
+    await page.screenshot({ path: SCREENSHOT, fullPage: true });
+    console.log(`screenshot: ${SCREENSHOT}`);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    dev.kill('SIGKILL');
+    await new Promise((r) => (dev.exitCode !== null || dev.signalCode !== null ? r() : dev.once('exit', r)));
+  }
+});
