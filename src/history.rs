@@ -8,8 +8,8 @@
 //! shrinks from the old end. So after reading the user's events following
 //! `after` (by direct gets, or by a shared scan: [`crate::scan`]), the read is
 //! complete when:
-//! - an event of the user at or before `after` is still stored: nothing
-//!   after it was removed before or during the read; or
+//! - the user's oldest stored event is at or before `after + 1`: nothing
+//!   after `after` was removed before or during the read; or
 //! - the stream still starts at or before `after + 1` and the user holds
 //!   fewer events than the stream's per-subject limit: no removal reached
 //!   past `after` (see [`History::read`]).
@@ -327,7 +327,10 @@ impl History {
         done: bool,
     ) -> Result<Read, StreamError> {
         let first = self.first(user).await?;
-        if first.is_some_and(|f| f <= after) {
+        // An oldest event at `after + 1` is the first the reader needs:
+        // nothing it needs was removed (and a gap from `after + 1` to
+        // `after` would announce nothing).
+        if first.is_some_and(|f| f <= after + 1) {
             return Ok(Read { events, gap: None, done });
         }
         if first.is_none() && events.is_empty() && after == 0 {

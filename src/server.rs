@@ -263,6 +263,8 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         if st.nats_connected() {
+            // A failing check is dated from its start: a timeout takes 5 s.
+            let checked_at = tokio::time::Instant::now();
             match stream::ensure(&js, &st.config.stream).await {
                 Ok(ensured) => {
                     if first || (!ensured.as_configured && ensured.line != last_line) {
@@ -284,11 +286,10 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                 Err(e) if e.is_config() => return Err(e),
                 Err(e) => {
                     m::jetstream_error("stream_check");
-                    let now = tokio::time::Instant::now();
                     let was_ok = st.stream_ok.load(Ordering::Acquire);
-                    let since = *failing_since.get_or_insert(now);
-                    if was_ok && now - since < STREAM_CHECK_GRACE {
-                        if since == now {
+                    let since = *failing_since.get_or_insert(checked_at);
+                    if was_ok && since.elapsed() < STREAM_CHECK_GRACE {
+                        if since == checked_at {
                             tracing::warn!(error = %e, grace = ?STREAM_CHECK_GRACE, "stream check failed; still ready for now");
                         }
                     } else if st.stream_ok.swap(false, Ordering::AcqRel) || first {

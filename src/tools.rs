@@ -243,7 +243,10 @@ async fn publish_inner(a: PublishArgs) -> Result<(), Failure> {
         let mut next = Some(first);
         while let Some(line) = next.take() {
             line_no += 1;
-            let line = line.map_err(|e| runtime(anyhow::anyhow!("reading stdin: {e}")))?;
+            let line = line.map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => usage(anyhow::anyhow!("stdin line {line_no}: not UTF-8")),
+                _ => runtime(anyhow::anyhow!("reading stdin: {e}")),
+            })?;
             if !line.trim().is_empty() {
                 let event = Event::from_json(&line)
                     .map_err(|e| usage(anyhow::anyhow!("stdin line {line_no}: {e}{}", published_before(total))))?;

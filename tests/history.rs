@@ -71,3 +71,27 @@ async fn a_split_read_joins_its_parts_in_order_and_stops_at_the_first_capped_par
     assert_eq!((mid.gap, mid.done), (None, true));
     assert_eq!(seqs(&mid), x[10..30]);
 }
+
+#[tokio::test]
+async fn a_resume_from_just_before_the_oldest_stored_event_is_complete() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(agentcast::stream::desired(&stream_settings(5))).await.unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..8 {
+        seqs.push(publish(&js, "lim", format!(r#"{{"i":{i}}}"#)).await);
+    }
+    let stream = js.get_stream_no_info("AGENTCAST").await.unwrap();
+    let history = History::new(stream.clone(), vec![stream], "agentcast.events".into());
+    // The limit kept the newest 5: the oldest stored is seqs[3], right after
+    // the client's position. Nothing the client needs is gone.
+    let read = history.read("lim", seqs[2], None, 64).await.unwrap();
+    assert_eq!((read.gap, read.done), (None, true));
+    assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs[3..]);
+    // One further back, seqs[2] itself is gone: that is a gap of exactly it.
+    let read = history.read("lim", seqs[1], None, 64).await.unwrap();
+    let gap = read.gap.expect("gap");
+    assert_eq!((gap.from, gap.to, gap.earliest), (Some(seqs[2]), Some(seqs[2]), Some(seqs[3])));
+    assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs[3..]);
+}
