@@ -105,6 +105,24 @@ pub struct JwtArgs {
     pub jwt_audience: Option<String>,
 }
 
+/// Where NATS is and how to log in: the node's flags, and the tools' (see
+/// [`crate::tools`]), which take the same flags and variables.
+#[derive(Debug, Args)]
+pub struct NatsArgs {
+    /// NATS server URLs, comma-separated.
+    #[arg(long, env = "AGENTCAST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(long, env = "AGENTCAST_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "AGENTCAST_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    #[arg(long, env = "AGENTCAST_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT and nkey seed).
+    #[arg(long, env = "AGENTCAST_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct NodeArgs {
     /// Address for HTTP and WebSocket (port 0 picks a free port).
@@ -118,18 +136,8 @@ pub struct NodeArgs {
     #[arg(long, env = "AGENTCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
 
-    /// NATS server URLs, comma-separated.
-    #[arg(long, env = "AGENTCAST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    #[arg(long, env = "AGENTCAST_NATS_USER", requires = "nats_password")]
-    pub nats_user: Option<String>,
-    #[arg(long, env = "AGENTCAST_NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
-    #[arg(long, env = "AGENTCAST_NATS_TOKEN", hide_env_values = true)]
-    pub nats_token: Option<String>,
-    /// NATS credentials file (JWT and nkey seed).
-    #[arg(long, env = "AGENTCAST_NATS_CREDS")]
-    pub nats_creds: Option<PathBuf>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// CA certificate (PEM) to verify the NATS server; implies TLS.
     #[arg(long, env = "AGENTCAST_NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,
@@ -377,11 +385,12 @@ impl NodeArgs {
         )?;
         range("--ping-interval (ms)", self.ping_interval.as_millis(), 100, 3_600_000)?;
         range("--drain-window (ms)", self.drain_window.as_millis(), 0, 3_600_000)?;
-        check_file("--nats-creds", &self.nats_creds)?;
+        check_file("--nats-creds", &self.nats.nats_creds)?;
         check_file("--nats-tls-ca", &self.nats_tls_ca)?;
         check_file("--nats-tls-cert", &self.nats_tls_cert)?;
         check_file("--nats-tls-key", &self.nats_tls_key)?;
         let urls = self
+            .nats
             .nats_url
             .split(',')
             .map(|u| {
@@ -395,9 +404,9 @@ impl NodeArgs {
             allowed_origins: normalise_origins(self.allowed_origins),
             nats: NatsSettings {
                 urls,
-                user: self.nats_user.zip(self.nats_password),
-                token: self.nats_token,
-                creds: self.nats_creds,
+                user: self.nats.nats_user.zip(self.nats.nats_password),
+                token: self.nats.nats_token,
+                creds: self.nats.nats_creds,
                 tls_required: self.nats_tls || self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some(),
                 tls_ca: self.nats_tls_ca,
                 tls_client: self.nats_tls_cert.zip(self.nats_tls_key),

@@ -37,7 +37,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
     };
     let _nats_dir;
     let mut _nats_child: Option<Child> = None;
-    if !nats_answers(&args.node.nats_url).await {
+    if !nats_answers(&args.node.nats.nats_url).await {
         let dir = match tempfile::tempdir() {
             Ok(d) => d,
             Err(e) => {
@@ -49,15 +49,15 @@ pub async fn run(mut args: DevArgs) -> i32 {
             Ok((child, url)) => {
                 eprintln!(
                     "agentcast dev: no NATS at {}; started {} at {url}",
-                    args.node.nats_url,
+                    args.node.nats.nats_url,
                     args.nats_server_bin.display()
                 );
-                args.node.nats_url = url;
+                args.node.nats.nats_url = url;
                 _nats_child = Some(child);
                 _nats_dir = dir;
             }
             Err(e) => {
-                eprintln!("agentcast: no NATS at {} and could not start one: {e}", args.node.nats_url);
+                eprintln!("agentcast: no NATS at {} and could not start one: {e}", args.node.nats.nats_url);
                 return 1;
             }
         }
@@ -77,7 +77,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
             return 1;
         }
     };
-    let nats_url = args.node.nats_url.clone();
+    let nats_url = args.node.nats.nats_url.clone();
     let demo = args.demo;
     // The console is the quickest way to see a stream, so dev serves it
     // unless told not to (`serve` needs --console).

@@ -7,7 +7,6 @@
 //! with [`EXIT_RUNTIME`] (1). anyhow is used here, at the edge, only.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -15,7 +14,7 @@ use serde_json::json;
 
 use crate::auth::{MIN_SECRET_LEN, mint_hs256};
 use crate::client::{Client, Delivery};
-use crate::config::EXIT_CONFIG;
+use crate::config::{EXIT_CONFIG, NatsArgs};
 use crate::history::History;
 use crate::publisher::{Event, PublishError, Publisher};
 use crate::user::UserId;
@@ -40,23 +39,6 @@ pub const TAIL_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// input. A batch is what is already waiting, so input that trickles in is
 /// published as it comes. Output (one line per event) follows each batch.
 pub const STDIN_BATCH_LINES: usize = 1024;
-
-/// How a tool reaches NATS: the node's flags and variables, minus TLS.
-#[derive(Debug, Args)]
-pub struct NatsArgs {
-    /// NATS server URLs, comma-separated.
-    #[arg(long, env = "AGENTCAST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    #[arg(long, env = "AGENTCAST_NATS_USER", requires = "nats_password")]
-    pub nats_user: Option<String>,
-    #[arg(long, env = "AGENTCAST_NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
-    #[arg(long, env = "AGENTCAST_NATS_TOKEN", hide_env_values = true)]
-    pub nats_token: Option<String>,
-    /// NATS credentials file (JWT and nkey seed).
-    #[arg(long, env = "AGENTCAST_NATS_CREDS")]
-    pub nats_creds: Option<PathBuf>,
-}
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
