@@ -155,9 +155,14 @@ impl History {
 
     /// The stream's last sequence, asked of the stream leader.
     pub async fn stream_last(&self) -> Result<u64, StreamError> {
+        Ok(self.leader_state().await?.last_sequence)
+    }
+
+    /// The stream's state (first and last sequence) as its leader has it.
+    async fn leader_state(&self) -> Result<async_nats::jetstream::stream::State, StreamError> {
         let info =
             self.stream().info_with_subjects("").await.map_err(|e| StreamError::Nats(format!("stream info: {e}")))?;
-        Ok(info.info.state.last_sequence)
+        Ok(info.info.state.clone())
     }
 
     /// Sequence of the user's oldest stored event.
@@ -190,12 +195,7 @@ impl History {
         match self.stream().direct_get(seq).await {
             Ok(m) => Ok(m.subject.as_str() == subject),
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
-                let info = self
-                    .stream()
-                    .info_with_subjects("")
-                    .await
-                    .map_err(|e| StreamError::Nats(format!("stream info: {e}")))?;
-                if seq < info.info.state.first_sequence {
+                if seq < self.leader_state().await?.first_sequence {
                     Ok(false)
                 } else {
                     Err(StreamError::Nats(format!(
