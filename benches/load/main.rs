@@ -1,0 +1,999 @@
+//! Load benchmark: agentcast next to nats-server's own WebSocket listener and
+//! a broker-less WebSocket fan-out (the machine's ceiling), same workload,
+//! same nats-server, same machine, in one run.
+//!
+//! `cargo bench --bench load -- --preset chat [options]`
+//!
+//! Presets (each option below overrides the preset's value):
+//! - `chat`: 10k sockets, 5k users (two sockets each), 20k events/s of 300
+//!   bytes for 30 s, published through JetStream.
+//! - `max`: the chat sockets; the rate doubles from 20k events/s until a step
+//!   loses an event, its p99 exceeds 50 ms or the publisher falls behind,
+//!   then halves the interval twice: the highest sustained rate.
+//! - `idle`: 50k sockets, nothing published: memory per socket.
+//! - `storm`: agentcast only (the peers keep no history). 10k sockets on one
+//!   node; the node is killed with SIGKILL, 20 events per user are published,
+//!   and every socket resumes on a second node: time until all are whole.
+//! - `smoke`: a few hundred sockets, every target, a short chat and a storm;
+//!   this is what `cargo test` runs (the target sets `test = true`), so the
+//!   harness cannot rot.
+//!
+//! Options: --targets agentcast,nats-ws,raw --sockets N --users N --rate N
+//! --size BYTES --duration SECS --missed N --out FILE.json. nats-server is
+//! `$AGENTCAST_BENCH_NATS_SERVER`, else `nats-server` on PATH, else
+//! /usr/sbin/nats-server.
+//!
+//! Processes: the coordinator (this one) starts nats-server, the target's
+//! servers, and client worker processes (this binary with `--role worker`);
+//! the raw server is this binary with `--role raw`. One process here may hold
+//! at most 20,000 open files (hard limit, not raisable in this sandbox), so
+//! sockets are spread over `ceil(N / SOCKETS_PER_PROCESS)` worker processes
+//! and, on the server side, as many agentcast nodes, raw servers, or (idle
+//! only, where no event flows) unclustered nats-servers.
+//!
+//! Every event carries its user index `u`, a per-user number `n`, and its
+//! publish time `t` (Unix ns); workers check each socket receives each `n`
+//! of its own user exactly once and in order, and take the latency from `t`.
+
+mod raw;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+const SECRET: &str = "bench-secret-bench-secret-bench-secret";
+/// Sockets per process, on either side: the hard open-file limit here is
+/// 20,000, and a node also needs descriptors for NATS and its listener.
+const SOCKETS_PER_PROCESS: usize = 16_000;
+/// JetStream acknowledgements outstanding at once while publishing.
+const MAX_INFLIGHT: usize = 4096;
+/// Latency is not recorded for events published in the first seconds of a
+/// run (still checked for loss): allocator and connection warm-up.
+const WARMUP: Duration = Duration::from_secs(2);
+/// The `max` preset's pass criterion, from the issue: p99 under 50 ms.
+const MAX_P99_MS: f64 = 50.0;
+/// Time sockets get, after all connected, before memory is read: lets the
+/// nodes' lazy per-socket work (pings, timers) happen once.
+const IDLE_SETTLE: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Target {
+    Agentcast,
+    NatsWs,
+    Raw,
+}
+
+impl Target {
+    fn parse(s: &str) -> Target {
+        match s {
+            "agentcast" => Target::Agentcast,
+            "nats-ws" => Target::NatsWs,
+            "raw" => Target::Raw,
+            other => panic!("unknown target {other:?} (agentcast, nats-ws, raw)"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Agentcast => "agentcast",
+            Target::NatsWs => "nats-ws",
+            Target::Raw => "raw",
+        }
+    }
+}
+
+pub fn user(u: usize) -> String {
+    format!("user-{u:05}")
+}
+
+pub fn token(user: &str) -> String {
+    agentcast::auth::mint_hs256(SECRET.as_bytes(), user, Duration::from_secs(24 * 3600)).expect("mint token")
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Latency histogram: 1 µs buckets up to 100 ms, then 1 ms buckets up to
+/// 10 minutes; exact enough for p99.9 and mergeable across workers.
+pub struct Hist {
+    fine: Vec<u64>,
+    coarse: Vec<u64>,
+}
+
+const HIST_FINE_US: u64 = 100_000;
+const HIST_COARSE_MS: u64 = 600_000;
+
+impl Default for Hist {
+    fn default() -> Self {
+        Hist { fine: vec![0; HIST_FINE_US as usize], coarse: vec![0; HIST_COARSE_MS as usize] }
+    }
+}
+
+impl Hist {
+    pub fn add(&mut self, us: u64) {
+        if us < HIST_FINE_US {
+            self.fine[us as usize] += 1;
+        } else {
+            self.coarse[((us / 1000) as usize).min(HIST_COARSE_MS as usize - 1)] += 1;
+        }
+    }
+
+    /// Non-empty buckets as `[[microseconds, count], ...]`.
+    pub fn sparse(&self) -> Value {
+        let fine = self.fine.iter().enumerate().filter(|(_, c)| **c > 0).map(|(us, c)| json!([us, c]));
+        let coarse = self.coarse.iter().enumerate().filter(|(_, c)| **c > 0).map(|(ms, c)| json!([ms * 1000, c]));
+        Value::Array(fine.chain(coarse).collect())
+    }
+}
+
+/// Merged latencies, in µs.
+#[derive(Default)]
+struct Latency(BTreeMap<u64, u64>);
+
+impl Latency {
+    fn merge(&mut self, sparse: &Value) {
+        for pair in sparse.as_array().into_iter().flatten() {
+            *self.0.entry(pair[0].as_u64().unwrap_or(0)).or_default() += pair[1].as_u64().unwrap_or(0);
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    fn pct_ms(&self, p: f64) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            return f64::NAN;
+        }
+        let rank = ((n as f64 * p).ceil() as u64).clamp(1, n);
+        let mut seen = 0;
+        for (us, c) in &self.0 {
+            seen += c;
+            if seen >= rank {
+                return *us as f64 / 1000.0;
+            }
+        }
+        f64::NAN
+    }
+
+    fn summary(&self) -> Value {
+        json!({"samples": self.count(), "p50_ms": self.pct_ms(0.5), "p99_ms": self.pct_ms(0.99),
+               "p999_ms": self.pct_ms(0.999), "max_ms": self.pct_ms(1.0)})
+    }
+}
+
+struct Opts {
+    preset: String,
+    targets: Vec<Target>,
+    sockets: usize,
+    users: usize,
+    rate: u64,
+    size: usize,
+    duration: Duration,
+    missed: u64,
+    out: Option<PathBuf>,
+}
+
+fn opts(args: &[String], smoke: bool) -> Opts {
+    let preset = if smoke {
+        "smoke".to_owned()
+    } else {
+        args.iter().position(|a| a == "--preset").and_then(|i| args.get(i + 1)).cloned().unwrap_or("chat".into())
+    };
+    let all = vec![Target::Agentcast, Target::NatsWs, Target::Raw];
+    let mut o = Opts {
+        preset: preset.clone(),
+        targets: all,
+        sockets: 10_000,
+        users: 5_000,
+        rate: 20_000,
+        size: 300,
+        duration: Duration::from_secs(30),
+        missed: 20,
+        out: None,
+    };
+    match preset.as_str() {
+        "chat" | "max" => {}
+        "idle" => o.sockets = 50_000,
+        "storm" => o.targets = vec![Target::Agentcast],
+        "smoke" => (o.sockets, o.users, o.rate, o.duration) = (400, 200, 1_000, Duration::from_secs(3)),
+        other => panic!("unknown preset {other:?} (chat, max, idle, storm, smoke)"),
+    }
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if flag == "--bench" {
+            continue;
+        }
+        let val = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        let num = || val.parse::<u64>().unwrap_or_else(|_| panic!("{flag}: not a number: {val}"));
+        match flag.as_str() {
+            "--preset" => {}
+            "--targets" => o.targets = val.split(',').map(Target::parse).collect(),
+            "--sockets" => o.sockets = num() as usize,
+            "--users" => o.users = num() as usize,
+            "--rate" => o.rate = num(),
+            "--size" => o.size = num() as usize,
+            "--duration" => o.duration = Duration::from_secs(num()),
+            "--missed" => o.missed = num(),
+            "--out" => o.out = Some(PathBuf::from(val)),
+            other => panic!("unknown option {other}"),
+        }
+    }
+    o
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id().unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn clock_ticks_per_s() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// `$AGENTCAST_BENCH_NATS_SERVER`, else (under `cargo test`) the tests'
+/// `$AGENTCAST_TEST_NATS_SERVER`, else `nats-server` on PATH, else Debian's.
+fn nats_bin() -> String {
+    ["AGENTCAST_BENCH_NATS_SERVER", "AGENTCAST_TEST_NATS_SERVER"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok())
+        .or_else(|| {
+            let path = std::env::var_os("PATH")?;
+            std::env::split_paths(&path).map(|d| d.join("nats-server")).find(|p| p.is_file())?;
+            Some("nats-server".into())
+        })
+        .unwrap_or_else(|| "/usr/sbin/nats-server".into())
+}
+
+fn nats_version() -> String {
+    std::process::Command::new(nats_bin())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A nats-server with JetStream and a WebSocket listener, on random ports.
+struct Nats {
+    proc: Proc,
+    url: String,
+    ws: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_nats() -> Nats {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf = dir.path().join("nats.conf");
+    let store = dir.path().join("js");
+    std::fs::write(
+        &conf,
+        format!(
+            "host: 127.0.0.1\nport: -1\njetstream {{ store_dir: {:?} }}\n\
+             websocket {{ host: 127.0.0.1, port: -1, no_tls: true }}\n",
+            store.display().to_string()
+        ),
+    )
+    .expect("write nats.conf");
+    let child = Command::new(nats_bin())
+        .arg("-c")
+        .arg(&conf)
+        .arg("--ports_file_dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nats-server ($AGENTCAST_BENCH_NATS_SERVER or nats-server on PATH)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ports = std::fs::read_dir(dir.path())
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| e.path().extension().is_some_and(|x| x == "ports"))
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+        if let Some(p) = ports {
+            let url = p["nats"][0].as_str().expect("nats url").to_owned();
+            let ws = p["websocket"][0].as_str().expect("websocket url");
+            let ws = ws.trim_start_matches("ws://").parse().expect("websocket address");
+            return Nats { proc: Proc(child), url, ws, _dir: dir };
+        }
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn stream_settings() -> agentcast::config::StreamSettings {
+    agentcast::config::StreamSettings {
+        name: "AGENTCAST".into(),
+        subject_prefix: "agentcast.events".into(),
+        live_prefix: "agentcast.live".into(),
+        external: false,
+        replicas: 1,
+        max_age: Duration::from_secs(24 * 3600),
+        max_bytes: 8 << 30,
+        max_per_user: 100_000,
+        max_event_bytes: 256 * 1024,
+        duplicate_window: Duration::from_secs(120),
+    }
+}
+
+/// A release agentcast node on port 0.
+async fn start_node(nats_url: &str) -> (Proc, SocketAddr) {
+    let s = stream_settings();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--nats-url", nats_url, "--jwt-secret", SECRET])
+        .args(["--stream-max-per-user", &s.max_per_user.to_string(), "--stream-max-bytes", &s.max_bytes.to_string()])
+        .args(["--max-connections", "200000"])
+        .env("AGENTCAST_LOG", "warn,agentcast=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start agentcast");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("node starts")
+            .expect("node stderr")
+            .expect("node exited");
+        if let Some(a) = line.split("listening on ").nth(1) {
+            break a.split_whitespace().next().unwrap_or("").parse().expect("node address");
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("  node: {line}");
+            }
+        }
+    });
+    while http_status(addr, "/readyz").await != 200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (Proc(child), addr)
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return 0 };
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf).await;
+    buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// This binary again, as a raw fan-out server.
+async fn start_raw() -> (Proc, SocketAddr) {
+    let mut child = Command::new(std::env::current_exe().expect("own path"))
+        .args(["--role", "raw"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start raw server");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = lines.next_line().await.expect("raw stdout").expect("raw server exited");
+    let addr = line.trim_start_matches("listening on ").parse().expect("raw address");
+    (Proc(child), addr)
+}
+
+/// A client worker process and its command channel.
+struct Worker {
+    _proc: Proc,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Worker {
+    async fn send(&mut self, line: &str) {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await.expect("worker stdin");
+        self.stdin.flush().await.expect("worker stdin");
+    }
+
+    /// The next line starting with `word`, without it.
+    async fn expect(&mut self, word: &str) -> String {
+        loop {
+            let line = self.lines.next_line().await.expect("worker stdout").expect("worker exited");
+            if let Some(rest) = line.strip_prefix(word) {
+                return rest.trim().to_owned();
+            }
+        }
+    }
+}
+
+async fn start_workers(target: Target, addrs: &[SocketAddr], sockets: usize, users: usize) -> (Vec<Worker>, Value) {
+    let n = sockets.div_ceil(SOCKETS_PER_PROCESS).max(1);
+    let addrs = addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    let mut workers = Vec::new();
+    for w in 0..n {
+        let first = sockets * w / n;
+        let count = sockets * (w + 1) / n - first;
+        let mut child = Command::new(std::env::current_exe().expect("own path"))
+            .args(["--role", "worker", "--target", target.name(), "--addrs", &addrs])
+            .args(["--first", &first.to_string(), "--count", &count.to_string(), "--users", &users.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start worker");
+        let stdin = child.stdin.take().expect("stdin");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        workers.push(Worker { _proc: Proc(child), stdin, lines });
+    }
+    let (mut connected, mut failed, mut errors) = (0, 0, Vec::new());
+    for w in &mut workers {
+        let r: Value = serde_json::from_str(&w.expect("ready").await).expect("ready json");
+        connected += r["connected"].as_u64().unwrap_or(0);
+        failed += r["failed"].as_u64().unwrap_or(0);
+        errors.extend(r["errors"].as_array().cloned().unwrap_or_default());
+    }
+    (workers, json!({"connected": connected, "failed": failed, "errors": errors}))
+}
+
+/// Where events go: JetStream, or the raw server's publish socket.
+enum Publisher {
+    Js(async_nats::jetstream::Context),
+    Raw(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>),
+}
+
+/// What a publishing run did.
+struct Published {
+    events: u64,
+    errors: u64,
+    seconds: f64,
+}
+
+fn payload(u: usize, n: u64, warm: bool, size: usize) -> String {
+    let head =
+        format!(r#"{{"type":"agent_thinking","u":{u},"n":{n},"t":{},"w":{},"data":{{"text":""#, now_ns(), warm as u8);
+    let pad = size.saturating_sub(head.len() + 3);
+    format!("{head}{}\"}}}}", "x".repeat(pad))
+}
+
+impl Publisher {
+    /// Publishes `rate` events/s, each to a random user, for `duration`.
+    /// `next[u]` is how many events user u has had in all (its next `n`),
+    /// which is what each of its sockets must hold. Events of the first
+    /// `WARMUP` are marked as warm-up.
+    async fn run(&mut self, next: &mut [u64], rate: u64, duration: Duration, size: usize) -> Published {
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut errors = 0u64;
+        let mut acks = futures_util::stream::FuturesUnordered::new();
+        while start.elapsed() < duration {
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            while sent < due {
+                let u = rand::random_range(0..next.len());
+                let body = payload(u, next[u], start.elapsed() < WARMUP, size);
+                next[u] += 1;
+                sent += 1;
+                match self {
+                    Publisher::Js(js) => {
+                        match js.publish(format!("agentcast.events.{}", user(u)), body.into()).await {
+                            Ok(ack) => acks.push(ack.into_future()),
+                            Err(_) => errors += 1,
+                        }
+                        while acks.len() >= MAX_INFLIGHT {
+                            if let Some(Err(_)) = acks.next().await {
+                                errors += 1;
+                            }
+                        }
+                    }
+                    Publisher::Raw(ws) => {
+                        if ws.feed(format!("{}\n{body}", user(u)).into()).await.is_err() {
+                            errors += 1;
+                        }
+                    }
+                }
+            }
+            if let Publisher::Raw(ws) = self {
+                let _ = ws.flush().await;
+            }
+            // Drain acknowledgements while waiting for the next millisecond.
+            let tick = tokio::time::sleep(Duration::from_millis(1));
+            tokio::pin!(tick);
+            loop {
+                tokio::select! {
+                    _ = &mut tick => break,
+                    Some(r) = acks.next(), if !acks.is_empty() => if r.is_err() { errors += 1 },
+                }
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        while let Some(r) = acks.next().await {
+            if r.is_err() {
+                errors += 1;
+            }
+        }
+        Published { events: sent, errors, seconds }
+    }
+
+    /// Publishes `k` events to every user, waiting for each acknowledgement.
+    async fn each_user(&mut self, next: &mut [u64], k: u64, size: usize) -> u64 {
+        let mut errors = 0;
+        for _ in 0..k {
+            for (u, n) in next.iter_mut().enumerate() {
+                let body = payload(u, *n, true, size);
+                *n += 1;
+                match self {
+                    Publisher::Js(js) => {
+                        let subject = format!("agentcast.events.{}", user(u));
+                        if let Err(e) = async { js.publish(subject, body.into()).await?.await }.await {
+                            eprintln!("  publish failed: {e}");
+                            errors += 1;
+                        }
+                    }
+                    Publisher::Raw(ws) => {
+                        if ws.send(format!("{}\n{body}", user(u)).into()).await.is_err() {
+                            errors += 1;
+                        }
+                    }
+                }
+            }
+        }
+        errors
+    }
+}
+
+/// Everything a target run starts, so it ends together.
+struct Setup {
+    nats: Vec<Nats>,
+    servers: Vec<Proc>,
+    addrs: Vec<SocketAddr>,
+    /// Processes whose memory is the target's per-socket cost.
+    measured: Vec<u32>,
+}
+
+async fn setup(target: Target, sockets: usize, idle: bool) -> Setup {
+    let processes = sockets.div_ceil(SOCKETS_PER_PROCESS).max(1);
+    let mut s = Setup { nats: vec![start_nats().await], servers: vec![], addrs: vec![], measured: vec![] };
+    let client = async_nats::connect(&s.nats[0].url).await.expect("connect to nats-server");
+    let js = async_nats::jetstream::new(client);
+    agentcast::stream::ensure(&js, &stream_settings()).await.expect("create the stream");
+    match target {
+        Target::Agentcast => {
+            for _ in 0..processes {
+                let (p, a) = start_node(&s.nats[0].url).await;
+                s.measured.push(p.pid());
+                s.servers.push(p);
+                s.addrs.push(a);
+            }
+        }
+        Target::Raw => {
+            for _ in 0..processes {
+                let (p, a) = start_raw().await;
+                s.measured.push(p.pid());
+                s.servers.push(p);
+                s.addrs.push(a);
+            }
+        }
+        Target::NatsWs => {
+            assert!(processes == 1 || idle, "more than {SOCKETS_PER_PROCESS} nats-ws sockets only for idle");
+            for _ in 1..processes {
+                s.nats.push(start_nats().await);
+            }
+            for n in &s.nats {
+                s.measured.push(n.proc.pid());
+                s.addrs.push(n.ws);
+            }
+        }
+    }
+    s
+}
+
+fn total_rss_kb(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| rss_kb(*p)).sum()
+}
+
+fn total_ticks(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| cpu_ticks(*p)).sum()
+}
+
+/// Asks every worker for its report and merges them.
+async fn report(workers: &mut [Worker], next: &[u64]) -> (Value, Latency) {
+    let expected = serde_json::to_string(next).expect("json");
+    for w in workers.iter_mut() {
+        w.send(&format!("report {expected}")).await;
+    }
+    let mut lat = Latency::default();
+    let mut sum = json!({"lost": 0, "duplicated": 0, "reordered": 0, "foreign": 0, "gaps": 0,
+                         "delivered": 0, "whole": 0, "last_new_ns": 0, "errors": []});
+    for w in workers.iter_mut() {
+        let r: Value = serde_json::from_str(&w.expect("result").await).expect("result json");
+        lat.merge(&r["latency_us"]);
+        for k in ["lost", "duplicated", "reordered", "foreign", "gaps", "delivered", "whole"] {
+            sum[k] = json!(sum[k].as_u64().unwrap_or(0) + r[k].as_u64().unwrap_or(0));
+        }
+        sum["last_new_ns"] =
+            json!(sum["last_new_ns"].as_u64().unwrap_or(0).max(r["last_new_ns"].as_u64().unwrap_or(0)));
+        if let (Some(all), Some(errs)) = (sum["errors"].as_array_mut(), r["errors"].as_array()) {
+            all.extend(errs.iter().take(5).cloned());
+        }
+    }
+    (sum, lat)
+}
+
+async fn publisher(target: Target, s: &Setup) -> Publisher {
+    match target {
+        Target::Raw => {
+            let url = format!("ws://{}/publish", s.addrs[0]);
+            assert!(s.addrs.len() == 1, "the raw publisher feeds one raw server");
+            // Nagle off, as on every socket here: batching is the writer's.
+            let ws = tokio_tungstenite::connect_async_with_config(url, None, true).await;
+            Publisher::Raw(ws.expect("raw publish socket").0)
+        }
+        _ => Publisher::Js(async_nats::jetstream::new(
+            async_nats::connect(&s.nats[0].url).await.expect("publisher connects"),
+        )),
+    }
+}
+
+/// One rate step on connected sockets: publish, collect, measure.
+async fn step(
+    target: Target,
+    s: &Setup,
+    pubr: &mut Publisher,
+    workers: &mut [Worker],
+    next: &mut [u64],
+    o: &Opts,
+    rate: u64,
+) -> Value {
+    let hz = clock_ticks_per_s();
+    let nats_pid = s.nats[0].proc.pid();
+    let (t0, n0) = (total_ticks(&s.measured), cpu_ticks(nats_pid));
+    let before: u64 = next.iter().sum();
+    let published = pubr.run(next, rate, o.duration, o.size).await;
+    let (sum, lat) = report(workers, next).await;
+    let (t1, n1) = (total_ticks(&s.measured), cpu_ticks(nats_pid));
+    let events = next.iter().sum::<u64>() - before;
+    let fanout = o.sockets as f64 / o.users as f64;
+    let deliveries = events as f64 * fanout;
+    let per10k = |ticks: u64| ticks as f64 / hz * 1000.0 / (deliveries / 10_000.0);
+    let target_cpu = if target == Target::NatsWs { n1 - n0 } else { t1 - t0 };
+    let system_cpu = if target == Target::Agentcast { (t1 - t0) + (n1 - n0) } else { target_cpu };
+    let l = lat.summary();
+    let v = json!({
+        "rate_offered": rate,
+        "events_published": published.events,
+        "publish_errors": published.errors,
+        "published_per_s": published.events as f64 / published.seconds,
+        "deliveries_per_s": deliveries / published.seconds,
+        "delivery": sum,
+        "latency": l,
+        "cpu_ms_per_10k_deliveries": {"target": per10k(target_cpu), "with_nats_server": per10k(system_cpu)},
+        "rss_kb": total_rss_kb(&s.measured),
+    });
+    println!(
+        "  {:<10} {:>7} ev/s offered {:>8.0} published/s {:>9.0} deliveries/s  p50 {:>6.2} p99 {:>6.2} p99.9 {:>7.2} ms  lost {} dup {} reord {} foreign {}  cpu {:.1} ms/10k ({:.1} with nats)",
+        target.name(),
+        rate,
+        v["published_per_s"].as_f64().unwrap_or(0.0),
+        v["deliveries_per_s"].as_f64().unwrap_or(0.0),
+        l["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        l["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        l["p999_ms"].as_f64().unwrap_or(f64::NAN),
+        sum["lost"],
+        sum["duplicated"],
+        sum["reordered"],
+        sum["foreign"],
+        per10k(target_cpu),
+        per10k(system_cpu),
+    );
+    v
+}
+
+fn step_passes(v: &Value, rate: u64) -> bool {
+    let d = &v["delivery"];
+    ["lost", "duplicated", "reordered", "foreign", "gaps"].iter().all(|k| d[k].as_u64() == Some(0))
+        && v["publish_errors"].as_u64() == Some(0)
+        && v["latency"]["p99_ms"].as_f64().is_some_and(|p| p < MAX_P99_MS)
+        && v["published_per_s"].as_f64().is_some_and(|r| r >= rate as f64 * 0.95)
+}
+
+/// One rate on fresh sockets: start the target, connect, publish, measure.
+async fn run_rate(target: Target, o: &Opts, rate: u64) -> Value {
+    let s = setup(target, o.sockets, false).await;
+    let rss_before = total_rss_kb(&s.measured);
+    let (mut workers, conn) = start_workers(target, &s.addrs, o.sockets, o.users).await;
+    let mut pubr = publisher(target, &s).await;
+    let mut next = vec![0u64; o.users];
+    let mut v = step(target, &s, &mut pubr, &mut workers, &mut next, o, rate).await;
+    v["connections"] = conn;
+    v["rss_kb_before_sockets"] = json!(rss_before);
+    v
+}
+
+/// The `max` preset: double the rate while a step passes, then bisect the
+/// interval twice. Every step starts on fresh processes, so one step's
+/// backlog or losses never count against the next.
+async fn run_max(target: Target, o: &Opts) -> Value {
+    let (mut pass, mut fail) = (None::<u64>, None::<u64>);
+    let mut steps = Vec::new();
+    let mut rate = o.rate;
+    let mut bisections = 0;
+    loop {
+        let v = run_rate(target, o, rate).await;
+        if step_passes(&v, rate) {
+            pass = Some(rate);
+        } else {
+            fail = Some(rate);
+        }
+        steps.push(v);
+        rate = match (pass, fail) {
+            (Some(p), None) => p * 2,
+            (Some(p), Some(f)) if bisections < 2 => {
+                bisections += 1;
+                (p + f) / 2
+            }
+            (None, Some(f)) if f >= 2_000 => f / 2,
+            _ => break,
+        };
+    }
+    let best = steps
+        .iter()
+        .filter(|v| step_passes(v, v["rate_offered"].as_u64().unwrap_or(0)))
+        .max_by_key(|v| v["rate_offered"].as_u64())
+        .cloned();
+    json!({"steps": steps, "best": best})
+}
+
+/// The `idle` preset: memory per socket with nothing flowing.
+async fn run_idle(target: Target, o: &Opts) -> Value {
+    let s = setup(target, o.sockets, true).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = total_rss_kb(&s.measured);
+    let (workers, conn) = start_workers(target, &s.addrs, o.sockets, o.users).await;
+    tokio::time::sleep(IDLE_SETTLE).await;
+    let after = total_rss_kb(&s.measured);
+    let connected = conn["connected"].as_u64().unwrap_or(0).max(1);
+    let per_socket = (after.saturating_sub(before) * 1024) as f64 / connected as f64;
+    println!(
+        "  {:<10} {} sockets over {} processes: RSS {} MB before, {} MB after: {:.0} bytes per socket",
+        target.name(),
+        connected,
+        s.measured.len(),
+        before / 1024,
+        after / 1024,
+        per_socket
+    );
+    drop(workers);
+    json!({"connections": conn, "processes": s.measured.len(), "rss_kb_before": before, "rss_kb_after": after,
+           "rss_bytes_per_socket": per_socket})
+}
+
+/// The `storm` preset (agentcast): sockets on node A, which is killed; the
+/// users get `missed` events each; every socket resumes on node B.
+async fn run_storm(o: &Opts) -> Value {
+    let mut s = setup(Target::Agentcast, o.sockets, false).await;
+    let b = start_node(&s.nats[0].url).await;
+    let a_addrs = s.addrs.clone();
+    let (mut workers, conn) = start_workers(Target::Agentcast, &a_addrs, o.sockets, o.users).await;
+    let mut pubr = publisher(Target::Agentcast, &s).await;
+    let mut next = vec![0u64; o.users];
+    // One event each, so every socket has a position to resume from.
+    let mut errors = pubr.each_user(&mut next, 1, o.size).await;
+    let (warm, _) = report(&mut workers, &next).await;
+    s.servers.clear(); // SIGKILL (kill_on_drop) every node the sockets are on
+    for w in workers.iter_mut() {
+        w.expect("dropped").await;
+    }
+    errors += pubr.each_user(&mut next, o.missed, o.size).await;
+    let b_pid = b.0.pid();
+    let rss_before = rss_kb(b_pid);
+    let start_ns = now_ns();
+    let start = Instant::now();
+    for w in workers.iter_mut() {
+        w.send(&format!("resume {}", b.1)).await;
+    }
+    let (sum, _) = report(&mut workers, &next).await;
+    let reported = start.elapsed();
+    let seconds = sum["last_new_ns"].as_u64().unwrap_or(0).saturating_sub(start_ns) as f64 / 1e9;
+    let whole = sum["whole"].as_u64().unwrap_or(0);
+    println!(
+        "  agentcast  storm: {whole} of {} sockets whole {seconds:.2} s after the resume began; lost {} dup {} reord {} gaps {}; node B RSS {} MB before, {} MB after",
+        o.sockets,
+        sum["lost"],
+        sum["duplicated"],
+        sum["reordered"],
+        sum["gaps"],
+        rss_before / 1024,
+        rss_kb(b_pid) / 1024
+    );
+    json!({"connections": conn, "warm": warm, "publish_errors": errors, "missed_per_user": o.missed,
+           "seconds_until_whole": seconds, "report_seconds": reported.as_secs_f64(), "delivery": sum,
+           "node_b_rss_kb_before": rss_before, "node_b_rss_kb_after": rss_kb(b_pid)})
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Value {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => json!((a / b * 100.0).round() / 100.0),
+        _ => Value::Null,
+    }
+}
+
+/// Ratios of agentcast to each peer, on the figures a preset is about.
+fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
+    let get = |t: Target, path: &[&str]| {
+        let (_, v) = results.iter().find(|(x, _)| *x == t)?;
+        let mut v = v;
+        for p in path {
+            v = v.get(*p)?;
+        }
+        v.as_f64()
+    };
+    let paths: &[(&str, &[&str])] = match preset {
+        "idle" => &[("rss_bytes_per_socket", &["rss_bytes_per_socket"])],
+        "max" => {
+            &[("best_deliveries_per_s", &["best", "deliveries_per_s"]), ("best_p99_ms", &["best", "latency", "p99_ms"])]
+        }
+        "storm" => &[],
+        _ => &[
+            ("deliveries_per_s", &["deliveries_per_s"]),
+            ("p99_ms", &["latency", "p99_ms"]),
+            ("cpu_ms_per_10k_deliveries", &["cpu_ms_per_10k_deliveries", "with_nats_server"]),
+            ("rss_kb", &["rss_kb"]),
+        ],
+    };
+    let mut out = json!({});
+    for peer in [Target::NatsWs, Target::Raw] {
+        let mut r = json!({});
+        for (name, path) in paths {
+            r[*name] = ratio(get(Target::Agentcast, path), get(peer, path));
+        }
+        out[format!("agentcast_over_{}", peer.name())] = r;
+    }
+    out
+}
+
+/// What a run must show to count as sane: nothing lost, duplicated,
+/// reordered or misdelivered. The smoke run (`cargo test`) fails on it.
+fn check(v: &Value) -> Result<(), String> {
+    let d = &v["delivery"];
+    for k in ["lost", "duplicated", "reordered", "foreign", "gaps"] {
+        if d[k].as_u64() != Some(0) {
+            return Err(format!("{k} = {} in {v}", d[k]));
+        }
+    }
+    if v["publish_errors"].as_u64() != Some(0) {
+        return Err(format!("publish errors in {v}"));
+    }
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    match args.iter().position(|a| a == "--role").and_then(|i| args.get(i + 1)).map(String::as_str) {
+        Some("worker") => return rt.block_on(worker::run(worker::Spec::parse(&args))),
+        Some("raw") => return rt.block_on(raw::run()),
+        Some(other) => panic!("unknown role {other}"),
+        None => {}
+    }
+    // `cargo bench` passes --bench; `cargo test` runs this target bare.
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let o = opts(&args, smoke);
+    rt.block_on(coordinate(o, smoke));
+}
+
+async fn coordinate(o: Opts, smoke: bool) {
+    let version = nats_version();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    println!(
+        "agentcast load benchmark, preset {}: {} sockets, {} users, {} events/s of {} bytes for {:?}; {version}; {cores} cores ({cpu})",
+        o.preset, o.sockets, o.users, o.rate, o.size, o.duration
+    );
+    let mut results: Vec<(Target, Value)> = Vec::new();
+    let mut failures = Vec::new();
+    for &t in &o.targets {
+        let v = match o.preset.as_str() {
+            "idle" => run_idle(t, &o).await,
+            "max" => run_max(t, &o).await,
+            "storm" => {
+                if t != Target::Agentcast {
+                    println!("  {}: no history to resume from; storm is agentcast only", t.name());
+                    continue;
+                }
+                run_storm(&o).await
+            }
+            "smoke" => {
+                let chat = run_rate(t, &o, o.rate).await;
+                if let Err(e) = check(&chat) {
+                    failures.push(format!("{} chat: {e}", t.name()));
+                }
+                let mut v = json!({"chat": chat});
+                if t == Target::Agentcast {
+                    let storm = run_storm(&o).await;
+                    if let Err(e) = check(&storm) {
+                        failures.push(format!("storm: {e}"));
+                    }
+                    if storm["delivery"]["whole"].as_u64() != Some(o.sockets as u64) {
+                        failures.push(format!("storm: not every socket whole: {storm}"));
+                    }
+                    v["storm"] = storm;
+                }
+                v
+            }
+            _ => run_rate(t, &o, o.rate).await,
+        };
+        results.push((t, v));
+    }
+    let report = json!({
+        "bench": "load",
+        "preset": o.preset,
+        "date": time_now(),
+        "nats_server": version,
+        "machine": {"cores": cores, "cpu": cpu},
+        "workload": {"sockets": o.sockets, "users": o.users, "rate": o.rate, "size": o.size,
+                     "duration_s": o.duration.as_secs(), "missed": o.missed},
+        "results": results.iter().map(|(t, v)| json!({"target": t.name(), "result": v})).collect::<Vec<_>>(),
+        "ratios": ratios(&o.preset, &results),
+    });
+    println!("ratios: {}", report["ratios"]);
+    if let Some(out) = &o.out {
+        let mut f = std::fs::File::create(out).expect("create --out file");
+        f.write_all(serde_json::to_string_pretty(&report).expect("json").as_bytes()).expect("write --out file");
+        println!("wrote {}", out.display());
+    }
+    if smoke {
+        assert!(failures.is_empty(), "smoke run failed: {failures:#?}");
+    }
+}
+
+fn time_now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
