@@ -747,6 +747,9 @@ async fn run_rate(target: Target, o: &Opts, rate: u64) -> Value {
     let mut pubr = publisher(target, &s).await;
     let mut next = vec![0u64; o.users];
     let mut v = step(target, &s, &mut pubr, &mut workers, &mut next, o, rate).await;
+    let connected = conn["connected"].as_u64().unwrap_or(0).max(1);
+    let grown = v["rss_kb"].as_u64().unwrap_or(0).saturating_sub(rss_before);
+    v["rss_bytes_per_socket"] = json!(grown as f64 * 1024.0 / connected as f64);
     v["connections"] = conn;
     v["rss_kb_before_sockets"] = json!(rss_before);
     v
@@ -880,7 +883,7 @@ fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
             ("deliveries_per_s", &["deliveries_per_s"]),
             ("p99_ms", &["latency", "p99_ms"]),
             ("cpu_ms_per_10k_deliveries", &["cpu_ms_per_10k_deliveries", "with_nats_server"]),
-            ("rss_kb", &["rss_kb"]),
+            ("rss_bytes_per_socket", &["rss_bytes_per_socket"]),
         ],
     };
     let mut out = json!({});
@@ -933,10 +936,20 @@ async fn coordinate(o: Opts, smoke: bool) {
             c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
         })
         .unwrap_or_default();
-    println!(
-        "agentcast load benchmark, preset {}: {} sockets, {} users, {} events/s of {} bytes for {:?}; {version}; {cores} cores ({cpu})",
-        o.preset, o.sockets, o.users, o.rate, o.size, o.duration
-    );
+    let workload = match o.preset.as_str() {
+        "idle" => format!("{} idle sockets, {} users", o.sockets, o.users),
+        "storm" => {
+            format!("{} sockets, {} users, {} missed events of {} bytes each", o.sockets, o.users, o.missed, o.size)
+        }
+        "max" => {
+            format!("{} sockets, {} users, {}-byte events from {} events/s up", o.sockets, o.users, o.size, o.rate)
+        }
+        _ => format!(
+            "{} sockets, {} users, {} events/s of {} bytes for {:?}",
+            o.sockets, o.users, o.rate, o.size, o.duration
+        ),
+    };
+    println!("agentcast load benchmark, preset {}: {workload}; {version}; {cores} cores ({cpu})", o.preset);
     let mut results: Vec<(Target, Value)> = Vec::new();
     let mut failures = Vec::new();
     for &t in &o.targets {
@@ -983,7 +996,9 @@ async fn coordinate(o: Opts, smoke: bool) {
         "results": results.iter().map(|(t, v)| json!({"target": t.name(), "result": v})).collect::<Vec<_>>(),
         "ratios": ratios(&o.preset, &results),
     });
-    println!("ratios: {}", report["ratios"]);
+    if o.preset != "storm" && o.preset != "smoke" {
+        println!("ratios: {}", report["ratios"]);
+    }
     if let Some(out) = &o.out {
         let mut f = std::fs::File::create(out).expect("create --out file");
         f.write_all(serde_json::to_string_pretty(&report).expect("json").as_bytes()).expect("write --out file");
