@@ -249,7 +249,7 @@ fn render(item: Item, position: &mut u64) -> Option<Utf8Bytes> {
     match item {
         Item::Event(f) if f.seq > *position => {
             *position = f.seq;
-            Some(f.text)
+            Some(f.text.clone())
         }
         Item::Event(_) => None,
         Item::Gap(g) => {
@@ -261,7 +261,7 @@ fn render(item: Item, position: &mut u64) -> Option<Utf8Bytes> {
             let from = g.from.map(|f| f.max(*position + 1));
             *position = to;
             metrics::counter!(m::GAPS_SENT, "reason" => g.reason.label()).increment(1);
-            Some(gap_text(&Gap { from, ..g }))
+            Some(gap_text(&Gap { from, ..*g }))
         }
     }
 }
