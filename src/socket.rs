@@ -104,113 +104,126 @@ impl End {
 }
 
 /// Serves one socket until it ends; returns why.
-pub async fn run<S, E>(mut ws: S, hub: Arc<Hub>, mut s: Session) -> End
+///
+/// Not an `async fn`: one would move its arguments into locals and keep
+/// both copies (the transport alone is 368 bytes) for the socket's life;
+/// the block below uses them in place.
+#[allow(clippy::manual_async_fn)] // see above
+pub fn run<S, E>(mut ws: S, hub: Arc<Hub>, mut s: Session) -> impl Future<Output = End>
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
-    if s.start == Start::Frame {
-        s.start = match wait_resume_frame(&mut ws).await {
-            Ok(start) => start,
-            Err(end) => return end,
+    async move {
+        if s.start == Start::Frame {
+            s.start = match wait_resume_frame(&mut ws).await {
+                Ok(start) => start,
+                Err(end) => return end,
+            };
+        }
+        let (tx, mut rx) = mpsc::channel::<Item>(s.queue);
+        // Boxed, as is the replay below: both are awaited once and would
+        // otherwise size the socket's future, which an idle socket keeps whole.
+        let membership = match Box::pin(hub.join(&s.user, s.conn_id, tx, s.kicker.clone())).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "joining the user's live stream failed");
+                return close_with(&mut ws, close::INTERNAL, "subscribe failed", End::Error).await;
+            }
         };
-    }
-    let (tx, mut rx) = mpsc::channel::<Item>(s.queue);
-    let membership = match hub.join(&s.user, s.conn_id, tx, s.kicker.clone()).await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(error = %e, "joining the user's live stream failed");
-            return close_with(&mut ws, close::INTERNAL, "subscribe failed", End::Error).await;
+        let epoch = hub.epoch();
+        let welcome = ServerFrame::Welcome {
+            node: &s.node_id,
+            user: s.user.as_str(),
+            position: membership.position,
+            epoch: &epoch,
         }
-    };
-    let epoch = hub.epoch();
-    let welcome =
-        ServerFrame::Welcome { node: &s.node_id, user: s.user.as_str(), position: membership.position, epoch: &epoch }
-            .to_text();
-    if send(&mut ws, Message::Text(welcome)).await.is_err() {
-        return End::Client;
-    }
-    // Everything at or below `position` has been sent or was before this
-    // socket's time; queued items at or below it are dropped.
-    let mut position = membership.position;
-    if let Start::After { last_seq, epoch: client_epoch } = &s.start {
-        match replay(&mut ws, &hub, &s, &membership, *last_seq, client_epoch.as_deref(), &epoch).await {
-            Ok(p) => position = p,
-            Err(end) => return end,
+        .to_text();
+        if send(&mut ws, Message::Text(welcome)).await.is_err() {
+            return End::Client;
         }
-    }
+        // Everything at or below `position` has been sent or was before this
+        // socket's time; queued items at or below it are dropped.
+        let mut position = membership.position;
+        if let Start::After { last_seq, epoch: client_epoch } = &s.start {
+            match Box::pin(replay(&mut ws, &hub, &s, &membership, *last_seq, client_epoch.as_deref(), &epoch)).await {
+                Ok(p) => position = p,
+                Err(end) => return end,
+            }
+        }
 
-    let expiry = token_deadline(s.token_exp);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + s.ping_interval, s.ping_interval);
-    let mut last_heard = Instant::now();
-    // Allocated by the first batch and freed whenever the queue runs dry:
-    // kept for the life of the socket they would cost an idle socket 6.6 KB
-    // (64 items and 64 frames), more than a quarter of its memory.
-    let mut batch: Vec<Item> = Vec::new();
-    let mut out: Vec<Utf8Bytes> = Vec::new();
-    // Resolved once per socket: recording through a handle skips the
-    // registry lookup. Sampled once per batch, not per frame, so sockets do
-    // not all contend on the histograms' shared buckets for every event.
-    let depth = metrics::histogram!(m::QUEUE_DEPTH);
-    let latency = Latency {
-        stream: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Stream.label()),
-        envelope: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Envelope.label()),
-    };
+        let expiry = token_deadline(s.token_exp);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + s.ping_interval, s.ping_interval);
+        let mut last_heard = Instant::now();
+        // Allocated by the first batch and freed whenever the queue runs dry:
+        // kept for the life of the socket they would cost an idle socket 6.6 KB
+        // (64 items and 64 frames), more than a quarter of its memory.
+        let mut batch: Vec<Item> = Vec::new();
+        let mut out: Vec<Utf8Bytes> = Vec::new();
+        // Resolved once per socket: recording through a handle skips the
+        // registry lookup. Sampled once per batch, not per frame, so sockets do
+        // not all contend on the histograms' shared buckets for every event.
+        let depth = metrics::histogram!(m::QUEUE_DEPTH);
+        let latency = Latency {
+            stream: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Stream.label()),
+            envelope: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Envelope.label()),
+        };
 
-    loop {
-        tokio::select! {
-            biased;
-            why = s.kicker.kicked() => return on_kick(&mut ws, why).await,
-            n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
-                if n == 0 {
-                    // The hub dropped our sender: only on leave, which we own.
-                    return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
-                }
-                depth.record((n + rx.len()) as f64);
-                // Items are in the user's order: the first timed one is the oldest.
-                let mut oldest: Option<m::Origin> = None;
-                for item in batch.drain(..) {
-                    if let Item::Event(f) = &item {
-                        oldest = oldest.or(f.origin);
+        loop {
+            tokio::select! {
+                biased;
+                why = s.kicker.kicked() => return on_kick(&mut ws, why).await,
+                n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
+                    if n == 0 {
+                        // The hub dropped our sender: only on leave, which we own.
+                        return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
                     }
-                    if let Some(text) = render(item, &mut position) {
-                        out.push(text);
+                    depth.record((n + rx.len()) as f64);
+                    // Items are in the user's order: the first timed one is the oldest.
+                    let mut oldest: Option<m::Origin> = None;
+                    for item in batch.drain(..) {
+                        if let Item::Event(f) = &item {
+                            oldest = oldest.or(f.origin);
+                        }
+                        if let Some(text) = render(item, &mut position) {
+                            out.push(text);
+                        }
                     }
-                }
-                if out.is_empty() {
+                    if out.is_empty() {
+                        release_if_idle(&rx, &mut batch, &mut out);
+                        continue;
+                    }
+                    let result = tokio::select! {
+                        r = write_batch(&mut ws, &mut out) => r,
+                        _ = s.kicker.kicked() => Err(WriteFail::Kicked),
+                    };
+                    out.clear();
                     release_if_idle(&rx, &mut batch, &mut out);
-                    continue;
+                    match result {
+                        Ok(()) => latency.record(oldest),
+                        // The select above will see the kick next turn.
+                        Err(WriteFail::Kicked) => continue,
+                        Err(WriteFail::Timeout) => return End::Slow,
+                        Err(WriteFail::Closed) => return End::Client,
+                    }
                 }
-                let result = tokio::select! {
-                    r = write_batch(&mut ws, &mut out) => r,
-                    _ = s.kicker.kicked() => Err(WriteFail::Kicked),
-                };
-                out.clear();
-                release_if_idle(&rx, &mut batch, &mut out);
-                match result {
-                    Ok(()) => latency.record(oldest),
-                    // The select above will see the kick next turn.
-                    Err(WriteFail::Kicked) => continue,
-                    Err(WriteFail::Timeout) => return End::Slow,
-                    Err(WriteFail::Closed) => return End::Client,
+                msg = ws.next() => {
+                    last_heard = Instant::now();
+                    if let Some(end) = on_client_message(&mut ws, msg).await {
+                        return end;
+                    }
                 }
-            }
-            msg = ws.next() => {
-                last_heard = Instant::now();
-                if let Some(end) = on_client_message(&mut ws, msg).await {
-                    return end;
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > s.ping_interval * 2 {
+                        return close_with(&mut ws, close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await;
+                    }
+                    if send(&mut ws, Message::Ping(Default::default())).await.is_err() {
+                        return End::Client;
+                    }
                 }
-            }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > s.ping_interval * 2 {
-                    return close_with(&mut ws, close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await;
+                _ = tokio::time::sleep_until(expiry) => {
+                    return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token", End::TokenExpired).await;
                 }
-                if send(&mut ws, Message::Ping(Default::default())).await.is_err() {
-                    return End::Client;
-                }
-            }
-            _ = tokio::time::sleep_until(expiry) => {
-                return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token", End::TokenExpired).await;
             }
         }
     }
