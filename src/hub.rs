@@ -440,7 +440,9 @@ impl Hub {
                         break;
                     }
                     let _permit = self.read_slot().await;
-                    self.fill(&entry, None, None).await;
+                    // Boxed here and below: a read from JetStream is rare
+                    // and would otherwise size every user's task (3.5 KB).
+                    Box::pin(self.fill(&entry, None, None)).await;
                 }
                 msg = sub.next() => match msg {
                     Some(msg) => self.on_message(&entry, msg).await,
@@ -490,8 +492,11 @@ impl Hub {
         {
             metrics::counter!(m::GAPS_DETECTED).increment(1);
             tracing::debug!(user = %entry.user.for_log(), last, prev, seq, "hole on the live path; reading it from JetStream");
-            let _permit = self.read_slot().await;
-            self.fill(entry, Some(seq), Some(prev)).await;
+            Box::pin(async {
+                let _permit = self.read_slot().await;
+                self.fill(entry, Some(seq), Some(prev)).await;
+            })
+            .await;
         }
         // 2.10+ stamp the republished message; 2.9 does not (the envelope's
         // timestamp is used then).
