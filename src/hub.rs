@@ -78,19 +78,20 @@ pub struct EventFrame {
 }
 
 /// What a socket's queue carries, in the user's order.
-///
-/// Both kinds are behind an `Arc`, so an item is 16 bytes: tokio's bounded
-/// channel allocates its first block of 32 slots when the channel is made,
-/// and with the frame inline (72 bytes) that block cost every idle socket
-/// 2.3 KB. Fan-out also only bumps a count per socket instead of copying.
 #[derive(Debug, Clone)]
 pub enum Item {
-    Event(Arc<EventFrame>),
+    Event(EventFrame),
     /// Events up to `to` (or up to the next event) may be missing.
-    Gap(Arc<Gap>),
+    Gap(Gap),
 }
 
-const _: () = assert!(std::mem::size_of::<Item>() == 16, "a queue slot should stay two words");
+/// An item as queued: built once, shared by every socket of the user.
+///
+/// A pointer per queue slot: tokio's bounded channel allocates its first
+/// block of 32 slots when the channel is made, and with the item inline
+/// (72 bytes) that block cost every idle socket 2.3 KB. Fan-out also only
+/// bumps a count per socket instead of copying the item.
+pub type Queued = Arc<Item>;
 
 /// Why the hub or the server asks a socket to close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +134,7 @@ impl Kicker {
 
 struct SocketTx {
     id: u64,
-    tx: mpsc::Sender<Item>,
+    tx: mpsc::Sender<Queued>,
     kicker: Arc<Kicker>,
 }
 
@@ -345,7 +346,7 @@ impl Hub {
         self: &Arc<Self>,
         user: &UserId,
         id: u64,
-        tx: mpsc::Sender<Item>,
+        tx: mpsc::Sender<Queued>,
         kicker: Arc<Kicker>,
     ) -> Result<Membership, JoinError> {
         let entry = {
@@ -577,7 +578,7 @@ impl Hub {
         metrics::counter!(m::GAPS_ANNOUNCED, "reason" => gap.reason.label(), "path" => "live").increment(1);
         let mut shared = lock(&entry.shared);
         shared.last = shared.last.max(through);
-        fan_out(&shared.sockets, Item::Gap(Arc::new(gap)));
+        fan_out(&shared.sockets, Arc::new(Item::Gap(gap)));
     }
 
     /// Delivers one stored event to every socket of the user, or skips it
@@ -589,7 +590,7 @@ impl Hub {
         let frame = match event_frame_timed(ev.seq, &ev.payload) {
             Ok((text, stamp)) => {
                 let origin = stored_at.or_else(|| stamp.and_then(|t| m::Origin::parse(t, m::Clock::Envelope)));
-                Some(Arc::new(EventFrame { seq: ev.seq, text, origin }))
+                Some(EventFrame { seq: ev.seq, text, origin })
             }
             Err(e) => {
                 metrics::counter!(m::EVENTS_REJECTED, "reason" => e.reason()).increment(1);
@@ -608,7 +609,7 @@ impl Hub {
         }
         shared.last = ev.seq;
         if let Some(frame) = frame {
-            fan_out(&shared.sockets, Item::Event(frame));
+            fan_out(&shared.sockets, Arc::new(Item::Event(frame)));
         }
     }
 
@@ -635,7 +636,7 @@ impl Hub {
     }
 }
 
-fn fan_out(sockets: &[SocketTx], item: Item) {
+fn fan_out(sockets: &[SocketTx], item: Queued) {
     for s in sockets {
         match s.tx.try_send(item.clone()) {
             Ok(()) => {}

@@ -11,7 +11,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::history::{Gap, GapReason};
-use crate::hub::{Hub, Item, Kick, Kicker, MAX_SHARED_REPLAY_BYTES, Membership, SharedReplay};
+use crate::hub::{Hub, Item, Kick, Kicker, MAX_SHARED_REPLAY_BYTES, Membership, Queued, SharedReplay};
 use crate::metrics as m;
 use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close, event_frame};
 use crate::stream::StreamError;
@@ -124,7 +124,7 @@ where
                 Err(end) => return end,
             };
         }
-        let (tx, mut rx) = mpsc::channel::<Item>(s.queue);
+        let (tx, mut rx) = mpsc::channel::<Queued>(s.queue);
         // Boxed, as is the replay below: both are awaited once and would
         // otherwise size the socket's future, which an idle socket keeps whole.
         let membership = match Box::pin(hub.join(&s.user, s.conn_id, tx, s.kicker.clone())).await {
@@ -161,7 +161,7 @@ where
         // Allocated by the first batch and freed whenever the queue runs dry:
         // kept for the life of the socket they would cost an idle socket 6.6 KB
         // (64 items and 64 frames), more than a quarter of its memory.
-        let mut batch: Vec<Item> = Vec::new();
+        let mut batch: Vec<Queued> = Vec::new();
         let mut out: Vec<Utf8Bytes> = Vec::new();
         // Resolved once per socket: recording through a handle skips the
         // registry lookup. Sampled once per batch, not per frame, so sockets do
@@ -185,10 +185,10 @@ where
                     // Items are in the user's order: the first timed one is the oldest.
                     let mut oldest: Option<m::Origin> = None;
                     for item in batch.drain(..) {
-                        if let Item::Event(f) = &item {
+                        if let Item::Event(f) = &*item {
                             oldest = oldest.or(f.origin);
                         }
-                        if let Some(text) = render(item, &mut position) {
+                        if let Some(text) = render(&item, &mut position) {
                             out.push(text);
                         }
                     }
@@ -234,7 +234,7 @@ where
 
 /// Frees the batch buffers once the queue is empty: a socket that goes idle
 /// holds none, and a busy one keeps them from batch to batch.
-fn release_if_idle(rx: &mpsc::Receiver<Item>, batch: &mut Vec<Item>, out: &mut Vec<Utf8Bytes>) {
+fn release_if_idle(rx: &mpsc::Receiver<Queued>, batch: &mut Vec<Queued>, out: &mut Vec<Utf8Bytes>) {
     if rx.is_empty() {
         *batch = Vec::new();
         *out = Vec::new();
@@ -261,7 +261,7 @@ impl Latency {
 }
 
 /// The frame for a queued item, unless this socket already covered it.
-fn render(item: Item, position: &mut u64) -> Option<Utf8Bytes> {
+fn render(item: &Item, position: &mut u64) -> Option<Utf8Bytes> {
     match item {
         Item::Event(f) if f.seq > *position => {
             *position = f.seq;
