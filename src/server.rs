@@ -222,6 +222,9 @@ async fn ws_handler(
         kicker: Arc::new(Kicker::default()),
         start,
     };
+    // Boxed for the callback: axum's task keeps the callback's captures for
+    // the socket's life, even once they are moved out (184 bytes inline).
+    let parts = Box::new((session, span, tracked, slot));
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -229,6 +232,7 @@ async fn ws_handler(
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
         .on_upgrade(move |ws| {
+            let (session, span, tracked, slot) = *parts;
             metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
             metrics::gauge!(m::SOCKETS_OPEN).increment(1.0);
             span.in_scope(|| tracing::debug!("socket open"));
