@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_nats::{Client, HeaderMap, Message, Subscriber};
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{OnceCell, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OnceCell, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StreamSettings;
@@ -108,26 +108,35 @@ pub enum Kick {
 }
 
 /// A socket's close request: the first reason set wins.
+///
+/// A `Notify` rather than a `CancellationToken`: the token's tree node is
+/// one more allocation per socket (112 bytes) for a feature not used here.
 #[derive(Debug, Default)]
 pub struct Kicker {
-    token: CancellationToken,
+    notify: Notify,
     reason: AtomicU8,
 }
 
 impl Kicker {
     pub fn kick(&self, why: Kick) {
         if self.reason.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            self.token.cancel();
+            self.notify.notify_waiters();
         }
     }
 
     pub async fn kicked(&self) -> Kick {
-        self.token.cancelled().await;
-        match self.reason.load(Ordering::Acquire) {
-            1 => Kick::Slow,
-            2 => Kick::Drain,
-            4 => Kick::StreamReset,
-            _ => Kick::Error,
+        loop {
+            let mut notified = std::pin::pin!(self.notify.notified());
+            // Registered before the reason is read, so a kick in between
+            // still wakes this waiter.
+            notified.as_mut().enable();
+            match self.reason.load(Ordering::Acquire) {
+                0 => notified.await,
+                1 => return Kick::Slow,
+                2 => return Kick::Drain,
+                4 => return Kick::StreamReset,
+                _ => return Kick::Error,
+            }
         }
     }
 }
