@@ -25,11 +25,12 @@ pub const MAX_WRITE_BATCH: usize = 64;
 
 /// tungstenite's read buffer per connection, allocated and filled when the
 /// socket opens and kept for its life. Clients send only small frames (a
-/// `resume` frame is under 100 bytes, a pong 6), so one read takes any of
-/// them; a rarer bigger one, up to [`MAX_CLIENT_FRAME`], grows the buffer.
-/// The default 128 KiB would dominate memory per idle socket; 4 KiB was
-/// 3.5 KB more per idle socket than this (ad-hoc run, 10k sockets).
-pub const READ_BUFFER: usize = 512;
+/// `resume` frame with the largest numbers is 85 bytes, a pong 6), so one
+/// read takes any of them; a rarer bigger one, up to [`MAX_CLIENT_FRAME`],
+/// grows the buffer. The default 128 KiB would dominate memory per idle
+/// socket; 4 KiB cost 3.5 KB more per idle socket than 512, and 512 about
+/// 250 bytes more than this (ad-hoc runs, 10k sockets).
+pub const READ_BUFFER: usize = 256;
 
 /// Bytes tungstenite buffers before writing to the TCP socket within a
 /// batch. A batch is flushed at its end anyway; this only bounds how much is
