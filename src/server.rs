@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures_util::FutureExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -221,6 +222,9 @@ async fn ws_handler(
         kicker: Arc::new(Kicker::default()),
         start,
     };
+    // Boxed for the callback: axum's task keeps the callback's captures for
+    // the socket's life, even once they are moved out (184 bytes inline).
+    let parts = Box::new((session, span, tracked, slot));
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -228,18 +232,22 @@ async fn ws_handler(
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
         .on_upgrade(move |ws| {
-            async move {
-                let _tracked = tracked;
-                let _slot = slot;
-                metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
-                metrics::gauge!(m::SOCKETS_OPEN).increment(1.0);
-                tracing::debug!("socket open");
-                let end = socket::run(ws, st.hub.clone(), session).await;
-                metrics::gauge!(m::SOCKETS_OPEN).decrement(1.0);
-                metrics::counter!(m::DISCONNECTS, "reason" => end.label()).increment(1);
-                tracing::debug!(reason = end.label(), "socket closed");
-            }
-            .instrument(span)
+            let (session, span, tracked, slot) = *parts;
+            metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
+            metrics::gauge!(m::SOCKETS_OPEN).increment(1.0);
+            span.in_scope(|| tracing::debug!("socket open"));
+            // A combinator rather than an async block around the socket's
+            // future: a block would hold the transport and the session twice
+            // (once for the call, once inside the future) for the socket's life.
+            socket::run(ws, st.hub.clone(), session)
+                .map(move |end| {
+                    let _tracked = tracked;
+                    let _slot = slot;
+                    metrics::gauge!(m::SOCKETS_OPEN).decrement(1.0);
+                    metrics::counter!(m::DISCONNECTS, "reason" => end.label()).increment(1);
+                    tracing::debug!(reason = end.label(), "socket closed");
+                })
+                .instrument(span)
         })
 }
 

@@ -11,7 +11,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::history::{Gap, GapReason};
-use crate::hub::{Hub, Item, Kick, Kicker, MAX_SHARED_REPLAY_BYTES, Membership, SharedReplay};
+use crate::hub::{Hub, Item, Kick, Kicker, MAX_SHARED_REPLAY_BYTES, Membership, Queued, SharedReplay};
 use crate::metrics as m;
 use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close, event_frame};
 use crate::stream::StreamError;
@@ -23,10 +23,14 @@ use crate::user::UserId;
 /// own control frames (pong, close) behind a long run of events.
 pub const MAX_WRITE_BATCH: usize = 64;
 
-/// tungstenite's read buffer per connection. Clients send only small
-/// control frames, and the default 128 KiB would dominate memory per idle
-/// socket (measured: 135 KB per socket with the default, 6.8 KB with 4 KiB).
-pub const READ_BUFFER: usize = 4 * 1024;
+/// tungstenite's read buffer per connection, allocated and filled when the
+/// socket opens and kept for its life. Clients send only small frames (a
+/// `resume` frame with the largest numbers is 85 bytes, a pong 6), so one
+/// read takes any of them; a rarer bigger one, up to [`MAX_CLIENT_FRAME`],
+/// grows the buffer. The default 128 KiB would dominate memory per idle
+/// socket; 4 KiB cost 3.5 KB more per idle socket than 512, and 512 about
+/// 250 bytes more than this (ad-hoc runs, 10k sockets).
+pub const READ_BUFFER: usize = 256;
 
 /// Bytes tungstenite buffers before writing to the TCP socket within a
 /// batch. A batch is flushed at its end anyway; this only bounds how much is
@@ -104,110 +108,137 @@ impl End {
 }
 
 /// Serves one socket until it ends; returns why.
-pub async fn run<S, E>(mut ws: S, hub: Arc<Hub>, mut s: Session) -> End
+///
+/// Not an `async fn`: one would move its arguments into locals and keep
+/// both copies (the transport alone is 368 bytes) for the socket's life;
+/// the block below uses them in place.
+#[allow(clippy::manual_async_fn)] // see above
+pub fn run<S, E>(mut ws: S, hub: Arc<Hub>, mut s: Session) -> impl Future<Output = End>
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
-    if s.start == Start::Frame {
-        s.start = match wait_resume_frame(&mut ws).await {
-            Ok(start) => start,
-            Err(end) => return end,
+    async move {
+        if s.start == Start::Frame {
+            s.start = match wait_resume_frame(&mut ws).await {
+                Ok(start) => start,
+                Err(end) => return end,
+            };
+        }
+        let (tx, mut rx) = mpsc::channel::<Queued>(s.queue);
+        // Boxed, as is the replay below: both are awaited once and would
+        // otherwise size the socket's future, which an idle socket keeps whole.
+        let membership = match Box::pin(hub.join(&s.user, s.conn_id, tx, s.kicker.clone())).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "joining the user's live stream failed");
+                return close_with(&mut ws, close::INTERNAL, "subscribe failed", End::Error).await;
+            }
         };
-    }
-    let (tx, mut rx) = mpsc::channel::<Item>(s.queue);
-    let membership = match hub.join(&s.user, s.conn_id, tx, s.kicker.clone()).await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(error = %e, "joining the user's live stream failed");
-            return close_with(&mut ws, close::INTERNAL, "subscribe failed", End::Error).await;
+        let epoch = hub.epoch();
+        let welcome = ServerFrame::Welcome {
+            node: &s.node_id,
+            user: s.user.as_str(),
+            position: membership.position,
+            epoch: &epoch,
         }
-    };
-    let epoch = hub.epoch();
-    let welcome =
-        ServerFrame::Welcome { node: &s.node_id, user: s.user.as_str(), position: membership.position, epoch: &epoch }
-            .to_text();
-    if send(&mut ws, Message::Text(welcome)).await.is_err() {
-        return End::Client;
-    }
-    // Everything at or below `position` has been sent or was before this
-    // socket's time; queued items at or below it are dropped.
-    let mut position = membership.position;
-    if let Start::After { last_seq, epoch: client_epoch } = &s.start {
-        match replay(&mut ws, &hub, &s, &membership, *last_seq, client_epoch.as_deref(), &epoch).await {
-            Ok(p) => position = p,
-            Err(end) => return end,
+        .to_text();
+        if send(&mut ws, Message::Text(welcome)).await.is_err() {
+            return End::Client;
         }
-    }
+        // Everything at or below `position` has been sent or was before this
+        // socket's time; queued items at or below it are dropped.
+        let mut position = membership.position;
+        if let Start::After { last_seq, epoch: client_epoch } = &s.start {
+            match Box::pin(replay(&mut ws, &hub, &s, &membership, *last_seq, client_epoch.as_deref(), &epoch)).await {
+                Ok(p) => position = p,
+                Err(end) => return end,
+            }
+        }
 
-    let expiry = token_deadline(s.token_exp);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + s.ping_interval, s.ping_interval);
-    let mut last_heard = Instant::now();
-    let mut batch: Vec<Item> = Vec::with_capacity(MAX_WRITE_BATCH);
-    let mut out: Vec<Utf8Bytes> = Vec::with_capacity(MAX_WRITE_BATCH);
-    // Resolved once per socket: recording through a handle skips the
-    // registry lookup. Sampled once per batch, not per frame, so sockets do
-    // not all contend on the histograms' shared buckets for every event.
-    let depth = metrics::histogram!(m::QUEUE_DEPTH);
-    let latency = Latency {
-        stream: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Stream.label()),
-        envelope: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Envelope.label()),
-    };
+        let expiry = token_deadline(s.token_exp);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + s.ping_interval, s.ping_interval);
+        let mut last_heard = Instant::now();
+        // Allocated by the first batch and freed whenever the queue runs dry:
+        // kept for the life of the socket they would cost an idle socket 6.6 KB
+        // (64 items and 64 frames), more than a quarter of its memory.
+        let mut batch: Vec<Queued> = Vec::new();
+        let mut out: Vec<Utf8Bytes> = Vec::new();
+        // Resolved once per socket: recording through a handle skips the
+        // registry lookup. Sampled once per batch, not per frame, so sockets do
+        // not all contend on the histograms' shared buckets for every event.
+        let depth = metrics::histogram!(m::QUEUE_DEPTH);
+        let latency = Latency {
+            stream: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Stream.label()),
+            envelope: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Envelope.label()),
+        };
 
-    loop {
-        tokio::select! {
-            biased;
-            why = s.kicker.kicked() => return on_kick(&mut ws, why).await,
-            n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
-                if n == 0 {
-                    // The hub dropped our sender: only on leave, which we own.
-                    return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
-                }
-                depth.record((n + rx.len()) as f64);
-                // Items are in the user's order: the first timed one is the oldest.
-                let mut oldest: Option<m::Origin> = None;
-                for item in batch.drain(..) {
-                    if let Item::Event(f) = &item {
-                        oldest = oldest.or(f.origin);
+        loop {
+            tokio::select! {
+                biased;
+                why = s.kicker.kicked() => return on_kick(&mut ws, why).await,
+                n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
+                    if n == 0 {
+                        // The hub dropped our sender: only on leave, which we own.
+                        return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
                     }
-                    if let Some(text) = render(item, &mut position) {
-                        out.push(text);
+                    depth.record((n + rx.len()) as f64);
+                    // Items are in the user's order: the first timed one is the oldest.
+                    let mut oldest: Option<m::Origin> = None;
+                    for item in batch.drain(..) {
+                        if let Item::Event(f) = &*item {
+                            oldest = oldest.or(f.origin);
+                        }
+                        if let Some(text) = render(&item, &mut position) {
+                            out.push(text);
+                        }
+                    }
+                    if out.is_empty() {
+                        release_if_idle(&rx, &mut batch, &mut out);
+                        continue;
+                    }
+                    let result = tokio::select! {
+                        r = write_batch(&mut ws, &mut out) => r,
+                        _ = s.kicker.kicked() => Err(WriteFail::Kicked),
+                    };
+                    out.clear();
+                    release_if_idle(&rx, &mut batch, &mut out);
+                    match result {
+                        Ok(()) => latency.record(oldest),
+                        // The select above will see the kick next turn.
+                        Err(WriteFail::Kicked) => continue,
+                        Err(WriteFail::Timeout) => return End::Slow,
+                        Err(WriteFail::Closed) => return End::Client,
                     }
                 }
-                if out.is_empty() {
-                    continue;
+                msg = ws.next() => {
+                    last_heard = Instant::now();
+                    if let Some(end) = on_client_message(&mut ws, msg).await {
+                        return end;
+                    }
                 }
-                let result = tokio::select! {
-                    r = write_batch(&mut ws, &mut out) => r,
-                    _ = s.kicker.kicked() => Err(WriteFail::Kicked),
-                };
-                out.clear();
-                match result {
-                    Ok(()) => latency.record(oldest),
-                    // The select above will see the kick next turn.
-                    Err(WriteFail::Kicked) => continue,
-                    Err(WriteFail::Timeout) => return End::Slow,
-                    Err(WriteFail::Closed) => return End::Client,
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > s.ping_interval * 2 {
+                        return close_with(&mut ws, close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await;
+                    }
+                    if send(&mut ws, Message::Ping(Default::default())).await.is_err() {
+                        return End::Client;
+                    }
                 }
-            }
-            msg = ws.next() => {
-                last_heard = Instant::now();
-                if let Some(end) = on_client_message(&mut ws, msg).await {
-                    return end;
+                _ = tokio::time::sleep_until(expiry) => {
+                    return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token", End::TokenExpired).await;
                 }
-            }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > s.ping_interval * 2 {
-                    return close_with(&mut ws, close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await;
-                }
-                if send(&mut ws, Message::Ping(Default::default())).await.is_err() {
-                    return End::Client;
-                }
-            }
-            _ = tokio::time::sleep_until(expiry) => {
-                return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token", End::TokenExpired).await;
             }
         }
+    }
+}
+
+/// Frees the batch buffers once the queue is empty: a socket that goes idle
+/// holds none, and a busy one keeps them from batch to batch.
+fn release_if_idle(rx: &mpsc::Receiver<Queued>, batch: &mut Vec<Queued>, out: &mut Vec<Utf8Bytes>) {
+    if rx.is_empty() {
+        *batch = Vec::new();
+        *out = Vec::new();
     }
 }
 
@@ -231,11 +262,11 @@ impl Latency {
 }
 
 /// The frame for a queued item, unless this socket already covered it.
-fn render(item: Item, position: &mut u64) -> Option<Utf8Bytes> {
+fn render(item: &Item, position: &mut u64) -> Option<Utf8Bytes> {
     match item {
         Item::Event(f) if f.seq > *position => {
             *position = f.seq;
-            Some(f.text)
+            Some(f.text.clone())
         }
         Item::Event(_) => None,
         Item::Gap(g) => {
@@ -247,7 +278,7 @@ fn render(item: Item, position: &mut u64) -> Option<Utf8Bytes> {
             let from = g.from.map(|f| f.max(*position + 1));
             *position = to;
             metrics::counter!(m::GAPS_SENT, "reason" => g.reason.label()).increment(1);
-            Some(gap_text(&Gap { from, ..g }))
+            Some(gap_text(&Gap { from, ..*g }))
         }
     }
 }

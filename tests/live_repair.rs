@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentcast::config::StreamSettings;
-use agentcast::hub::{Hub, Item, Kicker};
+use agentcast::hub::{Hub, Item, Kicker, Queued};
 use agentcast::user::UserId;
 use common::*;
 use tokio::sync::mpsc;
@@ -37,8 +37,9 @@ async fn republish(client: &async_nats::Client, user: &str, seq: u64, prev: u64,
     client.flush().await.unwrap();
 }
 
-async fn next_item(rx: &mut mpsc::Receiver<Item>) -> Item {
-    tokio::time::timeout(RECV_TIMEOUT, rx.recv()).await.expect("item in time").expect("queue open")
+async fn next_item(rx: &mut mpsc::Receiver<Queued>) -> Item {
+    let item = tokio::time::timeout(RECV_TIMEOUT, rx.recv()).await.expect("item in time").expect("queue open");
+    Arc::unwrap_or_clone(item)
 }
 
 #[tokio::test]

@@ -16,6 +16,12 @@ async fn client_frames_are_answered_or_closed_as_documented() {
     let (mut c, _) = Client::join(&node, "u1").await;
     c.send_text(r#"{"type":"ping"}"#).await;
     assert_eq!(c.next_json().await, json!({"type":"pong"}));
+    // Bigger than the read buffer (256 B), within the limit (4 KiB): read
+    // whole, and the socket goes on reading small ones.
+    c.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(3000))).await;
+    assert_eq!(c.next_json().await, json!({"type":"pong"}));
+    c.send_text(r#"{"type":"ping"}"#).await;
+    assert_eq!(c.next_json().await, json!({"type":"pong"}));
     c.send_text("hello").await;
     let e = c.next_json().await;
     assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("bad_frame")), "{e}");
