@@ -10,7 +10,7 @@
 //! - `max`: the chat sockets; the rate doubles from 20k events/s until a step
 //!   loses an event, its p99 exceeds 50 ms or the publisher falls behind,
 //!   then halves the interval twice: the highest sustained rate.
-//! - `idle`: 50k sockets, nothing published: memory per socket.
+//! - `idle`: 50k sockets, 25k users, nothing published: memory per socket.
 //! - `storm`: agentcast only (the peers keep no history). 10k sockets on one
 //!   node; the node is killed with SIGKILL, 20 events per user are published,
 //!   and every socket resumes on a second node: time until all are whole.
@@ -205,7 +205,8 @@ fn opts(args: &[String], smoke: bool) -> Opts {
     };
     match preset.as_str() {
         "chat" | "max" => {}
-        "idle" => o.sockets = 50_000,
+        // Two sockets per user, as in chat.
+        "idle" => (o.sockets, o.users) = (50_000, 25_000),
         "storm" => o.targets = vec![Target::Agentcast],
         "smoke" => (o.sockets, o.users, o.rate, o.duration) = (400, 200, 1_000, Duration::from_secs(3)),
         other => panic!("unknown preset {other:?} (chat, max, idle, storm, smoke)"),
