@@ -269,20 +269,11 @@ impl SockCtx {
         let mut first = true;
         loop {
             let permit = self.gate.clone().acquire_owned().await.unwrap();
-            let ws = match self.connect().await {
-                Ok(ws) => ws,
-                Err(e) => {
-                    self.shared.error(format!("socket {}: {e}", self.index));
-                    if first {
-                        self.shared.failed.fetch_add(1, Ordering::AcqRel);
-                        self.shared.settled.notify_one();
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            let opened = match self.connect().await {
+                Ok(ws) => self.handshake(ws).await,
+                Err(e) => Err(e),
             };
-            let ws = match self.handshake(ws).await {
+            let ws = match opened {
                 Ok(ws) => ws,
                 Err(e) => {
                     self.shared.error(format!("socket {}: {e}", self.index));
