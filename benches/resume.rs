@@ -19,6 +19,9 @@
 //! user's, as agent runs emit theirs; 1 is round-robin, the worst case for
 //! reads by subject.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -28,6 +31,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+
+use common::{http_get, http_status, rss_kb};
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 
@@ -107,30 +112,8 @@ fn start_node(nats_url: &str, max_per_user: usize) -> (Proc, std::net::SocketAdd
     (Proc(child), addr)
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
-    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await;
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf).await;
-    buf
-}
-
-async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
-    http_get(addr, path).await.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
-}
-
 async fn http_body(addr: std::net::SocketAddr, path: &str) -> String {
     http_get(addr, path).await.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {

@@ -35,6 +35,8 @@
 //! publish time `t` (Unix ns); workers check each socket receives each `n`
 //! of its own user exactly once and in order, and take the latency from `t`.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod raw;
 mod worker;
 
@@ -49,6 +51,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use common::{http_status, rss_kb};
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 /// Sockets per process, on either side: the hard open-file limit here is
@@ -249,15 +253,6 @@ impl Drop for Proc {
     }
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// User plus system CPU time of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -402,15 +397,6 @@ async fn start_node(nats_url: &str) -> (Proc, SocketAddr) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     (Proc(child), addr)
-}
-
-async fn http_status(addr: SocketAddr, path: &str) -> u16 {
-    use tokio::io::AsyncReadExt;
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return 0 };
-    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await;
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf).await;
-    buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 /// This binary again, as a raw fan-out server.

@@ -215,8 +215,6 @@ pub async fn run(spec: Spec) {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                let mut r = json!({"lost": 0, "duplicated": 0, "reordered": 0, "foreign": 0, "gaps": 0,
-                                   "delivered": 0, "whole": 0, "last_new_ns": 0});
                 let (mut lost, mut dup, mut reord, mut foreign, mut gaps, mut delivered, mut whole, mut last) =
                     (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
                 for (u, s) in &socks {
@@ -231,18 +229,8 @@ pub async fn run(spec: Spec) {
                     delivered += s.distinct;
                     last = last.max(s.last_new_ns);
                 }
-                for (k, v) in [
-                    ("lost", lost),
-                    ("duplicated", dup),
-                    ("reordered", reord),
-                    ("foreign", foreign),
-                    ("gaps", gaps),
-                    ("delivered", delivered),
-                    ("whole", whole),
-                    ("last_new_ns", last),
-                ] {
-                    r[k] = json!(v);
-                }
+                let mut r = json!({"lost": lost, "duplicated": dup, "reordered": reord, "foreign": foreign,
+                                   "gaps": gaps, "delivered": delivered, "whole": whole, "last_new_ns": last});
                 r["latency_us"] = shared.hist.lock().unwrap().sparse();
                 r["errors"] = json!(*shared.errors.lock().unwrap());
                 *shared.hist.lock().unwrap() = Hist::default();
