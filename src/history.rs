@@ -8,8 +8,10 @@
 //! shrinks from the old end. So after reading the user's events following
 //! `after` (by direct gets, or by a shared scan: [`crate::scan`]), the read is
 //! complete when:
-//! - the user's oldest stored event is at or before `after + 1`: nothing
-//!   after `after` was removed before or during the read; or
+//! - the message at `after` is still stored and is the user's (the common
+//!   case: `after` is the last event the client saw), or the user's oldest
+//!   stored event is at or before `after + 1`: either way nothing after
+//!   `after` was removed before or during the read; or
 //! - the stream still starts at or before `after + 1` and the user holds
 //!   fewer events than the stream's per-subject limit: no removal reached
 //!   past `after` (see [`History::read`]).
@@ -186,24 +188,27 @@ impl History {
         Ok(SubjectState { stream_first, count, limit })
     }
 
+    /// The subject of the message at `seq`, as the replica asked has it;
+    /// `None` when it holds no such message.
+    async fn subject_at(&self, seq: u64) -> Result<Option<async_nats::Subject>, StreamError> {
+        match self.stream().direct_get(seq).await {
+            Ok(m) => Ok(Some(m.subject)),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(StreamError::Nats(format!("message {seq}: {e}"))),
+        }
+    }
+
     /// Whether the stored message at `seq` is one of the user's. A message
     /// the answering replica does not hold counts as no one's only when the
     /// stream (asked of its leader) no longer starts at or before it;
     /// otherwise that replica lags, and the answer is an error.
     pub async fn is_users(&self, user: &str, seq: u64) -> Result<bool, StreamError> {
-        let subject = self.subject(user);
-        match self.stream().direct_get(seq).await {
-            Ok(m) => Ok(m.subject.as_str() == subject),
-            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
-                if seq < self.leader_state().await?.first_sequence {
-                    Ok(false)
-                } else {
-                    Err(StreamError::Nats(format!(
-                        "message {seq} is stored but the replica asked does not have it yet"
-                    )))
-                }
+        match self.subject_at(seq).await? {
+            Some(s) => Ok(s.as_str() == self.subject(user)),
+            None if seq < self.leader_state().await?.first_sequence => Ok(false),
+            None => {
+                Err(StreamError::Nats(format!("message {seq} is stored but the replica asked does not have it yet")))
             }
-            Err(e) => Err(StreamError::Nats(format!("message {seq}: {e}"))),
         }
     }
 
@@ -326,6 +331,13 @@ impl History {
         mut events: Vec<Stored>,
         done: bool,
     ) -> Result<Read, StreamError> {
+        // Asked first because it is the cheapest: a get by sequence of a
+        // message the read has just passed, where the user's oldest event
+        // may sit in a block of the stream's start that is no longer cached
+        // (measured: 0.2 ms p50 for either, but up to 47 ms for the oldest).
+        if after > 0 && self.subject_at(after).await?.is_some_and(|s| s.as_str() == self.subject(user)) {
+            return Ok(Read { events, gap: None, done });
+        }
         let first = self.first(user).await?;
         // An oldest event at `after + 1` is the first the reader needs:
         // nothing it needs was removed (and a gap from `after + 1` to
