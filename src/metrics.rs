@@ -31,6 +31,7 @@ pub const NATS_CONNECTED: &str = "agentcast_nats_connected";
 pub const NATS_EVENTS: &str = "agentcast_nats_events_total";
 pub const READY: &str = "agentcast_ready";
 pub const RESUMES: &str = "agentcast_resumes_total";
+pub const RESUME_DURATION: &str = "agentcast_resume_duration_seconds";
 pub const REPLAYED_EVENTS: &str = "agentcast_replayed_events_total";
 pub const GAPS_DETECTED: &str = "agentcast_live_gaps_detected_total";
 pub const GAPS_REPAIRED: &str = "agentcast_live_gaps_repaired_total";
@@ -63,6 +64,7 @@ pub const ALL: &[&str] = &[
     NATS_EVENTS,
     READY,
     RESUMES,
+    RESUME_DURATION,
     REPLAYED_EVENTS,
     GAPS_DETECTED,
     GAPS_REPAIRED,
@@ -79,9 +81,9 @@ pub const ALL: &[&str] = &[
 ];
 
 /// The histograms among [`ALL`] (exported as `_bucket`, `_sum`, `_count`).
-pub const HISTOGRAMS: &[&str] = &[WRITE_BATCH, DELIVERY_LATENCY, QUEUE_DEPTH];
+pub const HISTOGRAMS: &[&str] = &[WRITE_BATCH, DELIVERY_LATENCY, QUEUE_DEPTH, RESUME_DURATION];
 
-/// Buckets of [`DELIVERY_LATENCY`], in seconds: fine below 10 ms, where a
+/// Buckets of [`DELIVERY_LATENCY`] and [`RESUME_DURATION`], in seconds: fine below 10 ms, where a
 /// healthy node delivers (p99 of a few ms measured here, see
 /// ../shared/nats-facts.md), and coarse up to 10 s, where repairs after a
 /// NATS reconnect land. Prometheus interpolates inside a bucket, so the
@@ -187,6 +189,8 @@ pub fn install() -> PrometheusHandle {
                 .expect("non-empty bucket list")
                 .set_buckets_for_metric(Matcher::Full(QUEUE_DEPTH.into()), QUEUE_BUCKETS)
                 .expect("non-empty bucket list")
+                .set_buckets_for_metric(Matcher::Full(RESUME_DURATION.into()), LATENCY_BUCKETS)
+                .expect("non-empty bucket list")
                 .install_recorder()
                 .expect("metrics recorder installed once");
             describe();
@@ -246,6 +250,11 @@ fn describe() {
     describe_counter!(NATS_EVENTS, Unit::Count, "NATS client events (connected, disconnected, slow_consumer, ...).");
     describe_gauge!(READY, Unit::Count, "1 while /readyz answers 200.");
     describe_counter!(RESUMES, Unit::Count, "Resumes from a last_seq, by outcome (complete, gap, failed).");
+    describe_histogram!(
+        RESUME_DURATION,
+        Unit::Seconds,
+        "From a resuming socket joining its user's stream to its last replayed event written, for resumes that ended complete or with a gap."
+    );
     describe_counter!(REPLAYED_EVENTS, Unit::Count, "Events sent from history on resume.");
     describe_counter!(
         GAPS_DETECTED,

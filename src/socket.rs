@@ -125,6 +125,7 @@ where
                 Err(end) => return end,
             };
         }
+        let joining = Instant::now();
         let (tx, mut rx) = mpsc::channel::<Queued>(s.queue);
         // Boxed, as is the replay below: both are awaited once and would
         // otherwise size the socket's future, which an idle socket keeps whole.
@@ -154,6 +155,7 @@ where
                 Ok(p) => position = p,
                 Err(end) => return end,
             }
+            metrics::histogram!(m::RESUME_DURATION).record(joining.elapsed().as_secs_f64());
         }
 
         let expiry = token_deadline(s.token_exp);

@@ -111,6 +111,8 @@ async fn every_metric_is_exported_and_counts_what_the_scenario_did() {
     assert_eq!(node.metric("agentcast_resumes_total", r#"outcome="complete""#).await, 1.0);
     assert_eq!(node.metric("agentcast_resumes_total", r#"outcome="gap""#).await, 1.0);
     assert_eq!(node.metric("agentcast_resumes_total", r#"outcome="failed""#).await, 0.0);
+    // Both are timed, the one with a gap too.
+    assert_eq!(node.metric("agentcast_resume_duration_seconds_count", "").await, 2.0);
     assert_eq!(node.metric("agentcast_replayed_events_total", "").await, 8.0);
     assert_eq!(node.metric("agentcast_gap_frames_sent_total", r#"reason="expired""#).await, 1.0);
 
