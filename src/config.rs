@@ -121,6 +121,43 @@ pub struct NatsArgs {
     /// NATS credentials file (JWT and nkey seed).
     #[arg(long, env = "AGENTCAST_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the NATS server; implies TLS.
+    #[arg(long, env = "AGENTCAST_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --nats-tls-key.
+    #[arg(long, env = "AGENTCAST_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "AGENTCAST_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Require TLS to NATS even without a CA file.
+    #[arg(long, env = "AGENTCAST_NATS_TLS")]
+    pub nats_tls: bool,
+}
+
+impl NatsArgs {
+    /// Checks the URLs and that the named files exist.
+    pub fn login(&self) -> Result<NatsLogin, ConfigError> {
+        check_file("--nats-creds", &self.nats_creds)?;
+        check_file("--nats-tls-ca", &self.nats_tls_ca)?;
+        check_file("--nats-tls-cert", &self.nats_tls_cert)?;
+        check_file("--nats-tls-key", &self.nats_tls_key)?;
+        let urls = self
+            .nats_url
+            .split(',')
+            .map(|u| {
+                u.trim().parse::<async_nats::ServerAddr>().map_err(|e| ConfigError::NatsUrl(format!("{u:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(NatsLogin {
+            urls,
+            user: self.nats_user.clone().zip(self.nats_password.clone()),
+            token: self.nats_token.clone(),
+            creds: self.nats_creds.clone(),
+            tls_required: self.nats_tls || self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -138,17 +175,6 @@ pub struct NodeArgs {
 
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// CA certificate (PEM) to verify the NATS server; implies TLS.
-    #[arg(long, env = "AGENTCAST_NATS_TLS_CA")]
-    pub nats_tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS; needs --nats-tls-key.
-    #[arg(long, env = "AGENTCAST_NATS_TLS_CERT", requires = "nats_tls_key")]
-    pub nats_tls_cert: Option<PathBuf>,
-    #[arg(long, env = "AGENTCAST_NATS_TLS_KEY", requires = "nats_tls_cert")]
-    pub nats_tls_key: Option<PathBuf>,
-    /// Require TLS to NATS even without a CA file.
-    #[arg(long, env = "AGENTCAST_NATS_TLS")]
-    pub nats_tls: bool,
     /// Messages buffered per user subscription before async-nats drops them
     /// (dropped messages are then read from JetStream).
     #[arg(long, env = "AGENTCAST_NATS_SUBSCRIPTION_CAPACITY", default_value_t = crate::nats::SUBSCRIPTION_CAPACITY)]
@@ -262,8 +288,10 @@ pub struct Config {
     pub console: bool,
 }
 
+/// Where NATS is and how to log in (user and password, token, credentials,
+/// TLS), checked: what the node and the tools share.
 #[derive(Debug, Clone)]
-pub struct NatsSettings {
+pub struct NatsLogin {
     pub urls: Vec<async_nats::ServerAddr>,
     pub user: Option<(String, String)>,
     pub token: Option<String>,
@@ -271,6 +299,11 @@ pub struct NatsSettings {
     pub tls_ca: Option<PathBuf>,
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub tls_required: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub login: NatsLogin,
     pub subscription_capacity: usize,
     pub inbox_prefix: String,
 }
@@ -385,31 +418,14 @@ impl NodeArgs {
         )?;
         range("--ping-interval (ms)", self.ping_interval.as_millis(), 100, 3_600_000)?;
         range("--drain-window (ms)", self.drain_window.as_millis(), 0, 3_600_000)?;
-        check_file("--nats-creds", &self.nats.nats_creds)?;
-        check_file("--nats-tls-ca", &self.nats_tls_ca)?;
-        check_file("--nats-tls-cert", &self.nats_tls_cert)?;
-        check_file("--nats-tls-key", &self.nats_tls_key)?;
-        let urls = self
-            .nats
-            .nats_url
-            .split(',')
-            .map(|u| {
-                u.trim().parse::<async_nats::ServerAddr>().map_err(|e| ConfigError::NatsUrl(format!("{u:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let login = self.nats.login()?;
         let node_id = self.node_id.unwrap_or_else(default_node_id);
         Ok(Config {
             listen: self.listen,
             node_id,
             allowed_origins: normalise_origins(self.allowed_origins),
             nats: NatsSettings {
-                urls,
-                user: self.nats.nats_user.zip(self.nats.nats_password),
-                token: self.nats.nats_token,
-                creds: self.nats.nats_creds,
-                tls_required: self.nats_tls || self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some(),
-                tls_ca: self.nats_tls_ca,
-                tls_client: self.nats_tls_cert.zip(self.nats_tls_key),
+                login,
                 subscription_capacity: self.nats_subscription_capacity,
                 inbox_prefix: self.nats_inbox_prefix,
             },

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
 
-use crate::config::NatsSettings;
+use crate::config::{NatsLogin, NatsSettings};
 use crate::metrics as m;
 
 /// Default for the messages buffered per subscription inside async-nats
@@ -49,7 +49,7 @@ pub async fn connect(s: &NatsSettings, name: &str, signals: Arc<Signals>) -> any
         let signals = signals.clone();
         async move { on_event(event, &signals) }
     });
-    Ok(opts.connect(s.urls.clone()).await?)
+    Ok(opts.connect(s.login.urls.clone()).await?)
 }
 
 /// Connections for history reads (direct gets and scans). Four let a
@@ -66,38 +66,44 @@ pub const READ_CONNECTIONS: usize = 4;
 pub async fn connect_readers(s: &NatsSettings, name: &str) -> anyhow::Result<Vec<Client>> {
     let mut readers = Vec::with_capacity(READ_CONNECTIONS);
     for i in 0..READ_CONNECTIONS {
-        readers.push(options(s, &format!("{name}-read-{i}")).await?.connect(s.urls.clone()).await?);
+        readers.push(options(s, &format!("{name}-read-{i}")).await?.connect(s.login.urls.clone()).await?);
     }
     Ok(readers)
 }
 
-/// What every connection of a node shares: name, auth, TLS, the inbox prefix
+/// What every connection of a node shares: name, login, the inbox prefix
 /// its permissions are written for, timeouts, and retrying in the background.
 async fn options(s: &NatsSettings, name: &str) -> anyhow::Result<ConnectOptions> {
-    let mut opts = ConnectOptions::new()
+    let opts = ConnectOptions::new()
         .name(name)
         .custom_inbox_prefix(&s.inbox_prefix)
         .client_capacity(CLIENT_CAPACITY)
         .request_timeout(Some(REQUEST_TIMEOUT))
         .retry_on_initial_connect()
         .max_reconnects(None);
-    if let Some((user, pass)) = &s.user {
+    with_login(opts, &s.login).await
+}
+
+/// Adds the login (user and password, token, credentials file, TLS) to
+/// connect options; the node's connections and the tools' use it alike.
+pub async fn with_login(mut opts: ConnectOptions, l: &NatsLogin) -> anyhow::Result<ConnectOptions> {
+    if let Some((user, pass)) = &l.user {
         opts = opts.user_and_password(user.clone(), pass.clone());
     }
-    if let Some(token) = &s.token {
+    if let Some(token) = &l.token {
         opts = opts.token(token.clone());
     }
-    if let Some(creds) = &s.creds {
+    if let Some(creds) = &l.creds {
         opts =
             opts.credentials_file(creds).await.map_err(|e| anyhow::anyhow!("--nats-creds {}: {e}", creds.display()))?;
     }
-    if let Some(ca) = &s.tls_ca {
+    if let Some(ca) = &l.tls_ca {
         opts = opts.add_root_certificates(ca.clone());
     }
-    if let Some((cert, key)) = &s.tls_client {
+    if let Some((cert, key)) = &l.tls_client {
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    if s.tls_required {
+    if l.tls_required {
         opts = opts.require_tls(true);
     }
     Ok(opts)

@@ -159,28 +159,14 @@ fn publish_failure(e: PublishError) -> Failure {
 }
 
 async fn connect(a: &NatsArgs) -> Result<async_nats::Client, Failure> {
-    let urls = a
-        .nats_url
-        .split(',')
-        .map(|u| {
-            u.trim().parse::<async_nats::ServerAddr>().map_err(|e| usage(anyhow::anyhow!("--nats-url {u:?}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut opts = async_nats::ConnectOptions::new().name("agentcast-cli").connection_timeout(NATS_CONNECT_TIMEOUT);
-    if let (Some(u), Some(p)) = (&a.nats_user, &a.nats_password) {
-        opts = opts.user_and_password(u.clone(), p.clone());
-    }
-    if let Some(t) = &a.nats_token {
-        opts = opts.token(t.clone());
-    }
-    if let Some(c) = &a.nats_creds {
-        opts =
-            opts.credentials_file(c).await.map_err(|e| usage(anyhow::anyhow!("--nats-creds {}: {e}", c.display())))?;
-    }
-    match tokio::time::timeout(NATS_CONNECT_TIMEOUT * 2, opts.connect(urls)).await {
+    let shown = &a.nats_url;
+    let login = a.login().map_err(usage)?;
+    let opts = async_nats::ConnectOptions::new().name("agentcast-cli").connection_timeout(NATS_CONNECT_TIMEOUT);
+    let opts = crate::nats::with_login(opts, &login).await.map_err(usage)?;
+    match tokio::time::timeout(NATS_CONNECT_TIMEOUT * 2, opts.connect(login.urls)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(runtime(anyhow::anyhow!("cannot connect to NATS at {}: {e}", a.nats_url))),
-        Err(_) => Err(runtime(anyhow::anyhow!("cannot connect to NATS at {}: timed out", a.nats_url))),
+        Ok(Err(e)) => Err(runtime(anyhow::anyhow!("cannot connect to NATS at {shown}: {e}"))),
+        Err(_) => Err(runtime(anyhow::anyhow!("cannot connect to NATS at {shown}: timed out"))),
     }
 }
 
