@@ -452,7 +452,7 @@ impl Hub {
                     let _permit = self.read_slot().await;
                     // Boxed here and below: a read from JetStream is rare
                     // and would otherwise size every user's task (3.5 KB).
-                    Box::pin(self.fill(&entry, None, None)).await;
+                    Box::pin(self.catch_up(&entry)).await;
                 }
                 msg = sub.next() => match msg {
                     Some(msg) => self.on_message(&entry, msg).await,
@@ -504,7 +504,7 @@ impl Hub {
             tracing::debug!(user = %entry.user.for_log(), last, prev, seq, "hole on the live path; reading it from JetStream");
             Box::pin(async {
                 let _permit = self.read_slot().await;
-                self.fill(entry, Some(seq), Some(prev)).await;
+                self.fill(entry, seq, prev, "sequence").await;
             })
             .await;
         }
@@ -515,72 +515,86 @@ impl Hub {
         self.deliver(entry, Stored { seq, payload: msg.payload }, stored_at);
     }
 
-    /// Reads the user's stored events after `last` (below `before` when
-    /// given) and delivers them, announcing what cannot be proven complete.
-    /// `expect` is the user's previous event according to the live message
-    /// (`Nats-Last-Sequence`): a read that ends below it missed something
-    /// (a lagging replica, a message deleted by hand) and says so.
-    async fn fill(&self, entry: &UserEntry, before: Option<u64>, expect: Option<u64>) {
+    /// After a NATS reconnect or dropped messages: reads whatever the user
+    /// has stored beyond what was delivered, up to the user's last event as
+    /// the stream's leader has it. When there is nothing, the position moves
+    /// to the horizon observed before asking: no event of the user lies
+    /// below it unread. If the leader cannot be asked, the next live event's
+    /// `Nats-Last-Sequence` shows the hole and repairs it.
+    async fn catch_up(&self, entry: &UserEntry) {
         let user = entry.user.as_str();
-        // Observed before reading: a complete read that finds nothing more
-        // proves that the user has no event up to here.
         let horizon = self.stream_last();
         let mut attempts = 0;
-        loop {
-            let after = lock(&entry.shared).last;
-            if before.is_some_and(|b| after + 1 >= b) {
-                break;
+        let last = loop {
+            match self.history.last(user).await {
+                Ok(last) => break last,
+                Err(e) => {
+                    m::jetstream_error("repair");
+                    attempts += 1;
+                    if attempts >= REPAIR_ATTEMPTS {
+                        tracing::warn!(user = %entry.user.for_log(), error = %e, "cannot ask JetStream for the user's last event to catch up");
+                        return;
+                    }
+                    tokio::time::sleep(REPAIR_BACKOFF).await;
+                }
             }
-            match self.history.read(user, after, before, READ_CHUNK).await {
+        };
+        if last > lock(&entry.shared).last {
+            self.fill(entry, last + 1, last, "catchup").await;
+        } else {
+            let mut shared = lock(&entry.shared);
+            shared.last = shared.last.max(horizon);
+        }
+    }
+
+    /// Reads the user's stored events after the last delivered one and below
+    /// `before`, and delivers them. `expect` is the user's event the read
+    /// must reach (the live message's `Nats-Last-Sequence`, or the leader's
+    /// last for a catch-up). A read that ends below it was answered by a
+    /// replica that lags, or the event was deleted by hand: it is tried
+    /// again, and after [`REPAIR_ATTEMPTS`] announced as a gap. `trigger`
+    /// labels [`m::GAPS_REPAIRED`].
+    async fn fill(&self, entry: &UserEntry, before: u64, expect: u64, trigger: &'static str) {
+        let user = entry.user.as_str();
+        let mut attempts = 0;
+        let e = loop {
+            let after = lock(&entry.shared).last;
+            if after >= expect {
+                return;
+            }
+            let e = match self.history.read(user, after, Some(before), READ_CHUNK).await {
                 Ok(read) => {
-                    attempts = 0;
                     if let Some(gap) = read.gap {
                         self.announce(entry, gap, gap.to.unwrap_or(after));
                     }
                     if !read.events.is_empty() {
-                        let trigger = if before.is_some() { "sequence" } else { "catchup" };
                         metrics::counter!(m::GAPS_REPAIRED, "trigger" => trigger).increment(1);
                     }
                     for ev in read.events {
                         self.deliver(entry, ev, None);
                     }
-                    if read.done {
-                        if before.is_none() {
-                            let mut shared = lock(&entry.shared);
-                            shared.last = shared.last.max(horizon);
-                        }
-                        break;
+                    if lock(&entry.shared).last > after {
+                        attempts = 0;
+                        continue;
                     }
+                    // Short: not a failed request, so not counted as one.
+                    StreamError::Nats(format!("history read ended at {after}, before event {expect}"))
                 }
                 Err(e) => {
                     m::jetstream_error("repair");
-                    attempts += 1;
-                    if attempts < REPAIR_ATTEMPTS {
-                        tokio::time::sleep(REPAIR_BACKOFF).await;
-                        continue;
-                    }
-                    tracing::warn!(user = %entry.user.for_log(), error = %e, "cannot read missing events from JetStream");
-                    if let Some(b) = before {
-                        let gap = Gap {
-                            reason: GapReason::Unavailable,
-                            from: Some(after + 1),
-                            to: Some(b - 1),
-                            earliest: None,
-                        };
-                        self.announce(entry, gap, b - 1);
-                    }
-                    return;
+                    e
                 }
+            };
+            attempts += 1;
+            if attempts >= REPAIR_ATTEMPTS {
+                break e;
             }
-        }
+            tokio::time::sleep(REPAIR_BACKOFF).await;
+        };
         let last = lock(&entry.shared).last;
-        if let Some(prev) = expect
-            && last < prev
-        {
-            tracing::warn!(user = %entry.user.for_log(), last, prev, "JetStream did not return an event the live stream says exists");
-            let gap = Gap { reason: GapReason::Unavailable, from: Some(last + 1), to: Some(prev), earliest: None };
-            self.announce(entry, gap, prev);
-        }
+        tracing::warn!(user = %entry.user.for_log(), error = %e, last, expect, "cannot read missing events from JetStream");
+        let gap = Gap { reason: GapReason::Unavailable, from: Some(last + 1), to: Some(expect), earliest: None };
+        self.announce(entry, gap, expect);
     }
 
     fn announce(&self, entry: &UserEntry, gap: Gap, through: u64) {

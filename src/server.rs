@@ -45,8 +45,14 @@ pub const STREAM_CHECK_GRACE: Duration = Duration::from_secs(10);
 /// free, and a node should take traffic as soon as NATS is back.
 pub const NOT_READY_RETRY: Duration = Duration::from_millis(100);
 
+/// The user the readiness check asks the position of ([`position_check`]):
+/// `%` is no character of a user id ([`crate::user::UserId::parse`]), so
+/// the subject holds no one's events.
+const POSITION_CHECK_USER: &str = "%position-check";
+
 /// Slow-consumer reports come in bursts while a node is overloaded; a
-/// catch-up of every user (a direct get each) runs at most this often for them.
+/// catch-up of every user (a request to the stream leader each) runs at most
+/// this often for them.
 pub const DROP_CATCHUP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Time allowed to flush pending NATS commands on exit.
@@ -273,7 +279,11 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
         if st.nats_connected() {
             // A failing check is dated from its start: a timeout takes 5 s.
             let checked_at = tokio::time::Instant::now();
-            match stream::ensure(&js, &st.config.stream).await {
+            let checked = match stream::ensure(&js, &st.config.stream).await {
+                Ok(ensured) => position_check(&st).await.map(|()| ensured),
+                Err(e) => Err(e),
+            };
+            match checked {
                 Ok(ensured) => {
                     if first || (!ensured.as_configured && ensured.line != last_line) {
                         tracing::info!("{}", ensured.line);
@@ -314,6 +324,23 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(if st.ready() { READY_CHECK_INTERVAL } else { NOT_READY_RETRY }) => {}
         }
+    }
+}
+
+/// A user's position is asked of the stream's leader
+/// ([`crate::history::History::last`]), a request the node's NATS user may
+/// not be allowed to make (deployments whose permissions predate it). Every
+/// first socket of a user would then fail after a timeout, so the node is
+/// not ready instead, and says what to grant. The subject asked for is one
+/// no user id can name.
+async fn position_check(st: &AppState) -> Result<(), StreamError> {
+    match st.hub.history().last(POSITION_CHECK_USER).await {
+        Ok(_) => Ok(()),
+        Err(StreamError::Nats(e)) => Err(StreamError::Nats(format!(
+            "{e}; a user's position is asked of the stream leader, so the node's NATS user must be allowed to publish to $JS.API.STREAM.MSG.GET.{}",
+            st.config.stream.name
+        ))),
+        Err(e) => Err(e),
     }
 }
 

@@ -1,7 +1,8 @@
 //! History reads split into parallel chains over several connections
 //! ([`agentcast::history::History::read`]), against a real nats-server: the
 //! joined parts must be exactly the user's events in order, and a part that
-//! hit `max` must stop the join there, never skip to a later part.
+//! hit `max`, or found nothing because a lagging responder answered it, must
+//! stop the join there, never skip to a later part.
 
 mod common;
 
@@ -13,9 +14,21 @@ use futures_util::StreamExt;
 /// spread evenly among `noise` events of other users (wide enough for the
 /// read to be split), and a History over four connections.
 async fn setup(nats: &NatsServer, users_events: usize, noise: usize) -> (History, Vec<u64>) {
-    let client = nats.client().await;
-    let js = async_nats::jetstream::new(client.clone());
+    let js = async_nats::jetstream::new(nats.client().await);
     js.create_stream(agentcast::stream::desired(&stream_settings(10_000))).await.unwrap();
+    let x = fill(&js, users_events, noise).await;
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let c = nats.client().await;
+        streams.push(async_nats::jetstream::new(c).get_stream_no_info("AGENTCAST").await.unwrap());
+    }
+    let live = js.get_stream_no_info("AGENTCAST").await.unwrap();
+    (History::new(live, streams, "agentcast.events".into()), x)
+}
+
+/// Publishes `users_events` events of user `x` spread evenly among `noise`
+/// events of other users; returns x's sequences.
+async fn fill(js: &async_nats::jetstream::Context, users_events: usize, noise: usize) -> Vec<u64> {
     let every = noise / users_events;
     let is_x = |i: usize| i % (every + 1) == every;
     // Pipelined, with at most 1024 acks outstanding (async-nats holds back
@@ -33,13 +46,7 @@ async fn setup(nats: &NatsServer, users_events: usize, noise: usize) -> (History
             }
         }
     }
-    let mut streams = Vec::new();
-    for _ in 0..4 {
-        let c = nats.client().await;
-        streams.push(async_nats::jetstream::new(c).get_stream_no_info("AGENTCAST").await.unwrap());
-    }
-    let live = js.get_stream_no_info("AGENTCAST").await.unwrap();
-    (History::new(live, streams, "agentcast.events".into()), x)
+    x
 }
 
 #[tokio::test]
@@ -94,4 +101,44 @@ async fn a_resume_from_just_before_the_oldest_stored_event_is_complete() {
     let gap = read.gap.expect("gap");
     assert_eq!((gap.from, gap.to, gap.earliest), (Some(seqs[2]), Some(seqs[2]), Some(seqs[3])));
     assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs[3..]);
+}
+
+/// A direct-get responder that lags behind the stream (a mirror with
+/// `mirror_direct` that stopped after the user's 20th event: it shares the
+/// stream's direct-get subject, so it answers some of the gets, with "not
+/// found" past its end) must never make a split read skip events. A part it
+/// answers ends the join there: what is returned is always a gap-free run of
+/// the user's events from the start, and a read cut short says it is not
+/// done. (When it answers the very first get, the read returns nothing; the
+/// socket's replay then finds its position unreached and closes for the
+/// client to retry: see tests/resume.rs.)
+#[tokio::test]
+async fn a_lagging_direct_get_responder_cuts_a_split_read_short_and_never_leaves_a_hole() {
+    let nats = NatsServer::start();
+    let (history, mut x) = setup(&nats, 20, 4000).await;
+    // The mirror answers direct gets once it has caught up, and goes on
+    // answering when it falls behind.
+    let js = async_nats::jetstream::new(nats.client().await);
+    lagging_mirror(&js, 4020).await;
+    x.extend(fill(&js, 20, 4000).await);
+    let before = Some(x[39] + 1);
+    let mut short = 0;
+    for _ in 0..60 {
+        let read = history.read("x", 0, before, 64).await.unwrap();
+        let got: Vec<u64> = read.events.iter().map(|e| e.seq).collect();
+        assert_eq!(got, x[..got.len()], "a read returned the user's events with a hole");
+        assert_eq!(read.gap, None);
+        if !got.is_empty() && got.len() < x.len() {
+            assert!(!read.done, "a read cut short by a lagging responder claimed to be done");
+            short += 1;
+        }
+    }
+    // nats-server 2.9 drops a mirror's direct-get subscription once it falls
+    // far behind (not always at once); 2.10+ keep it, and there the mirror
+    // must have cut reads short for the checks above to mean anything.
+    let version = js.client().server_info().version;
+    eprintln!("nats-server {version}: {short} of 60 reads cut short by the lagging mirror");
+    if !version.starts_with("2.9.") {
+        assert!(short > 0, "no read was cut short: the mirror answered no part");
+    }
 }

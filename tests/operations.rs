@@ -191,3 +191,42 @@ async fn nats_credentials_are_used_and_wrong_ones_leave_the_node_not_ready() {
     let node = Node::start(&nats, &["--nats-token", "t0ken"]).await;
     assert_eq!(node.get("/readyz").await.0, 200);
 }
+
+/// Permissions written before positions were asked of the stream leader
+/// lack `$JS.API.STREAM.MSG.GET.<stream>`: every user's first socket would
+/// fail after a timeout. The node stays not ready and its log says what to
+/// grant; with the permission it is ready.
+#[tokio::test]
+async fn a_node_user_that_may_not_ask_the_leader_for_positions_leaves_the_node_not_ready_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = |extra: &str| {
+        format!(
+            r#"accounts: {{ APP: {{ jetstream: enabled, users: [ {{ user: node, password: pw, permissions: {{
+                publish: {{ allow: ["$JS.API.STREAM.INFO.AGENTCAST", "$JS.API.STREAM.CREATE.AGENTCAST",
+                    "$JS.API.STREAM.UPDATE.AGENTCAST", "$JS.API.DIRECT.GET.AGENTCAST",
+                    "$JS.API.DIRECT.GET.AGENTCAST.>"{extra}] }},
+                subscribe: {{ allow: ["agentcast.live.*", "_INBOX.>"] }} }} }} ] }} }}"#
+        )
+    };
+    let login = ["--nats-user", "node", "--nats-password", "pw"];
+    let without = dir.path().join("without.conf");
+    std::fs::write(&without, conf("")).unwrap();
+    let nats = NatsServer::start_with(&["-c", without.to_str().unwrap()]);
+    let node = Node::spawn(&nats.url, &login);
+    // The request times out (5 s) before the check can say so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !node.log_text().contains("must be allowed to publish to $JS.API.STREAM.MSG.GET.AGENTCAST") {
+        assert!(std::time::Instant::now() < deadline, "no hint in the log:\n{}", node.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = node.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+
+    let with = dir.path().join("with.conf");
+    std::fs::write(&with, conf(r#", "$JS.API.STREAM.MSG.GET.AGENTCAST""#)).unwrap();
+    let nats = NatsServer::start_with(&["-c", with.to_str().unwrap()]);
+    let node = Node::start(&nats, &login).await;
+    let (mut c, welcome) = Client::join(&node, "u1").await;
+    assert_eq!(welcome["position"], 0, "{welcome}");
+    c.ws.close(None).await.unwrap();
+}

@@ -415,3 +415,34 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Creates a mirror of the AGENTCAST stream that answers the stream's direct
+/// gets (`mirror_direct`) but holds only its first `held` messages (it
+/// discards new ones): a direct-get responder that lags behind the stream
+/// for good, as a replica can for a moment. Returns once it holds them.
+pub async fn lagging_mirror(js: &async_nats::jetstream::Context, held: u64) {
+    use async_nats::jetstream::stream::{Config, DiscardPolicy, Source};
+    js.create_stream(Config {
+        name: "LAGGING".into(),
+        mirror: Some(Source { name: "AGENTCAST".into(), ..Default::default() }),
+        mirror_direct: true,
+        max_messages: held as i64,
+        discard: DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .expect("create the lagging mirror");
+    eventually("the mirror holds its share", || async {
+        let mut s = js.get_stream("LAGGING").await.expect("mirror");
+        s.info().await.expect("mirror info").state.messages == held
+    })
+    .await;
+    // It joins the stream's direct-get responders once it has caught up;
+    // answers name the stream that gave them.
+    let client = js.client();
+    eventually("the mirror answers direct gets", || async {
+        let r = client.request("$JS.API.DIRECT.GET.AGENTCAST", r#"{"seq":1}"#.into()).await.expect("direct get");
+        r.headers.and_then(|h| h.get("Nats-Stream").map(|v| v.as_str() == "LAGGING")).unwrap_or(false)
+    })
+    .await;
+}
