@@ -5,8 +5,9 @@
 //! stream with `--events` events of about `--payload` bytes spread
 //! round-robin over `--users` users, then measures:
 //! 1. each history read a resume could use, alone (direct get of the last
-//!    event, of the next event, 20 successive next gets, first event, stream
-//!    info with a subject filter, and an ordered consumer reading 20 events);
+//!    event, the leader's get of it, direct get of the next event, 20
+//!    successive next gets, first event, stream info with a subject filter,
+//!    and an ordered consumer reading 20 events);
 //! 2. a single resume end to end over WebSocket, one at a time, missing 0, 1
 //!    and 20 events: from connect to the last missed event;
 //! 3. a storm: `--storm` sockets (two per user) resuming at once, each
@@ -274,6 +275,7 @@ async fn main() {
     let sample_users: Vec<usize> = (0..o.samples).map(|_| rand::random_range(0..o.users)).collect();
     let k = o.missed.min(per_user - 1);
     let mut last_ms = Vec::new();
+    let mut leader_last_ms = Vec::new();
     let mut next_ms = Vec::new();
     let mut read_ms = Vec::new();
     let mut first_ms = Vec::new();
@@ -297,6 +299,10 @@ async fn main() {
         let t = Instant::now();
         stream.direct_get_last_for_subject(subject.as_str()).await.unwrap();
         last_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        // As a node asks a user's position: of the stream's leader.
+        let t = Instant::now();
+        stream.get_last_raw_message_by_subject(subject.as_str()).await.unwrap();
+        leader_last_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         stream.direct_get_next_for_subject(subject.as_str(), Some(from)).await.unwrap();
         next_ms.push(t.elapsed().as_secs_f64() * 1e3);
@@ -340,6 +346,7 @@ async fn main() {
         }
     }
     results.push(summary("direct get: last of the user's subject", last_ms));
+    results.push(summary("leader get: last of the user's subject", leader_last_ms));
     results.push(summary("direct get: next of the user's subject", next_ms));
     results.push(summary(&format!("direct get: {k} successive next"), read_ms));
     results.push(summary("direct get: first of the user's subject", first_ms));
