@@ -437,12 +437,14 @@ pub async fn lagging_mirror(js: &async_nats::jetstream::Context, held: u64) {
         s.info().await.expect("mirror info").state.messages == held
     })
     .await;
-    // It joins the stream's direct-get responders once it has caught up;
-    // answers name the stream that gave them.
+    // It joins the stream's direct-get responders once it has caught up.
     let client = js.client();
-    eventually("the mirror answers direct gets", || async {
-        let r = client.request("$JS.API.DIRECT.GET.AGENTCAST", r#"{"seq":1}"#.into()).await.expect("direct get");
-        r.headers.and_then(|h| h.get("Nats-Stream").map(|v| v.as_str() == "LAGGING")).unwrap_or(false)
-    })
-    .await;
+    eventually("the mirror answers direct gets", || mirror_answered(&client)).await;
+}
+
+/// Sends one direct get of the AGENTCAST stream; true when the lagging
+/// mirror answered it (answers name the stream that gave them).
+pub async fn mirror_answered(client: &async_nats::Client) -> bool {
+    let r = client.request("$JS.API.DIRECT.GET.AGENTCAST", r#"{"seq":1}"#.into()).await.expect("direct get");
+    r.headers.and_then(|h| h.get("Nats-Stream").map(|v| v.as_str() == "LAGGING")).unwrap_or(false)
 }
