@@ -335,7 +335,9 @@ async fn main() {
         }
         ordered_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let read = history.read(&user(u), s[s.len() - k - 1], Some(s[s.len() - 1] + 1), 64).await.unwrap();
+        let read = agentcast::resume::read(&history, &user(u), s[s.len() - k - 1], Some(s[s.len() - 1] + 1), 64)
+            .await
+            .unwrap();
         history_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(read.gap.is_none() && read.done && read.events.len() == k, "history read of {subject}");
         if batch_supported {

@@ -1,37 +1,24 @@
-//! Reading a user's stored events, and proving that a read missed nothing.
+//! Reads of a user's stored events and of the stream's state.
 //!
-//! The continuity rule (docs/protocol.md, "When a resume is complete") rests
-//! on how JetStream removes messages under limits: `max_age`, `max_bytes` and
-//! `max_msgs` remove the stream's oldest messages (a prefix of the stream),
-//! and `max_msgs_per_subject` removes a subject's oldest. Either way, what is
-//! stored for a user is always a suffix of the user's history, and it only
-//! shrinks from the old end. So after reading the user's events following
-//! `after` (by direct gets, or by a shared scan: [`crate::scan`]), the read is
-//! complete when:
-//! - the message at `after` is still stored and is the user's (the common
-//!   case: `after` is the last event the client saw), or the user's oldest
-//!   stored event is at or before `after + 1`: either way nothing after
-//!   `after` was removed before or during the read; or
-//! - the stream still starts at or before `after + 1` and the user holds
-//!   fewer events than the stream's per-subject limit: no removal reached
-//!   past `after` (see [`History::read`]).
-//!
-//! Otherwise a [`Gap`] says what may be missing, and read events inside it
-//! are left out. The check runs after every chunk of reads, since removals
-//! can happen while a long read is under way. Deleting or purging a user's
-//! messages by hand is outside this rule.
+//! Direct gets spread over the node's read connections (any replica may
+//! answer them), requests the stream leader answers, and a look at whether a
+//! stretch of sequences is still stored whole. Which reads make a resume
+//! whole is decided in [`crate::resume`], the one owner of that rule.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind, Stream};
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 
 use crate::stream::StreamError;
 
 /// Parts a long bounded read is split into at most, read at once on
-/// different connections (see [`History::read`] and
+/// different connections (see [`History::collect`] and
 /// [`crate::nats::READ_CONNECTIONS`]). Each part reads up to `max - 1`
 /// events before the parts are joined, so a read holds at most this many
 /// times `max` events.
@@ -61,40 +48,6 @@ enum Ended {
 pub struct Stored {
     pub seq: u64,
     pub payload: Bytes,
-}
-
-/// Why continuity could not be proven.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GapReason {
-    /// Events in the range were removed by the stream's limits (age, size,
-    /// per-user count), or may have been.
-    Expired,
-    /// The stream was deleted and created again: the client's position
-    /// belongs to the old one.
-    StreamReset,
-    /// NATS could not be read to repair a hole on the live path.
-    Unavailable,
-}
-
-impl GapReason {
-    pub fn label(self) -> &'static str {
-        match self {
-            GapReason::Expired => "expired",
-            GapReason::StreamReset => "stream_reset",
-            GapReason::Unavailable => "unavailable",
-        }
-    }
-}
-
-/// Events with `seq` in `from..=to` may be missing; `from`/`to` are `None`
-/// when the range is unknown (a stream reset). `earliest` is the user's
-/// oldest event still stored, when known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gap {
-    pub reason: GapReason,
-    pub from: Option<u64>,
-    pub to: Option<u64>,
-    pub earliest: Option<u64>,
 }
 
 /// Reads of one stream, spread over the node's read connections.
@@ -150,6 +103,18 @@ impl History {
         }
     }
 
+    /// Sequence of the user's newest stored event, 0 when none, as the
+    /// stream's leader has it; asked on a read connection, for the audit
+    /// ([`crate::hub::AUDIT_INTERVAL`]), which must not delay live events.
+    pub async fn newest(&self, user: &str) -> Result<u64, StreamError> {
+        let subject = self.subject(user);
+        match self.stream().get_last_raw_message_by_subject(subject.as_str()).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(0),
+            Err(e) => Err(StreamError::Nats(format!("last of {subject}: {e}"))),
+        }
+    }
+
     /// The user's first stored event at or after `from`.
     pub async fn next(&self, user: &str, from: u64) -> Result<Option<Stored>, StreamError> {
         self.next_on(self.stream(), user, from).await
@@ -166,80 +131,119 @@ impl History {
 
     /// The stream's last sequence, asked of the stream leader.
     pub async fn stream_last(&self) -> Result<u64, StreamError> {
-        Ok(self.leader_state().await?.last_sequence)
+        Ok(self.leader_state().await?.last)
     }
 
-    /// The stream's state (first and last sequence) as its leader has it.
-    async fn leader_state(&self) -> Result<async_nats::jetstream::stream::State, StreamError> {
+    /// The stream's first and last sequence and its count of interior
+    /// deletes, as its leader has them.
+    pub async fn leader_state(&self) -> Result<LeaderState, StreamError> {
         let info =
             self.stream().info_with_subjects("").await.map_err(|e| StreamError::Nats(format!("stream info: {e}")))?;
-        Ok(info.info.state.clone())
+        let st = &info.info.state;
+        Ok(LeaderState { first: st.first_sequence, last: st.last_sequence, deleted: st.deleted_count })
     }
 
-    /// Sequence of the user's oldest stored event.
-    pub async fn first(&self, user: &str) -> Result<Option<u64>, StreamError> {
-        Ok(self.next(user, 1).await?.map(|s| s.seq))
-    }
-
-    /// The stream's first sequence and limit, and the user's event count.
-    async fn subject_state(&self, user: &str) -> Result<SubjectState, StreamError> {
-        let subject = self.subject(user);
-        let err = |e: &dyn std::fmt::Display| StreamError::Nats(format!("stream info for {subject}: {e}"));
-        let mut info = self.stream().info_with_subjects(subject.as_str()).await.map_err(|e| err(&e))?;
-        let stream_first = info.info.state.first_sequence;
-        let limit = info.info.config.max_messages_per_subject;
-        let mut count = 0;
-        while let Some((s, n)) = info.try_next().await.map_err(|e| err(&e))? {
-            if s == subject {
-                count = n as u64;
-            }
-        }
-        Ok(SubjectState { stream_first, count, limit })
-    }
-
-    /// The subject of the message at `seq`, as the replica asked has it;
-    /// `None` when it holds no such message.
-    async fn subject_at(&self, seq: u64) -> Result<Option<async_nats::Subject>, StreamError> {
-        match self.stream().direct_get(seq).await {
-            Ok(m) => Ok(Some(m.subject)),
-            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+    /// The subject of the message stored at `seq`, as the stream leader has
+    /// it; `None` when it holds none there. The leader, not a direct get: a
+    /// replica that has not yet applied a removal would still show the
+    /// message (see [`crate::resume`], rule 1).
+    pub async fn leader_subject_at(&self, seq: u64) -> Result<Option<String>, StreamError> {
+        match self.stream().get_raw_message(seq).await {
+            Ok(m) => Ok(Some(m.subject.to_string())),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
             Err(e) => Err(StreamError::Nats(format!("message {seq}: {e}"))),
         }
     }
 
-    /// Whether the stored message at `seq` is one of the user's. A message
-    /// the answering replica does not hold counts as no one's only when the
-    /// stream (asked of its leader) no longer starts at or before it;
-    /// otherwise that replica lags, and the answer is an error.
-    pub async fn is_users(&self, user: &str, seq: u64) -> Result<bool, StreamError> {
-        match self.subject_at(seq).await? {
-            Some(s) => Ok(s.as_str() == self.subject(user)),
-            None if seq < self.leader_state().await?.first_sequence => Ok(false),
-            None => {
-                Err(StreamError::Nats(format!("message {seq} is stored but the replica asked does not have it yet")))
-            }
+    /// Sequence of the user's first stored event at or after `from`, as the
+    /// stream leader has it.
+    pub async fn leader_next(&self, user: &str, from: u64) -> Result<Option<u64>, StreamError> {
+        let subject = self.subject(user);
+        match self.stream().get_first_raw_message_by_subject(subject.as_str(), from.max(1)).await {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(StreamError::Nats(format!("next of {subject} from {from}: {e}"))),
         }
     }
 
-    /// Reads up to `max` of the user's events after `after` and below
-    /// `before` with direct gets, then proves the read complete or returns
-    /// the gap (see [`History::prove`]). `done` is true when nothing more is
-    /// stored in the range.
+    /// Sequence of the user's oldest stored event, as the stream leader has it.
+    pub async fn first(&self, user: &str) -> Result<Option<u64>, StreamError> {
+        self.leader_next(user, 1).await
+    }
+
+    /// Whether every sequence in `from..to` is still stored, none of them the
+    /// user's: then no event of the user in that stretch was ever removed,
+    /// whatever the stream's limits were. Sequences are dense (every one was
+    /// given to a message), so a missing one is a removed message.
+    ///
+    /// Cheap when the stream has no interior deletes (one stream info);
+    /// otherwise the stretch's headers are read in order, up to
+    /// [`MAX_PROOF_SPAN`] messages, and the first missing sequence ends the
+    /// look.
+    pub async fn span(&self, user: &str, from: u64, to: u64) -> Result<Span, StreamError> {
+        if from >= to {
+            return Ok(Span::Whole);
+        }
+        let state = self.leader_state().await?;
+        if state.first > from {
+            return Ok(Span::Broken(from));
+        }
+        // Nothing past the stream's end was ever stored.
+        let to = to.min(state.last + 1);
+        if from >= to || state.deleted == Some(0) {
+            return Ok(Span::Whole);
+        }
+        if to - from > MAX_PROOF_SPAN {
+            return Ok(Span::TooLong);
+        }
+        let err = |e: &dyn std::fmt::Display| StreamError::Nats(format!("reading sequences {from}..{to}: {e}"));
+        let consumer = self
+            .stream()
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(&e))?;
+        let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+        let subject = self.subject(user);
+        let mut expect = from;
+        while expect < to {
+            let msg = match tokio::time::timeout(SPAN_STALL, messages.next()).await {
+                Ok(Some(msg)) => msg.map_err(|e| err(&e))?,
+                Ok(None) => return Err(StreamError::Nats(format!("reading sequences {from}..{to} ended early"))),
+                Err(_) => return Err(StreamError::Nats(format!("reading sequences {from}..{to} stalled at {expect}"))),
+            };
+            let info = msg.info().map_err(|e| err(&e))?;
+            let seq = info.stream_sequence;
+            // A message of the user's below its oldest (as the leader had
+            // it) means the server reading is behind a removal.
+            if seq != expect || msg.subject.as_str() == subject {
+                return Ok(Span::Broken(expect));
+            }
+            expect = seq + 1;
+            if info.pending == 0 && expect < to {
+                // The end came first: the stretch's tail was removed since.
+                return Ok(Span::Broken(expect));
+            }
+        }
+        Ok(Span::Whole)
+    }
+
+    /// Reads up to `max` of the user's events from `from` and below `before`
+    /// with direct gets; `done` is true when nothing more is stored in the
+    /// range. Not proven whole: [`crate::resume::read`] does that.
     ///
     /// Each get returns the user's next event, so a read is a chain of round
     /// trips, each one a server-side scan over the other users' events in
-    /// between. The first event is read alone: how far it lies from `after`
+    /// between. The first event is read alone: how far it lies from `from`
     /// says how far apart the user's events are. When that predicts at least
     /// [`MIN_EVENTS_PER_CHAIN`] events per part, the rest of a bounded range
     /// is split into up to [`READ_CHAINS`] parts read at once on different
     /// connections, and the parts' events are joined in order, up to the
     /// first part that did not reach its end.
-    pub async fn read(&self, user: &str, after: u64, before: Option<u64>, max: usize) -> Result<Read, StreamError> {
-        let (events, done) = self.collect(user, after + 1, before, max).await?;
-        self.prove(user, after, events, done).await
-    }
-
-    async fn collect(
+    pub async fn collect(
         &self,
         user: &str,
         from: u64,
@@ -326,72 +330,40 @@ impl History {
         }
         Ok((events, Ended::Max))
     }
-
-    /// Judges a read of the user's events after `after`, made by any means
-    /// that returns every event stored in its range at the moment it passes
-    /// it: proven complete, or the gap, with the events inside it left out.
-    /// Called after the read: the stored suffix only shrinks from the old
-    /// end, so if it still reaches back to `after`, the read saw everything
-    /// there was.
-    pub async fn prove(
-        &self,
-        user: &str,
-        after: u64,
-        mut events: Vec<Stored>,
-        done: bool,
-    ) -> Result<Read, StreamError> {
-        // Asked first because it is the cheapest: a get by sequence of a
-        // message the read has just passed, where the user's oldest event
-        // may sit in a block of the stream's start that is no longer cached
-        // (measured: 0.2 ms p50 for either, but up to 47 ms for the oldest).
-        if after > 0 && self.subject_at(after).await?.is_some_and(|s| s.as_str() == self.subject(user)) {
-            return Ok(Read { events, gap: None, done });
-        }
-        let first = self.first(user).await?;
-        // An oldest event at `after + 1` is the first the reader needs:
-        // nothing it needs was removed (and a gap from `after + 1` to
-        // `after` would announce nothing).
-        if first.is_some_and(|f| f <= after + 1) {
-            return Ok(Read { events, gap: None, done });
-        }
-        if first.is_none() && events.is_empty() && after == 0 {
-            // Nothing held and nothing asked for: no history to be partial.
-            return Ok(Read { events, gap: None, done });
-        }
-        let state = self.subject_state(user).await?;
-        // After a per-subject removal the user holds exactly the limit, and
-        // only removals of the stream's prefix lower it again, which move the
-        // stream's first sequence past what they removed. A subject that is
-        // empty was not emptied by the per-subject limit (it keeps the newest).
-        let per_subject_untouched = state.limit <= 0 || (state.count as i64) < state.limit;
-        if state.stream_first <= after + 1 && (first.is_none() || per_subject_untouched) {
-            return Ok(Read { events, gap: None, done });
-        }
-        let to = match first {
-            Some(f) => f - 1,
-            None => state.stream_first.saturating_sub(1).max(after + 1),
-        };
-        events.retain(|e| e.seq > to);
-        let gap = Gap { reason: GapReason::Expired, from: Some(after + 1), to: Some(to), earliest: first };
-        Ok(Read { events, gap: Some(gap), done })
-    }
 }
 
-/// The outcome of [`History::read`].
-#[derive(Debug)]
-pub struct Read {
-    pub events: Vec<Stored>,
-    pub gap: Option<Gap>,
-    pub done: bool,
+/// What [`History::leader_state`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaderState {
+    pub first: u64,
+    pub last: u64,
+    /// Interior deletes (messages removed that were not the stream's
+    /// oldest); `None` when the server did not say.
+    pub deleted: Option<u64>,
 }
 
-struct SubjectState {
-    stream_first: u64,
-    count: u64,
-    /// The stream's own per-subject limit (not this node's flag: with an
-    /// externally managed stream, or mid-rollout, they can differ).
-    limit: i64,
+/// What [`History::span`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// Every sequence is stored, and none is the user's.
+    Whole,
+    /// The first sequence that is not stored (or is, unexpectedly, the user's).
+    Broken(u64),
+    /// Longer than [`MAX_PROOF_SPAN`]: not looked at.
+    TooLong,
 }
+
+/// Messages [`History::span`] reads at most. Headers only, in order, on one
+/// ordered consumer: about 0.2 s for this many here. A longer stretch is
+/// reported as may-be-missing rather than read: it arises only when a client
+/// resumes from a horizon (a sequence that is not one of its user's events)
+/// far behind the user's oldest event on a stream that has removed messages
+/// out of order (per-user limits, deletes).
+pub const MAX_PROOF_SPAN: u64 = 64 * 1024;
+
+/// A look at a stretch that receives no message for this long has stalled
+/// and fails (the resume is retried by its client).
+const SPAN_STALL: Duration = Duration::from_secs(3);
 
 /// The stream's epoch: its creation time in nanoseconds since the Unix
 /// epoch, as a string. It changes when the stream is deleted and created

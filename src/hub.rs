@@ -7,34 +7,42 @@
 //!
 //! One task per user drains that subscription and keeps the user's events
 //! continuous: every republished event carries `Nats-Last-Sequence`, the
-//! previous sequence of the same user. When it is not the last one the task
-//! delivered (a message lost while NATS reconnected, dropped as a slow
-//! consumer, or a republish lost), the task reads the missing events from
-//! JetStream and delivers them first. After a NATS reconnect, or when
-//! async-nats reports dropped messages, every user task also catches up to
-//! the end of its stored events without waiting for the next event. When a
-//! hole cannot be filled, a gap notice is queued in its place.
+//! previous sequence of the same user. When it is not the user's position
+//! here (a message lost while NATS reconnected, dropped as a slow consumer,
+//! or a republish lost on a route), the task reads the missing events from
+//! JetStream and delivers them first ([`crate::resume::read`]).
+//!
+//! A republish lost with nothing after it (the last event of a run) shows no
+//! hole. So an audit checks every user here against the stream leader's
+//! newest event of the user ([`AUDIT_INTERVAL`]), and once at once after a
+//! NATS reconnect: a stored event reaches its user's sockets within about
+//! one interval even when no later event comes and no connection event
+//! fires. A user whose subscription was not yet known to the server that
+//! stored an event (interest crosses a cluster asynchronously) is made whole
+//! the same way. When a hole cannot be filled, a gap notice is queued in its
+//! place.
 //!
 //! Delivery builds each event frame once and hands a reference-counted copy
 //! to every socket's bounded queue with `try_send`: a socket whose queue is
 //! full is closed as slow ([`crate::protocol::close::SLOW`]); nobody waits.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Message, Subscriber};
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, OnceCell, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OnceCell, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StreamSettings;
-use crate::history::{Gap, GapReason, History, Read, Stored};
+use crate::history::{History, Stored};
 use crate::metrics as m;
 use crate::protocol::event_frame_timed;
-use crate::scan::{MAX_SCAN_SPAN, Scanner};
+use crate::resume::{Gap, GapReason, Position, acquire};
+use crate::scan::Scanner;
 use crate::stream::StreamError;
 use crate::user::UserId;
 
@@ -43,13 +51,36 @@ use crate::user::UserId;
 /// logged only once more, as a group, so a flood cannot grow memory.
 pub const MAX_LOGGED_BAD_SUBJECTS: usize = 10_000;
 
-/// History reads from JetStream under way at once on a node: resumes (one
-/// chunk each), catch-ups and hole repairs, and first positions of users.
+/// History reads for resumes under way at once on a node (one chunk each).
 /// A storm of resumes after a node dies would otherwise send NATS more
 /// requests than it answers within their timeout, failing all of them (seen
 /// in benches/resume.rs before this bound); queued here, they wait instead.
-/// Also bounds the memory held by reads to this many chunks.
-pub const HISTORY_READ_CONCURRENCY: usize = 32;
+pub const RESUME_READ_CONCURRENCY: usize = 32;
+
+/// Reads for live delivery under way at once: hole repairs, the audit's
+/// repairs, and first positions of users. Apart from the resumes' slots, so
+/// a storm of resumes never holds back live delivery (a user task waiting
+/// for a slot does not drain its subscription, which then drops messages).
+/// With [`READ_CHUNK`] it bounds what live reads hold to this many chunks.
+pub const LIVE_READ_CONCURRENCY: usize = 32;
+
+/// How often the audit checks every user here against the stream leader's
+/// newest event of the user ([`Hub::audit`]): the bound, with one read, on
+/// how late a stored event whose republish was lost reaches its sockets.
+/// Users are checked only when the stream has stored anything since their
+/// last check, so an idle stream costs one request per interval.
+pub const AUDIT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Leader requests the audit makes per second at most. Each costs the
+/// leader about 35 us of CPU (measured here, 2.9.10 and 2.15.1), so this
+/// caps a node's audit at about a third of a core of the leader. With more
+/// users than this times [`AUDIT_INTERVAL`], a sweep takes longer than the
+/// interval: 50,000 busy users are checked every 5 s.
+pub const AUDIT_RATE: usize = 10_000;
+
+/// The audit's requests go out in steps of this length, [`AUDIT_RATE`] per
+/// second spread over them, all of a step's at once.
+const AUDIT_STEP: Duration = Duration::from_millis(10);
 
 /// Bytes of one replay kept for the user's other sockets that resume from
 /// the same position (two tabs of a user coming back after a node died):
@@ -63,7 +94,7 @@ pub const MAX_SHARED_REPLAY_BYTES: usize = 16 * 1024;
 const REPAIR_ATTEMPTS: u32 = 3;
 /// Pause between those attempts.
 const REPAIR_BACKOFF: Duration = Duration::from_millis(200);
-/// Events read from JetStream per repair or catch-up round before they are
+/// Events read from JetStream per repair round before they are
 /// delivered; with the largest events (1 MiB) one read holds at most 32 MiB.
 const READ_CHUNK: usize = 32;
 
@@ -147,14 +178,14 @@ struct SocketTx {
     kicker: Arc<Kicker>,
 }
 
-/// Guarded together so that a joining socket reads `last` atomically with
-/// respect to deliveries: everything after the `last` it reads reaches its
+/// Guarded together so that a joining socket reads the position atomically
+/// with respect to deliveries: everything after the position it reads reaches its
 /// queue.
 struct Shared {
     sockets: Vec<SocketTx>,
-    /// Sequence of the newest event of the user this node has delivered
-    /// (or skipped as not forwardable); the position live delivery continues from.
-    last: u64,
+    /// How far the user's history is accounted for on this node: live
+    /// delivery continues after it, and a joining socket starts from it.
+    position: Position,
 }
 
 /// A replay done for one socket, kept for the user's others.
@@ -166,6 +197,8 @@ pub struct SharedReplay {
     /// complete or announced, and `frames` is exactly what was sent for it.
     pub through: u64,
     pub frames: Vec<Utf8Bytes>,
+    /// How many of `frames` are events.
+    pub events: u64,
     pub gapped: bool,
 }
 
@@ -174,10 +207,17 @@ struct UserEntry {
     shared: Mutex<Shared>,
     /// Serialises the replays of this user's sockets and keeps the last one.
     replay: Arc<tokio::sync::Mutex<Option<SharedReplay>>>,
-    /// Set once the live subscription exists and `last` is initialised;
-    /// later sockets wait on it.
+    /// Set once the live subscription exists and the position is
+    /// initialised; later sockets wait on it.
     ready: OnceCell<()>,
     stop: CancellationToken,
+    /// The stream's last sequence when the audit last asked for this user's
+    /// newest event: every event of the user up to it was then known.
+    audited: AtomicU64,
+    /// The user's newest event as the audit found it, when beyond the
+    /// position; the user's task reads up to it when woken.
+    behind: AtomicU64,
+    wake: Notify,
 }
 
 pub struct Hub {
@@ -186,18 +226,19 @@ pub struct Hub {
     history: History,
     users: Mutex<HashMap<UserId, Arc<UserEntry>>>,
     bad_subjects: Mutex<HashSet<String>>,
-    /// Bumped to make every user task catch up (NATS reconnect, slow consumer).
-    catchup: watch::Sender<u64>,
-    read_slots: Semaphore,
+    /// Starts an audit now (after a NATS reconnect).
+    audit_now: Arc<Notify>,
+    resume_slots: Semaphore,
+    live_slots: Semaphore,
     scanner: Arc<Scanner>,
-    /// Stops the scanner's task when the hub is dropped.
-    stop_scanner: CancellationToken,
+    /// Stops the scanner's and the audit's tasks when the hub is dropped.
+    stop_tasks: CancellationToken,
     stream_state: Mutex<StreamState>,
 }
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        self.stop_scanner.cancel();
+        self.stop_tasks.cancel();
     }
 }
 
@@ -215,9 +256,15 @@ pub struct Membership {
     id: u64,
     /// The user's position when this socket joined: every later event of the
     /// user reaches the socket's queue.
-    pub position: u64,
+    pub position: Position,
     /// The user's replay lock and last replay, shared by its sockets here.
     pub replay: Arc<tokio::sync::Mutex<Option<SharedReplay>>>,
+}
+
+impl Membership {
+    pub fn user(&self) -> &str {
+        self.user.as_str()
+    }
 }
 
 impl Drop for Membership {
@@ -258,23 +305,27 @@ impl Hub {
         // Scans run one at a time, on one of the read connections, away
         // from the live subscriptions.
         let scanner = Arc::new(Scanner::new(history.stream().clone()));
-        let stop_scanner = CancellationToken::new();
+        let stop_tasks = CancellationToken::new();
         tokio::spawn({
-            let (scanner, stop) = (scanner.clone(), stop_scanner.clone());
+            let (scanner, stop) = (scanner.clone(), stop_tasks.clone());
             async move { scanner.run(stop).await }
         });
-        Arc::new(Self {
+        let hub = Arc::new(Self {
             client,
             settings,
             history,
             users: Mutex::default(),
             bad_subjects: Mutex::default(),
-            catchup: watch::Sender::new(0),
-            read_slots: Semaphore::new(HISTORY_READ_CONCURRENCY),
+            audit_now: Arc::default(),
+            resume_slots: Semaphore::new(RESUME_READ_CONCURRENCY),
+            live_slots: Semaphore::new(LIVE_READ_CONCURRENCY),
             scanner,
-            stop_scanner,
+            stop_tasks: stop_tasks.clone(),
             stream_state: Mutex::default(),
-        })
+        });
+        // Holds only a weak reference, so dropping the hub stops it.
+        tokio::spawn(audit_loop(Arc::downgrade(&hub), hub.audit_now.clone(), stop_tasks));
+        hub
     }
 
     /// Records the stream's epoch and last sequence. When the epoch changed
@@ -306,46 +357,19 @@ impl Hub {
         &self.history
     }
 
-    /// Waits for a history-read slot (see [`HISTORY_READ_CONCURRENCY`]).
-    pub async fn read_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
-        // The semaphore is never closed.
-        self.read_slots.acquire().await.expect("read slots are never closed")
+    /// The slots of resume reads ([`RESUME_READ_CONCURRENCY`]).
+    pub fn resume_slots(&self) -> &Semaphore {
+        &self.resume_slots
     }
 
-    /// Reads up to `max` of the user's events after `after` and below
-    /// `before` for a resume, proven complete or with the gap. While a
-    /// history-read slot is free this is direct gets, the cheapest way for
-    /// one resume. When every slot is busy (a storm: many sockets came back
-    /// at once) or a shared scan is already gathering, a recent range joins
-    /// the scan instead ([`crate::scan`]); if the scan fails, direct gets.
-    pub async fn read_for_resume(&self, user: &str, after: u64, before: u64, max: usize) -> Result<Read, StreamError> {
-        let mut slot = self.read_slots.try_acquire().ok();
-        if self.scanner.busy() {
-            slot = None;
-        }
-        // Only ranges near the stream's end: a round reads from its oldest
-        // request to the end, so one old position would make every request
-        // of the round wait for a long read.
-        let near_end = after.saturating_add(1 + MAX_SCAN_SPAN) >= self.stream_last().max(before.saturating_sub(1));
-        if slot.is_none() && near_end {
-            match self.scanner.read(self.history.subject(user), after, before, max).await {
-                Ok(found) => {
-                    let _slot = self.read_slot().await;
-                    return self.history.prove(user, after, found.events, found.done).await;
-                }
-                Err(e) => tracing::debug!(error = %e, "shared scan failed; reading with direct gets"),
-            }
-        }
-        let _slot = match slot {
-            Some(slot) => slot,
-            None => self.read_slot().await,
-        };
-        self.history.read(user, after, Some(before), max).await
+    pub fn scanner(&self) -> &Scanner {
+        &self.scanner
     }
 
-    /// Every user task reads what it may have missed, now.
-    pub fn catch_up_all(&self) {
-        self.catchup.send_modify(|g| *g += 1);
+    /// Starts an audit of every user now: after a NATS reconnect, anything
+    /// stored meanwhile was not received.
+    pub fn audit_all_now(&self) {
+        self.audit_now.notify_one();
     }
 
     /// Adds a socket for `user`, subscribing to the user's live subject if it
@@ -365,20 +389,28 @@ impl Hub {
                 .or_insert_with(|| {
                     Arc::new(UserEntry {
                         user: user.clone(),
-                        shared: Mutex::new(Shared { sockets: Vec::new(), last: 0 }),
+                        shared: Mutex::new(Shared { sockets: Vec::new(), position: Position::Horizon(0) }),
                         replay: Arc::default(),
                         ready: OnceCell::new(),
                         stop: CancellationToken::new(),
+                        audited: AtomicU64::new(0),
+                        behind: AtomicU64::new(0),
+                        wake: Notify::new(),
                     })
                 })
                 .clone();
             lock(&entry.shared).sockets.push(SocketTx { id, tx, kicker });
             entry
         };
-        let mut membership =
-            Membership { hub: self.clone(), user: user.clone(), id, position: 0, replay: entry.replay.clone() };
+        let mut membership = Membership {
+            hub: self.clone(),
+            user: user.clone(),
+            id,
+            position: Position::Horizon(0),
+            replay: entry.replay.clone(),
+        };
         entry.ready.get_or_try_init(|| self.start_user(entry.clone())).await?;
-        membership.position = lock(&entry.shared).last;
+        membership.position = lock(&entry.shared).position;
         Ok(membership)
     }
 
@@ -388,21 +420,22 @@ impl Hub {
     /// between the two.
     ///
     /// A user with nothing stored starts at the stream's last sequence as
-    /// last seen (the horizon): no event of the user exists before it, and a
-    /// client resuming from there needs no history proof.
+    /// last seen ([`Position::Horizon`]): no event of the user exists before it.
+    ///
+    /// In a cluster the SUB reaches the server that stores events only
+    /// later, through a route: an event stored meanwhile is after the
+    /// position and is not republished here. The audit finds it: a new user
+    /// is audited at its first sweep.
     async fn start_user(self: &Arc<Self>, entry: Arc<UserEntry>) -> Result<(), JoinError> {
-        // Taken before the SUB so no catch-up request falls in between.
-        let mut catchup = self.catchup.subscribe();
-        catchup.mark_unchanged();
         let horizon = self.stream_last();
         let sub = self.client.subscribe(self.settings.live_subject(entry.user.as_str())).await?;
         let last = {
-            let _permit = self.read_slot().await;
+            let _permit = acquire(&self.live_slots).await;
             self.history.last(entry.user.as_str()).await.inspect_err(|_| m::jetstream_error("join"))?
         };
-        lock(&entry.shared).last = if last == 0 { horizon } else { last };
+        lock(&entry.shared).position = if last == 0 { Position::Horizon(horizon) } else { Position::Event(last) };
         metrics::gauge!(m::USERS_SUBSCRIBED).increment(1.0);
-        tokio::spawn(self.clone().run_user(entry, sub, catchup));
+        tokio::spawn(self.clone().run_user(entry, sub));
         Ok(())
     }
 
@@ -440,19 +473,20 @@ impl Hub {
         users.clear();
     }
 
-    async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, mut sub: Subscriber, mut catchup: watch::Receiver<u64>) {
+    async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, mut sub: Subscriber) {
         loop {
             tokio::select! {
                 biased;
                 _ = entry.stop.cancelled() => break,
-                changed = catchup.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let _permit = self.read_slot().await;
+                _ = entry.wake.notified() => {
+                    let expect = entry.behind.load(Ordering::Acquire);
                     // Boxed here and below: a read from JetStream is rare
                     // and would otherwise size every user's task (3.5 KB).
-                    Box::pin(self.catch_up(&entry)).await;
+                    Box::pin(async {
+                        let _permit = acquire(&self.live_slots).await;
+                        self.fill(&entry, expect + 1, expect, "audit").await;
+                    })
+                    .await;
                 }
                 msg = sub.next() => match msg {
                     Some(msg) => self.on_message(&entry, msg).await,
@@ -492,9 +526,9 @@ impl Hub {
             );
             return;
         };
-        let last = lock(&entry.shared).last;
+        let last = lock(&entry.shared).position.seq();
         if seq <= last {
-            // Already delivered by a repair or catch-up read.
+            // Already delivered by a repair read.
             return;
         }
         if let Some(prev) = header_u64(headers, "Nats-Last-Sequence")
@@ -503,7 +537,7 @@ impl Hub {
             metrics::counter!(m::GAPS_DETECTED).increment(1);
             tracing::debug!(user = %entry.user.for_log(), last, prev, seq, "hole on the live path; reading it from JetStream");
             Box::pin(async {
-                let _permit = self.read_slot().await;
+                let _permit = acquire(&self.live_slots).await;
                 self.fill(entry, seq, prev, "sequence").await;
             })
             .await;
@@ -515,54 +549,21 @@ impl Hub {
         self.deliver(entry, Stored { seq, payload: msg.payload }, stored_at);
     }
 
-    /// After a NATS reconnect or dropped messages: reads whatever the user
-    /// has stored beyond what was delivered, up to the user's last event as
-    /// the stream's leader has it. When there is nothing, the position moves
-    /// to the horizon observed before asking: no event of the user lies
-    /// below it unread. If the leader cannot be asked, the next live event's
-    /// `Nats-Last-Sequence` shows the hole and repairs it.
-    async fn catch_up(&self, entry: &UserEntry) {
-        let user = entry.user.as_str();
-        let horizon = self.stream_last();
-        let mut attempts = 0;
-        let last = loop {
-            match self.history.last(user).await {
-                Ok(last) => break last,
-                Err(e) => {
-                    m::jetstream_error("repair");
-                    attempts += 1;
-                    if attempts >= REPAIR_ATTEMPTS {
-                        tracing::warn!(user = %entry.user.for_log(), error = %e, "cannot ask JetStream for the user's last event to catch up");
-                        return;
-                    }
-                    tokio::time::sleep(REPAIR_BACKOFF).await;
-                }
-            }
-        };
-        if last > lock(&entry.shared).last {
-            self.fill(entry, last + 1, last, "catchup").await;
-        } else {
-            let mut shared = lock(&entry.shared);
-            shared.last = shared.last.max(horizon);
-        }
-    }
-
-    /// Reads the user's stored events after the last delivered one and below
+    /// Reads the user's stored events after its position and below
     /// `before`, and delivers them. `expect` is the user's event the read
     /// must reach (the live message's `Nats-Last-Sequence`, or the leader's
-    /// last for a catch-up). A read that ends below it was answered by a
-    /// replica that lags, or the event was deleted by hand: it is tried
-    /// again, and after [`REPAIR_ATTEMPTS`] announced as a gap. `trigger`
-    /// labels [`m::GAPS_REPAIRED`].
+    /// newest for the audit). A read that ends below it was answered by a
+    /// replica that lags: it is tried again, and after [`REPAIR_ATTEMPTS`]
+    /// the rest is announced as a gap. `trigger` labels [`m::GAPS_REPAIRED`].
     async fn fill(&self, entry: &UserEntry, before: u64, expect: u64, trigger: &'static str) {
         let user = entry.user.as_str();
         let mut attempts = 0;
         let e = loop {
-            let after = lock(&entry.shared).last;
+            let after = lock(&entry.shared).position.seq();
             if after >= expect {
                 return;
             }
-            let e = match self.history.read(user, after, Some(before), READ_CHUNK).await {
+            let e = match crate::resume::read(&self.history, user, after, Some(before), READ_CHUNK).await {
                 Ok(read) => {
                     if let Some(gap) = read.gap {
                         self.announce(entry, gap, gap.to.unwrap_or(after));
@@ -573,7 +574,7 @@ impl Hub {
                     for ev in read.events {
                         self.deliver(entry, ev, None);
                     }
-                    if lock(&entry.shared).last > after {
+                    if lock(&entry.shared).position.seq() > after {
                         attempts = 0;
                         continue;
                     }
@@ -591,7 +592,7 @@ impl Hub {
             }
             tokio::time::sleep(REPAIR_BACKOFF).await;
         };
-        let last = lock(&entry.shared).last;
+        let last = lock(&entry.shared).position.seq();
         tracing::warn!(user = %entry.user.for_log(), error = %e, last, expect, "cannot read missing events from JetStream");
         let gap = Gap { reason: GapReason::Unavailable, from: Some(last + 1), to: Some(expect), earliest: None };
         self.announce(entry, gap, expect);
@@ -600,7 +601,9 @@ impl Hub {
     fn announce(&self, entry: &UserEntry, gap: Gap, through: u64) {
         metrics::counter!(m::GAPS_ANNOUNCED, "reason" => gap.reason.label(), "path" => "live").increment(1);
         let mut shared = lock(&entry.shared);
-        shared.last = shared.last.max(through);
+        if through > shared.position.seq() {
+            shared.position = Position::GapEnd(through);
+        }
         fan_out(&shared.sockets, Arc::new(Item::Gap(gap)));
     }
 
@@ -627,12 +630,64 @@ impl Hub {
             }
         };
         let mut shared = lock(&entry.shared);
-        if ev.seq <= shared.last {
+        if ev.seq <= shared.position.seq() {
             return;
         }
-        shared.last = ev.seq;
+        shared.position = Position::Event(ev.seq);
         if let Some(frame) = frame {
             fan_out(&shared.sockets, Arc::new(Item::Event(frame)));
+        }
+    }
+
+    /// Checks every user whose position may be behind what the stream holds
+    /// against the stream leader's newest event of the user, and wakes the
+    /// task of each user found behind to read up to it. A user is skipped
+    /// when the stream stored nothing since its last check. Paced at
+    /// [`AUDIT_RATE`] requests a second.
+    async fn audit(&self) {
+        if lock(&self.users).is_empty() {
+            return;
+        }
+        // Asked before the users' newest events: any event of a user up to
+        // it is then at or below the newest the leader reports.
+        let through = match self.history.stream_last().await {
+            Ok(last) => last,
+            Err(e) => {
+                m::jetstream_error("audit");
+                tracing::debug!(error = %e, "audit skipped: the stream's last sequence is unknown");
+                return;
+            }
+        };
+        let due: Vec<Arc<UserEntry>> = lock(&self.users)
+            .values()
+            .filter(|e| e.ready.initialized() && e.audited.load(Ordering::Acquire) < through)
+            .cloned()
+            .collect();
+        let per_step = (AUDIT_RATE as u128 * AUDIT_STEP.as_millis() / 1000).max(1) as usize;
+        let mut step = tokio::time::interval(AUDIT_STEP);
+        for batch in due.chunks(per_step) {
+            step.tick().await;
+            futures_util::future::join_all(batch.iter().map(|e| self.audit_user(e, through))).await;
+        }
+    }
+
+    async fn audit_user(&self, entry: &UserEntry, through: u64) {
+        if entry.stop.is_cancelled() {
+            return;
+        }
+        metrics::counter!(m::AUDIT_CHECKS).increment(1);
+        match self.history.newest(entry.user.as_str()).await {
+            Ok(newest) => {
+                if newest > lock(&entry.shared).position.seq() {
+                    entry.behind.fetch_max(newest, Ordering::AcqRel);
+                    entry.wake.notify_one();
+                }
+                entry.audited.fetch_max(through, Ordering::AcqRel);
+            }
+            Err(e) => {
+                m::jetstream_error("audit");
+                tracing::debug!(user = %entry.user.for_log(), error = %e, "audit: the user's newest event is unknown");
+            }
         }
     }
 
@@ -666,6 +721,22 @@ fn fan_out(sockets: &[SocketTx], item: Queued) {
             Err(mpsc::error::TrySendError::Full(_)) => s.kicker.kick(Kick::Slow),
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+}
+
+/// Runs [`Hub::audit`] every [`AUDIT_INTERVAL`], and at once when asked,
+/// until `stop` or the hub is gone.
+async fn audit_loop(hub: std::sync::Weak<Hub>, now: Arc<Notify>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(AUDIT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            _ = now.notified() => {}
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        hub.audit().await;
     }
 }
 

@@ -11,10 +11,13 @@
 //! - [`user`]: user ids and the single subject token each maps to.
 //! - [`nats`]: the node's NATS connection and its events.
 //! - [`stream`]: the JetStream stream: create and check it.
-//! - [`history`]: reads of a user's stored events and the continuity rule.
+//! - [`history`]: reads of a user's stored events and of the stream's state.
+//! - [`resume`]: the continuity rule, positions, and the replay a resuming
+//!   socket is sent.
 //! - [`scan`]: one sequential read of the stream serving a storm of resumes.
-//! - [`hub`]: per-user subscriptions, live gap repair, fan-out to socket queues.
-//! - [`socket`]: one WebSocket: resume, batched writes, pings, close codes.
+//! - [`hub`]: per-user subscriptions, live gap repair, the audit of lost
+//!   republishes, fan-out to socket queues.
+//! - [`socket`]: one WebSocket: welcome, batched writes, pings, close codes.
 //! - [`protocol`]: frames and close codes (docs/protocol.md).
 //! - [`server`]: HTTP routes, readiness, the drain.
 //! - [`metrics`]: metric names and the Prometheus recorder.
@@ -34,6 +37,7 @@ pub mod metrics;
 pub mod nats;
 pub mod protocol;
 pub mod publisher;
+pub mod resume;
 pub mod scan;
 pub mod server;
 pub mod socket;

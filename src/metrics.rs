@@ -45,6 +45,7 @@ pub const DELIVERY_LATENCY: &str = "agentcast_delivery_latency_seconds";
 pub const QUEUE_DEPTH: &str = "agentcast_socket_queue_depth";
 pub const JETSTREAM_ERRORS: &str = "agentcast_jetstream_errors_total";
 pub const NATS_RECONNECTS: &str = "agentcast_nats_reconnects_total";
+pub const AUDIT_CHECKS: &str = "agentcast_audit_checks_total";
 
 /// Every metric a node exports, for the tests that check the dashboard and
 /// the alert rules against them.
@@ -78,6 +79,7 @@ pub const ALL: &[&str] = &[
     NATS_RECONNECTS,
     HISTORY_SCANS,
     HISTORY_SCAN_MESSAGES,
+    AUDIT_CHECKS,
 ];
 
 /// The histograms among [`ALL`] (exported as `_bucket`, `_sum`, `_count`).
@@ -124,8 +126,9 @@ pub const AUTH_FAILURE_REASONS: &[&str] = &[
 /// Label values of [`JETSTREAM_ERRORS`]: which request failed.
 /// `resume`: a history read for a resume; `repair`: a live-path hole read
 /// (every failed attempt); `join`: the user's position for a first socket;
-/// `stream_check`: the readiness check of the stream.
-pub const JETSTREAM_OPS: &[&str] = &["resume", "repair", "join", "stream_check"];
+/// `stream_check`: the readiness check of the stream; `audit`: the audit's
+/// requests for users' newest events.
+pub const JETSTREAM_OPS: &[&str] = &["resume", "repair", "join", "stream_check", "audit"];
 
 /// Which clock an event's origin time came from, the label `clock` of
 /// [`DELIVERY_LATENCY`].
@@ -238,7 +241,7 @@ fn describe() {
     describe_counter!(
         JETSTREAM_ERRORS,
         Unit::Count,
-        "Failed JetStream requests, by op (resume, repair, join, stream_check)."
+        "Failed JetStream requests, by op (resume, repair, join, stream_check, audit)."
     );
     describe_counter!(NATS_RECONNECTS, Unit::Count, "Times the NATS connection came back after being lost.");
     describe_counter!(
@@ -264,7 +267,7 @@ fn describe() {
     describe_counter!(
         GAPS_REPAIRED,
         Unit::Count,
-        "Live-path holes filled from JetStream, by trigger: sequence (Nats-Last-Sequence) or catchup (after a NATS reconnect or dropped messages)."
+        "Live-path holes filled from JetStream, by trigger: sequence (Nats-Last-Sequence) or audit (the leader held a newer event of the user than delivered)."
     );
     describe_counter!(
         GAPS_ANNOUNCED,
@@ -284,6 +287,11 @@ fn describe() {
         "Shared tail scans run for resumes while every history-read slot was busy, by outcome (ok, failed)."
     );
     describe_counter!(HISTORY_SCAN_MESSAGES, Unit::Count, "Stream messages read by shared tail scans.");
+    describe_counter!(
+        AUDIT_CHECKS,
+        Unit::Count,
+        "Requests to the stream leader for a user's newest event, made by the audit that finds events whose republish was lost."
+    );
 }
 
 /// Registers every series whose labels are known in advance, at zero.
@@ -303,7 +311,7 @@ fn register_known() {
     for outcome in ["complete", "gap", "failed"] {
         metrics::counter!(RESUMES, "outcome" => outcome).absolute(0);
     }
-    for trigger in ["sequence", "catchup"] {
+    for trigger in ["sequence", "audit"] {
         metrics::counter!(GAPS_REPAIRED, "trigger" => trigger).absolute(0);
     }
     for reason in ["expired", "stream_reset", "unavailable"] {
@@ -320,7 +328,7 @@ fn register_known() {
     for name in [CONNECTIONS_ACCEPTED, EVENTS_RECEIVED, FRAMES_SENT, BYTES_SENT, REPLAYED_EVENTS, GAPS_DETECTED] {
         metrics::counter!(name).absolute(0);
     }
-    for name in [STREAM_RESETS, SHARED_REPLAYS, NATS_RECONNECTS, HISTORY_SCAN_MESSAGES] {
+    for name in [STREAM_RESETS, SHARED_REPLAYS, NATS_RECONNECTS, HISTORY_SCAN_MESSAGES, AUDIT_CHECKS] {
         metrics::counter!(name).absolute(0);
     }
     for outcome in ["ok", "failed"] {

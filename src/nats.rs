@@ -16,11 +16,14 @@ use crate::config::{NatsLogin, NatsSettings};
 use crate::metrics as m;
 
 /// Default for the messages buffered per subscription inside async-nats
-/// before it drops and reports `SlowConsumer` (the hub then reads the dropped
-/// events from JetStream). A user's subscription is drained by one task that
-/// only copies references into socket queues, so it falls behind only when
-/// the node is out of CPU; 8192 absorbs a burst of several seconds of a busy
-/// user (the default, 65,536, would let one user pin ~20 MB).
+/// before it drops and reports `SlowConsumer` (the hub reads the dropped
+/// events from JetStream: at the user's next event, or at the next audit).
+/// A user's subscription is drained by one task that copies references into
+/// socket queues, and that stops draining while it reads a hole from
+/// JetStream (waiting for a live-read slot, apart from the resumes' slots:
+/// [`crate::hub::LIVE_READ_CONCURRENCY`]) or when the node is out of CPU;
+/// 8192 absorbs a burst of several seconds of a busy user (the default,
+/// 65,536, would let one user pin ~20 MB).
 pub const SUBSCRIPTION_CAPACITY: usize = 8192;
 
 /// Commands (publish, subscribe, request) queued to the connection task. The
@@ -36,8 +39,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Signals {
     /// The connection came (back) up: messages may have been missed.
     pub connected: tokio::sync::Notify,
-    /// async-nats dropped messages for a subscription that fell behind.
-    pub dropped: tokio::sync::Notify,
     /// Set at the first connect, so later ones count as reconnects.
     pub was_connected: std::sync::atomic::AtomicBool,
 }
@@ -136,7 +137,6 @@ fn on_event(event: Event, signals: &Signals) {
         }
         Event::SlowConsumer(sid) => {
             tracing::warn!(sid, "NATS subscription fell behind; messages were dropped and will be read from JetStream");
-            signals.dropped.notify_one();
         }
         other => tracing::warn!("NATS event: {other}"),
     }

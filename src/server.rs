@@ -50,11 +50,6 @@ pub const NOT_READY_RETRY: Duration = Duration::from_millis(100);
 /// the subject holds no one's events.
 const POSITION_CHECK_USER: &str = "%position-check";
 
-/// Slow-consumer reports come in bursts while a node is overloaded; a
-/// catch-up of every user (a request to the stream leader each) runs at most
-/// this often for them.
-pub const DROP_CATCHUP_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Time allowed to flush pending NATS commands on exit.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -462,30 +457,21 @@ pub async fn start(
     tracing::info!(node = %config.node_id, nats = ?config.nats.login.urls, stream = %config.stream.name, "listening on {addr}");
     on_listen(addr);
     let st = AppState::new(config, client, readers, metrics);
-    let catchup = tokio::spawn(catch_up_on_signals(st.hub.clone(), signals));
+    let audits = tokio::spawn(audit_on_reconnect(st.hub.clone(), signals));
     let result = run(listener, st, shutdown).await;
-    catchup.abort();
+    audits.abort();
     result?;
     Ok(())
 }
 
-/// Makes every user catch up when NATS events mean messages may have been
-/// missed: at once after a (re)connect; after dropped messages at most once
-/// per [`DROP_CATCHUP_INTERVAL`], delayed rather than skipped so that drops
-/// at the very end of a burst, which no later event reveals, are read too.
-async fn catch_up_on_signals(hub: Arc<Hub>, signals: Arc<crate::nats::Signals>) {
-    let mut last_drop_round: Option<tokio::time::Instant> = None;
+/// Audits every user at once after a NATS (re)connect: events stored while
+/// the connection was down were not received. (Messages async-nats dropped
+/// for a slow subscription show as a hole at the user's next event, and the
+/// periodic audit finds a dropped last one: neither needs every user asked.)
+async fn audit_on_reconnect(hub: Arc<Hub>, signals: Arc<crate::nats::Signals>) {
     loop {
-        tokio::select! {
-            _ = signals.connected.notified() => hub.catch_up_all(),
-            _ = signals.dropped.notified() => {
-                if let Some(t) = last_drop_round {
-                    tokio::time::sleep_until(t + DROP_CATCHUP_INTERVAL).await;
-                }
-                last_drop_round = Some(tokio::time::Instant::now());
-                hub.catch_up_all();
-            }
-        }
+        signals.connected.notified().await;
+        hub.audit_all_now();
     }
 }
 

@@ -10,11 +10,10 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::history::{Gap, GapReason};
-use crate::hub::{Hub, Item, Kick, Kicker, MAX_SHARED_REPLAY_BYTES, Membership, Queued, SharedReplay};
+use crate::hub::{Hub, Item, Kick, Kicker, Membership, Queued};
 use crate::metrics as m;
-use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close, event_frame};
-use crate::stream::StreamError;
+use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close};
+use crate::resume::{Gap, Replay};
 use crate::user::UserId;
 
 /// Frames written per flush at most. Batching amortises the syscall and the
@@ -140,7 +139,7 @@ where
         let welcome = ServerFrame::Welcome {
             node: &s.node_id,
             user: s.user.as_str(),
-            position: membership.position,
+            position: membership.position.seq(),
             epoch: &epoch,
         }
         .to_text();
@@ -149,9 +148,10 @@ where
         }
         // Everything at or below `position` has been sent or was before this
         // socket's time; queued items at or below it are dropped.
-        let mut position = membership.position;
+        let mut position = membership.position.seq();
         if let Start::After { last_seq, epoch: client_epoch } = &s.start {
-            match Box::pin(replay(&mut ws, &hub, &s, &membership, *last_seq, client_epoch.as_deref(), &epoch)).await {
+            let replayed = replay(&mut ws, &hub, &s.kicker, &membership, *last_seq, client_epoch.as_deref(), &epoch);
+            match Box::pin(replayed).await {
                 Ok(p) => position = p,
                 Err(end) => return end,
             }
@@ -280,28 +280,18 @@ fn render(item: &Item, position: &mut u64) -> Option<Utf8Bytes> {
             let from = g.from.map(|f| f.max(*position + 1));
             *position = to;
             metrics::counter!(m::GAPS_SENT, "reason" => g.reason.label()).increment(1);
-            Some(gap_text(&Gap { from, ..*g }))
+            Some(Gap { from, ..*g }.frame())
         }
     }
 }
 
-fn gap_text(g: &Gap) -> Utf8Bytes {
-    ServerFrame::Gap { reason: g.reason.label(), from: g.from, to: g.to, earliest: g.earliest }.to_text()
-}
-
-/// Sends the user's stored events after `last_seq` up to `joined_at` (the
-/// user's position when this socket joined: later events reach its queue),
-/// each chunk proven complete or preceded by a gap frame. Returns the
-/// position reached.
-///
-/// Replays of one user's sockets on this node run one at a time; one that
-/// starts from the same position as the previous one is served from it
-/// (both tabs of a user coming back after their node died), and only what
-/// arrived since is read.
+/// Writes the replay of a resuming socket ([`crate::resume::Replay`]) and
+/// returns the position it reached. A kick (the node drains, the queue
+/// overflowed) ends it at once with its close code, also mid-read.
 async fn replay<S, E>(
     ws: &mut S,
     hub: &Hub,
-    s: &Session,
+    kicker: &Kicker,
     membership: &Membership,
     last_seq: u64,
     client_epoch: Option<&str>,
@@ -310,123 +300,44 @@ async fn replay<S, E>(
 where
     S: Sink<Message, Error = E> + Unpin,
 {
-    let joined_at = membership.position;
-    let user = s.user.as_str();
-    let history = hub.history();
-    let mut after = last_seq;
-    // A position from another stream: the epoch says so, or the position
-    // lies beyond anything this stream has stored.
-    let mut reset = client_epoch.is_some_and(|e| !epoch.is_empty() && e != epoch);
-    if !reset && after > joined_at && after > hub.stream_last() {
-        reset = match history.stream_last().await {
-            Ok(last) => after > last,
+    let begun = tokio::select! {
+        r = Replay::begin(hub, membership, last_seq, client_epoch, epoch) => r,
+        why = kicker.kicked() => return Err(on_kick(ws, why).await),
+    };
+    let mut replay = match begun {
+        Ok(r) => r,
+        Err(e) => return Err(resume_failed(ws, &e).await),
+    };
+    loop {
+        let next = tokio::select! {
+            r = replay.next() => r,
+            why = kicker.kicked() => return Err(on_kick(ws, why).await),
+        };
+        let mut chunk = match next {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok(replay.position()),
             Err(e) => return Err(resume_failed(ws, &e).await),
         };
-    }
-    if reset {
-        let earliest = match history.first(user).await {
-            Ok(f) => f,
-            Err(e) => return Err(resume_failed(ws, &e).await),
+        let written = tokio::select! {
+            r = write_batch(ws, &mut chunk.frames) => r,
+            _ = kicker.kicked() => Err(WriteFail::Kicked),
         };
-        let gap = Gap { reason: GapReason::StreamReset, from: None, to: None, earliest };
-        metrics::counter!(m::GAPS_SENT, "reason" => "stream_reset").increment(1);
-        if send(ws, Message::Text(gap_text(&gap))).await.is_err() {
-            return Err(End::Client);
-        }
-        after = 0;
-    } else if after >= joined_at {
-        // Nothing stored that this socket lacks; live delivery continues.
-        metrics::counter!(m::RESUMES, "outcome" => "complete").increment(1);
-        return Ok(after);
-    }
-    let mut position = after;
-    let mut gapped = reset;
-    let mut shared = membership.replay.lock().await;
-    let mut kept: Option<Vec<Utf8Bytes>> = Some(Vec::new());
-    if let Some(prev) = shared.as_ref().filter(|p| p.after == after && !reset) {
-        let mut frames = prev.frames.clone();
-        let replayed = frames.len() as u64;
-        gapped |= prev.gapped;
-        position = prev.through;
-        kept = None;
-        metrics::counter!(m::SHARED_REPLAYS).increment(1);
-        match write_batch(ws, &mut frames).await {
-            Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(replayed),
-            Err(WriteFail::Timeout) => return Err(End::Slow),
-            Err(_) => return Err(End::Client),
-        }
-    }
-    while position < joined_at {
-        let read = match hub.read_for_resume(user, position, joined_at + 1, MAX_WRITE_BATCH).await {
-            Ok(r) => r,
-            Err(e) => return Err(resume_failed(ws, &e).await),
-        };
-        let mut chunk: Vec<Utf8Bytes> = Vec::with_capacity(read.events.len() + 1);
-        let mut chunk_events = 0u64;
-        if let Some(gap) = read.gap {
-            gapped = true;
-            position = position.max(gap.to.unwrap_or(position));
-            metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
-            chunk.push(gap_text(&gap));
-        }
-        for ev in read.events {
-            position = ev.seq;
-            // Not forwardable payloads are skipped, not holes.
-            if let Ok(text) = event_frame(ev.seq, &ev.payload) {
-                chunk.push(text);
-                chunk_events += 1;
-            }
-        }
-        if let Some(k) = kept.as_mut() {
-            let bytes = |frames: &[Utf8Bytes]| frames.iter().map(|f| f.len()).sum::<usize>();
-            if bytes(k) + bytes(&chunk) <= MAX_SHARED_REPLAY_BYTES {
-                k.extend(chunk.iter().cloned());
-            } else {
-                kept = None;
-            }
-        }
-        if !chunk.is_empty() {
+        match written {
             // Counted as written, so a client that leaves mid-replay still
             // shows what it was sent.
-            match write_batch(ws, &mut chunk).await {
-                Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(chunk_events),
-                Err(WriteFail::Timeout) => return Err(End::Slow),
-                Err(_) => return Err(End::Client),
-            }
-        }
-        if read.done {
-            break;
+            Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(chunk.events),
+            Err(WriteFail::Kicked) => return Err(on_kick(ws, kicker.kicked().await).await),
+            Err(WriteFail::Timeout) => return Err(End::Slow),
+            Err(WriteFail::Closed) => return Err(End::Client),
         }
     }
-    if position < joined_at {
-        // The read ended short of the position this node has delivered. That
-        // is fine when `joined_at` is not an event of the user (a horizon or
-        // the end of an announced gap); if it is, the read missed stored
-        // events (a replica lagging behind) and the client must retry.
-        match history.is_users(user, joined_at).await {
-            Ok(false) => position = joined_at,
-            Ok(true) => {
-                let e = StreamError::Nats(format!("history read ended at {position}, before event {joined_at}"));
-                return Err(resume_failed(ws, &e).await);
-            }
-            Err(e) => return Err(resume_failed(ws, &e).await),
-        }
-    }
-    if let Some(frames) = kept {
-        *shared = Some(SharedReplay { after, through: position, frames, gapped });
-    }
-    drop(shared);
-    metrics::counter!(m::RESUMES, "outcome" => if gapped { "gap" } else { "complete" }).increment(1);
-    Ok(position)
 }
 
-async fn resume_failed<S, E>(ws: &mut S, e: &StreamError) -> End
+async fn resume_failed<S, E>(ws: &mut S, e: &crate::resume::ResumeError) -> End
 where
     S: Sink<Message, Error = E> + Unpin,
 {
-    tracing::warn!(error = %e, "reading history for a resume failed");
-    m::jetstream_error("resume");
-    metrics::counter!(m::RESUMES, "outcome" => "failed").increment(1);
+    crate::resume::failed(e);
     close_with(ws, close::INTERNAL, "history unavailable: reconnect and resume", End::Error).await
 }
 

@@ -171,7 +171,8 @@ async fn stream_leader(c: &Cluster) -> Option<u16> {
 /// tests/scan.rs does, with an in-process hub connected as the `node` NATS
 /// user. Also checks the node user cannot forge events.
 async fn node_account_covers_a_shared_scan(c: &Cluster) {
-    use agentcast::hub::{HISTORY_READ_CONCURRENCY, Hub};
+    use agentcast::hub::{Hub, RESUME_READ_CONCURRENCY};
+    use agentcast::resume::{acquire, read_for_resume};
     let urls: Vec<async_nats::ServerAddr> =
         c.var("NATS_URLS").split(',').map(|u| u.parse().expect("nats url")).collect();
     let denied = Arc::new(Mutex::new(Vec::new()));
@@ -208,15 +209,15 @@ async fn node_account_covers_a_shared_scan(c: &Cluster) {
     let before = scans();
     // Every history-read slot held: resumes go to the shared scan.
     let mut slots = Vec::new();
-    for _ in 0..HISTORY_READ_CONCURRENCY {
-        slots.push(hub.read_slot().await);
+    for _ in 0..RESUME_READ_CONCURRENCY {
+        slots.push(acquire(hub.resume_slots()).await);
     }
     let tasks: Vec<_> = users
         .iter()
         .enumerate()
         .map(|(u, user)| {
             let (hub, user, after, before) = (hub.clone(), user.clone(), seqs[u][4], seqs[u][14] + 1);
-            tokio::spawn(async move { hub.read_for_resume(&user, after, before, 64).await })
+            tokio::spawn(async move { read_for_resume(&hub, &user, after, before, 64).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;

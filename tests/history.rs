@@ -1,5 +1,5 @@
 //! History reads split into parallel chains over several connections
-//! ([`agentcast::history::History::read`]), against a real nats-server: the
+//! ([`agentcast::resume::read`]), against a real nats-server: the
 //! joined parts must be exactly the user's events in order, and a part that
 //! hit `max`, or found nothing because a lagging responder answered it, must
 //! stop the join there, never skip to a later part.
@@ -55,26 +55,26 @@ async fn a_split_read_joins_its_parts_in_order_and_stops_at_the_first_capped_par
     let (history, x) = setup(&nats, 40, 8000).await;
     assert_eq!(x.len(), 40);
     let before = Some(x[39] + 1);
-    let seqs = |r: &agentcast::history::Read| r.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+    let seqs = |r: &agentcast::resume::Read| r.events.iter().map(|e| e.seq).collect::<Vec<_>>();
 
-    let all = history.read("x", 0, before, 64).await.unwrap();
+    let all = agentcast::resume::read(&history, "x", 0, before, 64).await.unwrap();
     assert_eq!((all.gap, all.done), (None, true));
     assert_eq!(seqs(&all), x);
 
     // The first event is read alone, then four parts of about 10 each: with
     // max 10 the first part is capped and nothing of the later ones is taken.
-    let ten = history.read("x", 0, before, 10).await.unwrap();
+    let ten = agentcast::resume::read(&history, "x", 0, before, 10).await.unwrap();
     assert!(!ten.done);
     assert_eq!(seqs(&ten), x[..10]);
 
     // With max 15 the join takes the first part whole and the start of the
     // second.
-    let fifteen = history.read("x", 0, before, 15).await.unwrap();
+    let fifteen = agentcast::resume::read(&history, "x", 0, before, 15).await.unwrap();
     assert!(!fifteen.done);
     assert_eq!(seqs(&fifteen), x[..15]);
 
     // From the middle, up to an event in the middle.
-    let mid = history.read("x", x[9], Some(x[30]), 64).await.unwrap();
+    let mid = agentcast::resume::read(&history, "x", x[9], Some(x[30]), 64).await.unwrap();
     assert_eq!((mid.gap, mid.done), (None, true));
     assert_eq!(seqs(&mid), x[10..30]);
 }
@@ -93,11 +93,11 @@ async fn a_resume_from_just_before_the_oldest_stored_event_is_complete() {
     let history = History::new(stream.clone(), vec![stream], "agentcast.events".into());
     // The limit kept the newest 5: the oldest stored is seqs[3], right after
     // the client's position. Nothing the client needs is gone.
-    let read = history.read("lim", seqs[2], None, 64).await.unwrap();
+    let read = agentcast::resume::read(&history, "lim", seqs[2], None, 64).await.unwrap();
     assert_eq!((read.gap, read.done), (None, true));
     assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs[3..]);
     // One further back, seqs[2] itself is gone: that is a gap of exactly it.
-    let read = history.read("lim", seqs[1], None, 64).await.unwrap();
+    let read = agentcast::resume::read(&history, "lim", seqs[1], None, 64).await.unwrap();
     let gap = read.gap.expect("gap");
     assert_eq!((gap.from, gap.to, gap.earliest), (Some(seqs[2]), Some(seqs[2]), Some(seqs[3])));
     assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs[3..]);
@@ -124,7 +124,7 @@ async fn a_lagging_direct_get_responder_cuts_a_split_read_short_and_never_leaves
     let before = Some(x[39] + 1);
     let mut short = 0;
     for _ in 0..60 {
-        let read = history.read("x", 0, before, 64).await.unwrap();
+        let read = agentcast::resume::read(&history, "x", 0, before, 64).await.unwrap();
         let got: Vec<u64> = read.events.iter().map(|e| e.seq).collect();
         assert_eq!(got, x[..got.len()], "a read returned the user's events with a hole");
         assert_eq!(read.gap, None);

@@ -10,8 +10,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentcast::history::{GapReason, Read};
-use agentcast::hub::{HISTORY_READ_CONCURRENCY, Hub};
+use agentcast::hub::{Hub, RESUME_READ_CONCURRENCY};
+use agentcast::resume::{GapReason, Read, acquire, read_for_resume};
 use common::*;
 
 async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::jetstream::Context, Arc<Hub>) {
@@ -37,14 +37,14 @@ fn scans_ok() -> f64 {
 /// go once the scan had time to run, for the proofs that follow it.
 async fn read_while_slots_busy(hub: &Arc<Hub>, reads: Vec<(String, u64, u64, usize)>) -> Vec<Read> {
     let mut slots = Vec::new();
-    for _ in 0..HISTORY_READ_CONCURRENCY {
-        slots.push(hub.read_slot().await);
+    for _ in 0..RESUME_READ_CONCURRENCY {
+        slots.push(acquire(hub.resume_slots()).await);
     }
     let tasks: Vec<_> = reads
         .into_iter()
         .map(|(user, after, before, max)| {
             let hub = hub.clone();
-            tokio::spawn(async move { hub.read_for_resume(&user, after, before, max).await.unwrap() })
+            tokio::spawn(async move { read_for_resume(&hub, &user, after, before, max).await.unwrap() })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
