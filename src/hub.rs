@@ -82,6 +82,9 @@ pub const AUDIT_RATE: usize = 10_000;
 /// second spread over them, all of a step's at once.
 const AUDIT_STEP: Duration = Duration::from_millis(10);
 
+/// `UserEntry::seen` of a user the audit has not looked at yet.
+const NOT_AUDITED: u64 = u64::MAX;
+
 /// Bytes of one replay kept for the user's other sockets that resume from
 /// the same position (two tabs of a user coming back after a node died):
 /// they are served from memory instead of reading JetStream again. A storm
@@ -217,6 +220,8 @@ struct UserEntry {
     /// The user's newest event as the audit found it, when beyond the
     /// position; the user's task reads up to it when woken.
     behind: AtomicU64,
+    /// The position when the audit last looked ([`NOT_AUDITED`] before).
+    seen: AtomicU64,
     wake: Notify,
 }
 
@@ -395,6 +400,7 @@ impl Hub {
                         stop: CancellationToken::new(),
                         audited: AtomicU64::new(0),
                         behind: AtomicU64::new(0),
+                        seen: AtomicU64::new(NOT_AUDITED),
                         wake: Notify::new(),
                     })
                 })
@@ -641,9 +647,16 @@ impl Hub {
 
     /// Checks every user whose position may be behind what the stream holds
     /// against the stream leader's newest event of the user, and wakes the
-    /// task of each user found behind to read up to it. A user is skipped
-    /// when the stream stored nothing since its last check. Paced at
+    /// task of each user found behind to read up to it. Paced at
     /// [`AUDIT_RATE`] requests a second.
+    ///
+    /// Skipped: a user when the stream stored nothing since its last check,
+    /// and a user whose position moved since the last audit: its live events
+    /// are arriving, each proving the ones before it (`Nats-Last-Sequence`),
+    /// and a lost last one is found at the first audit after it goes quiet.
+    /// So a stored event reaches its sockets within two intervals and a read,
+    /// while busy users cost nothing; only users that are quiet while the
+    /// stream moves are asked for, once an interval.
     async fn audit(&self) {
         if lock(&self.users).is_empty() {
             return;
@@ -660,7 +673,14 @@ impl Hub {
         };
         let due: Vec<Arc<UserEntry>> = lock(&self.users)
             .values()
-            .filter(|e| e.ready.initialized() && e.audited.load(Ordering::Acquire) < through)
+            .filter(|e| {
+                if !e.ready.initialized() || e.audited.load(Ordering::Acquire) >= through {
+                    return false;
+                }
+                let now = lock(&e.shared).position.seq();
+                let before = e.seen.swap(now, Ordering::AcqRel);
+                before == NOT_AUDITED || now <= before
+            })
             .cloned()
             .collect();
         let per_step = (AUDIT_RATE as u128 * AUDIT_STEP.as_millis() / 1000).max(1) as usize;

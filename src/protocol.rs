@@ -6,8 +6,6 @@ use serde::{Deserialize, Serialize};
 
 /// WebSocket close codes the node sends, and what a client should do.
 pub mod close {
-    /// Normal closure (the client closed, or the server answers its close).
-    pub const NORMAL: u16 = 1000;
     /// A binary frame: the protocol is JSON text only. Do not retry as is.
     pub const UNSUPPORTED: u16 = 1003;
     /// A text frame that is not valid UTF-8. Do not retry as is.
@@ -47,7 +45,9 @@ pub enum ServerFrame<'a> {
     Welcome {
         node: &'a str,
         user: &'a str,
-        /// Sequence of the user's newest event, 0 when there is none.
+        /// How far the user's history is accounted for: the user's newest
+        /// event, or a horizon, or the end of a gap
+        /// ([`crate::resume::Position`]).
         position: u64,
         /// Identifies the stream; changes when it is recreated.
         epoch: &'a str,
