@@ -137,3 +137,53 @@ async fn a_hole_already_removed_by_the_per_user_limit_is_announced() {
         }
     }
 }
+
+/// Issue 14, item 3: a stored event whose republish is lost, with no later
+/// event of the user and no NATS connection event, reaches the socket
+/// through the audit within two audit intervals and a read.
+#[tokio::test]
+async fn a_lost_last_republish_is_found_by_the_audit() {
+    let nats = NatsServer::start();
+    let (client, hub) = setup(&nats, 100).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let user = UserId::parse("quiet").unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default())).await.unwrap();
+    let first = publish(&js, "quiet", r#"{"i":0}"#).await;
+    republish(&client, "quiet", first, 0, r#"{"i":0}"#).await;
+    assert!(matches!(next_item(&mut rx).await, Item::Event(f) if f.seq == first));
+    // The run's last event: stored, its republish never arrives.
+    let started = std::time::Instant::now();
+    let last = publish(&js, "quiet", r#"{"type":"agent_completed"}"#).await;
+    let bound = agentcast::hub::AUDIT_INTERVAL * 2 + Duration::from_secs(1);
+    let item = tokio::time::timeout(bound, rx.recv()).await.expect("delivered by the audit in time").unwrap();
+    assert!(matches!(&*item, Item::Event(f) if f.seq == last), "{item:?}");
+    eprintln!("the lost republish arrived {:?} after the event was stored", started.elapsed());
+}
+
+/// Issue 14, item 5: live delivery never waits behind resumes. With every
+/// resume-read slot held (a storm of resumes), a user's first socket still
+/// joins (its position is a live read) and a hole on the live path is still
+/// repaired.
+#[tokio::test]
+async fn live_reads_do_not_wait_for_resume_slots() {
+    let nats = NatsServer::start();
+    let (client, hub) = setup(&nats, 100).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut held = Vec::new();
+    for _ in 0..agentcast::hub::RESUME_READ_CONCURRENCY {
+        held.push(agentcast::resume::acquire(hub.resume_slots()).await);
+    }
+    let user = UserId::parse("u1").unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let joined = tokio::time::timeout(RECV_TIMEOUT, hub.join(&user, 1, tx, Arc::new(Kicker::default())));
+    let _m = joined.await.expect("joined while the resume slots are held").unwrap();
+    let a = publish(&js, "u1", r#"{"i":0}"#).await;
+    let b = publish(&js, "u1", r#"{"i":1}"#).await;
+    // a's republish is lost; b's names it as the previous event.
+    republish(&client, "u1", b, a, r#"{"i":1}"#).await;
+    for want in [a, b] {
+        assert!(matches!(next_item(&mut rx).await, Item::Event(f) if f.seq == want));
+    }
+    drop(held);
+}
