@@ -530,3 +530,65 @@ async fn a_lagging_replica_never_costs_a_joining_or_resuming_client_an_event() {
         assert!(mirror_answers > 0, "the lagging mirror answered no direct get");
     }
 }
+
+/// Issue 14, item 2. Before, a NATS reconnect moved an idle user's position
+/// to a horizon (another user's sequence); a second socket resuming from an
+/// early position then had its read answered by a replica behind the leader,
+/// which ended early, and a direct get answered by an up-to-date one said
+/// the horizon was not the user's, so the socket jumped to it past events it
+/// was never sent. Positions now stay on the user's events after a
+/// reconnect, and a replay that ends short is checked with the leader.
+#[tokio::test]
+async fn a_second_socket_after_a_reconnect_gets_every_event_despite_a_lagging_replica() {
+    let mut nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let users: Vec<String> = (0..6).map(|u| format!("rc{u}")).collect();
+    let mut seqs = Vec::new();
+    let mut first = Vec::new();
+    for user in &users {
+        let (c, _) = Client::join(&node, user).await;
+        first.push(c);
+        seqs.push(publish_n(&js, user, 3).await);
+    }
+    let held = *seqs.last().unwrap().last().unwrap();
+    lagging_mirror(&js, held).await;
+    // Each user's fourth event, which the mirror never gets; then another
+    // user's, so the stream's end lies past every user's last event.
+    for (u, user) in users.iter().enumerate() {
+        seqs[u].extend(publish_n(&js, user, 1).await);
+    }
+    publish(&js, "someone-else", "{}").await;
+    for (u, c) in first.iter_mut().enumerate() {
+        assert_eq!(c.events(4).await.last().map(|e| e.0), seqs[u].last().copied());
+    }
+    // The node loses NATS and comes back: before, this moved idle users'
+    // positions to the horizon, the stream's last sequence as the readiness
+    // check (every 2 s) last saw it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(js);
+    nats.restart();
+    let js = async_nats::jetstream::new(nats.client().await);
+    eventually("node reconnected", || async { node.metric("agentcast_nats_reconnects_total", "").await >= 1.0 }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut mirror_answers = 0;
+    for _ in 0..20 {
+        mirror_answers += usize::from(mirror_answered(&js.client()).await);
+    }
+    for (u, user) in users.iter().enumerate() {
+        let s = &seqs[u];
+        // A fresh socket is welcomed at the user's last event, not a horizon.
+        let (_fresh, welcome) = Client::join(&node, user).await;
+        assert_eq!(welcome["position"].as_u64(), s.last().copied(), "{user}: {welcome}");
+        let mut r = resuming(&[&node], user).resume_from(s[0], None);
+        let (got, gaps) = collect(&mut r, s.len() - 1).await;
+        assert_eq!(got, s[1..], "{user}: every event after its position");
+        assert!(gaps.is_empty(), "{user}: {gaps:?}");
+        r.close().await;
+    }
+    let version = js.client().server_info().version;
+    eprintln!("nats-server {version}: the lagging mirror answered {mirror_answers} of 20 direct gets");
+    if !version.starts_with("2.9.") {
+        assert!(mirror_answers > 0, "the lagging mirror answered no direct get");
+    }
+}
