@@ -3,6 +3,8 @@
 //! port 0, and real WebSocket clients. Everything is killed on drop.
 #![allow(dead_code)]
 
+pub mod oracle;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
