@@ -3,6 +3,9 @@
 //! port 0, and real WebSocket clients. Everything is killed on drop.
 #![allow(dead_code)]
 
+pub mod nats_cluster;
+pub mod oracle;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -156,6 +159,13 @@ pub struct Node {
 impl Node {
     pub async fn start(nats: &NatsServer, extra: &[&str]) -> Self {
         let node = Self::spawn(&nats.url, extra);
+        node.wait_ready().await;
+        node
+    }
+
+    /// Starts a node on the given NATS URL(s) and waits until it is ready.
+    pub async fn start_url(nats_url: &str, extra: &[&str]) -> Self {
+        let node = Self::spawn(nats_url, extra);
         node.wait_ready().await;
         node
     }
