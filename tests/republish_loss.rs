@@ -140,7 +140,7 @@ async fn a_republish_lost_on_a_route_reaches_the_socket_without_a_later_event() 
 /// between n2's interest crossing the route and n3's republish a chance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_sockets_on_a_non_leader_server_miss_nothing_stored_around_the_join() {
-    const USERS: usize = 40;
+    const USERS: usize = 80;
     let (cluster, _js, node) = setup().await;
     let publisher = async_nats::jetstream::new(cluster.client(2).await);
     let users: Vec<String> = (0..USERS).map(|u| format!("r{u}")).collect();
@@ -159,10 +159,12 @@ async fn first_sockets_on_a_non_leader_server_miss_nothing_stored_around_the_joi
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let base = format!("ws://{}", node.addr);
+    // In batches of 8 at once, at spread-out moments.
     let mut sessions = Vec::new();
-    for u in &users {
-        sessions.push(Session::open(&base, u, None, None).await.expect("join"));
-        tokio::time::sleep(Duration::from_millis(rand::random_range(5..40))).await;
+    for batch in users.chunks(8) {
+        let opened = futures_util::future::join_all(batch.iter().map(|u| Session::open(&base, u, None, None))).await;
+        sessions.extend(opened.into_iter().map(|s| s.expect("join")));
+        tokio::time::sleep(Duration::from_millis(rand::random_range(5..60))).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
