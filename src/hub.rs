@@ -425,21 +425,29 @@ impl Hub {
     /// so the read is answered after the SUB took effect and no event falls
     /// between the two.
     ///
-    /// A user with nothing stored starts at the stream's last sequence as
-    /// last seen ([`Position::Horizon`]): no event of the user exists before it.
+    /// A user with nothing stored starts at the stream's last sequence, asked
+    /// of the leader once the SUB took effect ([`Position::Horizon`]): every
+    /// later event reaches the subscription, and whatever the user had up to
+    /// it was removed before this node served the user. Not the last
+    /// sequence the readiness check saw (up to 2 s old): events of the user
+    /// stored and removed since would lie after the position a socket is
+    /// welcomed with, and it would never hear of them.
     ///
     /// In a cluster the SUB reaches the server that stores events only
     /// later, through a route: an event stored meanwhile is after the
     /// position and is not republished here. The audit finds it: a new user
     /// is audited at its first sweep.
     async fn start_user(self: &Arc<Self>, entry: Arc<UserEntry>) -> Result<(), JoinError> {
-        let horizon = self.stream_last();
         let sub = self.client.subscribe(self.settings.live_subject(entry.user.as_str())).await?;
-        let last = {
+        let position = {
             let _permit = acquire(&self.live_slots).await;
-            self.history.last(entry.user.as_str()).await.inspect_err(|_| m::jetstream_error("join"))?
+            let user = entry.user.as_str();
+            match self.history.last(user).await.inspect_err(|_| m::jetstream_error("join"))? {
+                0 => Position::Horizon(self.history.stream_last().await.inspect_err(|_| m::jetstream_error("join"))?),
+                last => Position::Event(last),
+            }
         };
-        lock(&entry.shared).position = if last == 0 { Position::Horizon(horizon) } else { Position::Event(last) };
+        lock(&entry.shared).position = position;
         metrics::gauge!(m::USERS_SUBSCRIBED).increment(1.0);
         tokio::spawn(self.clone().run_user(entry, sub));
         Ok(())

@@ -265,10 +265,25 @@ impl<'a> Replay<'a> {
             replay.after = 0;
             replay.position = 0;
         } else if last_seq >= joined.seq() {
-            // Nothing stored that this socket lacks; live delivery continues.
+            // Nothing to read: events after the joined position reach the
+            // queue. When that position is the user's newest event, nothing
+            // of the user's after the client's position existed before the
+            // join. A horizon or gap end may be older than events the user
+            // had stored (and lost) before the join, after the client's
+            // position: whether any were lost there, the rule says.
             replay.finished = true;
             replay.kept = None;
-            metrics::counter!(m::RESUMES, "outcome" => "complete").increment(1);
+            let mut outcome = "complete";
+            if !matches!(joined, Position::Event(_)) {
+                let judged = prove(history, user, last_seq, Vec::new(), true).await?;
+                if let Some(gap) = judged.gap {
+                    outcome = "gap";
+                    replay.position = replay.position.max(gap.to.unwrap_or(0));
+                    metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
+                    replay.first = Some(Chunk { frames: vec![gap.frame()], events: 0 });
+                }
+            }
+            metrics::counter!(m::RESUMES, "outcome" => outcome).increment(1);
             return Ok(replay);
         }
         let shared = membership.replay.lock().await;

@@ -317,6 +317,15 @@ impl World {
                 }
                 self.note(format!("deleted {user}'s oldest by hand: {deleted:?}"));
             }
+            84..=88 if self.js.client().server_info().version.starts_with("2.9.") => {
+                // nats-server 2.9.10's purge up to a sequence (a compaction)
+                // can leave a user's older events stored while it removes
+                // newer ones (seen here with interior deletes present), which
+                // no rule built on what the stream holds can see: it is
+                // documented as unsupported on 2.9 (docs/operations.md). The
+                // stream's limits remove the same prefix correctly.
+                self.note("purge up to a sequence skipped on 2.9".into());
+            }
             84..=88 => {
                 // The stream's oldest go, as max_age or max_bytes would take them.
                 let mut stream = self.stream().await;
