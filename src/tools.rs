@@ -16,7 +16,7 @@ use crate::auth::{MIN_SECRET_LEN, mint_hs256};
 use crate::client::{Client, Delivery};
 use crate::config::{EXIT_CONFIG, NatsArgs};
 use crate::history::History;
-use crate::publisher::{Event, PublishError, Publisher};
+use crate::publisher::{Event, PublishError, Publisher, check_msg_id};
 use crate::user::UserId;
 
 /// Exit code for failures at run time.
@@ -149,7 +149,8 @@ fn publish_exit_code(e: &PublishError) -> i32 {
         PublishError::UserId(_)
         | PublishError::TooLarge { .. }
         | PublishError::EventType(_)
-        | PublishError::Envelope(_) => EXIT_CONFIG,
+        | PublishError::Envelope(_)
+        | PublishError::MsgId(_) => EXIT_CONFIG,
         _ => EXIT_RUNTIME,
     }
 }
@@ -271,9 +272,7 @@ fn one_event(kind: &str, a: &PublishArgs) -> Result<Event, Failure> {
         event = event.agent(g);
     }
     if let Some(id) = &a.msg_id {
-        if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(usage(anyhow::anyhow!("--msg-id must be non-empty, without whitespace")));
-        }
+        check_msg_id(id).map_err(|e| usage(anyhow::anyhow!("--msg-id: {e}")))?;
         event = event.id(id);
     }
     Ok(event)
