@@ -293,6 +293,11 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                     if first || (!ensured.as_configured && ensured.line != last_line) {
                         tracing::info!("{}", ensured.line);
                     }
+                    if first {
+                        for w in stream::warnings(&ensured.info.config) {
+                            tracing::warn!("{w}");
+                        }
+                    }
                     first = false;
                     last_line = ensured.line;
                     let epoch = crate::history::epoch(&ensured.info);
