@@ -83,8 +83,9 @@ pub struct TailArgs {
     /// HS256 secret to mint the token with.
     #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true, requires = "user")]
     pub jwt_secret: Option<String>,
-    /// Resume after this seq instead of starting live.
-    #[arg(long)]
+    /// Resume after this seq instead of starting live (at most 2^53-1, as
+    /// the node accepts).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=crate::protocol::MAX_SEQ))]
     pub from_seq: Option<u64>,
     /// The stream epoch --from-seq belongs to (from a welcome).
     #[arg(long, requires = "from_seq")]
