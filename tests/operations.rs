@@ -243,28 +243,30 @@ async fn stream_settings_that_break_continuity_are_refused_by_name() {
     let js = async_nats::jetstream::new(nats.client().await);
     let settings = agentcast::config::StreamSettings { external: true, ..stream_settings(10_000) };
     let want = agentcast::stream::desired(&settings);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Config)>, fn(&Config) -> bool)> = vec![
-        ("allow_rollup_hdrs", Box::new(|c| c.allow_rollup = true), |c| c.allow_rollup),
-        ("allow_msg_ttl", Box::new(|c| c.allow_message_ttl = true), |c| c.allow_message_ttl),
+    // A setting, how to set it, and whether the server kept it.
+    type Case = (&'static str, fn(&mut Config), fn(&Config) -> bool);
+    let cases: Vec<Case> = vec![
+        ("allow_rollup_hdrs", |c| c.allow_rollup = true, |c| c.allow_rollup),
+        ("allow_msg_ttl", |c| c.allow_message_ttl = true, |c| c.allow_message_ttl),
         (
             "subject_transform",
-            Box::new(|c| {
+            |c| {
                 c.subject_transform = Some(SubjectTransform {
                     source: "agentcast.events.*".into(),
                     destination: "agentcast.events.{{wildcard(1)}}".into(),
                 })
-            }),
+            },
             |c| c.subject_transform.is_some(),
         ),
         (
             "subject_delete_marker_ttl",
-            Box::new(|c| {
+            |c| {
                 c.allow_message_ttl = true;
                 c.subject_delete_marker_ttl = Some(Duration::from_secs(60));
-            }),
+            },
             |c| c.subject_delete_marker_ttl.is_some(),
         ),
-        ("allow_msg_schedules", Box::new(|c| c.allow_message_schedules = true), |c| c.allow_message_schedules),
+        ("allow_msg_schedules", |c| c.allow_message_schedules = true, |c| c.allow_message_schedules),
     ];
     let mut refused = 0;
     for (name, set, kept) in &cases {
