@@ -109,6 +109,8 @@ function gapText(gap) {
       return 'The stream was recreated, so the position this page had no longer exists. What follows is everything the new stream holds.';
     case 'unavailable':
       return `${range}: the node could not read them from NATS.`;
+    case 'position_dropped':
+      return 'The position this page had could not be used (not a valid number, or refused by the nodes), so it goes on live from now: earlier events may be missing.';
     default:
       return `${range} (${gap.reason}).`;
   }

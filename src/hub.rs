@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::StreamSettings;
 use crate::history::{History, Stored};
 use crate::metrics as m;
-use crate::protocol::event_frame_timed;
+use crate::protocol::{MAX_SEQ, event_frame_timed};
 use crate::resume::{Gap, GapReason, Position, acquire};
 use crate::scan::Scanner;
 use crate::stream::StreamError;
@@ -529,24 +529,49 @@ impl Hub {
     async fn on_message(&self, entry: &UserEntry, msg: Message) {
         metrics::counter!(m::EVENTS_RECEIVED).increment(1);
         let headers = msg.headers.as_ref();
-        let Some(seq) = header_u64(headers, "Nats-Sequence") else {
-            // Not a republished stream message: someone published to the
-            // live subject directly. It has no place in the user's history.
+        let stream = stamped(headers, "Nats-Stream").map(|v| v.as_str());
+        let Some(seq) = stamped_u64(headers, "Nats-Sequence").filter(|_| stream == Some(self.settings.name.as_str()))
+        else {
+            // Not a republished message of our stream: someone published to
+            // the live subject directly, or another stream republishes there.
+            // It has no place in the user's history.
             metrics::counter!(m::EVENTS_REJECTED, "reason" => "no_sequence").increment(1);
             self.log_bad_once(
                 &entry.user,
                 msg.subject.as_str(),
-                "message on a live subject without Nats-Sequence (publish to the event subject instead)",
+                "message on a live subject without this stream's Nats-Stream and Nats-Sequence (publish to the event subject instead)",
             );
             return;
         };
+        if seq > MAX_SEQ {
+            // A JSON number past 2^53 loses precision in a browser; the
+            // stream would need 2^53 messages to get here.
+            metrics::counter!(m::EVENTS_REJECTED, "reason" => "no_sequence").increment(1);
+            self.log_bad_once(&entry.user, msg.subject.as_str(), &format!("stream sequence {seq} is above 2^53-1"));
+            return;
+        }
+        if RESERVED_STAMPS.iter().any(|name| headers.is_some_and(|h| h.get_all(*name).nth(1).is_some())) {
+            // The publisher set headers the stream stamps; the stream's own
+            // values (the last ones) were taken above, the publisher's ignored.
+            metrics::counter!(m::RESERVED_HEADERS).increment(1);
+            let subject = self.settings.event_subject(entry.user.as_str());
+            self.log_bad_once(
+                &entry.user,
+                &subject,
+                &format!(
+                    "publisher set headers the stream stamps ({}); ignored, the event is delivered with the stream's seq {seq}",
+                    RESERVED_STAMPS.join(", ")
+                ),
+            );
+        }
         let last = lock(&entry.shared).position.seq();
         if seq <= last {
             // Already delivered by a repair read.
             return;
         }
-        if let Some(prev) = header_u64(headers, "Nats-Last-Sequence")
+        if let Some(prev) = stamped_u64(headers, "Nats-Last-Sequence")
             && prev > last
+            && prev < seq
         {
             metrics::counter!(m::GAPS_DETECTED).increment(1);
             tracing::debug!(user = %entry.user.for_log(), last, prev, seq, "hole on the live path; reading it from JetStream");
@@ -557,9 +582,10 @@ impl Hub {
             .await;
         }
         // 2.10+ stamp the republished message; 2.9 does not (the envelope's
-        // timestamp is used then).
+        // timestamp is used then, and a publisher's own Nats-Time-Stamp is
+        // the only value: it moves this metric and nothing else).
         let stored_at =
-            headers.and_then(|h| h.get("Nats-Time-Stamp")).and_then(|v| m::Origin::parse(v.as_str(), m::Clock::Stream));
+            stamped(headers, "Nats-Time-Stamp").and_then(|v| m::Origin::parse(v.as_str(), m::Clock::Stream));
         self.deliver(entry, Stored { seq, payload: msg.payload }, stored_at);
     }
 
@@ -768,6 +794,18 @@ async fn audit_loop(hub: std::sync::Weak<Hub>, now: Arc<Notify>, stop: Cancellat
     }
 }
 
-fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
-    headers?.get(name)?.as_str().parse().ok()
+/// Headers the stream stamps on each republished message. nats-server keeps
+/// the publisher's headers and appends its own after them (seen on 2.9.10
+/// and 2.15.1, tests/trust.rs), so a publisher that set one of these makes
+/// the message carry two values: the stream's is the last.
+const RESERVED_STAMPS: [&str; 5] =
+    ["Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Last-Sequence", "Nats-Time-Stamp"];
+
+/// The value the stream stamped: the last one (see [`RESERVED_STAMPS`]).
+fn stamped<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a async_nats::HeaderValue> {
+    headers?.get_last(name)
+}
+
+fn stamped_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
+    stamped(headers, name)?.as_str().parse().ok()
 }

@@ -23,6 +23,7 @@ pub const CONNECTIONS_REFUSED: &str = "agentcast_connections_refused_total";
 pub const DISCONNECTS: &str = "agentcast_disconnects_total";
 pub const EVENTS_RECEIVED: &str = "agentcast_events_received_total";
 pub const EVENTS_REJECTED: &str = "agentcast_events_rejected_total";
+pub const RESERVED_HEADERS: &str = "agentcast_events_reserved_headers_total";
 pub const FRAMES_SENT: &str = "agentcast_frames_sent_total";
 pub const BYTES_SENT: &str = "agentcast_bytes_sent_total";
 pub const WRITE_BATCH: &str = "agentcast_write_batch_frames";
@@ -57,6 +58,7 @@ pub const ALL: &[&str] = &[
     DISCONNECTS,
     EVENTS_RECEIVED,
     EVENTS_REJECTED,
+    RESERVED_HEADERS,
     FRAMES_SENT,
     BYTES_SENT,
     WRITE_BATCH,
@@ -225,6 +227,11 @@ fn describe() {
         Unit::Count,
         "Events not forwarded, by reason (payload not a JSON object, missing sequence)."
     );
+    describe_counter!(
+        RESERVED_HEADERS,
+        Unit::Count,
+        "Live events whose publisher set headers the stream stamps (Nats-Sequence, Nats-Last-Sequence, Nats-Stream, Nats-Subject, Nats-Time-Stamp); delivered with the stream's values, the publisher's ignored."
+    );
     describe_counter!(FRAMES_SENT, Unit::Count, "Frames written to sockets.");
     describe_counter!(BYTES_SENT, Unit::Bytes, "Frame payload bytes written to sockets.");
     describe_histogram!(WRITE_BATCH, Unit::Count, "Frames written per socket flush.");
@@ -328,7 +335,7 @@ fn register_known() {
     for name in [CONNECTIONS_ACCEPTED, EVENTS_RECEIVED, FRAMES_SENT, BYTES_SENT, REPLAYED_EVENTS, GAPS_DETECTED] {
         metrics::counter!(name).absolute(0);
     }
-    for name in [STREAM_RESETS, SHARED_REPLAYS, NATS_RECONNECTS, HISTORY_SCAN_MESSAGES, AUDIT_CHECKS] {
+    for name in [STREAM_RESETS, SHARED_REPLAYS, NATS_RECONNECTS, HISTORY_SCAN_MESSAGES, AUDIT_CHECKS, RESERVED_HEADERS] {
         metrics::counter!(name).absolute(0);
     }
     for outcome in ["ok", "failed"] {

@@ -36,6 +36,26 @@ pub mod close {
 /// socket with [`close::TOO_BIG`]. Also bounds tungstenite's read buffer.
 pub const MAX_CLIENT_FRAME: usize = 4 * 1024;
 
+/// Largest sequence that crosses the socket, in either direction: 2^53 - 1,
+/// the largest integer a JSON number holds exactly in JavaScript
+/// (`Number.MAX_SAFE_INTEGER`). A browser would round anything larger and
+/// resume from a position the node never sent. A client `last_seq` above it
+/// is refused; a stream would need 2^53 messages to stamp one.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
+/// Why a client's resume position is refused, for the `400` body and the
+/// `1008` close reason (at most 123 bytes).
+pub const BAD_POSITION: &str = "last_seq must be an integer from 0 to 9007199254740991 (2^53-1)";
+
+/// Parses a client's `last_seq` (query or `resume` frame): decimal digits,
+/// at most [`MAX_SEQ`].
+pub fn parse_position(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|&n| n <= MAX_SEQ)
+}
+
 /// Control frames from server to client. Events are built by [`event_frame`]
 /// without going through serde so the payload is copied byte for byte.
 #[derive(Debug, Serialize)]
@@ -87,11 +107,21 @@ pub enum ClientFrame {
     Ping,
     /// In-band resume, the first frame of a socket opened with `resume=frame`.
     Resume {
-        #[serde(default)]
+        /// Up to [`MAX_SEQ`]; a larger number (or one serde cannot hold in a
+        /// u64) fails the parse with [`BAD_POSITION`].
+        #[serde(default, deserialize_with = "position")]
         last_seq: Option<u64>,
         #[serde(default)]
         epoch: Option<String>,
     },
+}
+
+/// A `last_seq` in a frame: `null`, or an integer up to [`MAX_SEQ`].
+fn position<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => parse_position(&n.to_string()).map(Some).ok_or_else(|| serde::de::Error::custom(BAD_POSITION)),
+    }
 }
 
 /// Why a publisher payload was not forwarded.
@@ -220,5 +250,22 @@ mod tests {
         assert_eq!(ServerFrame::Pong.to_text().as_str(), r#"{"type":"pong"}"#);
         assert_eq!(serde_json::from_str::<ClientFrame>(r#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"subscribe","user":"other"}"#).is_err());
+    }
+
+    #[test]
+    fn positions_stop_at_2_53_minus_1() {
+        assert_eq!(parse_position("0"), Some(0));
+        assert_eq!(parse_position("9007199254740991"), Some(MAX_SEQ));
+        for bad in ["9007199254740992", "18446744073709551615", "18446744073709551616", "-1", "+1", "1.0", "", " 1"] {
+            assert_eq!(parse_position(bad), None, "{bad}");
+        }
+        let frame = |n: &str| serde_json::from_str::<ClientFrame>(&format!(r#"{{"type":"resume","last_seq":{n}}}"#));
+        assert_eq!(frame("9007199254740991").unwrap(), ClientFrame::Resume { last_seq: Some(MAX_SEQ), epoch: None });
+        assert_eq!(frame("null").unwrap(), ClientFrame::Resume { last_seq: None, epoch: None });
+        assert!(frame("\"7\"").is_err());
+        for bad in ["9007199254740992", "18446744073709552000", "-1", "1.5"] {
+            let e = frame(bad).unwrap_err().to_string();
+            assert!(e.contains(BAD_POSITION), "{bad}: {e}");
+        }
     }
 }

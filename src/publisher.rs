@@ -45,12 +45,17 @@ pub const DEFAULT_SUBJECT_PREFIX: &str = "agentcast.events";
 /// Longest event type name.
 pub const MAX_TYPE_LEN: usize = 64;
 
+/// Longest `Nats-Msg-Id`. The stream keeps every id of its duplicate window
+/// in memory (and its replicas do too), so ids are meant to be short: a
+/// UUID is 36 bytes, `<run_id>-<step>` a few dozen.
+pub const MAX_MSG_ID_LEN: usize = 256;
+
 /// The built-in event types. Custom types carry a namespace
 /// (`<namespace>.<name>`), so they can never collide with a type added here.
 pub const BUILT_IN_TYPES: [&str; 6] =
     ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed", "error"];
 
-/// Why an event was not published. Callers branch on these: the first four
+/// Why an event was not published. Callers branch on these: the first five
 /// are the caller's input and a retry cannot help; `StreamUnavailable` and
 /// `Unacknowledged` may pass once NATS or the stream is back.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,13 @@ pub enum PublishError {
     EventType(String),
     #[error("event is not a valid envelope: {0}")]
     Envelope(String),
+    /// The message id is the only header a publish carries; it must be
+    /// 1 to [`MAX_MSG_ID_LEN`] visible ASCII characters. A CR or LF would
+    /// otherwise start another header line, such as a forged `Nats-Sequence`.
+    #[error(
+        "message id {0:?} is not valid: use 1 to {MAX_MSG_ID_LEN} visible ASCII characters (no spaces or control characters)"
+    )]
+    MsgId(String),
     /// No stream stores the subject (or JetStream is not enabled).
     #[error("no stream stores {subject}: is an agentcast node running against this NATS, or the stream created?")]
     StreamUnavailable { subject: String },
@@ -219,6 +231,12 @@ pub fn check_type(kind: &str) -> Result<(), PublishError> {
     if valid { Ok(()) } else { Err(PublishError::EventType(kind.to_owned())) }
 }
 
+/// A `Nats-Msg-Id` value: 1 to [`MAX_MSG_ID_LEN`] visible ASCII characters.
+pub fn check_msg_id(id: &str) -> Result<(), PublishError> {
+    let valid = !id.is_empty() && id.len() <= MAX_MSG_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic());
+    if valid { Ok(()) } else { Err(PublishError::MsgId(id.to_owned())) }
+}
+
 /// What the stream said about a stored event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -279,6 +297,7 @@ impl Publisher {
 
     fn prepare(&self, user: &str, event: &Event) -> Result<Prepared, PublishError> {
         let user = UserId::parse(user)?;
+        check_msg_id(&event.msg_id)?;
         let payload = event.to_bytes();
         if payload.len() > self.max_event_bytes {
             return Err(PublishError::TooLarge { size: payload.len(), max: self.max_event_bytes });

@@ -27,7 +27,7 @@ use crate::auth::AuthError;
 use crate::config::Config;
 use crate::hub::{Hub, Kick, Kicker};
 use crate::metrics as m;
-use crate::protocol::MAX_CLIENT_FRAME;
+use crate::protocol::{BAD_POSITION, MAX_CLIENT_FRAME, parse_position};
 use crate::socket::{self, MAX_WRITE_BUFFER, READ_BUFFER, Session, Start, WRITE_BUFFER};
 use crate::stream::{self, StreamError};
 
@@ -136,8 +136,10 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
 #[derive(Debug, Deserialize)]
 struct WsParams {
     token: Option<String>,
-    /// Resume after this sequence (0: everything still stored).
-    last_seq: Option<u64>,
+    /// Resume after this sequence (0: everything still stored). Taken as
+    /// text so that a bad value gets the documented JSON refusal rather
+    /// than the framework's plain-text one.
+    last_seq: Option<String>,
     /// The epoch the client's `last_seq` belongs to.
     epoch: Option<String>,
     /// `frame`: the client sends its resume position as the first frame.
@@ -146,9 +148,12 @@ struct WsParams {
 
 impl WsParams {
     fn start(&self) -> Result<Start, &'static str> {
-        match (self.last_seq, self.resume.as_deref()) {
+        match (self.last_seq.as_deref(), self.resume.as_deref()) {
             (Some(_), Some(_)) => Err("give last_seq or resume=frame, not both"),
-            (Some(last_seq), None) => Ok(Start::After { last_seq, epoch: self.epoch.clone() }),
+            (Some(text), None) => match parse_position(text) {
+                Some(last_seq) => Ok(Start::After { last_seq, epoch: self.epoch.clone() }),
+                None => Err(BAD_POSITION),
+            },
             (None, Some("frame")) => Ok(Start::Frame),
             (None, Some(_)) => Err("resume takes the value frame"),
             (None, None) => Ok(Start::Live),
@@ -282,6 +287,11 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                 Ok(ensured) => {
                     if first || (!ensured.as_configured && ensured.line != last_line) {
                         tracing::info!("{}", ensured.line);
+                    }
+                    if first {
+                        for w in stream::warnings(&ensured.info.config) {
+                            tracing::warn!("{w}");
+                        }
                     }
                     first = false;
                     last_line = ensured.line;

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::hub::{Hub, Item, Kick, Kicker, Membership, Queued};
 use crate::metrics as m;
-use crate::protocol::{ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close};
+use crate::protocol::{BAD_POSITION, ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close};
 use crate::resume::{Gap, Replay};
 use crate::user::UserId;
 
@@ -360,6 +360,10 @@ where
         Ok(Some(text)) => match serde_json::from_str::<ClientFrame>(text.as_str()) {
             Ok(ClientFrame::Resume { last_seq: Some(last_seq), epoch }) => Ok(Start::After { last_seq, epoch }),
             Ok(ClientFrame::Resume { last_seq: None, .. }) => Ok(Start::Live),
+            // A position the node refuses (above 2^53-1): say so, the client must drop it.
+            Err(e) if e.to_string().contains(BAD_POSITION) => {
+                Err(close_with(ws, close::POLICY, BAD_POSITION, End::Unsupported).await)
+            }
             _ => Err(close_with(ws, close::POLICY, "expected a resume frame first", End::Unsupported).await),
         },
         Ok(None) => Err(End::Client),

@@ -88,7 +88,52 @@ fn structural_diff(have: &Config, want: &Config) -> String {
     if have.retention != want.retention {
         let _ = write!(d, "retention is {:?}, need {:?}; ", have.retention, want.retention);
     }
+    continuity_diff(have, &mut d);
     d.trim_end_matches("; ").to_owned()
+}
+
+/// Settings under which the stream can remove an event that is not the
+/// user's oldest, or store events under a subject other than the one they
+/// were published to. The resume rule (docs/protocol.md §8) proves a replay
+/// complete from what the stream holds only because events leave oldest
+/// first, per user or as a prefix of the stream; with any of these a replay
+/// could skip an event without a gap. Named by their JSON field, as `nats
+/// stream info` shows them. Servers older than a field never set it.
+fn continuity_diff(have: &Config, d: &mut String) {
+    if have.allow_rollup {
+        d.push_str("allow_rollup_hdrs is true, need false (a Nats-Rollup publish removes a user's earlier events or the whole stream's); ");
+    }
+    if have.allow_message_ttl {
+        d.push_str(
+            "allow_msg_ttl is true, need false (a Nats-TTL publish expires that event before older ones; 2.11+); ",
+        );
+    }
+    if have.subject_delete_marker_ttl.is_some() {
+        d.push_str("subject_delete_marker_ttl is set, need unset (the server writes marker messages into users' subjects; 2.11+); ");
+    }
+    if let Some(t) = &have.subject_transform {
+        let _ = write!(
+            d,
+            "subject_transform is {:?} -> {:?}, need none (events are stored under a subject other than the one published to; 2.10+); ",
+            t.source, t.destination
+        );
+    }
+    if have.allow_message_schedules {
+        d.push_str("allow_msg_schedules is true, need false (a schedule is stored as a rollup of its subject, and the server publishes into the stream on its own; 2.12+); ");
+    }
+}
+
+/// Settings that do not break the resume rule by themselves but let an
+/// operator do what it cannot see; logged as warnings when the node starts.
+pub fn warnings(have: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if !have.deny_delete {
+        w.push(
+            "stream setting deny_delete is false: an operator can delete any single event (nats stream rmm), and a resume across it is not told of a gap; set deny_delete true to close this (nats-server cannot turn it off again, see docs/operations.md)"
+                .to_owned(),
+        );
+    }
+    w
 }
 
 /// Differences in limits: updated in place when agentcast manages the stream,
@@ -213,5 +258,32 @@ mod tests {
         have.max_messages_per_subject = 5;
         let d = limits_diff(&have, &want);
         assert!(d.contains("max_messages_per_subject is 5, configured 10"), "{d}");
+    }
+
+    #[test]
+    fn settings_that_remove_events_out_of_order_are_named() {
+        let want = desired(&settings());
+        assert!(warnings(&want)[0].contains("deny_delete is false"));
+        let mut have = want.clone();
+        have.allow_rollup = true;
+        have.allow_message_ttl = true;
+        have.subject_delete_marker_ttl = Some(Duration::from_secs(60));
+        have.subject_transform = Some(async_nats::jetstream::stream::SubjectTransform {
+            source: "ev.*".into(),
+            destination: "other.{{wildcard(1)}}".into(),
+        });
+        have.allow_message_schedules = true;
+        have.deny_delete = true;
+        let d = structural_diff(&have, &want);
+        for name in [
+            "allow_rollup_hdrs",
+            "allow_msg_ttl",
+            "subject_delete_marker_ttl",
+            "subject_transform",
+            "allow_msg_schedules",
+        ] {
+            assert!(d.contains(name), "{name}: {d}");
+        }
+        assert!(warnings(&have).is_empty());
     }
 }

@@ -16,7 +16,7 @@ use crate::auth::{MIN_SECRET_LEN, mint_hs256};
 use crate::client::{Client, Delivery};
 use crate::config::{EXIT_CONFIG, NatsArgs};
 use crate::history::History;
-use crate::publisher::{Event, PublishError, Publisher};
+use crate::publisher::{Event, PublishError, Publisher, check_msg_id};
 use crate::user::UserId;
 
 /// Exit code for failures at run time.
@@ -83,8 +83,9 @@ pub struct TailArgs {
     /// HS256 secret to mint the token with.
     #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true, requires = "user")]
     pub jwt_secret: Option<String>,
-    /// Resume after this seq instead of starting live.
-    #[arg(long)]
+    /// Resume after this seq instead of starting live (at most 2^53-1, as
+    /// the node accepts).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=crate::protocol::MAX_SEQ))]
     pub from_seq: Option<u64>,
     /// The stream epoch --from-seq belongs to (from a welcome).
     #[arg(long, requires = "from_seq")]
@@ -149,7 +150,8 @@ fn publish_exit_code(e: &PublishError) -> i32 {
         PublishError::UserId(_)
         | PublishError::TooLarge { .. }
         | PublishError::EventType(_)
-        | PublishError::Envelope(_) => EXIT_CONFIG,
+        | PublishError::Envelope(_)
+        | PublishError::MsgId(_) => EXIT_CONFIG,
         _ => EXIT_RUNTIME,
     }
 }
@@ -271,9 +273,7 @@ fn one_event(kind: &str, a: &PublishArgs) -> Result<Event, Failure> {
         event = event.agent(g);
     }
     if let Some(id) = &a.msg_id {
-        if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(usage(anyhow::anyhow!("--msg-id must be non-empty, without whitespace")));
-        }
+        check_msg_id(id).map_err(|e| usage(anyhow::anyhow!("--msg-id: {e}")))?;
         event = event.id(id);
     }
     Ok(event)

@@ -31,6 +31,7 @@ async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::Client, Arc
 /// Plays the republish of stored event `seq` (previous of the user: `prev`).
 async fn republish(client: &async_nats::Client, user: &str, seq: u64, prev: u64, payload: &str) {
     let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Stream", "AGENTCAST");
     h.insert("Nats-Sequence", seq.to_string().as_str());
     h.insert("Nats-Last-Sequence", prev.to_string().as_str());
     client.publish_with_headers(format!("shadow.{user}"), h, payload.to_owned().into()).await.unwrap();

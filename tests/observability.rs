@@ -119,7 +119,10 @@ async fn every_metric_is_exported_and_counts_what_the_scenario_did() {
     // A live message whose Nats-Last-Sequence names an event u2 does not
     // have (u3's): a hole is detected, nothing is found, and it is announced.
     let prev = *u3.last().unwrap();
+    // Sent straight to the live subject with the stamps a republish of the
+    // stream carries (the node takes only messages that name its stream).
     let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Stream", "AGENTCAST");
     h.insert("Nats-Sequence", (prev + 1000).to_string().as_str());
     h.insert("Nats-Last-Sequence", prev.to_string().as_str());
     client.publish_with_headers("agentcast.live.u2", h, r#"{"forged":true}"#.into()).await.unwrap();

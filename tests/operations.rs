@@ -230,3 +230,85 @@ async fn a_node_user_that_may_not_ask_the_leader_for_positions_leaves_the_node_n
     assert_eq!(welcome["position"], 0, "{welcome}");
     c.ws.close(None).await.unwrap();
 }
+
+/// Settings under which the stream can remove an event that is not the
+/// user's oldest, or store it under another subject, make the node exit 64
+/// naming each. A setting the server under test does not know (it drops it
+/// on create: TTLs before 2.11, transforms before 2.10) cannot be set there,
+/// and is not asserted on that server.
+#[tokio::test]
+async fn stream_settings_that_break_continuity_are_refused_by_name() {
+    use async_nats::jetstream::stream::{Config, SubjectTransform};
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    let settings = agentcast::config::StreamSettings { external: true, ..stream_settings(10_000) };
+    let want = agentcast::stream::desired(&settings);
+    // A setting, how to set it, and whether the server kept it.
+    type Case = (&'static str, fn(&mut Config), fn(&Config) -> bool);
+    let cases: Vec<Case> = vec![
+        ("allow_rollup_hdrs", |c| c.allow_rollup = true, |c| c.allow_rollup),
+        ("allow_msg_ttl", |c| c.allow_message_ttl = true, |c| c.allow_message_ttl),
+        (
+            "subject_transform",
+            |c| {
+                c.subject_transform = Some(SubjectTransform {
+                    source: "agentcast.events.*".into(),
+                    destination: "agentcast.events.{{wildcard(1)}}".into(),
+                })
+            },
+            |c| c.subject_transform.is_some(),
+        ),
+        (
+            "subject_delete_marker_ttl",
+            |c| {
+                c.allow_message_ttl = true;
+                c.subject_delete_marker_ttl = Some(Duration::from_secs(60));
+            },
+            |c| c.subject_delete_marker_ttl.is_some(),
+        ),
+        ("allow_msg_schedules", |c| c.allow_message_schedules = true, |c| c.allow_message_schedules),
+    ];
+    let mut refused = 0;
+    for (name, set, kept) in &cases {
+        let mut config = want.clone();
+        set(&mut config);
+        js.create_stream(config).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let info = js.get_stream("AGENTCAST").await.unwrap().info().await.unwrap().config.clone();
+        if kept(&info) {
+            let mut node = Node::spawn(&nats.url, &["--stream-external"]);
+            assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(64), "{name}: {}", node.log_text());
+            assert!(node.log_text().contains(name), "{name}: {}", node.log_text());
+            refused += 1;
+        } else {
+            eprintln!("{name}: this nats-server does not keep it; not asserted");
+        }
+        js.delete_stream("AGENTCAST").await.unwrap();
+    }
+    // Rollups exist on every supported server.
+    assert!(refused >= 1);
+
+    // A stream the node manages, edited by someone to allow rollups while
+    // the node runs: the periodic check finds it and the node exits 64.
+    let mut node = Node::start(&nats, &[]).await;
+    let mut edited = js.get_stream("AGENTCAST").await.unwrap().info().await.unwrap().config.clone();
+    edited.allow_rollup = true;
+    js.update_stream(edited).await.unwrap();
+    assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(64), "{}", node.log_text());
+    assert!(node.log_text().contains("allow_rollup_hdrs"), "{}", node.log_text());
+}
+
+/// `deny_delete: false` is not refused, but named in a warning at start.
+#[tokio::test]
+async fn a_stream_that_allows_deletes_is_named_in_a_warning() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let warned = |log: &str| log.matches("deny_delete is false").count();
+    assert_eq!(warned(&node.log_text()), 1, "{}", node.log_text());
+    drop(node);
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut config = js.get_stream("AGENTCAST").await.unwrap().info().await.unwrap().config.clone();
+    config.deny_delete = true;
+    js.update_stream(config).await.unwrap();
+    let node = Node::start(&nats, &[]).await;
+    assert_eq!(warned(&node.log_text()), 0, "{}", node.log_text());
+}

@@ -140,3 +140,26 @@ async fn errors_say_what_is_wrong() {
     assert!(matches!(results[2], Err(PublishError::NotSent)));
     assert_eq!(stored_for(&nats, "u1").await, 1);
 }
+
+/// The message id is the only header a publish carries. An id with a line
+/// break would start another header line (a forged `Nats-Sequence`); before
+/// this check async-nats panicked on it inside `publish`.
+#[tokio::test]
+async fn a_message_id_that_is_not_one_header_value_is_refused() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (mut client, _) = Client::join(&node, "u1").await;
+    let publisher = Publisher::new(nats.client().await);
+    let long = "x".repeat(257);
+    for id in ["r1\r\nNats-Sequence: 18446744073709551615", "r1\nx", "", "r 1", long.as_str()] {
+        let event = Event::agent_thinking("r1", "x").id(id);
+        // Spelled by its message so this test also builds against the code before the variant.
+        let e = publisher.publish("u1", &event).await.unwrap_err();
+        assert!(e.to_string().starts_with("message id"), "{id:?}: {e}");
+        let batch = publisher.publish_batch("u1", &[event]).await;
+        assert!(batch[0].as_ref().unwrap_err().to_string().starts_with("message id"), "{id:?}");
+    }
+    assert_eq!(stored_for(&nats, "u1").await, 0);
+    let ok = publisher.publish("u1", &Event::agent_thinking("r1", "x").id(&"y".repeat(256))).await.unwrap();
+    assert_eq!(client.events(1).await[0].0, ok.seq);
+}

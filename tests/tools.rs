@@ -389,3 +389,31 @@ async fn bad_input_exits_nonzero_with_one_clear_line() {
     assert!(err.starts_with("agentcast: cannot connect to NATS at nats://127.0.0.1:1: "), "{err}");
     assert_eq!((err.lines().count(), out.status.code()), (1, Some(1)), "{err}");
 }
+
+/// The node refuses a position above 2^53-1, so `tail` refuses it at once
+/// instead of being refused on every reconnect (before, it kept retrying).
+#[test]
+fn tail_refuses_a_from_seq_the_node_would_refuse() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
+        .args(["tail", "--url", "ws://127.0.0.1:1/ws", "--token", "t", "--from-seq", "9007199254740992"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("tail was still running after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--from-seq") && err.contains("0..=9007199254740991"), "{err}");
+}

@@ -61,10 +61,15 @@ export type AgentcastEvent =
   | CustomEvent
   | EnvelopeBase<string, unknown>;
 
-/** The server's gap frame, as it said it (docs/protocol.md §3, §8). */
+/**
+ * The server's gap frame, as it said it (docs/protocol.md §3, §8), or
+ * `position_dropped` from the client itself: it dropped a position it could
+ * not use (a stored one that is not a safe integer, or one the nodes kept
+ * refusing) and started live from the welcome; anything before may be missing.
+ */
 export interface Gap {
-  reason: 'expired' | 'stream_reset' | 'unavailable' | string;
-  /** First sequence that may be missing; absent for stream_reset. */
+  reason: 'expired' | 'stream_reset' | 'unavailable' | 'position_dropped' | string;
+  /** First sequence that may be missing; absent for stream_reset and position_dropped. */
   from?: number;
   /** Last sequence that may be missing; absent for stream_reset. */
   to?: number;
@@ -132,9 +137,9 @@ export interface AgentcastOptions {
   storageKey?: string;
   /** User id for the storage key; default the token's `sub`. */
   user?: string;
-  /** Start from this position instead of the stored one or live. */
+  /** Start from this position instead of the stored one or live: an integer from 0 to 2^53-1, else a TypeError. */
   lastSeq?: number;
-  /** The epoch that goes with `lastSeq`. */
+  /** The epoch that goes with `lastSeq`: a decimal string, else a TypeError. */
   epoch?: string;
   /** Backoff base in ms (default BACKOFF_BASE_MS). */
   backoffBase?: number;
@@ -149,6 +154,13 @@ export interface AgentcastOptions {
   onWelcome?: (welcome: Welcome) => void;
   onError?: (error: unknown) => void;
 }
+
+/** Failed opens in a row with a position before one open without it (see the README). */
+export const RESUME_FAILURES_BEFORE_PROBE: number;
+/** A position the client stores and sends: an integer from 0 to 2^53-1. */
+export function isPosition(seq: unknown): seq is number;
+/** An epoch the client stores and sends: a decimal string of at most 20 digits. */
+export function isEpoch(epoch: unknown): epoch is string;
 
 export class AgentcastClient {
   constructor(options: AgentcastOptions);
@@ -171,7 +183,7 @@ export class AgentcastClient {
   onState(handler: (state: ConnectionState, info: StateInfo) => void): () => void;
   onGap(handler: (gap: Gap) => void): () => void;
   onWelcome(handler: (welcome: Welcome) => void): () => void;
-  /** A handler threw, or a frame was not JSON; the stream goes on. */
+  /** A handler threw, a frame was not JSON, or a frame's seq, position, gap bound or epoch could not be held; the stream goes on. */
   onError(handler: (error: unknown) => void): () => void;
 
   /** Starts connecting; returns the client. */

@@ -12,6 +12,33 @@ export const BACKOFF_MAX_MS = 5000;
 export const CONNECT_TIMEOUT_MS = 10000;
 /** Exponent cap, so `2 ** attempt` stays a small exact number. */
 const MAX_BACKOFF_EXPONENT = 16;
+/**
+ * Opens in a row that carried a position and got no welcome, after which the
+ * next open goes without it to see whether the node refuses the position
+ * (a browser cannot see the 400 of a refused upgrade: it looks like a node
+ * that is down). If that plain open is welcomed, the position is dropped;
+ * if it fails too, the nodes are unreachable and the position is kept.
+ */
+export const RESUME_FAILURES_BEFORE_PROBE = 3;
+/** Longest epoch: a u64 in decimal (the stream's creation time in ns). */
+const MAX_EPOCH_DIGITS = 20;
+
+/**
+ * A position the client may store and send: a safe non-negative integer.
+ * Past 2^53 a JSON number loses precision, and the node refuses it.
+ * @param {unknown} seq
+ */
+export function isPosition(seq) {
+  return Number.isSafeInteger(seq) && seq >= 0;
+}
+
+/**
+ * An epoch the client may store and send: a decimal string (docs/protocol.md §3).
+ * @param {unknown} epoch
+ */
+export function isEpoch(epoch) {
+  return typeof epoch === 'string' && epoch.length > 0 && epoch.length <= MAX_EPOCH_DIGITS && /^[0-9]+$/.test(epoch);
+}
 
 /** Built-in event types (docs/publishing.md §2); custom types contain a `.`. */
 export const EVENT_TYPES = Object.freeze([
@@ -128,6 +155,13 @@ export class AgentcastClient {
     this._random = options.random ?? Math.random;
     this._connectTimeout = options.connectTimeout ?? CONNECT_TIMEOUT_MS;
 
+    if (options.lastSeq != null && !isPosition(options.lastSeq)) {
+      throw new TypeError(`lastSeq must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}`);
+    }
+    if (options.epoch != null && !isEpoch(options.epoch)) {
+      throw new TypeError('epoch must be a decimal string, as sent in the welcome frame');
+    }
+
     this.state = 'idle';
     /** The last `seq` delivered, or the position resumed from; null before any. */
     this.lastSeq = options.lastSeq ?? null;
@@ -141,6 +175,10 @@ export class AgentcastClient {
     this.tokenRequests = 0;
 
     this._loaded = this.lastSeq !== null;
+    /** Opens in a row with a position that got no welcome. */
+    this._resumeFailures = 0;
+    /** Why the position is dropped at the next welcome (see RESUME_FAILURES_BEFORE_PROBE). */
+    this._dropAtWelcome = null;
     this._attempt = 0;
     this._connections = 0;
     this._nextUrl = 0;
@@ -276,20 +314,32 @@ export class AgentcastClient {
   _loadPosition(user) {
     if (this._loaded || !this._storage) return;
     this._loaded = true;
+    let raw = null;
     try {
-      const raw = this._storage.get(this._key(user));
+      raw = this._storage.get(this._key(user));
       const saved = raw ? JSON.parse(raw) : null;
-      if (saved && Number.isSafeInteger(saved.seq) && saved.seq >= 0) {
+      if (saved && isPosition(saved.seq) && (saved.epoch == null || isEpoch(saved.epoch))) {
         this.lastSeq = saved.seq;
-        this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
+        this.epoch = saved.epoch ?? null;
+        return;
       }
     } catch {
-      /* unreadable position: start live */
+      /* unreadable: dropped below */
+    }
+    if (raw) {
+      // A position this client cannot send (not a safe integer, or an epoch
+      // that is not a decimal string): start live and say so at the welcome.
+      this._dropAtWelcome = 'stored position unusable';
+      try {
+        this._storage.remove(this._key(user));
+      } catch {
+        /* storage disabled */
+      }
     }
   }
 
   _savePosition() {
-    if (!this._storage || this.lastSeq === null) return;
+    if (!this._storage || !isPosition(this.lastSeq)) return;
     try {
       this._storage.set(this._key(this._user), JSON.stringify({ seq: this.lastSeq, epoch: this.epoch }));
     } catch {
@@ -309,10 +359,14 @@ export class AgentcastClient {
     const base = this.urls[this._nextUrl % this.urls.length];
     this._nextUrl += 1;
     let url = `${base}${base.includes('?') ? '&' : '?'}token=${encodeURIComponent(token)}`;
-    if (this.lastSeq !== null) {
+    // After RESUME_FAILURES_BEFORE_PROBE refused-looking opens, one plain open.
+    const probe = this.lastSeq !== null && this._resumeFailures >= RESUME_FAILURES_BEFORE_PROBE;
+    const resuming = this.lastSeq !== null && !probe;
+    if (resuming) {
       url += `&last_seq=${this.lastSeq}`;
       if (this.epoch) url += `&epoch=${encodeURIComponent(this.epoch)}`;
     }
+    if (probe) this._dropAtWelcome = 'resume refused';
     const ws = new this._WebSocket(url);
     this._ws = ws;
     let welcomed = false;
@@ -350,6 +404,15 @@ export class AgentcastClient {
       if (this._ws !== ws) return;
       detach(ws);
       this._ws = null;
+      if (!welcomed) {
+        if (resuming) this._resumeFailures += 1;
+        if (probe) {
+          // The plain open failed too: the nodes are unreachable, not
+          // refusing the position. Keep it and try it again.
+          this._resumeFailures = 0;
+          this._dropAtWelcome = null;
+        }
+      }
       this._closed(code, reason, welcomed, base);
     };
     ws.onclose = (ev) => ended(ev.code, ev.reason ?? '');
@@ -394,7 +457,20 @@ export class AgentcastClient {
   _frame(frame, url) {
     switch (frame.type) {
       case 'welcome': {
-        const epoch = frame.epoch ?? '';
+        this._resumeFailures = 0;
+        const dropped = this._dropAtWelcome;
+        this._dropAtWelcome = null;
+        if (dropped === 'resume refused') {
+          // A plain open was welcomed where opens with the position were
+          // not: the nodes refuse it. Go on live from this welcome.
+          this.lastSeq = null;
+          this.epoch = null;
+        }
+        let epoch = frame.epoch ?? '';
+        if (!isEpoch(epoch)) {
+          this._report(new Error(`welcome with an epoch that is not a decimal string: ${JSON.stringify(frame.epoch)}`));
+          epoch = null;
+        }
         if (this.epoch !== null && this.epoch !== epoch && this.lastSeq !== null) {
           // A new stream: the old position means nothing in it. The node
           // says so with a stream_reset gap next; if the socket dies before
@@ -402,15 +478,32 @@ export class AgentcastClient {
           // new epoch.
           this.lastSeq = 0;
         }
-        if (this.lastSeq === null) this.lastSeq = frame.position;
+        if (this.lastSeq === null) {
+          if (isPosition(frame.position)) {
+            this.lastSeq = frame.position;
+          } else {
+            this._report(new Error(`welcome with a position that is not a safe integer: ${frame.position}`));
+          }
+        }
         this.epoch = epoch;
         this._savePosition();
         this._setState('open', { url, node: frame.node, position: frame.position, epoch });
         for (const h of this._welcomeHandlers) this._call(h, frame);
+        if (dropped) {
+          const gap = { reason: 'position_dropped', from: undefined, to: undefined, earliest: undefined };
+          for (const h of this._gapHandlers) this._call(h, gap);
+        }
         return;
       }
       case 'event': {
         const seq = frame.seq;
+        if (!isPosition(seq)) {
+          // Not a position this client can hold or send back: the event is
+          // not delivered and the position stays; a resume reads it again
+          // from the node with its stored seq.
+          this._report(new Error(`event with a seq that is not a safe integer: ${seq}; not delivered`));
+          return;
+        }
         if (this.lastSeq !== null && seq <= this.lastSeq) {
           this.duplicates += 1;
           return;
@@ -433,8 +526,10 @@ export class AgentcastClient {
       case 'gap': {
         if (frame.reason === 'stream_reset') {
           this.lastSeq = 0;
-        } else if (typeof frame.to === 'number') {
+        } else if (isPosition(frame.to)) {
           this.lastSeq = Math.max(this.lastSeq ?? 0, frame.to);
+        } else if (frame.to !== undefined) {
+          this._report(new Error(`gap with a bound that is not a safe integer: ${frame.to}; position kept`));
         }
         this._savePosition();
         const gap = { reason: frame.reason, from: frame.from, to: frame.to, earliest: frame.earliest };

@@ -297,3 +297,126 @@ test('a stored position from another epoch: reset to 0, stream_reset gap, everyt
     assert.deepEqual(JSON.parse(storage.getItem(key)), { seq: seqs.at(-1), epoch: r.welcomes[0].epoch });
   });
 });
+
+/** A real WebSocket that records every URL it opens. */
+function recordingSocket(urls, rewrite = (u) => u) {
+  return class extends WebSocket {
+    constructor(url) {
+      urls.push(url);
+      super(rewrite(url));
+    }
+  };
+}
+
+/** The `last_seq` of each URL opened (null when absent). */
+const positionsSent = (urls) => urls.map((u) => new URL(u).searchParams.get('last_seq'));
+
+test('a seq past 2^53 from a node is neither delivered nor stored nor sent back', async () => {
+  await withNodes([], 2, async (nats, [a, b]) => {
+    const urls = [];
+    let bent = 0;
+    // Older nodes forwarded a publisher's forged Nats-Sequence: the first
+    // event frame is given such a seq on its way in.
+    class Forged extends recordingSocket(urls) {
+      set onmessage(h) {
+        super.onmessage =
+          h &&
+          ((m) => {
+            if (bent === 0 && m.data.includes('"type":"event"')) {
+              bent += 1;
+              return h({ data: m.data.replace(/"seq":\d+/, '"seq":18446744073709552000') });
+            }
+            return h(m);
+          });
+      }
+      get onmessage() {
+        return super.onmessage;
+      }
+    }
+    const storage = new MemoryStorage();
+    const errors = [];
+    const client = new AgentcastClient({
+      url: [a.url, b.url],
+      token: () => token('mia'),
+      storage,
+      WebSocket: Forged,
+      onError: (e) => errors.push(e.message),
+    });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    const position = r.welcomes[0].position;
+    const [forged] = await publish(nats, 'mia', thinking(1));
+    await eventually('the bad frame reported', () => errors.length === 1);
+    assert.match(errors[0], /not a safe integer/);
+    assert.equal(client.lastSeq, position);
+    assert.deepEqual(r.seqs, []);
+    const later = await publish(nats, 'mia', thinking(2, 1));
+    await r.count(2);
+    assert.deepEqual(r.seqs, later);
+    await a.kill('SIGKILL');
+    const after = await publish(nats, 'mia', thinking(1, 3));
+    await r.open(2);
+    await r.count(3);
+    client.close();
+    assert.deepEqual(r.seqs, [...later, ...after]);
+    assert.ok(forged < later[0]);
+    assert.deepEqual(positionsSent(urls), [null, String(later.at(-1))]);
+    assert.equal(JSON.parse(storage.getItem(`agentcast:${a.url} ${b.url}:mia`)).seq, after.at(-1));
+  });
+});
+
+test('a stored position that is not a safe integer is dropped: live start and a position_dropped gap', async () => {
+  await withNodes([], 1, async (nats, [node]) => {
+    await publish(nats, 'nia', thinking(2));
+    const storage = new MemoryStorage();
+    const key = `agentcast:${node.url}:nia`;
+    // What the earlier client stored after a forged seq.
+    storage.setItem(key, '{"seq":18446744073709552000,"epoch":"1795500000123456789"}');
+    const urls = [];
+    const client = new AgentcastClient({
+      url: node.url,
+      token: () => token('nia'),
+      storage,
+      WebSocket: recordingSocket(urls),
+    });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    assert.deepEqual(r.gaps, [{ reason: 'position_dropped', from: undefined, to: undefined, earliest: undefined }]);
+    assert.deepEqual(positionsSent(urls), [null]);
+    const live = await publish(nats, 'nia', thinking(1, 2));
+    await r.count(1);
+    client.close();
+    assert.deepEqual(r.seqs, live);
+    assert.deepEqual(JSON.parse(storage.getItem(key)), { seq: live[0], epoch: r.welcomes[0].epoch });
+  });
+});
+
+test('a position the node keeps refusing is dropped once a plain open is welcomed', async () => {
+  await withNodes([], 1, async (nats, [node]) => {
+    const urls = [];
+    // The node refuses this position for real (400: above 2^53-1); the
+    // client, like a browser, sees only a failed open.
+    const Refused = recordingSocket(urls, (u) => u.replace(/last_seq=\d+/, 'last_seq=9007199254740992'));
+    const client = new AgentcastClient({
+      url: node.url,
+      token: () => token('omar'),
+      storage: null,
+      lastSeq: 5,
+      backoffBase: 10,
+      backoffMax: 50,
+      WebSocket: Refused,
+    });
+    const r = record(client);
+    client.connect();
+    await r.open();
+    assert.deepEqual(positionsSent(urls), ['5', '5', '5', null]);
+    assert.deepEqual(r.gaps, [{ reason: 'position_dropped', from: undefined, to: undefined, earliest: undefined }]);
+    assert.equal(client.lastSeq, r.welcomes[0].position);
+    const live = await publish(nats, 'omar', thinking(2));
+    await r.count(2);
+    client.close();
+    assert.deepEqual(r.seqs, live);
+  });
+});
