@@ -97,7 +97,7 @@ pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Share of the drain window over which closes are spread; the rest is left
 /// for the last sockets' close frames (bounded by the socket's close
-/// timeout), so the process exits within the window.
+/// timeout), so the process exits within the window (plus [`DRAIN_GRACE`]).
 pub const DRAIN_SPREAD: f64 = 0.8;
 
 /// What [`run`] may take past `--drain-window` after the drain began:
@@ -171,7 +171,7 @@ fn open_file_limit() -> Option<u64> {
             }
         }
     }
-    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur as u64)
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
 }
 
 /// Shared by every request and socket.
@@ -275,17 +275,13 @@ impl AppState {
     /// Reserves a socket slot for `kicker`: refused while draining (checked
     /// under the registry's lock, so a reservation either is seen by the
     /// drain or sees the drain) and at the socket bound.
-    fn reserve(self: &Arc<Self>, id: u64, kicker: Arc<Kicker>) -> Result<Slot, Response> {
+    fn reserve(self: &Arc<Self>, id: u64, kicker: Arc<Kicker>) -> Result<Slot, NoSlot> {
         let mut kickers = lock(&self.kickers);
         if self.draining.load(Ordering::Acquire) {
-            return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()));
+            return Err(NoSlot::Draining);
         }
         if kickers.len() >= self.limits.sockets {
-            return Err(refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "capacity",
-                "this node is at its connection limit".into(),
-            ));
+            return Err(NoSlot::Capacity);
         }
         kickers.insert(id, kicker);
         Ok(Slot { st: self.clone(), id })
@@ -448,7 +444,7 @@ async fn ws_handler(
     // drain reaches the socket however late its upgrade completes.
     let slot = match st.reserve(conn_id, kicker.clone()) {
         Ok(s) => s,
-        Err(refusal) => return refusal,
+        Err(no) => return no.refuse(),
     };
     let tracked = st.tracker.token();
     // Every line of the socket carries its connection id; the user only
@@ -494,6 +490,23 @@ async fn ws_handler(
                 })
                 .instrument(span)
         })
+}
+
+/// Why [`AppState::reserve`] gave no slot.
+enum NoSlot {
+    Draining,
+    Capacity,
+}
+
+impl NoSlot {
+    fn refuse(self) -> Response {
+        match self {
+            NoSlot::Draining => refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()),
+            NoSlot::Capacity => {
+                refuse(StatusCode::SERVICE_UNAVAILABLE, "capacity", "this node is at its connection limit".into())
+            }
+        }
+    }
 }
 
 /// One reserved socket slot, released on drop (also when an upgrade fails
@@ -673,7 +686,8 @@ pub enum RunError {
 /// Serves until `shutdown` is cancelled, then drains: readiness turns false,
 /// new sockets are refused with 503, and every socket gets a `reconnect` frame and
 /// a close (1012), spread evenly over the drain window so the other nodes
-/// are not hit by all of them at once.
+/// are not hit by all of them at once. Returns within the window plus
+/// [`DRAIN_GRACE`].
 pub async fn run(listener: TcpListener, st: Arc<AppState>, shutdown: CancellationToken) -> Result<(), RunError> {
     let stop_watch = CancellationToken::new();
     let mut watcher = tokio::spawn(watch_stream(st.clone(), stop_watch.clone()));
@@ -823,4 +837,35 @@ pub fn shutdown_on_signals() -> CancellationToken {
         std::process::exit(130);
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grace_is_what_the_exit_waits_for() {
+        assert_eq!(DRAIN_GRACE, CONNECTION_CLOSE_GRACE + FLUSH_TIMEOUT);
+    }
+
+    #[test]
+    fn limits_fit_the_open_file_limit() {
+        // Room for everything asked for: as configured.
+        let (l, why) = Limits::new(1000, Some(1_048_576));
+        assert_eq!(l, Limits { sockets: 1000, http: MAX_HTTP_CONNECTIONS });
+        assert!(why.is_none());
+        assert_eq!(Limits::new(100_000, None).0.sockets, 100_000);
+        // Too few files: HTTP gets at most half, sockets the rest, and the
+        // sum stays within the limit minus the reserve.
+        for files in [96u64, 1024, 4096, 65_536] {
+            let (l, why) = Limits::new(100_000, Some(files));
+            assert!(l.sockets + l.http + FD_RESERVE <= files as usize, "{files}: {l:?}");
+            assert!(l.http <= l.sockets.max(1), "{files}: {l:?}");
+            assert!(why.is_some_and(|w| w.contains(&files.to_string())), "{files}");
+        }
+        assert_eq!(Limits::new(100_000, Some(96)).0, Limits { sockets: 16, http: 16 });
+        // A limit below the reserve still leaves one of each.
+        let (l, _) = Limits::new(100, Some(10));
+        assert_eq!(l, Limits { sockets: 1, http: 1 });
+    }
 }
