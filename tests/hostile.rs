@@ -108,6 +108,30 @@ async fn half_sent_requests_do_not_hold_up_the_exit() {
     }
 }
 
+/// A socket whose client stopped reading, with megabytes queued behind a
+/// full TCP window, cannot take its close frame: the exit does not wait for it.
+#[tokio::test]
+async fn a_stalled_socket_does_not_hold_up_the_exit() {
+    let nats = NatsServer::start();
+    let window = Duration::from_secs(2);
+    let mut node = Node::start(&nats, &["--drain-window", "2s", "--socket-queue", "65536"]).await;
+    let (_stalled, _) = Client::join(&node, "u1").await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    // 20 MiB: more than the kernel buffers on both ends of a loopback socket.
+    let event = format!(r#"{{"pad":"{}"}}"#, "x".repeat(200 * 1024));
+    for _ in 0..100 {
+        publish(&js, "u1", event.clone()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    node.signal("TERM");
+    let code = node.wait_exit(window + agentcast::server::DRAIN_GRACE + SLACK);
+    let took = started.elapsed();
+    eprintln!("exit {code:?} {took:?} after SIGTERM with a stalled socket (window {window:?})");
+    assert_eq!(code, Some(0), "log:\n{}", node.log_text());
+    assert!(node.log_text().contains("drain window passed with sockets still closing"), "the socket was stalled");
+}
+
 #[tokio::test]
 async fn silent_and_dripping_connections_are_closed_by_the_header_timeout() {
     let nats = NatsServer::start();
