@@ -388,7 +388,13 @@ fn valid_key(headers: &HeaderMap) -> bool {
 /// Refuses a request that is not a WebSocket handshake, with axum's status
 /// (400, or 426 for HTTP/1.0, which cannot upgrade) and a JSON body.
 fn not_websocket(rejection: WebSocketUpgradeRejection) -> Response {
-    refuse(rejection.status(), "not_websocket", rejection.body_text())
+    let status = rejection.status();
+    let message = match rejection {
+        // hyper offers no upgrade on HTTP/1.0; axum's text does not say so.
+        WebSocketUpgradeRejection::ConnectionNotUpgradable(_) => "WebSocket needs HTTP/1.1 or later".into(),
+        other => other.body_text(),
+    };
+    refuse(status, "not_websocket", message)
 }
 
 async fn ws_handler(
@@ -404,12 +410,9 @@ async fn ws_handler(
     if !valid_key(&headers) {
         return refuse(StatusCode::BAD_REQUEST, "not_websocket", "Sec-WebSocket-Key must be 16 bytes in base64".into());
     }
-    let Ok(Query(params)) = query else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the query string does not parse (a parameter given twice?)".into(),
-        );
+    let params = match query {
+        Ok(Query(p)) => p,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
     };
     if st.draining.load(Ordering::Acquire) {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into());
