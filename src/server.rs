@@ -59,6 +59,17 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// made `/healthz` and `/ws` unanswerable).
 pub const FD_RESERVE: usize = 64;
 
+/// Largest request head (request line and headers) read, in bytes: hyper's
+/// read buffer per connection grows up to this. Tokens are at most 8 KiB
+/// ([`crate::auth::MAX_TOKEN_LEN`]) and browsers' cookies for the origin a
+/// few KiB more; nginx allows 32 KiB, Node.js 16 KiB. hyper's default (about
+/// 400 KiB) would let [`MAX_HTTP_CONNECTIONS`] slow senders pin 400 MiB; at
+/// this bound they pin about 64 MiB (hyper checks it between reads, so a
+/// head that arrives in one read may overshoot it by that read). A bigger
+/// head is answered 431 (414 when the request line alone is too long) with
+/// an empty body.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// After an accept fails (out of file descriptors despite [`FD_RESERVE`],
 /// or out of memory), the next attempt waits this long: the failure repeats
 /// at once while the cause lasts, and a loop around it would spin a core.
@@ -110,7 +121,8 @@ pub const DRAIN_GRACE: Duration = Duration::from_millis(1500);
 
 /// Connections that have not finished their request (or are between
 /// requests), at most, unless the open-file limit allows fewer
-/// ([`Limits`]). Each costs a file descriptor and about 1 KiB. When the
+/// ([`Limits`]). Each costs a file descriptor and a read buffer of 8 KiB,
+/// up to [`MAX_REQUEST_HEAD`] for a client sending a big head. When the
 /// bound is reached, the oldest of them is closed to make room for the new
 /// one: a flood of silent connections then cannot lock out health checks
 /// and honest clients, who send their request at once.
@@ -564,7 +576,7 @@ struct HttpConns {
 async fn serve(listener: TcpListener, st: Arc<AppState>, stop: CancellationToken) {
     let router = app(st.clone());
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_REQUEST_HEAD);
     loop {
         let tcp = tokio::select! {
             _ = stop.cancelled() => break,

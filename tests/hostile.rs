@@ -459,14 +459,17 @@ async fn handshakes_that_are_not_websocket_get_json_refusals() {
     let twice = ws_request(&node, &format!("{path}&token=x"), "HTTP/1.1", KEY);
     let (status, _, body) = raw_exchange(&node, twice.as_bytes()).await;
     assert_eq!((status, json_error("token twice", &body).as_str()), (400, "bad_request"), "{body}");
-    // A token over 8 KiB is a JSON refusal; a request line over 64 KiB is
-    // refused by the HTTP layer with 414 and no body, as documented.
+    // A token over 8 KiB is a JSON refusal; a request line or head over
+    // 64 KiB is refused by the HTTP layer, with no body, as documented.
     let long = ws_request(&node, &format!("/ws?token={}", "a".repeat(9 * 1024)), "HTTP/1.1", KEY);
     let (status, _, body) = raw_exchange(&node, long.as_bytes()).await;
     assert_eq!((status, json_error("9 KiB token", &body).as_str()), (401, "malformed"), "{body}");
     let huge = ws_request(&node, &format!("/ws?token={}", "a".repeat(100 * 1024)), "HTTP/1.1", KEY);
     let (status, _, body) = raw_exchange(&node, huge.as_bytes()).await;
-    assert_eq!((status, body.as_str()), (414, ""));
+    assert_eq!((status, body.as_str()), (414, ""), "100 KB token");
+    let cookie = format!("GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\r\n", "c".repeat(200 * 1024));
+    let (status, _, body) = raw_exchange(&node, cookie.as_bytes()).await;
+    assert_eq!((status, body.as_str()), (431, ""), "200 KB header");
     // The valid key upgrades.
     let (status, head, _) = raw_exchange(&node, ws_request(&node, &path, "HTTP/1.1", KEY).as_bytes()).await;
     assert_eq!(status, 101, "{head}");
