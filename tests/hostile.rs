@@ -209,6 +209,9 @@ async fn health_checks_are_answered_with_many_half_open_connections_under_a_low_
     assert_eq!((status, body["error"].as_str()), (503, Some("capacity")), "{body}");
     assert_eq!(get_within(&node, "/readyz", Duration::from_secs(5)).await.map(|a| a.0), Some(200));
     assert!(!node.log_text().contains("Too many open files"), "no accept failed:\n{}", node.log_text());
+    // The bare connections were closed, oldest first, to make room.
+    let evicted = node.metric("agentcast_connections_refused_total", r#"reason="http_capacity""#).await;
+    assert!(evicted >= 150.0, "{evicted} connections closed at the bound");
 }
 
 /// Late joiners: sockets that have not joined their user when the drain
