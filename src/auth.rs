@@ -50,6 +50,10 @@ pub enum AuthError {
     MissingClaim(String),
     #[error("token claim {0} is not acceptable")]
     Claim(&'static str),
+    /// RFC 7515 4.1.11: a recipient must refuse a token whose `crit` header
+    /// names an extension it does not understand; this node understands none.
+    #[error("token header lists critical extensions (crit: {0}) this node does not understand")]
+    Critical(String),
     #[error("user id is not allowed: {0}")]
     UserId(#[from] UserIdError),
 }
@@ -66,6 +70,7 @@ impl AuthError {
             AuthError::Algorithm(..) => "algorithm",
             AuthError::MissingClaim(_) => "missing_claim",
             AuthError::Claim(_) => "claim",
+            AuthError::Critical(_) => "crit",
             AuthError::UserId(_) => "user_id",
         }
     }
@@ -196,9 +201,13 @@ impl Authenticator {
         // Read the header's `alg` ourselves first: jsonwebtoken reports an
         // unknown name such as "none" as a JSON error, which would hide an
         // attack behind "malformed".
-        let header_alg = header_alg(token).ok_or(AuthError::Malformed)?;
+        let header = jose_header(token).ok_or(AuthError::Malformed)?;
+        let header_alg = header.alg;
         if header_alg != format!("{expected:?}") {
             return Err(AuthError::Algorithm(header_alg, expected));
+        }
+        if let Some(crit) = header.crit {
+            return Err(AuthError::Critical(crit.to_string()));
         }
         // Both claims are optional here so their absence is reported as such
         // (jsonwebtoken would otherwise fail on deserialising first).
@@ -206,6 +215,9 @@ impl Authenticator {
         struct Decoded {
             sub: Option<String>,
             exp: Option<u64>,
+            /// Read to check its type: jsonwebtoken accepts an array and
+            /// matches any member, but RFC 7519 4.1.1 makes `iss` one string.
+            iss: Option<serde_json::Value>,
         }
         let data = jsonwebtoken::decode::<Decoded>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -221,6 +233,9 @@ impl Authenticator {
             ErrorKind::InvalidClaimFormat(_) => AuthError::Malformed,
             _ => AuthError::Malformed,
         })?;
+        if self.validation.iss.is_some() && data.claims.iss.as_ref().is_some_and(|iss| !iss.is_string()) {
+            return Err(AuthError::Malformed);
+        }
         let sub = data.claims.sub.ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
         let exp = data.claims.exp.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
         let user = UserId::parse(&sub)?;
@@ -228,15 +243,19 @@ impl Authenticator {
     }
 }
 
-/// The `alg` of a compact JWT's header, if the header decodes.
-fn header_alg(token: &str) -> Option<String> {
+/// The header fields checked before jsonwebtoken sees the token.
+#[derive(Deserialize)]
+struct JoseHeader {
+    alg: String,
+    /// Any value: its presence alone refuses the token.
+    crit: Option<serde_json::Value>,
+}
+
+/// A compact JWT's header, if it decodes.
+fn jose_header(token: &str) -> Option<JoseHeader> {
     let header = token.split('.').next()?;
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).ok()?;
-    #[derive(Deserialize)]
-    struct H {
-        alg: String,
-    }
-    serde_json::from_slice::<H>(&json).ok().map(|h| h.alg)
+    serde_json::from_slice(&json).ok()
 }
 
 /// Mints an HS256 token: for `agentcast dev`, `agentcast token` and tests.
@@ -307,6 +326,10 @@ mod tests {
         let hs512 = sign(r#"{"alg":"HS512"}"#, &format!(r#"{{"sub":"u","exp":{exp}}}"#), SECRET);
         assert_eq!(reason(&hs512), "algorithm");
         assert_eq!(reason(&"a".repeat(MAX_TOKEN_LEN + 1)), "malformed");
+        // RFC 7515: an extension marked critical that is not understood.
+        let crit =
+            sign(r#"{"alg":"HS256","crit":["exp-ext"],"exp-ext":1}"#, &format!(r#"{{"sub":"u","exp":{exp}}}"#), SECRET);
+        assert_eq!(reason(&crit), "crit");
     }
 
     #[test]
@@ -390,6 +413,9 @@ mod tests {
         assert_eq!(a.verify(&no_aud).unwrap_err().reason(), "missing_claim");
         let wrong = sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"iss":"other","aud":"agentcast"}}"#), SECRET);
         assert_eq!(a.verify(&wrong).unwrap_err().reason(), "claim");
+        // RFC 7519: `iss` is one string, not a list to pick from.
+        let list = sign(hs, &format!(r#"{{"sub":"u","exp":{exp},"iss":["idp","x"],"aud":"agentcast"}}"#), SECRET);
+        assert_eq!(a.verify(&list).unwrap_err().reason(), "malformed");
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl Client {
                         // after a short jitter.
                         1012 | 4000 | 4003 => self.attempt = 0,
                         // The client itself is at fault: a retry repeats it.
-                        1003 | 1007 | 1008 | 1009 => return Err(ClientError::Closed { code, reason }),
+                        1002 | 1003 | 1007 | 1008 | 1009 => return Err(ClientError::Closed { code, reason }),
                         _ => self.attempt = self.attempt.max(1),
                     }
                     continue;

@@ -465,15 +465,6 @@ impl Hub {
         }
     }
 
-    /// Every socket's kicker, for the drain.
-    pub fn kickers(&self) -> Vec<Arc<Kicker>> {
-        let users = lock(&self.users);
-        users
-            .values()
-            .flat_map(|e| lock(&e.shared).sockets.iter().map(|s| s.kicker.clone()).collect::<Vec<_>>())
-            .collect()
-    }
-
     /// The stream was recreated: close every socket (they resume and learn of
     /// the reset) and forget every user, whose positions are now meaningless.
     pub fn reset(&self) {

@@ -8,7 +8,11 @@ use serde::{Deserialize, Serialize};
 pub mod close {
     /// A binary frame: the protocol is JSON text only. Do not retry as is.
     pub const UNSUPPORTED: u16 = 1003;
-    /// A text frame that is not valid UTF-8. Do not retry as is.
+    /// A frame that breaks RFC 6455 (reserved bits or opcodes, unmasked,
+    /// fragmented or oversized control frames). Do not retry as is.
+    pub const PROTOCOL: u16 = 1002;
+    /// A text frame, or a close frame's reason, that is not valid UTF-8.
+    /// Do not retry as is.
     pub const NOT_UTF8: u16 = 1007;
     /// A client frame over [`super::MAX_CLIENT_FRAME`]. Do not retry as is.
     pub const TOO_BIG: u16 = 1009;

@@ -1,24 +1,34 @@
 //! HTTP routes, the upgrade, readiness and the drain.
 //!
 //! [`run`] takes an already-bound listener (tests pass port 0) and a
-//! cancellation token; cancelling it starts the drain. axum's graceful
-//! shutdown stops accepting but does not wait for upgraded WebSockets, so
-//! sockets are tracked with a [`TaskTracker`] and closed by the drain.
+//! cancellation token; cancelling it starts the drain. Connections are
+//! accepted here rather than by `axum::serve`, which runs hyper without a
+//! timer (so without a header-read timeout), does not bound connections that
+//! have not finished their request, and waits for every one of them on
+//! shutdown. Here each HTTP connection is counted and bounded
+//! ([`Limits`]), a request's headers must arrive within
+//! [`HEADER_READ_TIMEOUT`], and the drain ends on time whatever the
+//! connections do ([`DRAIN_GRACE`]). Upgraded sockets are tracked with a
+//! [`TaskTracker`] and a registry of their kickers, and closed by the drain.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::FutureExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -30,6 +40,45 @@ use crate::metrics as m;
 use crate::protocol::{BAD_POSITION, MAX_CLIENT_FRAME, parse_position};
 use crate::socket::{self, MAX_WRITE_BUFFER, READ_BUFFER, Session, Start, WRITE_BUFFER};
 use crate::stream::{self, StreamError};
+
+/// Longest a client may take to send a request line and its headers,
+/// counted from when the node starts waiting for them (a new connection, or
+/// a kept-alive one after its previous response). Browsers, proxies and
+/// health checkers send them in one packet right away; ten seconds covers a
+/// slow mobile link many times over. A connection that is silent, or drips
+/// its headers (slowloris), is closed without an answer when it passes.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// File descriptors kept for everything but client connections: stdio, the
+/// runtime's epoll and wakers, the listener, the NATS connections (one plus
+/// [`crate::nats::READ_CONNECTIONS`]), and what libraries open (DNS, TLS
+/// files, a NATS reconnect's second socket). An idle node uses 15 (measured:
+/// 3 stdio, 3 for the runtime, 9 sockets); the rest is headroom.
+/// Connections are bounded to the process's
+/// RLIMIT_NOFILE minus this, so an accept never fails with EMFILE (which
+/// made `/healthz` and `/ws` unanswerable).
+pub const FD_RESERVE: usize = 64;
+
+/// Largest request head (request line and headers) read, in bytes: hyper's
+/// read buffer per connection grows up to this. Tokens are at most 8 KiB
+/// ([`crate::auth::MAX_TOKEN_LEN`]) and browsers' cookies for the origin a
+/// few KiB more; nginx allows 32 KiB, Node.js 16 KiB. hyper's default (about
+/// 400 KiB) would let [`MAX_HTTP_CONNECTIONS`] slow senders pin 400 MiB; at
+/// this bound they pin about 64 MiB (hyper checks it between reads, so a
+/// head that arrives in one read may overshoot it by that read). A bigger
+/// head is answered 431 (414 when the request line alone is too long) with
+/// an empty body.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// After an accept fails (out of file descriptors despite [`FD_RESERVE`],
+/// or out of memory), the next attempt waits this long: the failure repeats
+/// at once while the cause lasts, and a loop around it would spin a core.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// When the drain is over, HTTP connections still open (a scrape, a health
+/// check, a half-sent request) get this long to finish before they are
+/// dropped.
+pub const CONNECTION_CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// How often readiness re-checks the stream (and creates it if missing).
 pub const READY_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -55,8 +104,83 @@ pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Share of the drain window over which closes are spread; the rest is left
 /// for the last sockets' close frames (bounded by the socket's close
-/// timeout), so the process exits within the window.
+/// timeout), so the process exits within the window (plus [`DRAIN_GRACE`]).
 pub const DRAIN_SPREAD: f64 = 0.8;
+
+/// What [`run`] may take past `--drain-window` after the drain began:
+/// [`CONNECTION_CLOSE_GRACE`] for the HTTP connections, then
+/// [`FLUSH_TIMEOUT`] for NATS. Sockets still open at the end of the window
+/// are not waited for. A process manager should allow the window plus this
+/// (and its own margin) before it kills the node.
+pub const DRAIN_GRACE: Duration = Duration::from_millis(1500);
+
+/// Connections that have not finished their request (or are between
+/// requests), at most, unless the open-file limit allows fewer
+/// ([`Limits`]). Each costs a file descriptor and a read buffer of 8 KiB,
+/// up to [`MAX_REQUEST_HEAD`] for a client sending a big head. When the
+/// bound is reached, the oldest of them is closed to make room for the new
+/// one: a flood of silent connections then cannot lock out health checks
+/// and honest clients, who send their request at once.
+pub const MAX_HTTP_CONNECTIONS: usize = 1024;
+
+/// The bounds on connections in force: `--max-connections` and
+/// [`MAX_HTTP_CONNECTIONS`], lowered when the process may not open that
+/// many files. Together, sockets and HTTP connections never need more than
+/// RLIMIT_NOFILE minus [`FD_RESERVE`] descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Upgraded sockets (and upgrades under way); more get 503 `capacity`.
+    pub sockets: usize,
+    /// Connections that are not sockets; at the bound the oldest is closed.
+    pub http: usize,
+}
+
+impl Limits {
+    /// `open_files`: the soft RLIMIT_NOFILE, if known. Returns the limits
+    /// and, when they are lower than asked for, why.
+    pub fn new(max_connections: usize, open_files: Option<u64>) -> (Self, Option<String>) {
+        let asked = Self { sockets: max_connections, http: MAX_HTTP_CONNECTIONS };
+        let Some(files) = open_files else { return (asked, None) };
+        let budget = usize::try_from(files).unwrap_or(usize::MAX).saturating_sub(FD_RESERVE).max(2);
+        if asked.sockets.saturating_add(asked.http) <= budget {
+            return (asked, None);
+        }
+        // HTTP connections get at most half: health checks need only a few,
+        // and sockets are what the node is for.
+        let http = asked.http.min(budget / 2);
+        let limits = Self { sockets: asked.sockets.min(budget - http), http };
+        let why = format!(
+            "the open-file limit ({files}) allows {budget} connections after {FD_RESERVE} kept for the node itself; \
+             serving at most {} sockets (--max-connections {}) and {} other HTTP connections: \
+             raise the limit (ulimit -n, systemd LimitNOFILE=) to at least {} for the configured bounds",
+            limits.sockets,
+            asked.sockets,
+            limits.http,
+            asked.sockets as u128 + asked.http as u128 + FD_RESERVE as u128,
+        );
+        (limits, Some(why))
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (as Go and nginx do: the
+/// soft default of 1024 is a leftover of `select`, which this process does
+/// not use) and returns the soft limit in force.
+fn open_file_limit() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+}
 
 /// Shared by every request and socket.
 pub struct AppState {
@@ -65,11 +189,28 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub client: async_nats::Client,
     pub metrics: PrometheusHandle,
+    pub limits: Limits,
     stream_ok: AtomicBool,
     draining: AtomicBool,
-    sockets: AtomicUsize,
+    /// Every reserved socket's kicker, by connection id, from the
+    /// reservation before the upgrade to the socket's end, so the drain
+    /// reaches sockets that have not joined their user yet (waiting for a
+    /// `resume` frame, or still upgrading).
+    kickers: Mutex<HashMap<u64, Arc<Kicker>>>,
     next_conn: AtomicU64,
     tracker: TaskTracker,
+    /// HTTP connections that are not sockets.
+    http: Mutex<HttpConns>,
+    /// Told when an HTTP connection is gone.
+    http_freed: tokio::sync::Notify,
+    next_http: AtomicU64,
+    /// The HTTP connections' tasks (not the sockets': those are `tracker`'s).
+    connections: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl AppState {
@@ -81,7 +222,12 @@ impl AppState {
         metrics: PrometheusHandle,
     ) -> Arc<Self> {
         let hub = Hub::new(client.clone(), readers, config.stream.clone());
+        let (limits, lowered) = Limits::new(config.max_connections, open_file_limit());
+        if let Some(why) = lowered {
+            tracing::warn!("{why}");
+        }
         Arc::new(Self {
+            limits,
             node_id: config.node_id.as_str().into(),
             config,
             hub,
@@ -89,10 +235,64 @@ impl AppState {
             metrics,
             stream_ok: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            sockets: AtomicUsize::new(0),
+            kickers: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             tracker: TaskTracker::new(),
+            http: Mutex::new(HttpConns::default()),
+            http_freed: tokio::sync::Notify::new(),
+            next_http: AtomicU64::new(1),
+            connections: TaskTracker::new(),
         })
+    }
+
+    /// Counts a new HTTP connection. At the bound the oldest one is asked
+    /// to close, and this waits until it has (its file descriptor is
+    /// released), so the bound holds for descriptors, not only for tasks.
+    /// `None` if `stop` comes first.
+    async fn admit(self: &Arc<Self>, stop: &CancellationToken) -> Option<HttpConn> {
+        let id = self.next_http.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let freed = self.http_freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            {
+                let mut h = lock(&self.http);
+                // Closing ones still hold their descriptor: they count.
+                let need = (h.open.len() + h.closing + 1).saturating_sub(self.limits.http);
+                while h.closing < need {
+                    let Some((_, oldest)) = h.open.pop_first() else { break };
+                    oldest.cancel();
+                    h.closing += 1;
+                    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "http_capacity").increment(1);
+                }
+                if h.open.len() + h.closing < self.limits.http {
+                    let close = CancellationToken::new();
+                    h.open.insert(id, close.clone());
+                    return Some(HttpConn { st: self.clone(), id, close });
+                }
+                // Registered before the lock is released: a release in
+                // between still wakes us.
+                freed.as_mut().enable();
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = freed => {}
+            }
+        }
+    }
+
+    /// Reserves a socket slot for `kicker`: refused while draining (checked
+    /// under the registry's lock, so a reservation either is seen by the
+    /// drain or sees the drain) and at the socket bound.
+    fn reserve(self: &Arc<Self>, id: u64, kicker: Arc<Kicker>) -> Result<Slot, NoSlot> {
+        let mut kickers = lock(&self.kickers);
+        if self.draining.load(Ordering::Acquire) {
+            return Err(NoSlot::Draining);
+        }
+        if kickers.len() >= self.limits.sockets {
+            return Err(NoSlot::Capacity);
+        }
+        kickers.insert(id, kicker);
+        Ok(Slot { st: self.clone(), id })
     }
 
     fn nats_connected(&self) -> bool {
@@ -168,20 +368,67 @@ fn refuse(status: StatusCode, reason: &'static str, message: String) -> Response
     (status, Json(serde_json::json!({ "error": reason, "message": message }))).into_response()
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+const DRAINING: &str = "this node is draining; connect to another";
+
+/// The token from the `Authorization` header: `Ok(None)` without one. A
+/// header that is there but is not one `Bearer <token>` is refused rather
+/// than passed over for `?token=`: a client that sends it meant it.
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(v) = all.next() else { return Ok(None) };
+    if all.next().is_some() {
+        return Err("give one Authorization header");
+    }
+    let v = v.to_str().map_err(|_| "the Authorization header is not ASCII")?;
+    match v.trim().split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Ok(Some(token.trim()))
+        }
+        _ => Err("the Authorization header must be `Bearer <token>`"),
+    }
+}
+
+/// RFC 6455 4.2.1: the key is 16 random bytes in base64; anything else is
+/// not a WebSocket client's handshake.
+fn valid_key(headers: &HeaderMap) -> bool {
+    use base64::Engine as _;
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).ok())
+        .is_some_and(|k| k.len() == 16)
+}
+
+/// Refuses a request that is not a WebSocket handshake, with axum's status
+/// (400, or 426 for HTTP/1.0, which cannot upgrade) and a JSON body.
+fn not_websocket(rejection: WebSocketUpgradeRejection) -> Response {
+    let status = rejection.status();
+    let message = match rejection {
+        // hyper offers no upgrade on HTTP/1.0; axum's text does not say so.
+        WebSocketUpgradeRejection::ConnectionNotUpgradable(_) => "WebSocket needs HTTP/1.1 or later".into(),
+        other => other.body_text(),
+    };
+    refuse(status, "not_websocket", message)
 }
 
 async fn ws_handler(
     State(st): State<Arc<AppState>>,
-    Query(params): Query<WsParams>,
+    query: Result<Query<WsParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => return not_websocket(rejection),
+    };
+    if !valid_key(&headers) {
+        return refuse(StatusCode::BAD_REQUEST, "not_websocket", "Sec-WebSocket-Key must be 16 bytes in base64".into());
+    }
+    let params = match query {
+        Ok(Query(p)) => p,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
     if st.draining.load(Ordering::Acquire) {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", "this node is draining; connect to another".into());
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into());
     }
     if !st.ready() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "this node is not connected to NATS yet".into());
@@ -196,7 +443,10 @@ async fn ws_handler(
         Ok(s) => s,
         Err(why) => return refuse(StatusCode::BAD_REQUEST, "bad_request", why.into()),
     };
-    let token = bearer(&headers).or(params.token.as_deref()).unwrap_or("");
+    let token = match bearer(&headers) {
+        Ok(t) => t.or(params.token.as_deref()).unwrap_or(""),
+        Err(why) => return refuse(StatusCode::UNAUTHORIZED, AuthError::Malformed.reason(), why.into()),
+    };
     let identity = match st.config.auth.verify(token) {
         Ok(id) => id,
         Err(e @ AuthError::UserId(_)) => {
@@ -204,13 +454,14 @@ async fn ws_handler(
         }
         Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.reason(), e.to_string()),
     };
-    // Reserve a slot before upgrading so the bound holds under a burst.
-    if st.sockets.fetch_add(1, Ordering::AcqRel) >= st.config.max_connections {
-        st.sockets.fetch_sub(1, Ordering::AcqRel);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "capacity", "this node is at its connection limit".into());
-    }
-    let slot = Slot(st.clone());
     let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
+    let kicker = Arc::new(Kicker::default());
+    // Reserved before upgrading so the bound holds under a burst, and so the
+    // drain reaches the socket however late its upgrade completes.
+    let slot = match st.reserve(conn_id, kicker.clone()) {
+        Ok(s) => s,
+        Err(no) => return no.refuse(),
+    };
     let tracked = st.tracker.token();
     // Every line of the socket carries its connection id; the user only
     // when the operator allows user ids in logs (--log-user-ids).
@@ -225,7 +476,7 @@ async fn ws_handler(
         token_exp: identity.close_at,
         queue: st.config.socket_queue,
         ping_interval: st.config.ping_interval,
-        kicker: Arc::new(Kicker::default()),
+        kicker,
         start,
     };
     // Boxed for the callback: axum's task keeps the callback's captures for
@@ -257,13 +508,110 @@ async fn ws_handler(
         })
 }
 
-/// One reserved connection slot, released on drop (also when an upgrade
-/// fails and the callback never runs).
-struct Slot(Arc<AppState>);
+/// Why [`AppState::reserve`] gave no slot.
+enum NoSlot {
+    Draining,
+    Capacity,
+}
+
+impl NoSlot {
+    fn refuse(self) -> Response {
+        match self {
+            NoSlot::Draining => refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()),
+            NoSlot::Capacity => {
+                refuse(StatusCode::SERVICE_UNAVAILABLE, "capacity", "this node is at its connection limit".into())
+            }
+        }
+    }
+}
+
+/// One reserved socket slot, released on drop (also when an upgrade fails
+/// and the callback never runs).
+struct Slot {
+    st: Arc<AppState>,
+    id: u64,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.sockets.fetch_sub(1, Ordering::AcqRel);
+        lock(&self.st.kickers).remove(&self.id);
+    }
+}
+
+/// One counted HTTP connection; uncounted on drop.
+struct HttpConn {
+    st: Arc<AppState>,
+    id: u64,
+    /// Cancelled to close the connection at once (it was the oldest when
+    /// the bound was reached).
+    close: CancellationToken,
+}
+
+impl Drop for HttpConn {
+    fn drop(&mut self) {
+        {
+            let mut h = lock(&self.st.http);
+            if h.open.remove(&self.id).is_none() {
+                // Asked to close as the oldest: it was counted as closing.
+                h.closing -= 1;
+            }
+        }
+        self.st.http_freed.notify_one();
+    }
+}
+
+/// The HTTP connections that are not sockets.
+#[derive(Default)]
+struct HttpConns {
+    /// Oldest first, each with the token that closes it.
+    open: BTreeMap<u64, CancellationToken>,
+    /// Asked to close to make room, and not gone yet.
+    closing: usize,
+}
+
+/// Accepts connections until `stop`, serving each with HTTP/1.1 (WebSocket
+/// clients upgrade from it; HTTP/2 is not offered, so the header-read
+/// timeout covers every connection). Each connection runs until it ends,
+/// is upgraded, is closed as the oldest at the bound, or `stop` comes.
+async fn serve(listener: TcpListener, st: Arc<AppState>, stop: CancellationToken) {
+    let router = app(st.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_REQUEST_HEAD);
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, backoff = ?ACCEPT_ERROR_BACKOFF, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Some(conn) = st.admit(&stop).await else { break };
+        let serving =
+            http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone())).with_upgrades();
+        st.connections.spawn(run_connection(serving, conn, stop.clone()));
+    }
+}
+
+type Serving = hyper::server::conn::http1::UpgradeableConnection<TokioIo<TcpStream>, TowerToHyperService<Router>>;
+
+async fn run_connection(serving: Serving, conn: HttpConn, stop: CancellationToken) {
+    let mut serving = std::pin::pin!(serving);
+    tokio::select! {
+        ended = serving.as_mut() => {
+            // A header-read timeout ends here too.
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        }
+        _ = conn.close.cancelled() => tracing::debug!("closed the oldest HTTP connection to make room"),
+        _ = stop.cancelled() => {
+            serving.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CONNECTION_CLOSE_GRACE, serving).await;
+        }
     }
 }
 
@@ -354,25 +702,18 @@ async fn position_check(st: &AppState) -> Result<(), StreamError> {
 pub enum RunError {
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("HTTP server: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// Serves until `shutdown` is cancelled, then drains: readiness turns false,
 /// new sockets are refused with 503, and every socket gets a `reconnect` frame and
 /// a close (1012), spread evenly over the drain window so the other nodes
-/// are not hit by all of them at once.
+/// are not hit by all of them at once. Returns within the window plus
+/// [`DRAIN_GRACE`].
 pub async fn run(listener: TcpListener, st: Arc<AppState>, shutdown: CancellationToken) -> Result<(), RunError> {
     let stop_watch = CancellationToken::new();
     let mut watcher = tokio::spawn(watch_stream(st.clone(), stop_watch.clone()));
     let http_stop = CancellationToken::new();
-    let serve = {
-        let http_stop = http_stop.clone();
-        let router = app(st.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
-        })
-    };
+    let serving = tokio::spawn(serve(listener, st.clone(), http_stop.clone()));
     // Wait for a shutdown request or a fatal stream error.
     let watcher_result = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -384,8 +725,14 @@ pub async fn run(listener: TcpListener, st: Arc<AppState>, shutdown: Cancellatio
     // HTTP stays up through the drain: /readyz answers 503, /ws refuses with
     // 503 "draining", /metrics can still be scraped.
     drain(&st).await;
+    // Whatever the HTTP connections do, they are gone within the grace;
+    // sockets still closing are not waited for.
     http_stop.cancel();
-    let _ = serve.await;
+    let _ = serving.await;
+    st.connections.close();
+    if tokio::time::timeout(CONNECTION_CLOSE_GRACE, st.connections.wait()).await.is_err() {
+        tracing::debug!(left = st.connections.len(), "HTTP connections still closing at exit");
+    }
     // Bounded: with NATS unreachable a flush would wait for a reconnect.
     let _ = tokio::time::timeout(FLUSH_TIMEOUT, st.client.flush()).await;
     match watcher_result {
@@ -396,7 +743,10 @@ pub async fn run(listener: TcpListener, st: Arc<AppState>, shutdown: Cancellatio
 
 async fn drain(st: &AppState) {
     let window = st.config.drain_window;
-    let kickers = st.hub.kickers();
+    // Every socket reserved before `draining` was set, joined or not; later
+    // ones are refused (see [`AppState::reserve`]). A socket kicked before it
+    // runs sees the kick as soon as it waits for one.
+    let kickers: Vec<Arc<Kicker>> = lock(&st.kickers).values().cloned().collect();
     let n = kickers.len();
     tracing::info!(sockets = n, window = ?window, "draining");
     let start = tokio::time::Instant::now();
@@ -409,10 +759,6 @@ async fn drain(st: &AppState) {
             _ = tokio::time::sleep_until(start + spread.mul_f64(i as f64 / n.max(1) as f64)) => k.kick(Kick::Drain),
             _ = st.tracker.wait() => break,
         }
-    }
-    // Sockets whose upgrade was under way when the drain began.
-    for k in st.hub.kickers() {
-        k.kick(Kick::Drain);
     }
     let deadline = start + window;
     if tokio::time::timeout_at(deadline, st.tracker.wait()).await.is_err() {
@@ -503,4 +849,35 @@ pub fn shutdown_on_signals() -> CancellationToken {
         std::process::exit(130);
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grace_is_what_the_exit_waits_for() {
+        assert_eq!(DRAIN_GRACE, CONNECTION_CLOSE_GRACE + FLUSH_TIMEOUT);
+    }
+
+    #[test]
+    fn limits_fit_the_open_file_limit() {
+        // Room for everything asked for: as configured.
+        let (l, why) = Limits::new(1000, Some(1_048_576));
+        assert_eq!(l, Limits { sockets: 1000, http: MAX_HTTP_CONNECTIONS });
+        assert!(why.is_none());
+        assert_eq!(Limits::new(100_000, None).0.sockets, 100_000);
+        // Too few files: HTTP gets at most half, sockets the rest, and the
+        // sum stays within the limit minus the reserve.
+        for files in [96u64, 1024, 4096, 65_536] {
+            let (l, why) = Limits::new(100_000, Some(files));
+            assert!(l.sockets + l.http + FD_RESERVE <= files as usize, "{files}: {l:?}");
+            assert!(l.http <= l.sockets.max(1), "{files}: {l:?}");
+            assert!(why.is_some_and(|w| w.contains(&files.to_string())), "{files}");
+        }
+        assert_eq!(Limits::new(100_000, Some(96)).0, Limits { sockets: 16, http: 16 });
+        // A limit below the reserve still leaves one of each.
+        let (l, _) = Limits::new(100, Some(10));
+        assert_eq!(l, Limits { sockets: 1, http: 1 });
+    }
 }

@@ -119,7 +119,7 @@ where
 {
     async move {
         if s.start == Start::Frame {
-            s.start = match wait_resume_frame(&mut ws).await {
+            s.start = match wait_resume_frame(&mut ws, &s.kicker).await {
                 Ok(start) => start,
                 Err(end) => return end,
             };
@@ -341,33 +341,45 @@ where
     close_with(ws, close::INTERNAL, "history unavailable: reconnect and resume", End::Error).await
 }
 
-/// Reads the first client frame of a `resume=frame` socket.
-async fn wait_resume_frame<S, E>(ws: &mut S) -> Result<Start, End>
+/// Reads the first client frame of a `resume=frame` socket. Until it
+/// comes, the socket is answered as it would be later (a close frame is
+/// echoed, a binary frame gets 1003, a broken frame its close code) and a
+/// drain closes it with `reconnect` and 1012: it has not joined its user, so
+/// nothing else would reach it.
+async fn wait_resume_frame<S, E>(ws: &mut S, kicker: &Kicker) -> Result<Start, End>
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    let first = tokio::time::timeout(RESUME_FRAME_TIMEOUT, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => return Some(t),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                _ => return None,
+    let deadline = tokio::time::sleep(RESUME_FRAME_TIMEOUT);
+    let mut deadline = std::pin::pin!(deadline);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            why = kicker.kicked() => return Err(on_kick(ws, why).await),
+            _ = &mut deadline => return Err(close_with(ws, close::POLICY, "no resume frame", End::Unsupported).await),
+            msg = ws.next() => msg,
+        };
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                return match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                    Ok(ClientFrame::Resume { last_seq: Some(last_seq), epoch }) => Ok(Start::After { last_seq, epoch }),
+                    Ok(ClientFrame::Resume { last_seq: None, .. }) => Ok(Start::Live),
+                    // A position the node refuses (above 2^53-1): say so, the client must drop it.
+                    Err(e) if e.to_string().contains(BAD_POSITION) => {
+                        Err(close_with(ws, close::POLICY, BAD_POSITION, End::Unsupported).await)
+                    }
+                    _ => Err(close_with(ws, close::POLICY, "expected a resume frame first", End::Unsupported).await),
+                };
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            // Everything else ends the socket there.
+            other => {
+                if let Some(end) = on_client_message(ws, other).await {
+                    return Err(end);
+                }
             }
         }
-    })
-    .await;
-    match first {
-        Ok(Some(text)) => match serde_json::from_str::<ClientFrame>(text.as_str()) {
-            Ok(ClientFrame::Resume { last_seq: Some(last_seq), epoch }) => Ok(Start::After { last_seq, epoch }),
-            Ok(ClientFrame::Resume { last_seq: None, .. }) => Ok(Start::Live),
-            // A position the node refuses (above 2^53-1): say so, the client must drop it.
-            Err(e) if e.to_string().contains(BAD_POSITION) => {
-                Err(close_with(ws, close::POLICY, BAD_POSITION, End::Unsupported).await)
-            }
-            _ => Err(close_with(ws, close::POLICY, "expected a resume frame first", End::Unsupported).await),
-        },
-        Ok(None) => Err(End::Client),
-        Err(_) => Err(close_with(ws, close::POLICY, "no resume frame", End::Unsupported).await),
     }
 }
 
@@ -430,7 +442,14 @@ where
             }
             Some(ReadFailure::NotUtf8) => {
                 metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "not_utf8").increment(1);
-                Some(close_with(ws, close::NOT_UTF8, "text frames must be UTF-8", End::Unsupported).await)
+                // tungstenite reports a text frame and a close frame's reason
+                // alike; the reason text covers both.
+                Some(close_with(ws, close::NOT_UTF8, "invalid UTF-8", End::Unsupported).await)
+            }
+            Some(ReadFailure::Protocol) => {
+                metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "protocol").increment(1);
+                tracing::debug!(error = %e, "the client broke RFC 6455");
+                Some(close_with(ws, close::PROTOCOL, "protocol error", End::Unsupported).await)
             }
             None => {
                 tracing::debug!(error = %e, "read failed");
@@ -502,15 +521,26 @@ fn token_deadline(exp: u64) -> tokio::time::Instant {
 enum ReadFailure {
     TooBig,
     NotUtf8,
+    /// A frame RFC 6455 forbids: reserved bits or opcodes, unmasked,
+    /// a fragmented or oversized control frame, a stray continuation.
+    Protocol,
 }
 
 fn read_failure<E: std::error::Error + 'static>(e: &E) -> Option<ReadFailure> {
     use tokio_tungstenite::tungstenite::Error;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         match err.downcast_ref::<Error>() {
             Some(Error::Capacity(_)) => return Some(ReadFailure::TooBig),
             Some(Error::Utf8(_)) => return Some(ReadFailure::NotUtf8),
+            // The peer going away mid-handshake is no violation to answer.
+            Some(Error::Protocol(
+                ProtocolError::ResetWithoutClosingHandshake
+                | ProtocolError::ReceivedAfterClosing
+                | ProtocolError::SendAfterClosing,
+            )) => return None,
+            Some(Error::Protocol(_)) => return Some(ReadFailure::Protocol),
             Some(_) => return None,
             None => cur = err.source(),
         }

@@ -133,3 +133,41 @@ async fn origins_outside_the_allowed_list_get_403() {
     let _ = Client::join(&node, "u1").await;
     assert_eq!(node.metric("agentcast_connections_refused_total", r#"reason="origin""#).await, 1.0);
 }
+
+/// A header that is there but empty or not `Bearer <token>` is refused, not
+/// passed over for a good `?token=`; a token header with `crit` is refused
+/// (RFC 7515: this node understands no extension); `iss` must be one string.
+#[tokio::test]
+async fn malformed_authorization_crit_headers_and_issuer_lists_are_refused() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &["--jwt-issuer", "idp"]).await;
+    let exp = now() + 600;
+    let good = hs256(json!({"sub":"u1","exp":exp,"iss":"idp"}), SECRET.as_bytes());
+    let url = node.ws_url(&good);
+    for header in ["Bearer", "Bearer ", "Bearer    ", "Basic dTE6cGFzcw==", "bearer-token", "Token abc"] {
+        let (status, body) = refused(&url, &[("authorization", header)]).await;
+        assert_eq!((status, body["error"].as_str()), (401, Some("malformed")), "{header:?}: {body}");
+    }
+    // `crit` naming an extension, even in an otherwise valid token.
+    let header = B64.encode(r#"{"alg":"HS256","typ":"JWT","crit":["b64"],"b64":true}"#);
+    let claims = B64.encode(json!({"sub":"u1","exp":exp,"iss":"idp"}).to_string());
+    let input = format!("{header}.{claims}");
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    let sig = jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
+    let (status, body) = refused(&node.ws_url(&format!("{input}.{sig}")), &[]).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("crit")), "{body}");
+    // `iss` as a list that holds the configured issuer.
+    let listed = hs256(json!({"sub":"u1","exp":exp,"iss":["idp","other"]}), SECRET.as_bytes());
+    let (status, body) = refused(&node.ws_url(&listed), &[]).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("malformed")), "{body}");
+    // The good token in a well-formed header, or in the query alone, opens a socket.
+    let (_c, w) = Client::join_url(&url).await;
+    assert_eq!(w["user"], "u1");
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/ws",
+        node.addr
+    ))
+    .unwrap();
+    req.headers_mut().insert("authorization", format!("bearer {good}").parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(req).await.is_ok(), "scheme matched case-insensitively");
+}

@@ -52,10 +52,10 @@ export const EVENT_TYPES = Object.freeze([
 
 /**
  * Close codes after which a reconnect only repeats the client's fault
- * (docs/protocol.md §5): binary frame, bad UTF-8, missing resume frame,
- * oversized message.
+ * (docs/protocol.md §5): a frame RFC 6455 forbids, binary frame, bad UTF-8,
+ * missing resume frame, oversized message.
  */
-const FATAL_CLOSE_CODES = new Set([1003, 1007, 1008, 1009]);
+const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 1008, 1009]);
 /**
  * Close codes after which the client returns after a short jitter only:
  * drain, slow client, stream reset. Their attempt counter restarts at 0.

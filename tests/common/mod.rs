@@ -172,6 +172,18 @@ impl Node {
 
     /// Starts a node and returns once it listens, ready or not.
     pub fn spawn(nats_url: &str, extra: &[&str]) -> Self {
+        Self::spawn_limited(nats_url, extra, None)
+    }
+
+    /// Starts a node allowed `open_files` open files (soft and hard
+    /// RLIMIT_NOFILE), and waits until it is ready.
+    pub async fn start_limited(nats: &NatsServer, extra: &[&str], open_files: u64) -> Self {
+        let node = Self::spawn_limited(&nats.url, extra, Some(open_files));
+        node.wait_ready().await;
+        node
+    }
+
+    fn spawn_limited(nats_url: &str, extra: &[&str], open_files: Option<u64>) -> Self {
         let mut args: Vec<String> =
             ["serve", "--listen", "127.0.0.1:0", "--nats-url", nats_url].map(String::from).to_vec();
         if !extra.iter().any(|a| *a == "--jwt-secret" || *a == "--jwt-public-key") {
@@ -181,13 +193,23 @@ impl Node {
             args.extend(["--drain-window".into(), "1s".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
-            .args(&args)
-            .env("AGENTCAST_LOG", "info,agentcast=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start agentcast");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentcast"));
+        cmd.args(&args).env("AGENTCAST_LOG", "info,agentcast=debug").stdout(Stdio::null()).stderr(Stdio::piped());
+        if let Some(n) = open_files {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit { rlim_cur: n as libc::rlim_t, rlim_max: n as libc::rlim_t };
+            // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("start agentcast");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();

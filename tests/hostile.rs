@@ -1,0 +1,480 @@
+//! Hostile clients: connections that never finish their request, floods of
+//! half-open connections under a low open-file limit, a drain with sockets
+//! that have not joined yet, and frames that break RFC 6455. Clients here
+//! speak raw TCP where a WebSocket library would refuse to misbehave.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The node's header-read timeout (`agentcast::server::HEADER_READ_TIMEOUT`).
+const HEADER_TIMEOUT: Duration = agentcast::server::HEADER_READ_TIMEOUT;
+
+/// Slack for a shared, busy test machine on top of a stated bound.
+const SLACK: Duration = Duration::from_secs(2);
+
+/// Waits until the peer closes the connection (EOF or reset); returns when.
+async fn closed_by_peer(s: &mut TcpStream, within: Duration) -> Option<Instant> {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(Instant::now()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// An HTTP GET over a fresh connection, bounded in time: `None` when the
+/// node does not answer within `within`.
+async fn get_within(node: &Node, path: &str, within: Duration) -> Option<(u16, String)> {
+    tokio::time::timeout(within, node.get(path)).await.ok()
+}
+
+fn ws_request(node: &Node, path_and_query: &str, version: &str, key: &str) -> String {
+    format!(
+        "GET {path_and_query} {version}\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n",
+        node.addr
+    )
+}
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Sends a raw request and reads the whole answer (the node closes after a
+/// refusal, or we stop at the end of a 101's headers). Returns status,
+/// headers and body.
+async fn raw_exchange(node: &Node, request: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => 0,
+            Err(_) => panic!("no answer; got {:?}", String::from_utf8_lossy(&buf)),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let len = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .and_then(|v| v.parse::<usize>().ok());
+            if status == 101 || len.is_some_and(|l| body.len() >= l) || n == 0 {
+                return (status, head.to_owned(), body.to_owned());
+            }
+        } else if n == 0 {
+            return (0, text, String::new());
+        }
+    }
+}
+
+#[tokio::test]
+async fn half_sent_requests_do_not_hold_up_the_exit() {
+    let nats = NatsServer::start();
+    let window = Duration::from_secs(2);
+    let mut node = Node::start(&nats, &["--drain-window", "2s"]).await;
+    let mut half = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        half.push(s);
+    }
+    // And a socket, so there is something to drain.
+    let (mut c, _) = Client::join(&node, "u1").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    node.signal("TERM");
+    let (frames, close) = c.until_close().await;
+    assert_eq!(frames, vec![json!({"type":"reconnect","reason":"drain"})]);
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1012));
+    let bound = window + agentcast::server::DRAIN_GRACE;
+    let code = node.wait_exit(bound + SLACK);
+    let took = started.elapsed();
+    eprintln!("exit {code:?} {took:?} after SIGTERM (window {window:?}, grace {:?})", agentcast::server::DRAIN_GRACE);
+    assert_eq!(code, Some(0), "exited 0 within the window plus the grace; log:\n{}", node.log_text());
+    for s in &mut half {
+        assert!(closed_by_peer(s, Duration::from_millis(100)).await.is_some(), "half-sent connection closed");
+    }
+}
+
+/// A socket whose client stopped reading, with megabytes queued behind a
+/// full TCP window, cannot take its close frame: the exit does not wait for it.
+#[tokio::test]
+async fn a_stalled_socket_does_not_hold_up_the_exit() {
+    let nats = NatsServer::start();
+    let window = Duration::from_secs(2);
+    let mut node = Node::start(&nats, &["--drain-window", "2s", "--socket-queue", "65536"]).await;
+    let (_stalled, _) = Client::join(&node, "u1").await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    // 20 MiB: more than the kernel buffers on both ends of a loopback socket.
+    let event = format!(r#"{{"pad":"{}"}}"#, "x".repeat(200 * 1024));
+    for _ in 0..100 {
+        publish(&js, "u1", event.clone()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    node.signal("TERM");
+    let code = node.wait_exit(window + agentcast::server::DRAIN_GRACE + SLACK);
+    let took = started.elapsed();
+    eprintln!("exit {code:?} {took:?} after SIGTERM with a stalled socket (window {window:?})");
+    assert_eq!(code, Some(0), "log:\n{}", node.log_text());
+    assert!(node.log_text().contains("drain window passed with sockets still closing"), "the socket was stalled");
+}
+
+#[tokio::test]
+async fn silent_and_dripping_connections_are_closed_by_the_header_timeout() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let opened = Instant::now();
+    let mut silent = TcpStream::connect(node.addr).await.unwrap();
+    let mut dripping = TcpStream::connect(node.addr).await.unwrap();
+    dripping.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    // A kept-alive connection that went quiet after one answered request.
+    let mut kept = TcpStream::connect(node.addr).await.unwrap();
+    kept.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", node.addr).as_bytes()).await.unwrap();
+    let mut answer = [0u8; 256];
+    let n = kept.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"), "kept-alive request answered");
+    let within = HEADER_TIMEOUT + SLACK * 2;
+    let drip = async {
+        // A header line every 2 s: each is progress, none completes the request.
+        for i in 0.. {
+            if dripping.write_all(format!("X-Drip-{i}: {i}\r\n").as_bytes()).await.is_err() {
+                return Some(Instant::now());
+            }
+            if let Some(at) = closed_by_peer(&mut dripping, Duration::from_secs(2)).await {
+                return Some(at);
+            }
+            if opened.elapsed() > within {
+                return None;
+            }
+        }
+        None
+    };
+    let (silent_at, drip_at, kept_at) =
+        tokio::join!(closed_by_peer(&mut silent, within), drip, closed_by_peer(&mut kept, within));
+    for (what, at) in [("silent", silent_at), ("dripping", drip_at), ("kept-alive", kept_at)] {
+        let at = at.unwrap_or_else(|| panic!("{what} connection still open after {within:?}"));
+        let after = at - opened;
+        eprintln!("{what} connection closed after {after:?}");
+        assert!(
+            after >= HEADER_TIMEOUT - Duration::from_secs(1),
+            "{what}: closed by the timeout, not before: {after:?}"
+        );
+    }
+    // The node is fine.
+    assert_eq!(node.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn health_checks_are_answered_with_many_half_open_connections_under_a_low_file_limit() {
+    let nats = NatsServer::start();
+    // 96 open files: after the node's reserve, room for 16 sockets and 16
+    // HTTP connections.
+    let node = Node::start_limited(&nats, &[], 96).await;
+    assert!(node.log_text().contains("open-file limit (96)"), "the lowered bounds are logged:\n{}", node.log_text());
+    // More bare connections than the process may open files.
+    let mut bare = Vec::new();
+    for _ in 0..150 {
+        bare.push(TcpStream::connect(node.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..5 {
+        let started = Instant::now();
+        let answer = get_within(&node, "/healthz", Duration::from_secs(5)).await;
+        assert_eq!(answer.map(|a| a.0), Some(200), "health check {i} answered; log:\n{}", node.log_text());
+        eprintln!("health check {i} answered in {:?}", started.elapsed());
+        // Another wave of bare connections between checks.
+        for _ in 0..20 {
+            bare.push(TcpStream::connect(node.addr).await.unwrap());
+        }
+    }
+    // Sockets can still be opened, up to the lowered bound and no further.
+    let mut sockets = Vec::new();
+    for u in 0..16 {
+        sockets.push(Client::join(&node, &format!("u{u}")).await);
+    }
+    let (status, body) = refused(&node.ws_url(&token("u99")), &[]).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("capacity")), "{body}");
+    assert_eq!(get_within(&node, "/readyz", Duration::from_secs(5)).await.map(|a| a.0), Some(200));
+    assert!(!node.log_text().contains("Too many open files"), "no accept failed:\n{}", node.log_text());
+    // The bare connections were closed, oldest first, to make room.
+    let evicted = node.metric("agentcast_connections_refused_total", r#"reason="http_capacity""#).await;
+    assert!(evicted >= 150.0, "{evicted} connections closed at the bound");
+}
+
+/// Late joiners: sockets that have not joined their user when the drain
+/// starts (waiting for their `resume` frame), including one that sends it
+/// only after the drain's closes were spread, each get `reconnect` and 1012.
+#[tokio::test]
+async fn late_joiners_during_a_drain_get_reconnect_and_1012() {
+    let nats = NatsServer::start();
+    let window = Duration::from_secs(3);
+    let mut node = Node::start(&nats, &["--drain-window", "3s"]).await;
+    let frame_url = |u: &str| format!("{}&resume=frame", node.ws_url(&token(u)));
+    let mut waiting = Client::connect(&frame_url("u1")).await;
+    let mut late = Client::connect(&frame_url("u2")).await;
+    let (mut live, _) = Client::join(&node, "u3").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    node.signal("TERM");
+    // `late` sends its resume frame after 80% of the window, when every
+    // close has been scheduled; `waiting` never sends one.
+    let late_resume = async {
+        // Closed while still waiting (this node), or sends its frame late.
+        if let Ok(closed) = tokio::time::timeout(window.mul_f64(0.85), late.until_close()).await {
+            return closed;
+        }
+        let _ = futures_util::SinkExt::send(
+            &mut late.ws,
+            tokio_tungstenite::tungstenite::Message::text(r#"{"type":"resume","last_seq":null}"#),
+        )
+        .await;
+        late.until_close().await
+    };
+    let (w, l, v) = tokio::join!(waiting.until_close(), late_resume, live.until_close());
+    for (what, (frames, close)) in [("waiting", w), ("late", l), ("live", v)] {
+        let frames: Vec<Value> = frames.into_iter().filter(|f| f["type"] != "welcome").collect();
+        assert_eq!(frames, vec![json!({"type":"reconnect","reason":"drain"})], "{what}");
+        assert_eq!(close.map(|c| u16::from(c.code)), Some(1012), "{what}");
+    }
+    let code = node.wait_exit(window + agentcast::server::DRAIN_GRACE + SLACK);
+    assert_eq!(code, Some(0), "log:\n{}", node.log_text());
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+}
+
+/// A raw WebSocket connection: handshake by hand, frames by hand.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// What the server sent: a text frame or the close frame that ends it.
+#[derive(Debug, PartialEq)]
+enum Got {
+    Text(String),
+    Close(u16, String),
+    /// The connection ended without a close frame.
+    Eof,
+}
+
+impl Raw {
+    async fn open(node: &Node, query: &str) -> Self {
+        let path = format!("/ws?token={}{query}", token("u1"));
+        let mut s = TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(ws_request(node, &path, "HTTP/1.1", KEY).as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let head_end = loop {
+            let n = tokio::time::timeout(RECV_TIMEOUT, s.read(&mut chunk)).await.unwrap().unwrap();
+            assert!(n > 0, "closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buf.drain(..head_end);
+        Self { s, buf }
+    }
+
+    /// Opens a socket and reads its welcome.
+    async fn joined(node: &Node) -> Self {
+        let mut raw = Self::open(node, "").await;
+        match raw.next().await {
+            Got::Text(t) => assert!(t.contains(r#""type":"welcome""#), "{t}"),
+            other => panic!("expected the welcome, got {other:?}"),
+        }
+        raw
+    }
+
+    /// Writes one frame: `first` is FIN, RSV and opcode; masked unless told not.
+    async fn frame(&mut self, first: u8, payload: &[u8], masked: bool) {
+        let mut f = vec![first];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(mask_bit | n as u8),
+            n if n <= 0xffff => {
+                f.push(mask_bit | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(mask_bit | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            let key = [0x37, 0xfa, 0x21, 0x3d];
+            f.extend_from_slice(&key);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        // The node may close before reading all of it.
+        let _ = self.s.write_all(&f).await;
+    }
+
+    /// The next text or close frame (pings skipped).
+    async fn next(&mut self) -> Got {
+        loop {
+            if let Some((opcode, payload, used)) = parse(&self.buf) {
+                self.buf.drain(..used);
+                match opcode {
+                    0x1 => return Got::Text(String::from_utf8(payload).unwrap()),
+                    0x8 => {
+                        let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])).unwrap_or(1005);
+                        let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).to_string();
+                        return Got::Close(code, reason);
+                    }
+                    _ => continue,
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(RECV_TIMEOUT, self.s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Got::Eof,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => panic!("nothing from the node within {RECV_TIMEOUT:?}"),
+            }
+        }
+    }
+
+    /// The close frame that ends the socket, skipping text frames.
+    async fn close(&mut self) -> Got {
+        loop {
+            match self.next().await {
+                Got::Text(_) => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// One unmasked server frame from the front of `buf`: opcode, payload,
+/// bytes used.
+fn parse(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    let (b0, b1) = (*buf.first()?, *buf.get(1)?);
+    let (len, at) = match b1 & 0x7f {
+        126 => (u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize, 4),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize, 10),
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(at..at + len)?.to_vec();
+    Some((b0 & 0x0f, payload, at + len))
+}
+
+const FIN: u8 = 0x80;
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+
+#[tokio::test]
+async fn the_first_frame_of_a_resume_frame_socket_gets_the_documented_close() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let mut close_payload = 1000u16.to_be_bytes().to_vec();
+    close_payload.extend_from_slice(b"bye");
+    let big = format!(r#"{{"type":"resume","pad":"{}"}}"#, "x".repeat(4097));
+    let cases: Vec<(&str, u8, Vec<u8>, u16)> = vec![
+        ("binary", FIN | BINARY, b"{}".to_vec(), 1003),
+        ("close", FIN | CLOSE, close_payload, 1000),
+        ("invalid UTF-8", FIN | TEXT, vec![b'{', 0xff, b'}'], 1007),
+        ("4,097 bytes and more", FIN | TEXT, big.into_bytes(), 1009),
+        ("reserved bits", FIN | 0x40 | TEXT, br#"{"type":"resume"}"#.to_vec(), 1002),
+        ("not a resume frame", FIN | TEXT, br#"{"type":"ping"}"#.to_vec(), 1008),
+    ];
+    for (what, first, payload, code) in cases {
+        let mut raw = Raw::open(&node, "&resume=frame").await;
+        raw.frame(first, &payload, true).await;
+        match raw.close().await {
+            Got::Close(c, reason) => assert_eq!(c, code, "{what}: {reason}"),
+            other => panic!("{what}: expected a close frame with {code}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn frames_that_break_rfc_6455_are_closed_with_1002() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let ping = br#"{"type":"ping"}"#.to_vec();
+    let cases: Vec<(&str, u8, Vec<u8>, bool)> = vec![
+        ("RSV1 set", FIN | 0x40 | TEXT, ping.clone(), true),
+        ("RSV3 set", FIN | 0x10 | TEXT, ping.clone(), true),
+        ("reserved data opcode 0x3", FIN | 0x3, ping.clone(), true),
+        ("reserved control opcode 0xB", FIN | 0xB, vec![], true),
+        ("unmasked", FIN | TEXT, ping.clone(), false),
+        ("ping over 125 bytes", FIN | PING, vec![b'x'; 126], true),
+        ("fragmented ping", PING, b"x".to_vec(), true),
+        ("continuation with nothing to continue", FIN, ping.clone(), true),
+    ];
+    for (what, first, payload, masked) in cases {
+        let mut raw = Raw::joined(&node).await;
+        raw.frame(first, &payload, masked).await;
+        match raw.close().await {
+            Got::Close(code, reason) => assert_eq!(code, 1002, "{what}: {reason}"),
+            other => panic!("{what}: expected a close frame with 1002, got {other:?}"),
+        }
+    }
+    // A close whose reason is not UTF-8: 1007, and the reason says what was wrong.
+    let mut raw = Raw::joined(&node).await;
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(&[0xff, 0xfe]);
+    raw.frame(FIN | CLOSE, &payload, true).await;
+    assert_eq!(raw.close().await, Got::Close(1007, "invalid UTF-8".into()));
+    assert_eq!(node.metric("agentcast_client_frames_rejected_total", r#"reason="protocol""#).await, 8.0);
+}
+
+#[tokio::test]
+async fn handshakes_that_are_not_websocket_get_json_refusals() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let path = format!("/ws?token={}", token("u1"));
+    let json_error = |what: &str, body: &str| -> String {
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{what}: not JSON: {body:?}"));
+        v["error"].as_str().unwrap_or_default().to_owned()
+    };
+    // HTTP/1.0 cannot upgrade.
+    let (status, _, body) = raw_exchange(&node, ws_request(&node, &path, "HTTP/1.0", KEY).as_bytes()).await;
+    assert_eq!((status, json_error("HTTP/1.0", &body).as_str()), (426, "not_websocket"), "{body}");
+    // A key that is not 16 bytes in base64.
+    for key in ["not base64!", "c2hvcnQ=", "dGhlIHNhbXBsZSBub25jZSB0b28gbG9uZw=="] {
+        let (status, _, body) = raw_exchange(&node, ws_request(&node, &path, "HTTP/1.1", key).as_bytes()).await;
+        assert_eq!((status, json_error(key, &body).as_str()), (400, "not_websocket"), "{key}: {body}");
+    }
+    // No upgrade headers at all.
+    let plain = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, body) = raw_exchange(&node, plain.as_bytes()).await;
+    assert_eq!((status, json_error("plain GET", &body).as_str()), (400, "not_websocket"), "{body}");
+    // A token given twice.
+    let twice = ws_request(&node, &format!("{path}&token=x"), "HTTP/1.1", KEY);
+    let (status, _, body) = raw_exchange(&node, twice.as_bytes()).await;
+    assert_eq!((status, json_error("token twice", &body).as_str()), (400, "bad_request"), "{body}");
+    // A token over 8 KiB is a JSON refusal; a request line or head over
+    // 64 KiB is refused by the HTTP layer, with no body, as documented.
+    let long = ws_request(&node, &format!("/ws?token={}", "a".repeat(9 * 1024)), "HTTP/1.1", KEY);
+    let (status, _, body) = raw_exchange(&node, long.as_bytes()).await;
+    assert_eq!((status, json_error("9 KiB token", &body).as_str()), (401, "malformed"), "{body}");
+    let huge = ws_request(&node, &format!("/ws?token={}", "a".repeat(100 * 1024)), "HTTP/1.1", KEY);
+    let (status, _, body) = raw_exchange(&node, huge.as_bytes()).await;
+    assert_eq!((status, body.as_str()), (414, ""), "100 KB token");
+    let cookie = format!("GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\r\n", "c".repeat(200 * 1024));
+    let (status, _, body) = raw_exchange(&node, cookie.as_bytes()).await;
+    assert_eq!((status, body.as_str()), (431, ""), "200 KB header");
+    // The valid key upgrades.
+    let (status, head, _) = raw_exchange(&node, ws_request(&node, &path, "HTTP/1.1", KEY).as_bytes()).await;
+    assert_eq!(status, 101, "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455's example accept value: {head}");
+}
