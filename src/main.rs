@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use agentcast::config::{Cli, Command, EXIT_CONFIG, LogFormat};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -17,10 +17,10 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line: clap's first line names the flag and the problem.
-            let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("agentcast: {line}");
+            eprintln!(
+                "agentcast: {}",
+                usage_line(&e.render().to_string(), &std::env::args().skip(1).collect::<Vec<_>>())
+            );
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
@@ -61,6 +61,29 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(code as u8)
+}
+
+/// One line from clap's message: its first paragraph (the problem, and on
+/// the lines under it the flags it is about, as in "the following required
+/// arguments were not provided:" followed by "--url <URLS>"), joined, then
+/// where to read more. Errors stay one line on stderr, as the tools' do.
+fn usage_line(rendered: &str, args: &[String]) -> String {
+    let problem = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_owned();
+    // The subcommand given, if any: its --help lists its flags.
+    let subcommands: Vec<String> = Cli::command().get_subcommands().map(|c| c.get_name().to_owned()).collect();
+    let command = args
+        .iter()
+        .find(|a| subcommands.contains(a))
+        .map(|sub| format!("agentcast {sub}"))
+        .unwrap_or_else(|| "agentcast".to_owned());
+    format!("{problem} (see '{command} --help')")
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
