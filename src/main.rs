@@ -3,6 +3,11 @@ use std::process::ExitCode;
 use agentcast::config::{Cli, Command, EXIT_CONFIG, LogFormat};
 use clap::{CommandFactory, Parser};
 
+/// Default log filter of `serve` and `dev` (see `init_logging`).
+const NODE_LOG_LEVEL: &str = "warn,agentcast=info";
+/// Default log filter of the tools: warnings only, their output is on stdout.
+const TOOL_LOG_LEVEL: &str = "warn";
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -25,7 +30,12 @@ fn main() -> ExitCode {
         }
     };
     // The tools log only warnings unless asked: their output is the point.
-    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) { "info" } else { "warn" };
+    // A node logs its own story at info and its dependencies (async-nats's
+    // "connected successfully" and "event: connected" for each of its five
+    // connections, hyper, tungstenite) only at warn: at info they drowned
+    // the first screen of `agentcast dev`. AGENTCAST_LOG replaces this.
+    let default_level =
+        if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) { NODE_LOG_LEVEL } else { TOOL_LOG_LEVEL };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
