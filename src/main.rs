@@ -5,6 +5,8 @@ use clap::{CommandFactory, Parser};
 
 /// Default log filter of `serve` and `dev` (see `init_logging`).
 const NODE_LOG_LEVEL: &str = "warn,agentcast=info";
+/// The log target of tungstenite's trace of a client request (see `init_logging`).
+const HANDSHAKE_TRACE_TARGET: &str = "tungstenite::handshake::client";
 /// Default log filter of the tools: warnings only, their output is on stdout.
 const TOOL_LOG_LEVEL: &str = "warn";
 
@@ -97,12 +99,18 @@ fn usage_line(rendered: &str, args: &[String]) -> String {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, filter::filter_fn, fmt};
     let filter = EnvFilter::try_from_env("AGENTCAST_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // tungstenite traces each client handshake request as sent, headers and
+    // all, so `tail`'s token would be logged at AGENTCAST_LOG=trace; that
+    // one line is never shown. (The token is in a header, so tungstenite's
+    // debug line with the URL carries none.)
+    let no_credentials = filter_fn(|m| !(m.target() == HANDSHAKE_TRACE_TARGET && *m.level() == tracing::Level::TRACE));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter).with(no_credentials);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => registry.with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).init(),
+        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr).with_ansi(ansi)).init(),
     }
 }
