@@ -195,7 +195,7 @@ enum UrlLogin {
 /// out here and passed as options.
 fn split_login(url: &str) -> Result<(async_nats::ServerAddr, Option<UrlLogin>), String> {
     let addr: async_nats::ServerAddr = url.parse().map_err(|e: std::io::Error| e.to_string())?;
-    if !addr.has_user_pass() {
+    if addr.username().is_none() && addr.password().is_none() {
         return Ok((addr, None));
     }
     let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
@@ -615,6 +615,7 @@ mod tests {
         assert!(err("nats://a:x@h1", &["--nats-token", "t"]).contains("give them once"));
         let bad = err("nats://agent:S3cret@h:port", &[]);
         assert!(bad.contains("nats://agent:***@h:port") && !bad.contains("S3cret"), "{bad}");
+        assert!(err("nats://:S3cret@h:4222", &[]).contains("a password without a user"));
         assert_eq!(redact_urls("nats://h:4222"), "nats://h:4222");
         assert_eq!(redact_urls("a:b@h:1/x@y"), "a:***@h:1/x@y");
     }
