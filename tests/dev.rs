@@ -14,13 +14,32 @@ fn screen(path: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_owned).collect()
 }
 
+/// `agentcast dev` as a child that gets SIGTERM when dropped, also when an
+/// assertion fails: it then stops the nats-server it started (a SIGKILL
+/// would leave that running).
+struct Dev(std::process::Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        for _ in 0..100 {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test]
 async fn dev_starts_nats_prints_a_working_url_and_runs_the_demo() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("screen");
     let file = std::fs::File::create(&out).unwrap();
     // Nothing listens on port 1: dev must start its own nats-server.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
+    let mut dev = Dev(Command::new(env!("CARGO_BIN_EXE_agentcast"))
         .args(["dev", "--listen", "127.0.0.1:0", "--nats-url", "nats://127.0.0.1:1", "--demo", "--user", "alice"])
         .arg("--nats-server-bin")
         .arg(nats_server_bin())
@@ -28,7 +47,7 @@ async fn dev_starts_nats_prints_a_working_url_and_runs_the_demo() {
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .spawn()
-        .unwrap();
+        .unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let url = loop {
         let found = screen(&out).iter().find_map(|l| l.trim().strip_prefix("WebSocket:").map(|u| u.trim().to_owned()));
@@ -75,7 +94,7 @@ async fn dev_starts_nats_prints_a_working_url_and_runs_the_demo() {
     assert!(listening.contains(" nats=nats://127.0.0.1:") && !text.contains("ServerAddr"), "{listening}");
     assert!(text.contains("  token for alice      eyJ"), "{text}");
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let status = child.wait().unwrap();
+    Command::new("kill").args(["-TERM", &dev.0.id().to_string()]).status().unwrap();
+    let status = dev.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
