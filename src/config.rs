@@ -109,8 +109,9 @@ pub struct JwtArgs {
 /// [`crate::tools`]), which take the same flags and variables.
 #[derive(Debug, Args)]
 pub struct NatsArgs {
-    /// NATS server URLs, comma-separated.
-    #[arg(long, env = "AGENTCAST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URLs, comma-separated. Credentials may be written in them
+    /// (user:password@ or token@), so `--help` does not show the variable's value.
+    #[arg(long, env = "AGENTCAST_NATS_URL", hide_env_values = true, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     #[arg(long, env = "AGENTCAST_NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,

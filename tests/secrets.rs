@@ -166,6 +166,12 @@ async fn a_password_in_the_nats_url_is_used_and_never_logged() {
     );
     assert_eq!(code, Some(1), "{absent}");
     assert!(absent.contains("cannot connect to NATS at nats://agent:***@127.0.0.1:1: "), "{absent}");
+    // `--help` shows no variable's value that may hold a password.
+    for command in ["serve", "stream", "publish"] {
+        let help = Command::new(env!("CARGO_BIN_EXE_agentcast")).args([command, "--help"]).envs(env).output().unwrap();
+        assert!(help.status.success());
+        assert!(!String::from_utf8_lossy(&help.stdout).contains(PASSWORD), "{command} --help shows the password");
+    }
     // A URL that does not parse is shown redacted in the error too.
     let (code, unparsed) = tool(&["stream", "--nats-url", &format!("nats://agent:{PASSWORD}@127.0.0.1:port")], &[]);
     assert_eq!(code, Some(64), "{unparsed}");
