@@ -44,6 +44,9 @@ pub enum ClientError {
     Closed { code: u16, reason: String },
     #[error("bad frame from the server: {0}")]
     Protocol(String),
+    /// The URL, or the token as a header value, is unusable.
+    #[error("cannot build the socket request: {0}")]
+    Request(String),
 }
 
 /// Every server frame's fields, flat: serde cannot hold a `RawValue` (the
@@ -110,16 +113,25 @@ impl Client {
         self.last_seq
     }
 
-    fn url(&self, base: &str) -> String {
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let mut url = format!("{base}{sep}token={}", (self.token)());
+    /// The socket request: the position in the URL, the token in an
+    /// `Authorization` header rather than `?token=`, so it is in no URL a
+    /// log line (tungstenite's, a proxy's) may print.
+    fn request(&self, base: &str) -> Result<tungstenite::handshake::client::Request, tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
+        let mut url = base.to_owned();
         if let Some(seq) = self.last_seq {
-            url.push_str(&format!("&last_seq={seq}"));
+            let sep = if base.contains('?') { '&' } else { '?' };
+            url.push_str(&format!("{sep}last_seq={seq}"));
             if let Some(e) = &self.epoch {
                 url.push_str(&format!("&epoch={e}"));
             }
         }
-        url
+        let mut request = url.into_client_request()?;
+        let bearer = format!("Bearer {}", (self.token)())
+            .parse()
+            .map_err(|e| tungstenite::Error::HttpFormat(tungstenite::http::Error::from(e)))?;
+        request.headers_mut().insert(tungstenite::http::header::AUTHORIZATION, bearer);
+        Ok(request)
     }
 
     /// Full jitter: uniform in [0, min(max, base * 2^attempt)). The first
@@ -137,8 +149,8 @@ impl Client {
             tokio::time::sleep(self.backoff()).await;
             let base = self.urls[self.next_url % self.urls.len()].clone();
             self.next_url += 1;
-            let url = self.url(&base);
-            match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url.as_str())).await {
+            let request = self.request(&base).map_err(|e| ClientError::Request(format!("{base}: {e}")))?;
+            match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request)).await {
                 Ok(Ok((ws, _))) => {
                     self.ws = Some(ws);
                     return Ok(());

@@ -109,8 +109,9 @@ pub struct JwtArgs {
 /// [`crate::tools`]), which take the same flags and variables.
 #[derive(Debug, Args)]
 pub struct NatsArgs {
-    /// NATS server URLs, comma-separated.
-    #[arg(long, env = "AGENTCAST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URLs, comma-separated. Credentials may be written in them
+    /// (user:password@ or token@), so `--help` does not show the variable's value.
+    #[arg(long, env = "AGENTCAST_NATS_URL", hide_env_values = true, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     #[arg(long, env = "AGENTCAST_NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,
@@ -141,23 +142,95 @@ impl NatsArgs {
         check_file("--nats-tls-ca", &self.nats_tls_ca)?;
         check_file("--nats-tls-cert", &self.nats_tls_cert)?;
         check_file("--nats-tls-key", &self.nats_tls_key)?;
-        let urls = self
-            .nats_url
-            .split(',')
-            .map(|u| {
-                u.trim().parse::<async_nats::ServerAddr>().map_err(|e| ConfigError::NatsUrl(format!("{u:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut urls = Vec::new();
+        let mut in_urls: Option<UrlLogin> = None;
+        for u in self.nats_url.split(',').map(str::trim) {
+            let shown = redact_urls(u);
+            let (addr, login) = split_login(u).map_err(|e| ConfigError::NatsUrl(format!("{shown:?}: {e}")))?;
+            if in_urls.is_some() && login != in_urls {
+                return Err(ConfigError::NatsUrl(
+                    "every URL must carry the same credentials, or none (a connection has one login)".into(),
+                ));
+            }
+            in_urls = login;
+            urls.push(addr);
+        }
+        let mut user = self.nats_user.clone().zip(self.nats_password.clone());
+        let mut token = self.nats_token.clone();
+        match in_urls {
+            Some(_) if user.is_some() || token.is_some() || self.nats_creds.is_some() => {
+                return Err(ConfigError::NatsUrl(
+                    "credentials in the URL and --nats-user, --nats-token or --nats-creds: give them once".into(),
+                ));
+            }
+            Some(UrlLogin::User(u, p)) => user = Some((u, p)),
+            Some(UrlLogin::Token(t)) => token = Some(t),
+            None => {}
+        }
         Ok(NatsLogin {
             urls,
-            user: self.nats_user.clone().zip(self.nats_password.clone()),
-            token: self.nats_token.clone(),
+            shown: redact_urls(&self.nats_url),
+            user,
+            token,
             creds: self.nats_creds.clone(),
             tls_required: self.nats_tls || self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some(),
             tls_ca: self.nats_tls_ca.clone(),
             tls_client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
         })
     }
+}
+
+/// Credentials written into a NATS URL.
+#[derive(PartialEq, Eq)]
+enum UrlLogin {
+    /// `nats://user:password@host`
+    User(String, String),
+    /// `nats://token@host`, as the NATS clients read a user name without a
+    /// password.
+    Token(String),
+}
+
+/// The URL without its credentials, and the credentials. async-nats 0.51
+/// ignores credentials in a URL (it sends only those of its options) and
+/// prints the URL, password and all, in its debug lines; so they are taken
+/// out here and passed as options.
+fn split_login(url: &str) -> Result<(async_nats::ServerAddr, Option<UrlLogin>), String> {
+    let addr: async_nats::ServerAddr = url.parse().map_err(|e: std::io::Error| e.to_string())?;
+    if addr.username().is_none() && addr.password().is_none() {
+        return Ok((addr, None));
+    }
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let login = match (addr.username(), addr.password()) {
+        (Some(user), Some(pass)) => UrlLogin::User(decode(user), decode(pass)),
+        (Some(token), None) => UrlLogin::Token(decode(token)),
+        _ => return Err("a password without a user".into()),
+    };
+    let mut bare = addr.into_inner();
+    // Both only fail for URLs that cannot have credentials, which this had.
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    let addr = async_nats::ServerAddr::from_url(bare).map_err(|e| e.to_string())?;
+    Ok((addr, Some(login)))
+}
+
+/// A comma-separated list of NATS URLs as logs and error lines show it:
+/// each password, or a token written as the user name, replaced by `***`.
+/// Works on text, so a URL that does not parse is shown redacted too.
+pub fn redact_urls(list: &str) -> String {
+    list.split(',').map(redact_url).collect::<Vec<_>>().join(",")
+}
+
+fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..end].rfind('@').map(|i| start + i) else {
+        return url.to_owned();
+    };
+    let shown = match url[start..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{}{shown}{}", &url[..start], &url[at..])
 }
 
 #[derive(Debug, Args)]
@@ -289,16 +362,34 @@ pub struct Config {
 }
 
 /// Where NATS is and how to log in (user and password, token, credentials,
-/// TLS), checked: what the node and the tools share.
-#[derive(Debug, Clone)]
+/// TLS), checked: what the node and the tools share. Its `Debug` leaves the
+/// password and token out, so no log line can carry them.
+#[derive(Clone)]
 pub struct NatsLogin {
+    /// The servers, without credentials (those are in `user` or `token`).
     pub urls: Vec<async_nats::ServerAddr>,
+    /// The URLs as given, with passwords redacted: what logs show.
+    pub shown: String,
     pub user: Option<(String, String)>,
     pub token: Option<String>,
     pub creds: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub tls_required: bool,
+}
+
+impl std::fmt::Debug for NatsLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsLogin")
+            .field("urls", &self.shown)
+            .field("user", &self.user.as_ref().map(|(user, _)| user))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("creds", &self.creds)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_client", &self.tls_client)
+            .field("tls_required", &self.tls_required)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -502,6 +593,32 @@ mod tests {
         assert!(msg(&["--nats-creds", "/nonexistent"]).contains("--nats-creds"));
         assert!(msg(&["--nats-url", "nats://a:b:c"]).contains("--nats-url"));
         assert!(msg(&["--nats-inbox-prefix", "_INBOX.>"]).contains("--nats-inbox-prefix"));
+    }
+
+    #[test]
+    fn credentials_in_urls_become_the_login_and_are_redacted() {
+        let login = |url: &str, extra: &[&str]| {
+            let mut args = vec!["agentcast", "stream", "--nats-url", url];
+            args.extend_from_slice(extra);
+            let Command::Stream(s) = Cli::try_parse_from(args).unwrap().command else { unreachable!() };
+            s.nats.login()
+        };
+        let l = login("nats://agent:S3cret%40pw@127.0.0.1:4555,nats://agent:S3cret%40pw@h2:4222", &[]).unwrap();
+        assert_eq!(l.user, Some(("agent".into(), "S3cret@pw".into())));
+        assert_eq!(l.shown, "nats://agent:***@127.0.0.1:4555,nats://agent:***@h2:4222");
+        assert!(l.urls.iter().all(|u| !u.has_user_pass() && !format!("{u:?}").contains("S3cret")));
+        assert!(!format!("{l:?}").contains("S3cret"), "{l:?}");
+        let t = login("tls://t0ken@h:4222", &[]).unwrap();
+        assert_eq!((t.token.as_deref(), t.shown.as_str()), (Some("t0ken"), "tls://***@h:4222"));
+        assert!(!format!("{t:?}").contains("t0ken"));
+        let err = |url: &str, extra: &[&str]| login(url, extra).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err("nats://a:x@h1,nats://a:y@h2", &[]).contains("same credentials"));
+        assert!(err("nats://a:x@h1", &["--nats-token", "t"]).contains("give them once"));
+        let bad = err("nats://agent:S3cret@h:port", &[]);
+        assert!(bad.contains("nats://agent:***@h:port") && !bad.contains("S3cret"), "{bad}");
+        assert!(err("nats://:S3cret@h:4222", &[]).contains("a password without a user"));
+        assert_eq!(redact_urls("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact_urls("a:b@h:1/x@y"), "a:***@h:1/x@y");
     }
 
     #[test]

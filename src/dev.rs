@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::auth::{Authenticator, ClaimRules, mint_hs256};
-use crate::config::{DevArgs, EXIT_CONFIG};
+use crate::config::{DevArgs, EXIT_CONFIG, NatsLogin};
 use crate::publisher::{Event, Publisher};
 use crate::user::UserId;
 
@@ -24,6 +24,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const NATS_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifetime of the printed dev token.
 const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long the box waits for the node to be ready before it is printed
+/// anyway, with a pointer to /readyz: NATS at a URL that needs other
+/// credentials, say, never lets it be ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Interval of the readiness polls before the box.
+const READY_POLL: Duration = Duration::from_millis(50);
 /// Pause between demo agent runs.
 const DEMO_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -35,9 +41,16 @@ pub async fn run(mut args: DevArgs) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    let login = match args.node.nats.login() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("agentcast: {e}");
+            return EXIT_CONFIG;
+        }
+    };
     let _nats_dir;
     let mut _nats_child: Option<Child> = None;
-    if !nats_answers(&args.node.nats.nats_url).await {
+    if !nats_answers(&login).await {
         let dir = match tempfile::tempdir() {
             Ok(d) => d,
             Err(e) => {
@@ -49,7 +62,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
             Ok((child, url)) => {
                 eprintln!(
                     "agentcast dev: no NATS at {}; started {} at {url}",
-                    args.node.nats.nats_url,
+                    login.shown,
                     args.nats_server_bin.display()
                 );
                 args.node.nats.nats_url = url;
@@ -57,7 +70,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
                 _nats_dir = dir;
             }
             Err(e) => {
-                eprintln!("agentcast: no NATS at {} and could not start one: {e}", args.node.nats.nats_url);
+                eprintln!("agentcast: no NATS at {} and could not start one: {e}", login.shown);
                 return 1;
             }
         }
@@ -77,7 +90,6 @@ pub async fn run(mut args: DevArgs) -> i32 {
             return 1;
         }
     };
-    let nats_url = args.node.nats.nats_url.clone();
     let demo = args.demo;
     // The console is the quickest way to see a stream, so dev serves it
     // unless told not to (`serve` needs --console).
@@ -92,26 +104,35 @@ pub async fn run(mut args: DevArgs) -> i32 {
     };
     let subject = config.stream.event_subject(user.as_str());
     let subject_prefix = config.stream.subject_prefix.clone();
+    let login = config.nats.login.clone();
     let shutdown = crate::server::shutdown_on_signals();
-    let banner_subject = subject.clone();
     let result = crate::server::start(config, shutdown.clone(), move |addr| {
+        use std::fmt::Write;
         let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
-        println!();
-        println!("  agentcast dev is running");
-        println!("  JWT secret (HS256):  {secret}");
-        println!("  token for {user:<10} {token}");
-        println!("  WebSocket:           ws://{host}:{}/ws?token={token}", addr.port());
-        println!("  publish an event:    subject {banner_subject} on {nats_url}, payload a JSON object, e.g.");
-        println!("                       {{\"type\":\"agent_started\",\"run_id\":\"r1\",\"data\":{{}}}}");
-        println!("  metrics:             http://{host}:{}/metrics", addr.port());
+        let port = addr.port();
+        let nats_url = &login.shown;
+        let mut text = String::new();
+        let _ = writeln!(text);
+        let _ = writeln!(text, "  agentcast dev is running");
+        let _ = writeln!(text, "  JWT secret (HS256):  {secret}");
+        let _ = writeln!(text, "  token for {:<10} {token}", user.as_str());
+        let _ = writeln!(text, "  WebSocket:           ws://{host}:{port}/ws?token={token}");
+        let _ = writeln!(text, "  publish an event:    subject {subject} on {nats_url}, payload a JSON object, e.g.");
+        let _ = writeln!(text, "                       {{\"type\":\"agent_started\",\"run_id\":\"r1\",\"data\":{{}}}}");
+        let _ = writeln!(text, "  metrics:             http://{host}:{port}/metrics");
         if console {
             // The token goes in the fragment, which the browser keeps to itself.
-            println!("  console:             http://{host}:{}/console/#token={token}", addr.port());
+            let _ = writeln!(text, "  console:             http://{host}:{port}/console/#token={token}");
         }
-        println!();
-        if demo {
-            tokio::spawn(demo_publisher(nats_url, subject_prefix, user));
-        }
+        tokio::spawn(async move {
+            if !wait_ready(&format!("{host}:{port}")).await {
+                let _ = writeln!(text, "  not ready yet:       http://{host}:{port}/readyz says what it waits for");
+            }
+            println!("{text}");
+            if demo {
+                tokio::spawn(demo_publisher(login, subject_prefix, user));
+            }
+        });
     })
     .await;
     match result {
@@ -123,9 +144,34 @@ pub async fn run(mut args: DevArgs) -> i32 {
     }
 }
 
-async fn nats_answers(url: &str) -> bool {
+/// Waits until the node answers `/readyz` with 200 (NATS connected, stream
+/// checked), at most [`READY_TIMEOUT`]; false if it did not. The box is
+/// printed after that so that the node's start-up lines come before it and
+/// it stays the last thing on the screen.
+async fn wait_ready(host_port: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(host_port).await {
+            let mut answer = Vec::new();
+            if s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.is_ok()
+                && s.read_to_end(&mut answer).await.is_ok()
+                && answer.split(|&b| b == b' ').nth(1) == Some(b"200")
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+    false
+}
+
+async fn nats_answers(login: &NatsLogin) -> bool {
     let opts = async_nats::ConnectOptions::new().connection_timeout(PROBE_TIMEOUT);
-    matches!(tokio::time::timeout(PROBE_TIMEOUT * 2, opts.connect(url)).await, Ok(Ok(_)))
+    let Ok(opts) = crate::nats::with_login(opts, login).await else {
+        return false;
+    };
+    matches!(tokio::time::timeout(PROBE_TIMEOUT * 2, opts.connect(login.urls.clone())).await, Ok(Ok(_)))
 }
 
 /// Starts nats-server with JetStream in `dir` on a random loopback port;
@@ -169,9 +215,13 @@ pub fn read_ports_file(dir: &Path) -> Option<String> {
 }
 
 /// Publishes a small agent run every [`DEMO_INTERVAL`] through the [`Publisher`].
-async fn demo_publisher(url: String, subject_prefix: String, user: UserId) {
-    let Ok(client) = async_nats::connect(&url).await else {
-        tracing::warn!("demo publisher could not connect to {url}");
+async fn demo_publisher(login: NatsLogin, subject_prefix: String, user: UserId) {
+    let connected = match crate::nats::with_login(async_nats::ConnectOptions::new(), &login).await {
+        Ok(opts) => opts.connect(login.urls.clone()).await.map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    let Ok(client) = connected else {
+        tracing::warn!("demo publisher could not connect to {}", login.shown);
         return;
     };
     let publisher = Publisher::new(client).subject_prefix(&subject_prefix);

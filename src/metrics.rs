@@ -125,6 +125,12 @@ pub const AUTH_FAILURE_REASONS: &[&str] = &[
     "user_id",
 ];
 
+/// Label values of [`NATS_EVENTS`]: every client event async-nats reports
+/// (see [`crate::nats`]), so a rule on lame duck or server errors has a
+/// series before the first one.
+pub const NATS_EVENT_NAMES: &[&str] =
+    &["connected", "disconnected", "lame_duck", "draining", "closed", "slow_consumer", "server_error", "client_error"];
+
 /// Label values of [`JETSTREAM_ERRORS`]: which request failed.
 /// `resume`: a history read for a resume; `repair`: a live-path hole read
 /// (every failed attempt); `join`: the user's position for a first socket;
@@ -329,8 +335,8 @@ fn register_known() {
     for op in JETSTREAM_OPS {
         metrics::counter!(JETSTREAM_ERRORS, "op" => *op).absolute(0);
     }
-    for event in ["connected", "disconnected", "slow_consumer"] {
-        metrics::counter!(NATS_EVENTS, "event" => event).absolute(0);
+    for event in NATS_EVENT_NAMES {
+        metrics::counter!(NATS_EVENTS, "event" => *event).absolute(0);
     }
     for name in [CONNECTIONS_ACCEPTED, EVENTS_RECEIVED, FRAMES_SENT, BYTES_SENT, REPLAYED_EVENTS, GAPS_DETECTED] {
         metrics::counter!(name).absolute(0);
@@ -343,5 +349,16 @@ fn register_known() {
     }
     for name in [SOCKETS_OPEN, USERS_SUBSCRIBED, NATS_CONNECTED, READY] {
         metrics::gauge!(name).increment(0.0);
+    }
+    // A histogram is exported once it is registered, with every bucket at
+    // zero: metrics-exporter-prometheus 0.18 builds an empty distribution
+    // for each registered handle when it renders, samples or not. Without
+    // this a histogram has no series until its first sample (a fresh node's
+    // resume-duration panel would say "no data").
+    for name in [WRITE_BATCH, QUEUE_DEPTH, RESUME_DURATION] {
+        let _ = metrics::histogram!(name);
+    }
+    for clock in [Clock::Stream, Clock::Envelope] {
+        let _ = metrics::histogram!(DELIVERY_LATENCY, "clock" => clock.label());
     }
 }

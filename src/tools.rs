@@ -161,8 +161,8 @@ fn publish_failure(e: PublishError) -> Failure {
 }
 
 async fn connect(a: &NatsArgs) -> Result<async_nats::Client, Failure> {
-    let shown = &a.nats_url;
     let login = a.login().map_err(usage)?;
+    let shown = &login.shown;
     let opts = async_nats::ConnectOptions::new().name("agentcast-cli").connection_timeout(NATS_CONNECT_TIMEOUT);
     let opts = crate::nats::with_login(opts, &login).await.map_err(usage)?;
     match tokio::time::timeout(NATS_CONNECT_TIMEOUT * 2, opts.connect(login.urls)).await {
@@ -380,7 +380,7 @@ async fn stream_inner(a: StreamArgs) -> Result<(), Failure> {
                 runtime(anyhow::anyhow!(
                     "stream {} does not exist on {}: a node (agentcast serve) creates it",
                     a.stream,
-                    a.nats.nats_url
+                    crate::config::redact_urls(&a.nats.nats_url)
                 ))
             }
             _ => runtime(anyhow::anyhow!("stream {}: {e}", a.stream)),

@@ -290,3 +290,102 @@ fn the_alert_rules_query_only_exported_series_and_have_runbooks() {
     assert!(alerts >= 5, "{alerts} alerts");
     assert_eq!(runbooks, alerts, "every alert has a runbook line");
 }
+
+/// Every PromQL expression of the dashboard and the alert rules.
+fn queries() -> Vec<String> {
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("dashboard file")).unwrap();
+    let mut out: Vec<String> = panels(&dash)
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    let alerts = std::fs::read_to_string(ALERTS).expect("alerts file");
+    out.extend(alerts.lines().filter_map(|l| l.trim().strip_prefix("expr:")).map(|e| e.trim().to_owned()));
+    out
+}
+
+/// The label matchers on agentcast metrics in an expression, as (metric,
+/// label, values): `reason="slow"` gives one value, `reason=~"a|b"` each
+/// alternative. Matchers on `instance` (the scrape's) and on dashboard
+/// variables are left out.
+fn matchers(expr: &str) -> Vec<(String, String, Vec<String>)> {
+    let mut out = Vec::new();
+    for name in metric_names(expr) {
+        for (i, _) in expr.match_indices(&format!("{name}{{")) {
+            let body = &expr[i + name.len() + 1..];
+            let body = &body[..body.find('}').expect("closing brace")];
+            for m in body.split(',') {
+                let (label, rest) = m.split_once('=').expect("a matcher");
+                let (regex, value) = match rest.strip_prefix('~') {
+                    Some(v) => (true, v),
+                    None => (false, rest),
+                };
+                let (label, value) = (label.trim(), value.trim().trim_matches('"'));
+                if label == "instance" || value.contains('$') {
+                    continue;
+                }
+                let values = if regex { value.split('|').map(str::to_owned).collect() } else { vec![value.to_owned()] };
+                out.push((name.clone(), label.to_owned(), values));
+            }
+        }
+    }
+    out
+}
+
+/// A node that has served nothing (no socket, no event, no resume) already
+/// exports every series the dashboard and the alert rules query, with the
+/// label values they select, and every histogram with its buckets at zero:
+/// a panel or rule over a histogram that only appeared after its first
+/// sample (the resume duration did) would show "no data" on a fresh node.
+#[tokio::test]
+async fn a_fresh_node_exports_what_the_dashboard_and_the_alert_rules_query() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (_, text) = node.get("/metrics").await;
+    assert_eq!(node.metric("agentcast_resumes_total", "").await, 0.0, "no resume ran");
+    let (series, _) = exported(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+
+    for name in agentcast::metrics::ALL {
+        if agentcast::metrics::HISTOGRAMS.contains(name) {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                assert!(series.contains(&format!("{name}{suffix}")), "{name}{suffix} missing on a fresh node:\n{text}");
+            }
+            assert_eq!(node.metric(&format!("{name}_count"), "").await, 0.0, "{name}");
+        } else {
+            assert!(series.contains(*name), "{name} missing on a fresh node:\n{text}");
+        }
+    }
+    // The resume duration's buckets are the documented ones, each at zero.
+    let buckets = lines.iter().filter(|l| l.starts_with("agentcast_resume_duration_seconds_bucket{")).count();
+    assert_eq!(buckets, agentcast::metrics::LATENCY_BUCKETS.len() + 1, "with +Inf:\n{text}");
+    // Both clocks of the delivery latency, and every NATS event a rule may count.
+    for clock in ["stream", "envelope"] {
+        let selector = format!(r#"clock="{clock}""#);
+        assert!(
+            lines.iter().any(|l| l.starts_with("agentcast_delivery_latency_seconds_count") && l.contains(&selector))
+        );
+    }
+    for event in agentcast::metrics::NATS_EVENT_NAMES {
+        let selector = format!(r#"event="{event}""#);
+        assert!(
+            lines.iter().any(|l| l.starts_with("agentcast_nats_events_total{") && l.contains(&selector)),
+            "{event}"
+        );
+    }
+
+    let queries = queries();
+    assert!(queries.len() > 40, "{} queries found", queries.len());
+    for expr in &queries {
+        for name in metric_names(expr) {
+            assert!(series.contains(&name), "{expr}: {name} is not exported by a fresh node");
+        }
+        for (name, label, values) in matchers(expr) {
+            for value in values {
+                let selector = format!(r#"{label}="{value}""#);
+                let found = lines.iter().any(|l| l.starts_with(&format!("{name}{{")) && l.contains(&selector));
+                assert!(found, "{expr}: no series {name}{{{selector}}} on a fresh node");
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 
-/// `$AGENTCAST_TEST_PYTHON`, else the CI venv's python (`.ci/run` installs
+/// `$AGENTCAST_TEST_PYTHON`, else the CI venv's python (`.ci/install` installs
 /// nats-py there), else `python3`.
 fn python() -> PathBuf {
     if let Ok(p) = std::env::var("AGENTCAST_TEST_PYTHON") {

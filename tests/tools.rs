@@ -358,7 +358,7 @@ async fn bad_input_exits_nonzero_with_one_clear_line() {
             vec!["token", "--user", "u1", "--jwt-secret", SECRET, "--lifetime", "soon"],
             "",
             64,
-            "agentcast: invalid value 'soon' for '--lifetime <LIFETIME>': expected number at 0".into(),
+            "agentcast: invalid value 'soon' for '--lifetime <LIFETIME>': expected number at 0 (see 'agentcast token --help')".into(),
         ),
         (
             vec!["tail", "--url", "http://127.0.0.1:1/ws", "--token", "t"],
@@ -416,4 +416,41 @@ fn tail_refuses_a_from_seq_the_node_would_refuse() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("--from-seq") && err.contains("0..=9007199254740991"), "{err}");
+}
+
+/// Usage errors (clap's) are one line that names the flag and where to read
+/// more, exit 64, and print nothing on stdout: clap's message is several
+/// lines, and its first alone ("the following required arguments were not
+/// provided:") names nothing.
+#[test]
+fn usage_errors_name_the_flag_and_point_to_help() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["tail"],
+            "agentcast: the following required arguments were not provided: --url <URLS> (see 'agentcast tail --help')",
+        ),
+        (
+            &["tail", "--url", "ws://127.0.0.1:1/ws", "--user", "u1"],
+            "agentcast: the following required arguments were not provided: --jwt-secret <JWT_SECRET> (see 'agentcast tail --help')",
+        ),
+        (
+            &["publish", "--user", "u1", "--frobnicate"],
+            "agentcast: unexpected argument '--frobnicate' found (see 'agentcast publish --help')",
+        ),
+        (
+            &["serve", "--ping-interval", "often"],
+            "agentcast: invalid value 'often' for '--ping-interval <PING_INTERVAL>': expected number at 0 (see 'agentcast serve --help')",
+        ),
+        (
+            &["--log-format", "xml", "stream"],
+            "agentcast: invalid value 'xml' for '--log-format <LOG_FORMAT>' [possible values: human, json] (see 'agentcast stream --help')",
+        ),
+        (&["frobnicate"], "agentcast: unrecognized subcommand 'frobnicate' (see 'agentcast --help')"),
+    ];
+    for (args, line) in cases {
+        let out = agentcast(args, "");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), format!("{line}\n"), "{args:?}");
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 }
