@@ -341,7 +341,8 @@ fn register_known() {
     for name in [CONNECTIONS_ACCEPTED, EVENTS_RECEIVED, FRAMES_SENT, BYTES_SENT, REPLAYED_EVENTS, GAPS_DETECTED] {
         metrics::counter!(name).absolute(0);
     }
-    for name in [STREAM_RESETS, SHARED_REPLAYS, NATS_RECONNECTS, HISTORY_SCAN_MESSAGES, AUDIT_CHECKS, RESERVED_HEADERS] {
+    for name in [STREAM_RESETS, SHARED_REPLAYS, NATS_RECONNECTS, HISTORY_SCAN_MESSAGES, AUDIT_CHECKS, RESERVED_HEADERS]
+    {
         metrics::counter!(name).absolute(0);
     }
     for outcome in ["ok", "failed"] {
