@@ -297,7 +297,8 @@ pub struct NodeArgs {
     /// Interval of server pings; a client silent for two intervals is closed.
     #[arg(long, env = "AGENTCAST_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
-    /// On SIGTERM/SIGINT, closes are spread over this window; the process exits within it.
+    /// On SIGTERM/SIGINT, closes are spread over this window; the process exits
+    /// within it plus a grace of 1.5 s (server::DRAIN_GRACE).
     #[arg(long, env = "AGENTCAST_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_window: Duration,
     /// Name users in logs. Off by default: logs then carry a per-process tag

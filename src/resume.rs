@@ -222,6 +222,8 @@ pub struct Replay<'a> {
     kept: Option<Vec<Utf8Bytes>>,
     shared: Option<tokio::sync::MutexGuard<'a, Option<SharedReplay>>>,
     short_reads: u32,
+    /// Events among `kept`.
+    kept_events: u64,
     finished: bool,
 }
 
@@ -255,6 +257,7 @@ impl<'a> Replay<'a> {
             kept: Some(Vec::new()),
             shared: None,
             short_reads: 0,
+            kept_events: 0,
             finished: false,
         };
         if reset {
@@ -264,26 +267,16 @@ impl<'a> Replay<'a> {
             replay.first = Some(Chunk { frames: vec![gap.frame()], events: 0 });
             replay.after = 0;
             replay.position = 0;
+            // Not kept for another socket: its frames lack the reset notice.
+            replay.kept = None;
         } else if last_seq >= joined.seq() {
-            // Nothing to read: events after the joined position reach the
-            // queue. When that position is the user's newest event, nothing
-            // of the user's after the client's position existed before the
-            // join. A horizon or gap end may be older than events the user
-            // had stored (and lost) before the join, after the client's
-            // position: whether any were lost there, the rule says.
+            // Nothing to read: every event of the user after the joined
+            // position reaches the queue. (A horizon is the stream's last
+            // sequence once the user's subscription took effect, so that
+            // holds for it too: see `Hub::start_user`.)
             replay.finished = true;
             replay.kept = None;
-            let mut outcome = "complete";
-            if !matches!(joined, Position::Event(_)) {
-                let judged = prove(history, user, last_seq, Vec::new(), true).await?;
-                if let Some(gap) = judged.gap {
-                    outcome = "gap";
-                    replay.position = replay.position.max(gap.to.unwrap_or(0));
-                    metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
-                    replay.first = Some(Chunk { frames: vec![gap.frame()], events: 0 });
-                }
-            }
-            metrics::counter!(m::RESUMES, "outcome" => outcome).increment(1);
+            metrics::counter!(m::RESUMES, "outcome" => "complete").increment(1);
             return Ok(replay);
         }
         let shared = membership.replay.lock().await;
@@ -334,6 +327,7 @@ impl<'a> Replay<'a> {
                 let bytes = |frames: &[Utf8Bytes]| frames.iter().map(|f| f.len()).sum::<usize>();
                 if bytes(k) + bytes(&chunk.frames) <= MAX_SHARED_REPLAY_BYTES {
                     k.extend(chunk.frames.iter().cloned());
+                    self.kept_events += chunk.events;
                 } else {
                     self.kept = None;
                 }
