@@ -1,7 +1,9 @@
 //! Hostile clients: connections that never finish their request, floods of
 //! half-open connections under a low open-file limit, a drain with sockets
-//! that have not joined yet, and frames that break RFC 6455. Clients here
-//! speak raw TCP where a WebSocket library would refuse to misbehave.
+//! that have not joined yet, frames that break RFC 6455, one token opening
+//! socket after socket, and a socket kept busy by a continuous stream.
+//! Clients here speak raw TCP where a WebSocket library would refuse to
+//! misbehave.
 
 mod common;
 
@@ -477,6 +479,67 @@ async fn handshakes_that_are_not_websocket_get_json_refusals() {
     let (status, head, _) = raw_exchange(&node, ws_request(&node, &path, "HTTP/1.1", KEY).as_bytes()).await;
     assert_eq!(status, 101, "{head}");
     assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455's example accept value: {head}");
+}
+
+/// The default of `--max-sockets-per-user`.
+const SOCKETS_PER_USER: usize = agentcast::config::DEFAULT_SOCKETS_PER_USER;
+
+/// One token cannot take every socket of the node: past
+/// `--max-sockets-per-user` a user's sockets are refused with 429 before
+/// the upgrade, also when they all come at once, while other users still
+/// connect; a socket that ends frees its slot.
+#[tokio::test]
+async fn one_user_cannot_take_every_socket_of_the_node() {
+    use tokio_tungstenite::tungstenite;
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let url = node.ws_url(&token("u1"));
+    // A burst: the bound must hold while upgrades are under way.
+    let extra = 8;
+    let attempts = futures_util::future::join_all(
+        (0..SOCKETS_PER_USER + extra).map(|_| tokio_tungstenite::connect_async(url.clone())),
+    )
+    .await;
+    let mut open = Vec::new();
+    let mut refusals = Vec::new();
+    for a in attempts {
+        match a {
+            Ok((ws, _)) => open.push(ws),
+            Err(tungstenite::Error::Http(resp)) => {
+                let body: Value = resp.body().as_ref().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
+                refusals.push((resp.status().as_u16(), body));
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!((open.len(), refusals.len()), (SOCKETS_PER_USER, extra), "refused: {refusals:?}");
+    for (status, body) in &refusals {
+        assert_eq!((*status, body["error"].as_str()), (429, Some("user_capacity")), "{body}");
+        assert!(body["message"].as_str().is_some_and(|m| m.contains(&SOCKETS_PER_USER.to_string())), "{body}");
+    }
+    let counted = node.metric("agentcast_connections_refused_total", r#"reason="user_capacity""#).await;
+    assert_eq!(counted, extra as f64);
+    // Other users are not affected.
+    let (mut other, _) = Client::join(&node, "u2").await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    publish(&js, "u2", r#"{"type":"t"}"#).await;
+    assert_eq!(other.events(1).await.len(), 1);
+    // Still full for u1; a closed socket frees a slot.
+    assert_eq!(refused(&url, &[]).await.0, 429);
+    let mut gone = open.pop().expect("an open socket");
+    futures_util::SinkExt::close(&mut gone).await.expect("close");
+    while let Some(Ok(_)) = futures_util::StreamExt::next(&mut gone).await {}
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    loop {
+        match tokio_tungstenite::connect_async(url.clone()).await {
+            Ok((ws, _)) => break open.push(ws),
+            Err(tungstenite::Error::Http(resp)) if resp.status() == 429 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the freed slot was not given: {e}"),
+        }
+    }
+    assert_eq!(node.metric("agentcast_sockets_open", "").await, (SOCKETS_PER_USER + 1) as f64);
 }
 
 /// Events a second of the stream in the test below, and what its client reads.
