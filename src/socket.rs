@@ -118,8 +118,9 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     async move {
+        let expiry = token_deadline(s.token_exp);
         if s.start == Start::Frame {
-            s.start = match wait_resume_frame(&mut ws, &s.kicker).await {
+            s.start = match wait_resume_frame(&mut ws, &s.kicker, expiry).await {
                 Ok(start) => start,
                 Err(end) => return end,
             };
@@ -149,7 +150,6 @@ where
         // Everything at or below `position` has been sent or was before this
         // socket's time; queued items at or below it are dropped.
         let mut position = membership.position.seq();
-        let expiry = token_deadline(s.token_exp);
         if let Start::After { last_seq, epoch: client_epoch } = &s.start {
             let replayed =
                 replay(&mut ws, &hub, &s.kicker, expiry, &membership, *last_seq, client_epoch.as_deref(), &epoch);
@@ -234,16 +234,21 @@ where
                         release_if_idle(&rx, &mut batch, &mut out);
                         continue;
                     }
+                    // A write waits for the client (up to WRITE_TIMEOUT):
+                    // a kick or the token's expiry ends it. The expiry is
+                    // polled last, so a write done at once costs no timer.
                     let result = tokio::select! {
-                        r = write_batch(&mut ws, &mut out) => r,
+                        biased;
                         _ = s.kicker.kicked() => Err(WriteFail::Kicked),
+                        r = write_batch(&mut ws, &mut out) => r,
+                        _ = tokio::time::sleep_until(expiry) => Err(WriteFail::Expired),
                     };
                     out.clear();
                     release_if_idle(&rx, &mut batch, &mut out);
                     match result {
                         Ok(()) => latency.record(oldest),
-                        // The select above will see the kick next turn.
-                        Err(WriteFail::Kicked) => continue,
+                        // The select above will see the kick or the expiry next turn.
+                        Err(WriteFail::Kicked | WriteFail::Expired) => continue,
                         Err(WriteFail::Timeout) => return End::Slow,
                         Err(WriteFail::Closed) => return End::Client,
                     }
@@ -345,13 +350,14 @@ where
         let written = tokio::select! {
             r = write_batch(ws, &mut chunk.frames) => r,
             _ = kicker.kicked() => Err(WriteFail::Kicked),
-            _ = tokio::time::sleep_until(expiry) => return Err(token_expired(ws).await),
+            _ = tokio::time::sleep_until(expiry) => Err(WriteFail::Expired),
         };
         match written {
             // Counted as written, so a client that leaves mid-replay still
             // shows what it was sent.
             Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(chunk.events),
             Err(WriteFail::Kicked) => return Err(on_kick(ws, kicker.kicked().await).await),
+            Err(WriteFail::Expired) => return Err(token_expired(ws).await),
             Err(WriteFail::Timeout) => return Err(End::Slow),
             Err(WriteFail::Closed) => return Err(End::Client),
         }
@@ -368,10 +374,10 @@ where
 
 /// Reads the first client frame of a `resume=frame` socket. Until it
 /// comes, the socket is answered as it would be later (a close frame is
-/// echoed, a binary frame gets 1003, a broken frame its close code) and a
-/// drain closes it with `reconnect` and 1012: it has not joined its user, so
-/// nothing else would reach it.
-async fn wait_resume_frame<S, E>(ws: &mut S, kicker: &Kicker) -> Result<Start, End>
+/// echoed, a binary frame gets 1003, a broken frame its close code), a
+/// drain closes it with `reconnect` and 1012 (it has not joined its user, so
+/// nothing else would reach it), and the token's `expiry` with 4001.
+async fn wait_resume_frame<S, E>(ws: &mut S, kicker: &Kicker, expiry: tokio::time::Instant) -> Result<Start, End>
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
@@ -382,6 +388,7 @@ where
         let msg = tokio::select! {
             biased;
             why = kicker.kicked() => return Err(on_kick(ws, why).await),
+            _ = tokio::time::sleep_until(expiry) => return Err(token_expired(ws).await),
             _ = &mut deadline => return Err(close_with(ws, close::POLICY, "no resume frame", End::Unsupported).await),
             msg = ws.next() => msg,
         };
@@ -486,6 +493,8 @@ where
 
 enum WriteFail {
     Kicked,
+    /// The token expired while the write waited for the client.
+    Expired,
     Timeout,
     Closed,
 }

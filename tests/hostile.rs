@@ -685,6 +685,23 @@ async fn a_token_expiring_under_a_continuous_stream_is_closed_on_time() {
     assert!(pong_delays.iter().all(|d| *d < Duration::from_secs(1)), "pongs {pong_delays:?}");
 }
 
+/// A token that expires while its socket waits for its `resume` frame
+/// closes it with 4001 then, not with 1008 at the frame's 10 s timeout.
+#[tokio::test]
+async fn a_token_expiring_before_the_resume_frame_closes_with_4001() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &["--jwt-leeway", "0s"]).await;
+    let tok = agentcast::auth::mint_hs256(SECRET.as_bytes(), "u1", Duration::from_secs(2)).unwrap();
+    let close_at = UNIX_EPOCH + Duration::from_secs(token_exp(&tok));
+    let mut c = Client::connect(&format!("{}&resume=frame", node.ws_url(&tok))).await;
+    let (frames, close) = c.until_close().await;
+    let late = SystemTime::now().duration_since(close_at);
+    assert!(frames.is_empty(), "{frames:?}");
+    assert_eq!(close.as_ref().map(|c| u16::from(c.code)), Some(4001), "{close:?}");
+    assert!(late.as_ref().is_ok_and(|l| *l <= Duration::from_secs(1)), "{late:?} after exp");
+}
+
 /// The `exp` claim of a token.
 fn token_exp(token: &str) -> u64 {
     use base64::Engine as _;
