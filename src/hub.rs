@@ -459,8 +459,9 @@ impl Hub {
         let mut users = lock(&self.users);
         let Some(entry) = users.get(user) else { return };
         let mut shared = lock(&entry.shared);
-        // Not there: the user's entry was replaced (its subscription ended)
-        // and this socket's went with it; the new one is not this socket's.
+        // Not there: this socket's entry was dropped (its subscription
+        // ended, or the stream was reset) and the user's entry now is
+        // another's.
         if shared.sockets.remove(&id).is_some() && shared.sockets.is_empty() {
             drop(shared);
             entry.stop.cancel();

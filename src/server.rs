@@ -299,7 +299,12 @@ impl AppState {
             return Err(NoSlot::Capacity);
         }
         reserved.kickers.insert(id, kicker);
-        reserved.per_user.insert(user.clone(), of_user + 1);
+        match reserved.per_user.get_mut(user) {
+            Some(n) => *n += 1,
+            None => {
+                reserved.per_user.insert(user.clone(), 1);
+            }
+        }
         Ok(Slot { st: self.clone(), id, user: user.clone() })
     }
 
