@@ -540,6 +540,25 @@ async fn one_user_cannot_take_every_socket_of_the_node() {
         }
     }
     assert_eq!(node.metric("agentcast_sockets_open", "").await, (SOCKETS_PER_USER + 1) as f64);
+    // Every slot comes back however its socket ends: dropped without a
+    // close, or a handshake whose client went away before the upgrade.
+    drop(open);
+    for _ in 0..SOCKETS_PER_USER {
+        let path = format!("/ws?token={}", token("u1"));
+        let mut s = TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(ws_request(&node, &path, "HTTP/1.1", KEY).as_bytes()).await.unwrap();
+    }
+    let mut again = Vec::new();
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    while again.len() < SOCKETS_PER_USER {
+        match tokio_tungstenite::connect_async(url.clone()).await {
+            Ok((ws, _)) => again.push(ws),
+            Err(tungstenite::Error::Http(resp)) if resp.status() == 429 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{} of u1's slots came back: {e}", again.len()),
+        }
+    }
 }
 
 /// Events a second of the stream in the test below, and what its client reads.
