@@ -21,6 +21,14 @@ pub const EXIT_CONFIG: i32 = 64;
 /// "slow" client could pin megabytes of memory before being closed.
 pub const MAX_SOCKET_QUEUE: usize = 65_536;
 
+/// Default of `--max-sockets-per-user`. A person has a socket per tab and
+/// device; 32 covers a heavy user (a dozen tabs on two or three devices)
+/// with room to spare, while one token, leaked or scripted, can hold at
+/// most 32 of a node's 100,000 sockets instead of all of them. A user at
+/// the bound gets 429 until one of its sockets ends; its other nodes count
+/// their own.
+pub const DEFAULT_SOCKETS_PER_USER: usize = 32;
+
 /// Largest event accepted into the stream, in bytes (the stream's
 /// `max_msg_size`; NATS's own default max_payload is 1 MiB).
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -294,6 +302,10 @@ pub struct NodeArgs {
     /// Open sockets per node; more are refused with HTTP 503.
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// Open sockets of one user (one token's `sub`) on this node; more are
+    /// refused with HTTP 429 (user_capacity). 0: no bound but --max-connections.
+    #[arg(long, env = "AGENTCAST_MAX_SOCKETS_PER_USER", default_value_t = DEFAULT_SOCKETS_PER_USER)]
+    pub max_sockets_per_user: usize,
     /// Interval of server pings; a client silent for two intervals is closed.
     #[arg(long, env = "AGENTCAST_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
@@ -355,6 +367,8 @@ pub struct Config {
     pub auth: Arc<Authenticator>,
     pub socket_queue: usize,
     pub max_connections: usize,
+    /// Sockets of one user on this node at most; `None`: no bound of its own.
+    pub max_sockets_per_user: Option<usize>,
     pub ping_interval: Duration,
     pub drain_window: Duration,
     pub log_user_ids: bool,
@@ -498,6 +512,7 @@ impl NodeArgs {
         range("--socket-queue", self.socket_queue as u128, 1, MAX_SOCKET_QUEUE as u128)?;
         range("--nats-subscription-capacity", self.nats_subscription_capacity as u128, 1, 1 << 20)?;
         range("--max-connections", self.max_connections as u128, 1, 10_000_000)?;
+        range("--max-sockets-per-user", self.max_sockets_per_user as u128, 0, 10_000_000)?;
         range("--max-event-bytes", self.max_event_bytes as u128, 64, MAX_EVENT_BYTES as u128)?;
         range("--stream-max-bytes", self.stream_max_bytes as u128, 1 << 20, i64::MAX as u128)?;
         range("--stream-max-per-user", self.stream_max_per_user as u128, 1, i64::MAX as u128)?;
@@ -536,6 +551,7 @@ impl NodeArgs {
             auth: Arc::new(auth),
             socket_queue: self.socket_queue,
             max_connections: self.max_connections,
+            max_sockets_per_user: (self.max_sockets_per_user > 0).then_some(self.max_sockets_per_user),
             ping_interval: self.ping_interval,
             drain_window: self.drain_window,
             log_user_ids: self.log_user_ids,
@@ -580,6 +596,8 @@ mod tests {
         assert_eq!(c.stream.event_subject("u1"), "agentcast.events.u1");
         assert_eq!(c.stream.live_subject("u1"), "agentcast.live.u1");
         assert_eq!(c.stream.name, "AGENTCAST");
+        assert_eq!(c.max_sockets_per_user, Some(DEFAULT_SOCKETS_PER_USER));
+        assert_eq!(parse(&["--max-sockets-per-user", "0"]).unwrap().max_sockets_per_user, None);
     }
 
     #[test]

@@ -176,7 +176,6 @@ impl Kicker {
 }
 
 struct SocketTx {
-    id: u64,
     tx: mpsc::Sender<Queued>,
     kicker: Arc<Kicker>,
 }
@@ -185,7 +184,10 @@ struct SocketTx {
 /// with respect to deliveries: everything after the position it reads reaches its
 /// queue.
 struct Shared {
-    sockets: Vec<SocketTx>,
+    /// By connection id, so a socket leaves in O(1): a user with thousands
+    /// of sockets (with `--max-sockets-per-user 0`) closing them one by one
+    /// would otherwise scan its list for each, holding the users' lock.
+    sockets: HashMap<u64, SocketTx>,
     /// How far the user's history is accounted for on this node: live
     /// delivery continues after it, and a joining socket starts from it.
     position: Position,
@@ -394,7 +396,7 @@ impl Hub {
                 .or_insert_with(|| {
                     Arc::new(UserEntry {
                         user: user.clone(),
-                        shared: Mutex::new(Shared { sockets: Vec::new(), position: Position::Horizon(0) }),
+                        shared: Mutex::new(Shared { sockets: HashMap::new(), position: Position::Horizon(0) }),
                         replay: Arc::default(),
                         ready: OnceCell::new(),
                         stop: CancellationToken::new(),
@@ -405,7 +407,7 @@ impl Hub {
                     })
                 })
                 .clone();
-            lock(&entry.shared).sockets.push(SocketTx { id, tx, kicker });
+            lock(&entry.shared).sockets.insert(id, SocketTx { tx, kicker });
             entry
         };
         let mut membership = Membership {
@@ -457,8 +459,10 @@ impl Hub {
         let mut users = lock(&self.users);
         let Some(entry) = users.get(user) else { return };
         let mut shared = lock(&entry.shared);
-        shared.sockets.retain(|s| s.id != id);
-        if shared.sockets.is_empty() {
+        // Not there: this socket's entry was dropped (its subscription
+        // ended, or the stream was reset) and the user's entry now is
+        // another's.
+        if shared.sockets.remove(&id).is_some() && shared.sockets.is_empty() {
             drop(shared);
             entry.stop.cancel();
             users.remove(user);
@@ -468,14 +472,14 @@ impl Hub {
     /// The stream was recreated: close every socket (they resume and learn of
     /// the reset) and forget every user, whose positions are now meaningless.
     pub fn reset(&self) {
-        let mut users = lock(&self.users);
+        // Taken out first: the users' lock is not held while every socket is kicked.
+        let users = std::mem::take(&mut *lock(&self.users));
         for entry in users.values() {
             entry.stop.cancel();
-            for s in &lock(&entry.shared).sockets {
+            for s in lock(&entry.shared).sockets.values() {
                 s.kicker.kick(Kick::StreamReset);
             }
         }
-        users.clear();
     }
 
     async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, mut sub: Subscriber) {
@@ -498,7 +502,7 @@ impl Hub {
                     None => {
                         // The client closed: these sockets would get nothing more.
                         tracing::error!(user = %entry.user.for_log(), "live subscription ended; closing the user's sockets");
-                        for s in &lock(&entry.shared).sockets {
+                        for s in lock(&entry.shared).sockets.values() {
                             s.kicker.kick(Kick::Error);
                         }
                         // Later sockets of the user must not join a dead entry.
@@ -759,8 +763,8 @@ impl Hub {
     }
 }
 
-fn fan_out(sockets: &[SocketTx], item: Queued) {
-    for s in sockets {
+fn fan_out(sockets: &HashMap<u64, SocketTx>, item: Queued) {
+    for s in sockets.values() {
         match s.tx.try_send(item.clone()) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => s.kicker.kick(Kick::Slow),

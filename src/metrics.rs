@@ -109,7 +109,8 @@ pub const DISCONNECT_REASONS: &[&str] =
     &["client", "slow", "drain", "ping_timeout", "token_expired", "too_big", "unsupported", "stream_reset", "error"];
 
 /// Label values of [`CONNECTIONS_REFUSED`] that are not token failures.
-pub const REFUSAL_REASONS: &[&str] = &["draining", "not_ready", "origin", "bad_request", "capacity"];
+pub const REFUSAL_REASONS: &[&str] =
+    &["draining", "not_ready", "origin", "bad_request", "not_websocket", "user_capacity", "capacity"];
 
 /// Label values of [`CONNECTIONS_REFUSED`] for token failures (see
 /// [`crate::auth::AuthError::reason`]); the alert on auth failures sums these.

@@ -40,6 +40,7 @@ use crate::metrics as m;
 use crate::protocol::{BAD_POSITION, MAX_CLIENT_FRAME, parse_position};
 use crate::socket::{self, MAX_WRITE_BUFFER, READ_BUFFER, Session, Start, WRITE_BUFFER};
 use crate::stream::{self, StreamError};
+use crate::user::UserId;
 
 /// Longest a client may take to send a request line and its headers,
 /// counted from when the node starts waiting for them (a new connection, or
@@ -198,11 +199,9 @@ pub struct AppState {
     pub limits: Limits,
     stream_ok: AtomicBool,
     draining: AtomicBool,
-    /// Every reserved socket's kicker, by connection id, from the
-    /// reservation before the upgrade to the socket's end, so the drain
-    /// reaches sockets that have not joined their user yet (waiting for a
-    /// `resume` frame, or still upgrading).
-    kickers: Mutex<HashMap<u64, Arc<Kicker>>>,
+    /// The reserved sockets, from the reservation before the upgrade to the
+    /// socket's end.
+    sockets: Mutex<Reserved>,
     next_conn: AtomicU64,
     tracker: TaskTracker,
     /// HTTP connections that are not sockets.
@@ -241,7 +240,7 @@ impl AppState {
             metrics,
             stream_ok: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            kickers: Mutex::new(HashMap::new()),
+            sockets: Mutex::default(),
             next_conn: AtomicU64::new(1),
             tracker: TaskTracker::new(),
             http: Mutex::new(HttpConns::default()),
@@ -289,19 +288,33 @@ impl AppState {
         }
     }
 
-    /// Reserves a socket slot for `kicker`: refused while draining (checked
-    /// under the registry's lock, so a reservation either is seen by the
-    /// drain or sees the drain) and at the socket bound.
-    fn reserve(self: &Arc<Self>, id: u64, kicker: Arc<Kicker>) -> Result<Slot, NoSlot> {
-        let mut kickers = lock(&self.kickers);
+    /// Reserves a socket slot of `user` for `kicker`: refused while draining
+    /// (checked under the registry's lock, so a reservation either is seen
+    /// by the drain or sees the drain), at the user's bound
+    /// (`--max-sockets-per-user`), and at the node's. Counted here, before
+    /// the upgrade, so a burst of upgrades cannot pass either bound; O(1).
+    fn reserve(self: &Arc<Self>, id: u64, user: &UserId, kicker: Arc<Kicker>) -> Result<Slot, NoSlot> {
+        let mut reserved = lock(&self.sockets);
         if self.draining.load(Ordering::Acquire) {
             return Err(NoSlot::Draining);
         }
-        if kickers.len() >= self.limits.sockets {
+        let of_user = reserved.per_user.get(user).copied().unwrap_or(0);
+        if let Some(max) = self.config.max_sockets_per_user
+            && of_user >= max
+        {
+            return Err(NoSlot::UserCapacity(max));
+        }
+        if reserved.kickers.len() >= self.limits.sockets {
             return Err(NoSlot::Capacity);
         }
-        kickers.insert(id, kicker);
-        Ok(Slot { st: self.clone(), id })
+        reserved.kickers.insert(id, kicker);
+        match reserved.per_user.get_mut(user) {
+            Some(n) => *n += 1,
+            None => {
+                reserved.per_user.insert(user.clone(), 1);
+            }
+        }
+        Ok(Slot { st: self.clone(), id, user: user.clone() })
     }
 
     fn nats_connected(&self) -> bool {
@@ -465,9 +478,9 @@ async fn ws_handler(
     };
     let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
     let kicker = Arc::new(Kicker::default());
-    // Reserved before upgrading so the bound holds under a burst, and so the
+    // Reserved before upgrading so the bounds hold under a burst, and so the
     // drain reaches the socket however late its upgrade completes.
-    let slot = match st.reserve(conn_id, kicker.clone()) {
+    let slot = match st.reserve(conn_id, &identity.user, kicker.clone()) {
         Ok(s) => s,
         Err(no) => return no.refuse(),
     };
@@ -520,6 +533,8 @@ async fn ws_handler(
 /// Why [`AppState::reserve`] gave no slot.
 enum NoSlot {
     Draining,
+    /// The user has this many sockets on the node, its bound.
+    UserCapacity(usize),
     Capacity,
 }
 
@@ -527,6 +542,11 @@ impl NoSlot {
     fn refuse(self) -> Response {
         match self {
             NoSlot::Draining => refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()),
+            NoSlot::UserCapacity(max) => refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "user_capacity",
+                format!("this user has {max} sockets open on this node, the most allowed; close one first"),
+            ),
             NoSlot::Capacity => {
                 refuse(StatusCode::SERVICE_UNAVAILABLE, "capacity", "this node is at its connection limit".into())
             }
@@ -534,16 +554,35 @@ impl NoSlot {
     }
 }
 
+/// The reserved sockets: each one's kicker, by connection id, so the drain
+/// reaches sockets that have not joined their user yet (waiting for a
+/// `resume` frame, or still upgrading); and how many each user holds, for
+/// `--max-sockets-per-user`. A user is in `per_user` only while it holds
+/// one, so the map is bounded by the sockets.
+#[derive(Default)]
+struct Reserved {
+    kickers: HashMap<u64, Arc<Kicker>>,
+    per_user: HashMap<UserId, usize>,
+}
+
 /// One reserved socket slot, released on drop (also when an upgrade fails
 /// and the callback never runs).
 struct Slot {
     st: Arc<AppState>,
     id: u64,
+    user: UserId,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        lock(&self.st.kickers).remove(&self.id);
+        let mut reserved = lock(&self.st.sockets);
+        reserved.kickers.remove(&self.id);
+        if let Some(n) = reserved.per_user.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                reserved.per_user.remove(&self.user);
+            }
+        }
     }
 }
 
@@ -755,7 +794,7 @@ async fn drain(st: &AppState) {
     // Every socket reserved before `draining` was set, joined or not; later
     // ones are refused (see [`AppState::reserve`]). A socket kicked before it
     // runs sees the kick as soon as it waits for one.
-    let kickers: Vec<Arc<Kicker>> = lock(&st.kickers).values().cloned().collect();
+    let kickers: Vec<Arc<Kicker>> = lock(&st.sockets).kickers.values().cloned().collect();
     let n = kickers.len();
     tracing::info!(sockets = n, window = ?window, "draining");
     let start = tokio::time::Instant::now();

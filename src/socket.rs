@@ -118,8 +118,9 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     async move {
+        let expiry = token_deadline(s.token_exp);
         if s.start == Start::Frame {
-            s.start = match wait_resume_frame(&mut ws, &s.kicker).await {
+            s.start = match wait_resume_frame(&mut ws, &s.kicker, expiry).await {
                 Ok(start) => start,
                 Err(end) => return end,
             };
@@ -150,7 +151,8 @@ where
         // socket's time; queued items at or below it are dropped.
         let mut position = membership.position.seq();
         if let Start::After { last_seq, epoch: client_epoch } = &s.start {
-            let replayed = replay(&mut ws, &hub, &s.kicker, &membership, *last_seq, client_epoch.as_deref(), &epoch);
+            let replayed =
+                replay(&mut ws, &hub, &s.kicker, expiry, &membership, *last_seq, client_epoch.as_deref(), &epoch);
             match Box::pin(replayed).await {
                 Ok(p) => position = p,
                 Err(end) => return end,
@@ -158,8 +160,11 @@ where
             metrics::histogram!(m::RESUME_DURATION).record(joining.elapsed().as_secs_f64());
         }
 
-        let expiry = token_deadline(s.token_exp);
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + s.ping_interval, s.ping_interval);
+        let mut next_ping = tokio::time::Instant::now() + s.ping_interval;
+        // One timer for the socket's two deadlines, the next ping and the
+        // token's expiry: boxed, as an `Interval` boxes its own, so an idle
+        // socket keeps a pointer rather than the timer inline.
+        let mut timer = Box::pin(tokio::time::sleep_until(next_ping.min(expiry)));
         let mut last_heard = Instant::now();
         // Allocated by the first batch and freed whenever the queue runs dry:
         // kept for the life of the socket they would cost an idle socket 6.6 KB
@@ -175,10 +180,40 @@ where
             envelope: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Envelope.label()),
         };
 
+        // Polled in this order, each branch only when those before it are
+        // not ready: a kick (drain, slow) first; then the timer and the
+        // client's frames, which are rare and small; the outbound queue
+        // last. A socket whose queue never runs dry (a client on a slow
+        // link, a busy user) still has its token expire on time, its pings
+        // sent and its client's frames read between two batches. A client
+        // that floods frames delays only its own events, and is closed as
+        // slow when its queue fills.
         loop {
             tokio::select! {
                 biased;
                 why = s.kicker.kicked() => return on_kick(&mut ws, why).await,
+                () = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= expiry {
+                        return token_expired(&mut ws).await;
+                    }
+                    if last_heard.elapsed() > s.ping_interval * 2 {
+                        return close_with(&mut ws, close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await;
+                    }
+                    if send(&mut ws, Message::Ping(Default::default())).await.is_err() {
+                        return End::Client;
+                    }
+                    // From now, not from when it was due: a ping sent late
+                    // (after a long write) is not followed by a burst.
+                    next_ping = now + s.ping_interval;
+                    timer.as_mut().reset(next_ping.min(expiry));
+                }
+                msg = ws.next() => {
+                    last_heard = Instant::now();
+                    if let Some(end) = on_client_message(&mut ws, msg).await {
+                        return end;
+                    }
+                }
                 n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
                     if n == 0 {
                         // The hub dropped our sender: only on leave, which we own.
@@ -199,36 +234,24 @@ where
                         release_if_idle(&rx, &mut batch, &mut out);
                         continue;
                     }
+                    // A write waits for the client (up to WRITE_TIMEOUT):
+                    // a kick or the token's expiry ends it. The expiry is
+                    // polled last, so a write done at once costs no timer.
                     let result = tokio::select! {
-                        r = write_batch(&mut ws, &mut out) => r,
+                        biased;
                         _ = s.kicker.kicked() => Err(WriteFail::Kicked),
+                        r = write_batch(&mut ws, &mut out) => r,
+                        _ = tokio::time::sleep_until(expiry) => Err(WriteFail::Expired),
                     };
                     out.clear();
                     release_if_idle(&rx, &mut batch, &mut out);
                     match result {
                         Ok(()) => latency.record(oldest),
-                        // The select above will see the kick next turn.
-                        Err(WriteFail::Kicked) => continue,
+                        // The select above will see the kick or the expiry next turn.
+                        Err(WriteFail::Kicked | WriteFail::Expired) => continue,
                         Err(WriteFail::Timeout) => return End::Slow,
                         Err(WriteFail::Closed) => return End::Client,
                     }
-                }
-                msg = ws.next() => {
-                    last_heard = Instant::now();
-                    if let Some(end) = on_client_message(&mut ws, msg).await {
-                        return end;
-                    }
-                }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() > s.ping_interval * 2 {
-                        return close_with(&mut ws, close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await;
-                    }
-                    if send(&mut ws, Message::Ping(Default::default())).await.is_err() {
-                        return End::Client;
-                    }
-                }
-                _ = tokio::time::sleep_until(expiry) => {
-                    return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token", End::TokenExpired).await;
                 }
             }
         }
@@ -287,22 +310,27 @@ fn render(item: &Item, position: &mut u64) -> Option<Utf8Bytes> {
 
 /// Writes the replay of a resuming socket ([`crate::resume::Replay`]) and
 /// returns the position it reached. A kick (the node drains, the queue
-/// overflowed) ends it at once with its close code, also mid-read.
+/// overflowed) ends it at once with its close code, also mid-read, and so
+/// does the token's `expiry`: a long replay to a slow client does not
+/// outlive its token.
+#[allow(clippy::too_many_arguments)] // each is one thing the replay needs
 async fn replay<S, E>(
     ws: &mut S,
     hub: &Hub,
     kicker: &Kicker,
+    expiry: tokio::time::Instant,
     membership: &Membership,
     last_seq: u64,
     client_epoch: Option<&str>,
     epoch: &str,
 ) -> Result<u64, End>
 where
-    S: Sink<Message, Error = E> + Unpin,
+    S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
 {
     let begun = tokio::select! {
         r = Replay::begin(hub, membership, last_seq, client_epoch, epoch) => r,
         why = kicker.kicked() => return Err(on_kick(ws, why).await),
+        _ = tokio::time::sleep_until(expiry) => return Err(token_expired(ws).await),
     };
     let mut replay = match begun {
         Ok(r) => r,
@@ -312,6 +340,7 @@ where
         let next = tokio::select! {
             r = replay.next() => r,
             why = kicker.kicked() => return Err(on_kick(ws, why).await),
+            _ = tokio::time::sleep_until(expiry) => return Err(token_expired(ws).await),
         };
         let mut chunk = match next {
             Ok(Some(chunk)) => chunk,
@@ -321,12 +350,14 @@ where
         let written = tokio::select! {
             r = write_batch(ws, &mut chunk.frames) => r,
             _ = kicker.kicked() => Err(WriteFail::Kicked),
+            _ = tokio::time::sleep_until(expiry) => Err(WriteFail::Expired),
         };
         match written {
             // Counted as written, so a client that leaves mid-replay still
             // shows what it was sent.
             Ok(()) => metrics::counter!(m::REPLAYED_EVENTS).increment(chunk.events),
             Err(WriteFail::Kicked) => return Err(on_kick(ws, kicker.kicked().await).await),
+            Err(WriteFail::Expired) => return Err(token_expired(ws).await),
             Err(WriteFail::Timeout) => return Err(End::Slow),
             Err(WriteFail::Closed) => return Err(End::Client),
         }
@@ -335,7 +366,7 @@ where
 
 async fn resume_failed<S, E>(ws: &mut S, e: &crate::resume::ResumeError) -> End
 where
-    S: Sink<Message, Error = E> + Unpin,
+    S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
 {
     crate::resume::failed(e);
     close_with(ws, close::INTERNAL, "history unavailable: reconnect and resume", End::Error).await
@@ -343,10 +374,10 @@ where
 
 /// Reads the first client frame of a `resume=frame` socket. Until it
 /// comes, the socket is answered as it would be later (a close frame is
-/// echoed, a binary frame gets 1003, a broken frame its close code) and a
-/// drain closes it with `reconnect` and 1012: it has not joined its user, so
-/// nothing else would reach it.
-async fn wait_resume_frame<S, E>(ws: &mut S, kicker: &Kicker) -> Result<Start, End>
+/// echoed, a binary frame gets 1003, a broken frame its close code), a
+/// drain closes it with `reconnect` and 1012 (it has not joined its user, so
+/// nothing else would reach it), and the token's `expiry` with 4001.
+async fn wait_resume_frame<S, E>(ws: &mut S, kicker: &Kicker, expiry: tokio::time::Instant) -> Result<Start, End>
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
@@ -357,6 +388,7 @@ where
         let msg = tokio::select! {
             biased;
             why = kicker.kicked() => return Err(on_kick(ws, why).await),
+            _ = tokio::time::sleep_until(expiry) => return Err(token_expired(ws).await),
             _ = &mut deadline => return Err(close_with(ws, close::POLICY, "no resume frame", End::Unsupported).await),
             msg = ws.next() => msg,
         };
@@ -385,7 +417,7 @@ where
 
 async fn on_kick<S, E>(ws: &mut S, why: Kick) -> End
 where
-    S: Sink<Message, Error = E> + Unpin,
+    S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
 {
     match why {
         Kick::Slow => close_with(ws, close::SLOW, "slow: reconnect and resume", End::Slow).await,
@@ -404,7 +436,7 @@ where
 /// Handles one read from the client; `Some` ends the socket.
 async fn on_client_message<S, E>(ws: &mut S, msg: Option<Result<Message, E>>) -> Option<End>
 where
-    S: Sink<Message, Error = E> + Unpin,
+    S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
     match msg {
@@ -461,6 +493,8 @@ where
 
 enum WriteFail {
     Kicked,
+    /// The token expired while the write waited for the client.
+    Expired,
     Timeout,
     Closed,
 }
@@ -499,22 +533,52 @@ where
     }
 }
 
-/// Sends a close frame (best effort, bounded in time) and reports `end`.
+async fn token_expired<S, E>(ws: &mut S) -> End
+where
+    S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
+{
+    close_with(ws, close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token", End::TokenExpired).await
+}
+
+/// Sends a close frame and waits for the client's in reply, reading and
+/// discarding what comes before it; both bounded by [`CLOSE_TIMEOUT`]
+/// together. Reports `end`.
+///
+/// Not closed at once after the write: a connection closed with unread
+/// data from the client (a pong, a `ping` frame sent meanwhile) is reset by
+/// the kernel, and the reset discards what the node had not yet sent,
+/// close frame included: the client would see the connection drop, not the
+/// code that tells it what to do.
 async fn close_with<S, E>(ws: &mut S, code: u16, reason: &str, end: End) -> End
 where
-    S: Sink<Message, Error = E> + Unpin,
+    S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
 {
     let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
+    let handshake = async {
+        if ws.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = ws.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
     end
 }
 
-/// The instant the token expires, as a tokio deadline.
+/// Longest a token's expiry is waited for: a far-future `exp` would
+/// overflow the timer. A socket open this long is closed as expired.
+const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The instant the token expires (`exp`, seconds since the Unix epoch), as
+/// a tokio deadline. To the millisecond, not the second: `exp` passes at the
+/// start of its second, whatever part of a second the clock shows now.
 fn token_deadline(exp: u64) -> tokio::time::Instant {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-    // Capped so a far-future exp does not overflow the timer.
-    let left = Duration::from_secs(exp.saturating_sub(now).min(10 * 365 * 24 * 3600));
-    tokio::time::Instant::now() + left
+    let at = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(exp));
+    let left = at.map_or(MAX_TOKEN_WAIT, |at| at.duration_since(std::time::SystemTime::now()).unwrap_or_default());
+    tokio::time::Instant::now() + left.min(MAX_TOKEN_WAIT)
 }
 
 /// Read errors that the client caused and gets a close code for.

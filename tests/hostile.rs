@@ -1,7 +1,9 @@
 //! Hostile clients: connections that never finish their request, floods of
 //! half-open connections under a low open-file limit, a drain with sockets
-//! that have not joined yet, and frames that break RFC 6455. Clients here
-//! speak raw TCP where a WebSocket library would refuse to misbehave.
+//! that have not joined yet, frames that break RFC 6455, one token opening
+//! socket after socket, and a socket kept busy by a continuous stream.
+//! Clients here speak raw TCP where a WebSocket library would refuse to
+//! misbehave.
 
 mod common;
 
@@ -477,4 +479,278 @@ async fn handshakes_that_are_not_websocket_get_json_refusals() {
     let (status, head, _) = raw_exchange(&node, ws_request(&node, &path, "HTTP/1.1", KEY).as_bytes()).await;
     assert_eq!(status, 101, "{head}");
     assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455's example accept value: {head}");
+}
+
+/// The default of `--max-sockets-per-user`.
+const SOCKETS_PER_USER: usize = agentcast::config::DEFAULT_SOCKETS_PER_USER;
+
+/// One token cannot take every socket of the node: past
+/// `--max-sockets-per-user` a user's sockets are refused with 429 before
+/// the upgrade, also when they all come at once, while other users still
+/// connect; a socket that ends frees its slot.
+#[tokio::test]
+async fn one_user_cannot_take_every_socket_of_the_node() {
+    use tokio_tungstenite::tungstenite;
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let url = node.ws_url(&token("u1"));
+    // A burst: the bound must hold while upgrades are under way.
+    let extra = 8;
+    let attempts = futures_util::future::join_all(
+        (0..SOCKETS_PER_USER + extra).map(|_| tokio_tungstenite::connect_async(url.clone())),
+    )
+    .await;
+    let mut open = Vec::new();
+    let mut refusals = Vec::new();
+    for a in attempts {
+        match a {
+            Ok((ws, _)) => open.push(ws),
+            Err(tungstenite::Error::Http(resp)) => {
+                let body: Value = resp.body().as_ref().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
+                refusals.push((resp.status().as_u16(), body));
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!((open.len(), refusals.len()), (SOCKETS_PER_USER, extra), "refused: {refusals:?}");
+    for (status, body) in &refusals {
+        assert_eq!((*status, body["error"].as_str()), (429, Some("user_capacity")), "{body}");
+        assert!(body["message"].as_str().is_some_and(|m| m.contains(&SOCKETS_PER_USER.to_string())), "{body}");
+    }
+    let counted = node.metric("agentcast_connections_refused_total", r#"reason="user_capacity""#).await;
+    assert_eq!(counted, extra as f64);
+    // Other users are not affected.
+    let (mut other, _) = Client::join(&node, "u2").await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    publish(&js, "u2", r#"{"type":"t"}"#).await;
+    assert_eq!(other.events(1).await.len(), 1);
+    // Still full for u1; a closed socket frees a slot.
+    assert_eq!(refused(&url, &[]).await.0, 429);
+    let mut gone = open.pop().expect("an open socket");
+    futures_util::SinkExt::close(&mut gone).await.expect("close");
+    while let Some(Ok(_)) = futures_util::StreamExt::next(&mut gone).await {}
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    loop {
+        match tokio_tungstenite::connect_async(url.clone()).await {
+            Ok((ws, _)) => break open.push(ws),
+            Err(tungstenite::Error::Http(resp)) if resp.status() == 429 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the freed slot was not given: {e}"),
+        }
+    }
+    assert_eq!(node.metric("agentcast_sockets_open", "").await, (SOCKETS_PER_USER + 1) as f64);
+    // Every slot comes back however its socket ends: dropped without a
+    // close, or a handshake whose client went away before the upgrade.
+    drop(open);
+    for _ in 0..SOCKETS_PER_USER {
+        let path = format!("/ws?token={}", token("u1"));
+        let mut s = TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(ws_request(&node, &path, "HTTP/1.1", KEY).as_bytes()).await.unwrap();
+    }
+    let mut again = Vec::new();
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    while again.len() < SOCKETS_PER_USER {
+        match tokio_tungstenite::connect_async(url.clone()).await {
+            Ok((ws, _)) => again.push(ws),
+            Err(tungstenite::Error::Http(resp)) if resp.status() == 429 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{} of u1's slots came back: {e}", again.len()),
+        }
+    }
+}
+
+/// Events a second of the stream in the test below, and what its client reads.
+const STREAM_RATE: u64 = 1000;
+const CLIENT_RATE: f64 = 800.0;
+
+/// A socket whose outbound queue never runs dry still has its timers and
+/// its client's frames served. The client reads a steady stream a little
+/// slower than it comes, as one on a slow link does: the node always has
+/// events queued for it (a large `--socket-queue` keeps it from being
+/// closed as slow within the test). Its token expires mid-stream: it is
+/// closed with 4001 within a second of `exp` plus the leeway; its `ping`
+/// frames are answered while events flow; the node's WebSocket pings come
+/// at their interval. The client's receive buffer is small, so what the
+/// kernel holds between the two ends is a fraction of a second of events.
+#[tokio::test]
+async fn a_token_expiring_under_a_continuous_stream_is_closed_on_time() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    use tokio_tungstenite::tungstenite::Message;
+    let nats = NatsServer::start();
+    let leeway = Duration::from_secs(1);
+    let ping_interval = Duration::from_millis(300);
+    let node = Node::start(&nats, &["--jwt-leeway", "1s", "--ping-interval", "300ms", "--socket-queue", "65536"]).await;
+    let lifetime = Duration::from_secs(5);
+    let tok = agentcast::auth::mint_hs256(SECRET.as_bytes(), "u1", lifetime).unwrap();
+    let exp = token_exp(&tok);
+    let close_at = UNIX_EPOCH + Duration::from_secs(exp) + leeway;
+    let tcp = small_window_socket();
+    let tcp = tcp.connect(node.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(node.ws_url(&tok), tcp).await.expect("upgrade");
+
+    // The stream: STREAM_RATE events a second, until the socket is closed
+    // (or long after it should have been).
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn({
+        let (js, stop) = (async_nats::jetstream::new(nats.client().await), stop.clone());
+        let hard_stop = close_at + Duration::from_secs(10);
+        async move {
+            let payload = bytes::Bytes::from(format!(r#"{{"type":"t","pad":"{}"}}"#, "x".repeat(4000)));
+            let step = Duration::from_millis(20);
+            let mut tick = tokio::time::interval(step);
+            while !stop.load(Ordering::Acquire) && SystemTime::now() < hard_stop {
+                tick.tick().await;
+                let mut acks = Vec::new();
+                for _ in 0..STREAM_RATE * step.as_millis() as u64 / 1000 {
+                    acks.push(js.publish("agentcast.events.u1", payload.clone()).await.expect("publish"));
+                }
+                for ack in acks {
+                    ack.await.expect("ack");
+                }
+            }
+        }
+    });
+
+    let mut events = 0u64;
+    let mut event_times: Vec<Instant> = Vec::new();
+    let mut node_pings: Vec<Instant> = Vec::new();
+    let mut pings_sent: Vec<Instant> = Vec::new();
+    let mut pong_delays: Vec<Duration> = Vec::new();
+    let mut next_ping = tokio::time::Instant::now();
+    let mut reading_since: Option<tokio::time::Instant> = None;
+    let close = loop {
+        // At most CLIENT_RATE frames a second once events flow.
+        let allowed = reading_since.map(|t| t + Duration::from_secs_f64(events as f64 / CLIENT_RATE));
+        let msg = tokio::select! {
+            m = async {
+                if let Some(at) = allowed {
+                    tokio::time::sleep_until(at).await;
+                }
+                futures_util::StreamExt::next(&mut ws).await
+            } => m,
+            _ = tokio::time::sleep_until(next_ping) => {
+                next_ping += Duration::from_millis(250);
+                // Only once events flow: they are the load under test.
+                if events > 0 {
+                    futures_util::SinkExt::send(&mut ws, Message::text(r#"{"type":"ping"}"#)).await.unwrap();
+                    pings_sent.push(Instant::now());
+                }
+                continue;
+            }
+        };
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                match f["type"].as_str() {
+                    Some("event") => {
+                        events += 1;
+                        event_times.push(Instant::now());
+                        reading_since.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                    Some("pong") => {
+                        let sent = pings_sent.get(pong_delays.len()).expect("a pong for a ping sent");
+                        pong_delays.push(sent.elapsed());
+                    }
+                    Some("welcome") => {}
+                    _ => panic!("unexpected frame {f}"),
+                }
+            }
+            Some(Ok(Message::Ping(_))) => node_pings.push(Instant::now()),
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => {
+                eprintln!("the socket ended without a close frame: {other:?}");
+                break None;
+            }
+        }
+    };
+    let closed = SystemTime::now();
+    let closed_at = Instant::now();
+    stop.store(true, Ordering::Release);
+    publisher.await.unwrap();
+    let late = closed.duration_since(close_at).unwrap_or_default();
+    let early = close_at.duration_since(closed).unwrap_or_default();
+    let streamed = |from: Instant| event_times.iter().filter(|t| **t >= from).count();
+    let first_event = *event_times.first().expect("events flowed");
+    let queued = node.metric("agentcast_events_received_total", "").await as u64 - events;
+    eprintln!(
+        "closed {late:?} late ({early:?} early), {events} events read, {queued} not read, {} in the last second; \
+         {} node pings; {} client pings, {} pongs, slowest {:?}",
+        streamed(closed_at - Duration::from_secs(1)),
+        node_pings.len(),
+        pings_sent.len(),
+        pong_delays.len(),
+        pong_delays.iter().max(),
+    );
+    assert_eq!(close.as_ref().map(|c| u16::from(c.code)), Some(4001), "{close:?}");
+    // Same clock on both ends: not before exp plus leeway, and within a second of it.
+    assert!(early <= Duration::from_millis(100) && late <= Duration::from_secs(1), "{late:?} late, {early:?} early");
+    // The stream was running up to the close, and the node was ahead of the client.
+    assert!(streamed(closed_at - Duration::from_secs(1)) >= 200, "events kept flowing up to the close");
+    assert!(queued > 0, "the node had events queued for the client");
+    // The node's pings came during the stream (one per 300 ms; at least half).
+    let streaming = closed_at - first_event;
+    let expected = (streaming.as_millis() / ping_interval.as_millis()) as usize;
+    let during = node_pings.iter().filter(|t| **t > first_event).count();
+    assert!(during >= expected / 2 && during >= 3, "{during} node pings in {streaming:?} of stream");
+    // Every client ping sent more than a second before the close was
+    // answered, within a second.
+    let answerable = pings_sent.iter().filter(|t| **t < closed_at - Duration::from_secs(1)).count();
+    assert!(answerable >= 5 && pong_delays.len() >= answerable, "{} pongs for {answerable} pings", pong_delays.len());
+    assert!(pong_delays.iter().all(|d| *d < Duration::from_secs(1)), "pongs {pong_delays:?}");
+}
+
+/// A token that expires while its socket waits for its `resume` frame
+/// closes it with 4001 then, not with 1008 at the frame's 10 s timeout.
+#[tokio::test]
+async fn a_token_expiring_before_the_resume_frame_closes_with_4001() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &["--jwt-leeway", "0s"]).await;
+    let tok = agentcast::auth::mint_hs256(SECRET.as_bytes(), "u1", Duration::from_secs(2)).unwrap();
+    let close_at = UNIX_EPOCH + Duration::from_secs(token_exp(&tok));
+    let mut c = Client::connect(&format!("{}&resume=frame", node.ws_url(&tok))).await;
+    let (frames, close) = c.until_close().await;
+    let late = SystemTime::now().duration_since(close_at);
+    assert!(frames.is_empty(), "{frames:?}");
+    assert_eq!(close.as_ref().map(|c| u16::from(c.code)), Some(4001), "{close:?}");
+    assert!(late.as_ref().is_ok_and(|l| *l <= Duration::from_secs(1)), "{late:?} after exp");
+}
+
+/// The `exp` claim of a token.
+fn token_exp(token: &str) -> u64 {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    claims["exp"].as_u64().expect("exp")
+}
+
+/// A client socket shaped like one across a real network rather than
+/// loopback: a 16 KiB receive buffer and a 1460-byte segment size (its SYN
+/// tells the node, whose send buffer then stays at tens of KiB instead of
+/// growing to megabytes for loopback's 64 KiB segments). So what the
+/// kernels hold between the node and the client is a small part of a
+/// second of a stream, and what the node has not written stays queued in it.
+fn small_window_socket() -> tokio::net::TcpSocket {
+    use std::os::fd::AsRawFd;
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(16 * 1024).unwrap();
+    let mss: libc::c_int = 1460;
+    // SAFETY: sets one option on a socket this function owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&mss as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+    tcp
 }

@@ -104,7 +104,11 @@ async fn a_slow_client_is_closed_while_a_fast_one_keeps_up() {
     let slow_seqs: Vec<u64> =
         frames.iter().filter(|f| f["type"] == "event").map(|f| f["seq"].as_u64().unwrap()).collect();
     assert_eq!(slow_seqs, seqs[..slow_seqs.len()].to_vec());
-    assert_eq!(node.metric("agentcast_disconnects_total", r#"reason="slow""#).await, 1.0);
+    // Counted when the socket ends: after the client's close reply (the node waits for it).
+    eventually("the disconnect counted", || async {
+        node.metric("agentcast_disconnects_total", r#"reason="slow""#).await == 1.0
+    })
+    .await;
     eprintln!("fast socket received {N} events of 32 KiB in {elapsed:?} while the slow one was closed");
 }
 
@@ -117,7 +121,11 @@ async fn a_silent_client_is_closed_after_two_ping_intervals() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let (_, close) = c.until_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 4002);
-    assert_eq!(node.metric("agentcast_disconnects_total", r#"reason="ping_timeout""#).await, 1.0);
+    // Counted when the socket ends: after the client's close reply (the node waits for it).
+    eventually("the disconnect counted", || async {
+        node.metric("agentcast_disconnects_total", r#"reason="ping_timeout""#).await == 1.0
+    })
+    .await;
     // A client that is read (and so answers pings) stays open.
     let (mut live, _) = Client::join(&node, "u1").await;
     live.quiet_for(Duration::from_millis(800)).await;
@@ -136,7 +144,11 @@ async fn the_socket_closes_when_the_token_expires() {
     let (_, close) = c.until_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 4001);
     assert!(start.elapsed() <= Duration::from_secs(3), "{:?}", start.elapsed());
-    assert_eq!(node.metric("agentcast_disconnects_total", r#"reason="token_expired""#).await, 1.0);
+    // Counted when the socket ends: after the client's close reply (the node waits for it).
+    eventually("the disconnect counted", || async {
+        node.metric("agentcast_disconnects_total", r#"reason="token_expired""#).await == 1.0
+    })
+    .await;
 }
 
 #[tokio::test]
