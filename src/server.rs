@@ -263,7 +263,7 @@ impl AppState {
             let mut freed = std::pin::pin!(freed);
             {
                 let mut h = lock(&self.http);
-                let bound = self.limits.http + self.limits.sockets.saturating_sub(lock(&self.kickers).len());
+                let bound = self.limits.http + self.limits.sockets.saturating_sub(lock(&self.sockets).kickers.len());
                 // Closing ones still hold their descriptor: they count.
                 let need = (h.open.len() + h.closing + 1).saturating_sub(bound);
                 while h.closing < need {
