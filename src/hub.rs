@@ -13,11 +13,11 @@
 //! JetStream and delivers them first ([`crate::resume::read`]).
 //!
 //! A republish lost with nothing after it (the last event of a run) shows no
-//! hole. So an audit checks every user here against the stream leader's
-//! newest event of the user ([`AUDIT_INTERVAL`]), and once at once after a
-//! NATS reconnect: a stored event reaches its user's sockets within about
-//! one interval even when no later event comes and no connection event
-//! fires. A user whose subscription was not yet known to the server that
+//! hole. So an audit checks the users here that are quiet against the
+//! stream leader's newest event of the user ([`AUDIT_INTERVAL`]), and runs
+//! at once after a NATS reconnect: a stored event reaches its user's sockets
+//! within two intervals and a read even when no later event comes and no
+//! connection event fires. A user whose subscription was not yet known to the server that
 //! stored an event (interest crosses a cluster asynchronously) is made whole
 //! the same way. When a hole cannot be filled, a gap notice is queued in its
 //! place.
@@ -72,10 +72,11 @@ pub const LIVE_READ_CONCURRENCY: usize = 32;
 pub const AUDIT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Leader requests the audit makes per second at most. Each costs the
-/// leader about 35 us of CPU (measured here, 2.9.10 and 2.15.1), so this
-/// caps a node's audit at about a third of a core of the leader. With more
-/// users than this times [`AUDIT_INTERVAL`], a sweep takes longer than the
-/// interval: 50,000 busy users are checked every 5 s.
+/// leader about 35 to 38 us of CPU (measured here on 2.9.10 and 2.15.1:
+/// bench/audit/audit_cost.py), so this caps a node's audit at about 0.4 of
+/// a core of the leader. With more quiet users than this times
+/// [`AUDIT_INTERVAL`], a sweep takes longer than the interval: 50,000 quiet
+/// users on a busy stream are each checked every 5 s.
 pub const AUDIT_RATE: usize = 10_000;
 
 /// The audit's requests go out in steps of this length, [`AUDIT_RATE`] per
