@@ -95,20 +95,20 @@ impl History {
     /// 0.27 ms on 2.15.1 at 1M events, and a storm of 10,000 resumes took
     /// about 1 s longer (docs/durability.md, run 7).
     pub async fn last(&self, user: &str) -> Result<u64, StreamError> {
-        let subject = self.subject(user);
-        match self.live.get_last_raw_message_by_subject(subject.as_str()).await {
-            Ok(m) => Ok(m.sequence),
-            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(0),
-            Err(e) => Err(StreamError::Nats(format!("last of {subject}: {e}"))),
-        }
+        self.last_on(&self.live, user).await
     }
 
     /// Sequence of the user's newest stored event, 0 when none, as the
     /// stream's leader has it; asked on a read connection, for the audit
     /// ([`crate::hub::AUDIT_INTERVAL`]), which must not delay live events.
     pub async fn newest(&self, user: &str) -> Result<u64, StreamError> {
+        self.last_on(self.stream(), user).await
+    }
+
+    /// The leader's newest event of the user, asked on `stream`'s connection.
+    async fn last_on(&self, stream: &Stream<()>, user: &str) -> Result<u64, StreamError> {
         let subject = self.subject(user);
-        match self.stream().get_last_raw_message_by_subject(subject.as_str()).await {
+        match stream.get_last_raw_message_by_subject(subject.as_str()).await {
             Ok(m) => Ok(m.sequence),
             Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(0),
             Err(e) => Err(StreamError::Nats(format!("last of {subject}: {e}"))),

@@ -381,9 +381,8 @@ impl<'a> Replay<'a> {
     fn finish(&mut self) {
         self.finished = true;
         if let (Some(frames), Some(shared)) = (self.kept.take(), self.shared.as_mut()) {
-            let events = frames.len() as u64;
-            **shared =
-                Some(SharedReplay { after: self.after, through: self.position, frames, events, gapped: self.gapped });
+            let (after, through, events, gapped) = (self.after, self.position, self.kept_events, self.gapped);
+            **shared = Some(SharedReplay { after, through, frames, events, gapped });
         }
         self.shared = None;
         metrics::counter!(m::RESUMES, "outcome" => if self.gapped { "gap" } else { "complete" }).increment(1);
