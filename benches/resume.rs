@@ -284,13 +284,12 @@ async fn main() {
     let mut batch_ms = Vec::new();
     let mut history_ms = Vec::new();
     // As a node reads: over READ_CONNECTIONS connections of its own.
-    let mut read_streams = Vec::new();
+    let mut readers = Vec::new();
     for _ in 0..agentcast::nats::READ_CONNECTIONS {
-        let c = async_nats::connect(&nats_url).await.unwrap();
-        read_streams.push(async_nats::jetstream::new(c).get_stream_no_info("AGENTCAST").await.unwrap());
+        readers.push(async_nats::connect(&nats_url).await.unwrap());
     }
-    let live = js.get_stream_no_info("AGENTCAST").await.unwrap();
-    let history = agentcast::history::History::new(live, read_streams, "agentcast.events".into());
+    let history =
+        agentcast::history::History::new(&js.client(), readers, "AGENTCAST", "agentcast.events".into()).unwrap();
     let batch_supported = server_at_least(&client, 2, 11);
     for &u in &sample_users {
         let subject = format!("agentcast.events.{}", user(u));

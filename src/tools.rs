@@ -413,10 +413,9 @@ async fn stream_inner(a: StreamArgs) -> Result<(), Failure> {
         },
     });
     if let Some(user) = user {
-        let plain =
-            js.get_stream_no_info(&a.stream).await.map_err(|e| runtime(anyhow::anyhow!("stream {}: {e}", a.stream)))?;
-        let history = History::new(plain.clone(), vec![plain], a.subject_prefix.clone());
         let nats = |e: crate::stream::StreamError| runtime(anyhow::anyhow!("{e}"));
+        let client = js.client();
+        let history = History::new(&client, vec![client.clone()], &a.stream, a.subject_prefix.clone()).map_err(nats)?;
         let last = history.last(user.as_str()).await.map_err(nats)?;
         let first = history.first(user.as_str()).await.map_err(nats)?;
         let subject = format!("{}.{user}", a.subject_prefix);

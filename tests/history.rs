@@ -17,13 +17,11 @@ async fn setup(nats: &NatsServer, users_events: usize, noise: usize) -> (History
     let js = async_nats::jetstream::new(nats.client().await);
     js.create_stream(agentcast::stream::desired(&stream_settings(10_000))).await.unwrap();
     let x = fill(&js, users_events, noise).await;
-    let mut streams = Vec::new();
+    let mut readers = Vec::new();
     for _ in 0..4 {
-        let c = nats.client().await;
-        streams.push(async_nats::jetstream::new(c).get_stream_no_info("AGENTCAST").await.unwrap());
+        readers.push(nats.client().await);
     }
-    let live = js.get_stream_no_info("AGENTCAST").await.unwrap();
-    (History::new(live, streams, "agentcast.events".into()), x)
+    (History::new(&js.client(), readers, "AGENTCAST", "agentcast.events".into()).unwrap(), x)
 }
 
 /// Publishes `users_events` events of user `x` spread evenly among `noise`
@@ -89,8 +87,7 @@ async fn a_resume_from_just_before_the_oldest_stored_event_is_complete() {
     for i in 0..8 {
         seqs.push(publish(&js, "lim", format!(r#"{{"i":{i}}}"#)).await);
     }
-    let stream = js.get_stream_no_info("AGENTCAST").await.unwrap();
-    let history = History::new(stream.clone(), vec![stream], "agentcast.events".into());
+    let history = History::new(&client, vec![client.clone()], "AGENTCAST", "agentcast.events".into()).unwrap();
     // The limit kept the newest 5: the oldest stored is seqs[3], right after
     // the client's position. Nothing the client needs is gone.
     let read = agentcast::resume::read(&history, "lim", seqs[2], None, 64).await.unwrap();
@@ -141,4 +138,68 @@ async fn a_lagging_direct_get_responder_cuts_a_split_read_short_and_never_leaves
     if !version.starts_with("2.9.") {
         assert!(short > 0, "no read was cut short: the mirror answered no part");
     }
+}
+
+/// Whether the server the client is connected to knows batched direct gets
+/// (nats-server 2.11+).
+fn batches(client: &async_nats::Client) -> bool {
+    let v = client.server_info().version;
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 11)
+}
+
+/// The audit's batched read (issue 14, item 3): each user's newest event in
+/// one request, 0 for a user with none, and how far the answering server
+/// reached. Before 2.11 the server says it does not know the request, and
+/// the audit asks per user instead.
+#[tokio::test]
+async fn newest_many_reads_each_users_newest_event_or_says_it_cannot() {
+    use agentcast::history::Batched;
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(agentcast::stream::desired(&stream_settings(100))).await.unwrap();
+    let history = History::new(&client, vec![client.clone()], "AGENTCAST", "agentcast.events".into()).unwrap();
+    let a1 = publish(&js, "a", r#"{"i":1}"#).await;
+    let b1 = publish(&js, "b", r#"{"i":2}"#).await;
+    let a2 = publish(&js, "a", r#"{"i":3}"#).await;
+    let last = publish(&js, "other", r#"{"i":4}"#).await;
+    assert!(a1 < b1 && b1 < a2 && a2 < last);
+    let got = history.newest_many(&["a", "b", "none"]).await.unwrap();
+    if !batches(&client) {
+        assert!(matches!(got, Batched::Unsupported), "{got:?}");
+        return;
+    }
+    let Batched::Read(newest) = got else { panic!("2.11+ answers batched reads: {got:?}") };
+    assert_eq!(newest.seqs, vec![a2, b1, 0]);
+    assert_eq!(newest.through, last);
+    // No user with an event: nothing says how far the server reached.
+    let Batched::Read(none) = history.newest_many(&["none", "nobody"]).await.unwrap() else { panic!() };
+    assert_eq!((none.seqs, none.through), (vec![0, 0], 0));
+}
+
+/// An answer stops after NEWEST_BATCH_BYTES (the payloads come along): the
+/// users it did not reach are asked again until every one is answered.
+#[tokio::test]
+async fn newest_many_asks_again_for_the_users_past_the_byte_limit() {
+    use agentcast::history::{Batched, NEWEST_BATCH_BYTES};
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    if !batches(&client) {
+        return;
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(agentcast::stream::desired(&stream_settings(100))).await.unwrap();
+    let history = History::new(&client, vec![client.clone()], "AGENTCAST", "agentcast.events".into()).unwrap();
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(200 * 1024));
+    let users: Vec<String> = (0..3 * NEWEST_BATCH_BYTES / big.len()).map(|i| format!("u{i}")).collect();
+    let mut want = Vec::new();
+    for u in &users {
+        want.push(publish(&js, u, big.clone()).await);
+    }
+    let last = *want.last().unwrap();
+    let names: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
+    let Batched::Read(newest) = history.newest_many(&names).await.unwrap() else { panic!() };
+    assert_eq!(newest.seqs, want);
+    assert_eq!(newest.through, last);
 }

@@ -13,8 +13,8 @@ use common::*;
 async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::jetstream::Context, History) {
     let js = async_nats::jetstream::new(nats.client().await);
     js.create_stream(agentcast::stream::desired(&stream_settings(max_per_user))).await.unwrap();
-    let stream = js.get_stream_no_info("AGENTCAST").await.unwrap();
-    (js, History::new(stream.clone(), vec![stream], "agentcast.events".into()))
+    let client = js.client();
+    (js, History::new(&client, vec![client.clone()], "AGENTCAST", "agentcast.events".into()).unwrap())
 }
 
 fn expired(from: u64, to: u64, earliest: Option<u64>) -> Option<Gap> {

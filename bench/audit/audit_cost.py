@@ -2,9 +2,12 @@
 """The audit's cost (issue 14, item 3): one release agentcast node holding N
 quiet users (one socket each) while the stream keeps moving (events of users
 that have no socket here, at a steady rate). Every quiet user is then due at
-every audit: the worst case for the audit. Reports the node's audit requests
-per second (agentcast_audit_checks_total), and the CPU of nats-server and of
-the node, against the same run with no users (the trickle alone).
+every audit: the worst case for the audit. Reports the users the node's
+audit checks per second (agentcast_audit_checks_total), the messages
+nats-server receives per second (its /varz in_msgs: requests of every kind
+and the trickle's events), and the CPU of nats-server and of the node,
+against the same run with no users (the trickle alone). On nats-server 2.11+
+the audit asks for users in batches; before, one request a user.
 
 usage: audit_cost.py NATS_SERVER_BIN AGENTCAST_BIN [USERS] [SECONDS]
 Needs the `nats-py` and `websockets` packages. Everything runs on loopback.
@@ -54,8 +57,9 @@ async def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     port = random.randint(20000, 30000)
+    monitor = port + 10000
     store = tempfile.mkdtemp()
-    nats_proc = subprocess.Popen([NATS_BIN, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
+    nats_proc = subprocess.Popen([NATS_BIN, "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor), "-js", "-sd", store],
                                  stderr=subprocess.DEVNULL)
     await asyncio.sleep(1)
     url = f"nats://127.0.0.1:{port}"
@@ -82,15 +86,22 @@ async def main():
             i += 1
             await asyncio.sleep(1 / TRICKLE)
 
+    async def in_msgs():
+        varz = await http_get("127.0.0.1", monitor, "/varz")
+        return json.JSONDecoder().raw_decode(varz[varz.index("{"):])[0]["in_msgs"]
+
     async def measure(label):
         text0 = await http_get(host, hport, "/metrics")
+        m0 = await in_msgs()
         n0, c0, t0 = cpu_seconds(nats_proc.pid), cpu_seconds(node.pid), time.time()
         await asyncio.sleep(SECONDS)
         text1 = await http_get(host, hport, "/metrics")
+        m1 = await in_msgs()
         n1, c1, t1 = cpu_seconds(nats_proc.pid), cpu_seconds(node.pid), time.time()
         dt = t1 - t0
         checks = (metric(text1, "agentcast_audit_checks_total") - metric(text0, "agentcast_audit_checks_total")) / dt
         res = {"phase": label, "seconds": round(dt, 1), "audit_checks_per_s": round(checks),
+               "nats_in_msgs_per_s": round((m1 - m0) / dt),
                "nats_server_cpu_pct": round(100 * (n1 - n0) / dt, 1), "node_cpu_pct": round(100 * (c1 - c0) / dt, 1)}
         print(json.dumps(res), flush=True)
         return res
