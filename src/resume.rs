@@ -48,14 +48,16 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 
 use crate::history::{History, Span, Stored};
-use crate::hub::{Hub, MAX_SHARED_REPLAY_BYTES, Membership, SharedReplay};
+use crate::hub::{FRAME_OVERHEAD, Hub, MAX_SHARED_REPLAY_BYTES, Membership, SharedReplay, read_count};
 use crate::metrics as m;
 use crate::protocol::{ServerFrame, event_frame};
 use crate::scan::MAX_SCAN_SPAN;
 use crate::stream::StreamError;
 
 /// Events read per chunk of a replay, each chunk proven and written before
-/// the next is read: bounds what one replay holds to this many events.
+/// the next is read: bounds what one replay holds to this many events, and
+/// fewer when they may be large ([`crate::hub::read_count`]). In bytes, the
+/// chunks of all replays together are bounded by [`crate::hub::REPLAY_BYTES`].
 pub const REPLAY_CHUNK: usize = 64;
 
 /// Reads of a replay that end short of the position the socket joined at (a
@@ -225,6 +227,10 @@ pub struct Replay<'a> {
     /// Events among `kept`.
     kept_events: u64,
     finished: bool,
+    /// The share of [`crate::hub::REPLAY_BYTES`] the last chunk handed out
+    /// holds: released when the next chunk is asked for (the socket has
+    /// written this one by then) or the replay is dropped.
+    held: Option<tokio::sync::SemaphorePermit<'a>>,
 }
 
 impl<'a> Replay<'a> {
@@ -259,6 +265,7 @@ impl<'a> Replay<'a> {
             short_reads: 0,
             kept_events: 0,
             finished: false,
+            held: None,
         };
         if reset {
             let earliest = history.first(user).await?;
@@ -293,7 +300,12 @@ impl<'a> Replay<'a> {
 
     /// The next frames to write, or `None` when the socket has everything up
     /// to the position it joined at.
+    ///
+    /// The chunk's bytes count against [`crate::hub::REPLAY_BYTES`] from
+    /// before its read until the next call or the replay's end: call this
+    /// only once the previous chunk's frames are written or dropped.
     pub async fn next(&mut self) -> Result<Option<Chunk>, ResumeError> {
+        self.held = None;
         if let Some(first) = self.first.take() {
             return Ok(Some(first));
         }
@@ -303,7 +315,11 @@ impl<'a> Replay<'a> {
                 self.finish();
                 break;
             }
-            let read = self.read(joined + 1).await?;
+            let max = read_count(REPLAY_CHUNK, self.hub.max_event_bytes());
+            // As much as the read may return, taken before it is made.
+            let most = (max * (self.hub.max_event_bytes() + FRAME_OVERHEAD)).min(crate::hub::REPLAY_BYTES);
+            let mut permit = acquire_bytes(self.hub.replay_bytes(), most).await;
+            let read = self.read(joined + 1, max).await?;
             let start = self.position;
             let mut chunk = Chunk { frames: Vec::with_capacity(read.events.len() + 1), events: 0 };
             if let Some(gap) = read.gap {
@@ -336,6 +352,10 @@ impl<'a> Replay<'a> {
                 self.short_reads = 0;
             }
             if !chunk.frames.is_empty() {
+                // Only what the frames take stays held while they are written.
+                let used: usize = chunk.frames.iter().map(|f| f.len()).sum();
+                drop(permit.split(most.saturating_sub(used)));
+                self.held = Some(permit);
                 return Ok(Some(chunk));
             }
         }
@@ -388,8 +408,8 @@ impl<'a> Replay<'a> {
         metrics::counter!(m::RESUMES, "outcome" => if self.gapped { "gap" } else { "complete" }).increment(1);
     }
 
-    async fn read(&self, before: u64) -> Result<Read, StreamError> {
-        read_for_resume(self.hub, self.user, self.position, before, REPLAY_CHUNK).await
+    async fn read(&self, before: u64, max: usize) -> Result<Read, StreamError> {
+        read_for_resume(self.hub, self.user, self.position, before, max).await
     }
 }
 
@@ -428,6 +448,12 @@ pub async fn read_for_resume(hub: &Hub, user: &str, after: u64, before: u64, max
 /// Waits for a slot of a semaphore that is never closed.
 pub async fn acquire(slots: &tokio::sync::Semaphore) -> tokio::sync::SemaphorePermit<'_> {
     slots.acquire().await.expect("read slots are never closed")
+}
+
+/// Waits for `bytes` permits of a byte budget that is never closed.
+async fn acquire_bytes(budget: &tokio::sync::Semaphore, bytes: usize) -> tokio::sync::SemaphorePermit<'_> {
+    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+    budget.acquire_many(n).await.expect("the replay byte budget is never closed")
 }
 
 /// Counts and logs a replay that failed.
