@@ -37,8 +37,10 @@
 //! - per user, its NATS subscription (`--nats-subscription-bytes`);
 //! - live reads: [`LIVE_READ_CONCURRENCY`] reads of at most [`READ_BYTES`]
 //!   each, held from the request until their frames are queued;
-//! - resume replays: [`REPLAY_BYTES`] for every replay's chunk together,
-//!   from its read until its frames are written or dropped.
+//! - resume replays: reads within their slots ([`RESUME_READ_CONCURRENCY`]
+//!   of at most [`READ_BYTES`]) or a shared scan's round ([`crate::scan`]),
+//!   then [`REPLAY_BYTES`] for every replay's chunk together until its
+//!   frames are written or dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -91,13 +93,14 @@ pub const LIVE_READ_CONCURRENCY: usize = 32;
 /// 8 of the largest allowed (1 MiB).
 pub const READ_BYTES: usize = 8 * 1024 * 1024;
 
-/// Bytes every resume replay's chunk may hold together, from before its
-/// read until its frames are written or dropped: one read's worth
-/// ([`READ_BYTES`]) per resume-read slot. A replay takes its share before
-/// reading (as much as its read may return), gives back what the read did
-/// not use, and keeps the rest while the client takes the frames; a replay
-/// that finds the budget taken waits. A client that reads a large replay
-/// slowly holds its chunk's bytes until written or [`crate::socket::WRITE_TIMEOUT`].
+/// Bytes the chunks of every resume replay may hold together, from the end
+/// of their read until their frames are written or dropped: one read's
+/// worth ([`READ_BYTES`]) per resume-read slot. A replay takes its share
+/// when its read is proven, still holding its read slot
+/// ([`crate::resume::read_for_resume`]), and keeps what its frames take
+/// while the client takes them; a replay that finds the budget taken waits,
+/// and with it its slot. A client that reads a large replay slowly holds
+/// its chunk's bytes until written or [`crate::socket::WRITE_TIMEOUT`].
 pub const REPLAY_BYTES: usize = RESUME_READ_CONCURRENCY * READ_BYTES;
 
 /// Bytes a frame adds to its event: `{"type":"event","seq":N,"event":...}`.

@@ -1015,14 +1015,16 @@ async fn flood_phase(o: &Opts, flood_rate: u64) -> Value {
 /// bounds the node's flags (its defaults) give (docs/operations.md).
 async fn run_flood(o: &Opts) -> Value {
     use agentcast::config::{DEFAULT_SOCKET_QUEUE_BYTES, DEFAULT_SUBSCRIPTION_BYTES};
-    use agentcast::hub::{LIVE_READ_CONCURRENCY, MAX_SHARED_REPLAY_BYTES, READ_BYTES, REPLAY_BYTES};
+    use agentcast::hub::{
+        LIVE_READ_CONCURRENCY, MAX_SHARED_REPLAY_BYTES, READ_BYTES, REPLAY_BYTES, RESUME_READ_CONCURRENCY,
+    };
     let without = flood_phase(o, 0).await;
     let with = flood_phase(o, o.flood_rate).await;
     let per_socket = DEFAULT_SOCKET_QUEUE_BYTES + agentcast::socket::MAX_WRITE_BUFFER;
     let per_user = DEFAULT_SUBSCRIPTION_BYTES + MAX_SHARED_REPLAY_BYTES;
     let events_bound = |sockets: usize, users: usize| {
-        (sockets * per_socket + users * per_user + users.min(LIVE_READ_CONCURRENCY) * READ_BYTES + REPLAY_BYTES) as u64
-            / 1024
+        let reads = (users.min(LIVE_READ_CONCURRENCY) + RESUME_READ_CONCURRENCY) * READ_BYTES + REPLAY_BYTES;
+        (sockets * per_socket + users * per_user + reads) as u64 / 1024
     };
     // What the stalled sockets and their users may add to the node over the
     // same run without the flood.
