@@ -174,7 +174,7 @@ async fn main() {
             async move {
                 let user = UserId::parse(&format!("q{u}")).unwrap();
                 let (tx, rx) = mpsc::channel(16);
-                let m = hub.join(&user, u as u64, tx, Arc::new(Kicker::default())).await.unwrap();
+                let m = hub.join(&user, u as u64, tx, Arc::new(Kicker::default()), usize::MAX).await.unwrap();
                 (m, rx)
             }
         })

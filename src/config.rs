@@ -33,6 +33,40 @@ pub const DEFAULT_SOCKETS_PER_USER: usize = 32;
 /// `max_msg_size`; NATS's own default max_payload is 1 MiB).
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
+/// Default of `--socket-queue-bytes`: frame bytes queued for one socket
+/// (including the batch it is writing) before it counts as slow and is
+/// closed with 4000, to resume. Frames are counted in bytes because they
+/// range from 100 bytes to [`MAX_EVENT_BYTES`]: 1,024 frames of 256 KiB
+/// pinned 258 MiB for one socket that never read. 4 MiB hold 16 events of
+/// the default largest size, or the whole `--socket-queue` of events up to
+/// 4 KiB; a client that reads keeps its backlog far below either. A single
+/// frame larger than the budget is still queued when the queue is empty.
+pub const DEFAULT_SOCKET_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default of `--nats-subscription-bytes`: what one user's NATS
+/// subscription may buffer, in bytes. async-nats bounds a subscription in
+/// messages, so the node turns this into a message count:
+/// `--nats-subscription-bytes / (--max-event-bytes + MESSAGE_OVERHEAD)`, at
+/// most `--nats-subscription-capacity` ([`subscription_capacity`]). 64 MiB
+/// give 254 messages of the default largest event (8192 of them would be 2
+/// GiB per user), and the full 8192 for events up to 6 KiB. Beyond it
+/// async-nats drops the message and the hub reads it from JetStream.
+pub const DEFAULT_SUBSCRIPTION_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bytes a buffered NATS message may take beyond its payload: the five
+/// headers the stream stamps on a republish (names and values under 250
+/// bytes with a 40-byte user id), the subject, and async-nats's message
+/// struct and header map. An upper estimate, not a measurement; the
+/// publisher's own headers count in the stream's `max_msg_size`, so in the
+/// payload's share.
+pub const MESSAGE_OVERHEAD: usize = 2048;
+
+/// Messages one user's subscription may buffer: `bytes` of messages as
+/// large as `max_event_bytes` can be, at most `capacity`, at least one.
+pub fn subscription_capacity(capacity: usize, bytes: usize, max_event_bytes: usize) -> usize {
+    (bytes / (max_event_bytes + MESSAGE_OVERHEAD)).clamp(1, capacity.max(1))
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "agentcast", version, about = "NATS-fronted WebSocket emitter for AI-agent event streams")]
 pub struct Cli {
@@ -260,6 +294,10 @@ pub struct NodeArgs {
     /// (dropped messages are then read from JetStream).
     #[arg(long, env = "AGENTCAST_NATS_SUBSCRIPTION_CAPACITY", default_value_t = crate::nats::SUBSCRIPTION_CAPACITY)]
     pub nats_subscription_capacity: usize,
+    /// Bytes buffered per user subscription: lowers the message capacity to
+    /// this many bytes of the largest events (--max-event-bytes).
+    #[arg(long, env = "AGENTCAST_NATS_SUBSCRIPTION_BYTES", default_value_t = DEFAULT_SUBSCRIPTION_BYTES)]
+    pub nats_subscription_bytes: usize,
     /// Prefix of the node's reply subjects (JetStream API replies, scan
     /// deliveries). A prefix of its own lets NATS permissions keep other
     /// users, such as publishers allowed `_INBOX.>`, from reading them.
@@ -299,6 +337,9 @@ pub struct NodeArgs {
     /// Frames queued per socket before the client counts as slow and is closed (code 4000).
     #[arg(long, env = "AGENTCAST_SOCKET_QUEUE", default_value_t = 1024)]
     pub socket_queue: usize,
+    /// Frame bytes queued per socket before the client counts as slow and is closed (code 4000).
+    #[arg(long, env = "AGENTCAST_SOCKET_QUEUE_BYTES", default_value_t = DEFAULT_SOCKET_QUEUE_BYTES)]
+    pub socket_queue_bytes: usize,
     /// Open sockets per node; more are refused with HTTP 503.
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -366,6 +407,8 @@ pub struct Config {
     pub stream: StreamSettings,
     pub auth: Arc<Authenticator>,
     pub socket_queue: usize,
+    /// Frame bytes queued per socket at most ([`DEFAULT_SOCKET_QUEUE_BYTES`]).
+    pub socket_queue_bytes: usize,
     pub max_connections: usize,
     /// Sockets of one user on this node at most; `None`: no bound of its own.
     pub max_sockets_per_user: Option<usize>,
@@ -410,6 +453,8 @@ impl std::fmt::Debug for NatsLogin {
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
     pub login: NatsLogin,
+    /// Messages per user subscription: `--nats-subscription-capacity`,
+    /// lowered to fit `--nats-subscription-bytes` ([`subscription_capacity`]).
     pub subscription_capacity: usize,
     pub inbox_prefix: String,
 }
@@ -511,6 +556,8 @@ impl NodeArgs {
         range("--stream-replicas", self.stream_replicas as u128, 1, 5)?;
         range("--socket-queue", self.socket_queue as u128, 1, MAX_SOCKET_QUEUE as u128)?;
         range("--nats-subscription-capacity", self.nats_subscription_capacity as u128, 1, 1 << 20)?;
+        range("--nats-subscription-bytes", self.nats_subscription_bytes as u128, 1 << 20, 1 << 40)?;
+        range("--socket-queue-bytes", self.socket_queue_bytes as u128, 64 * 1024, 1 << 40)?;
         range("--max-connections", self.max_connections as u128, 1, 10_000_000)?;
         range("--max-sockets-per-user", self.max_sockets_per_user as u128, 0, 10_000_000)?;
         range("--max-event-bytes", self.max_event_bytes as u128, 64, MAX_EVENT_BYTES as u128)?;
@@ -533,7 +580,11 @@ impl NodeArgs {
             allowed_origins: normalise_origins(self.allowed_origins),
             nats: NatsSettings {
                 login,
-                subscription_capacity: self.nats_subscription_capacity,
+                subscription_capacity: subscription_capacity(
+                    self.nats_subscription_capacity,
+                    self.nats_subscription_bytes,
+                    self.max_event_bytes,
+                ),
                 inbox_prefix: self.nats_inbox_prefix,
             },
             stream: StreamSettings {
@@ -550,6 +601,7 @@ impl NodeArgs {
             },
             auth: Arc::new(auth),
             socket_queue: self.socket_queue,
+            socket_queue_bytes: self.socket_queue_bytes,
             max_connections: self.max_connections,
             max_sockets_per_user: (self.max_sockets_per_user > 0).then_some(self.max_sockets_per_user),
             ping_interval: self.ping_interval,
@@ -598,6 +650,23 @@ mod tests {
         assert_eq!(c.stream.name, "AGENTCAST");
         assert_eq!(c.max_sockets_per_user, Some(DEFAULT_SOCKETS_PER_USER));
         assert_eq!(parse(&["--max-sockets-per-user", "0"]).unwrap().max_sockets_per_user, None);
+        assert_eq!(c.socket_queue_bytes, DEFAULT_SOCKET_QUEUE_BYTES);
+    }
+
+    #[test]
+    fn the_subscription_capacity_fits_its_bytes() {
+        // 64 MiB of 256 KiB events: 254 messages, not 8192 (2 GiB).
+        assert_eq!(parse(&[]).unwrap().nats.subscription_capacity, 254);
+        let small = parse(&["--max-event-bytes", "4096"]).unwrap();
+        assert_eq!(small.nats.subscription_capacity, crate::nats::SUBSCRIPTION_CAPACITY);
+        let c = |bytes: &str| {
+            let c = parse(&["--max-event-bytes", "1048576", "--nats-subscription-bytes", bytes]).unwrap();
+            c.nats.subscription_capacity
+        };
+        assert_eq!(c("1048576"), 1, "at least one message");
+        assert_eq!(c("16777216"), 15);
+        let msg = parse(&["--socket-queue-bytes", "100"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("--socket-queue-bytes"), "{msg}");
     }
 
     #[test]

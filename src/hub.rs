@@ -24,10 +24,26 @@
 //!
 //! Delivery builds each event frame once and hands a reference-counted copy
 //! to every socket's bounded queue with `try_send`: a socket whose queue is
-//! full is closed as slow ([`crate::protocol::close::SLOW`]); nobody waits.
+//! full, in frames (`--socket-queue`) or in bytes (`--socket-queue-bytes`,
+//! [`Kicker::charge`]), is closed as slow ([`crate::protocol::close::SLOW`])
+//! and resumes; nobody waits.
+//!
+//! # Memory
+//!
+//! What a node holds for events is bounded in bytes, each bound from a flag
+//! or a constant here (docs/operations.md adds them up):
+//! - per socket, its queued frames and the batch it is writing
+//!   (`--socket-queue-bytes`);
+//! - per user, its NATS subscription (`--nats-subscription-bytes`);
+//! - live reads: [`LIVE_READ_CONCURRENCY`] reads of at most [`READ_BYTES`]
+//!   each, held from the request until their frames are queued;
+//! - resume replays: reads within their slots ([`RESUME_READ_CONCURRENCY`]
+//!   of at most [`READ_BYTES`]) or a shared scan's round ([`crate::scan`]),
+//!   then [`REPLAY_BYTES`] for every replay's chunk together until its
+//!   frames are written or dropped.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,14 +71,44 @@ pub const MAX_LOGGED_BAD_SUBJECTS: usize = 10_000;
 /// A storm of resumes after a node dies would otherwise send NATS more
 /// requests than it answers within their timeout, failing all of them (seen
 /// in benches/resume.rs before this bound); queued here, they wait instead.
+/// These slots bound requests, not memory: a slot is released once its read
+/// is answered, before the frames are written. [`REPLAY_BYTES`] bounds the
+/// memory.
 pub const RESUME_READ_CONCURRENCY: usize = 32;
 
 /// Reads for live delivery under way at once: hole repairs, the audit's
 /// repairs, and first positions of users. Apart from the resumes' slots, so
 /// a storm of resumes never holds back live delivery (a user task waiting
 /// for a slot does not drain its subscription, which then drops messages).
-/// With [`READ_CHUNK`] it bounds what live reads hold to this many chunks.
+/// A live read's slot is held until its events are queued to the sockets
+/// (where their bytes count against each socket's budget), so live reads
+/// hold at most this many times [`READ_BYTES`].
 pub const LIVE_READ_CONCURRENCY: usize = 32;
+
+/// Bytes of events one history read may return: a read asks for at most
+/// this many bytes of events of the largest size (`--max-event-bytes`), and
+/// never more than its count ([`READ_CHUNK`], [`crate::resume::REPLAY_CHUNK`]).
+/// 8 MiB keep the counts whole for events up to 128 KiB and give 32 events
+/// of the default largest size (256 KiB, a storm resume of 20 in one read),
+/// 8 of the largest allowed (1 MiB).
+pub const READ_BYTES: usize = 8 * 1024 * 1024;
+
+/// Bytes the chunks of every resume replay may hold together, from the end
+/// of their read until their frames are written or dropped: one read's
+/// worth ([`READ_BYTES`]) per resume-read slot. A replay takes its share
+/// when its read is proven, still holding its read slot
+/// ([`crate::resume::read_for_resume`]), and keeps what its frames take
+/// while the client takes them; a replay that finds the budget taken waits,
+/// and with it its slot. A client that reads a large replay slowly holds
+/// its chunk's bytes until written or [`crate::socket::WRITE_TIMEOUT`].
+pub const REPLAY_BYTES: usize = RESUME_READ_CONCURRENCY * READ_BYTES;
+
+/// Bytes a frame adds to its event: `{"type":"event","seq":N,"event":...}`.
+pub const FRAME_OVERHEAD: usize = 64;
+
+/// What a gap item is counted as in a socket's byte budget: its frame, with
+/// both bounds and the earliest event, is under 120 bytes.
+const GAP_BYTES: usize = 128;
 
 /// How often the audit checks every user here against the stream leader's
 /// newest event of the user ([`Hub::audit`]): the bound, with one read, on
@@ -112,8 +158,14 @@ const REPAIR_ATTEMPTS: u32 = 3;
 /// Pause between those attempts.
 const REPAIR_BACKOFF: Duration = Duration::from_millis(200);
 /// Events read from JetStream per repair round before they are
-/// delivered; with the largest events (1 MiB) one read holds at most 32 MiB.
+/// delivered, fewer when they may be large ([`READ_BYTES`]).
 const READ_CHUNK: usize = 32;
+
+/// How many events a read may ask for: `count`, or fewer so that events of
+/// `max_event_bytes` fill at most [`READ_BYTES`]; at least one.
+pub fn read_count(count: usize, max_event_bytes: usize) -> usize {
+    (READ_BYTES / (max_event_bytes + FRAME_OVERHEAD)).clamp(1, count)
+}
 
 /// One event, ready to write: the stream sequence and the frame text shared
 /// by every socket of the user, and when it was stored or published (for
@@ -131,6 +183,16 @@ pub enum Item {
     Event(EventFrame),
     /// Events up to `to` (or up to the next event) may be missing.
     Gap(Gap),
+}
+
+impl Item {
+    /// What the item counts in a socket's byte budget: its frame's length.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Item::Event(f) => f.text.len(),
+            Item::Gap(_) => GAP_BYTES,
+        }
+    }
 }
 
 /// An item as queued: built once, shared by every socket of the user.
@@ -155,20 +217,62 @@ pub enum Kick {
     StreamReset = 4,
 }
 
-/// A socket's close request: the first reason set wins.
+/// What the hub and the server share with one socket: its close request
+/// (the first reason set wins) and the bytes of its queued frames.
 ///
 /// A `Notify` rather than a `CancellationToken`: the token's tree node is
 /// one more allocation per socket (112 bytes) for a feature not used here.
+/// The byte count lives here too rather than in an allocation of its own.
 #[derive(Debug, Default)]
 pub struct Kicker {
     notify: Notify,
     reason: AtomicU8,
+    /// Bytes of the frames queued for the socket and of the batch it is
+    /// writing: added by fan-out, taken off by the socket once a batch is
+    /// written or dropped.
+    queued: AtomicUsize,
 }
 
 impl Kicker {
-    pub fn kick(&self, why: Kick) {
-        if self.reason.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+    /// Counts `bytes` more queued unless that takes the socket past
+    /// `budget` bytes; an item is always taken into an empty queue, so one
+    /// frame larger than the budget still goes out. `false`: over budget,
+    /// nothing counted (the caller closes the socket as slow).
+    ///
+    /// One atomic add on the socket's own counter per delivery: no lock,
+    /// and only the socket's own task touches the same cache line.
+    pub fn charge(&self, bytes: usize, budget: usize) -> bool {
+        let before = self.queued.fetch_add(bytes, Ordering::Relaxed);
+        if before > 0 && before.saturating_add(bytes) > budget {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Takes `bytes` off the count: their frames were written or dropped.
+    pub fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes queued now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Asks the socket to close; `true` when this is the first reason set.
+    pub fn kick(&self, why: Kick) -> bool {
+        let first = self.reason.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if first {
             self.notify.notify_waiters();
+        }
+        first
+    }
+
+    /// Closes the socket as slow, counting the `bound` its queue reached.
+    fn overflowed(&self, bound: &'static str) {
+        if self.kick(Kick::Slow) {
+            metrics::counter!(m::SLOW_SOCKETS, "bound" => bound).increment(1);
         }
     }
 
@@ -192,6 +296,8 @@ impl Kicker {
 struct SocketTx {
     tx: mpsc::Sender<Queued>,
     kicker: Arc<Kicker>,
+    /// Bytes the socket may have queued (`--socket-queue-bytes`).
+    budget: usize,
 }
 
 /// Guarded together so that a joining socket reads the position atomically
@@ -255,6 +361,8 @@ pub struct Hub {
     unbatched: AtomicBool,
     resume_slots: Semaphore,
     live_slots: Semaphore,
+    /// [`REPLAY_BYTES`], one permit a byte.
+    replay_bytes: Semaphore,
     scanner: Arc<Scanner>,
     /// Stops the scanner's and the audit's tasks when the hub is dropped.
     stop_tasks: CancellationToken,
@@ -337,6 +445,7 @@ impl Hub {
             unbatched: AtomicBool::new(false),
             resume_slots: Semaphore::new(RESUME_READ_CONCURRENCY),
             live_slots: Semaphore::new(LIVE_READ_CONCURRENCY),
+            replay_bytes: Semaphore::new(REPLAY_BYTES),
             scanner,
             stop_tasks: stop_tasks.clone(),
             stream_state: Mutex::default(),
@@ -380,6 +489,16 @@ impl Hub {
         &self.resume_slots
     }
 
+    /// The bytes resume replays may hold together ([`REPLAY_BYTES`]).
+    pub fn replay_bytes(&self) -> &Semaphore {
+        &self.replay_bytes
+    }
+
+    /// The largest event the stream takes (`--max-event-bytes`).
+    pub fn max_event_bytes(&self) -> usize {
+        self.settings.max_event_bytes
+    }
+
     pub fn scanner(&self) -> &Scanner {
         &self.scanner
     }
@@ -393,13 +512,15 @@ impl Hub {
 
     /// Adds a socket for `user`, subscribing to the user's live subject if it
     /// is the first. Returns once the subscription is registered and the
-    /// user's position known.
+    /// user's position known. The socket's queue holds at most `budget`
+    /// bytes of frames ([`Kicker::charge`]).
     pub async fn join(
         self: &Arc<Self>,
         user: &UserId,
         id: u64,
         tx: mpsc::Sender<Queued>,
         kicker: Arc<Kicker>,
+        budget: usize,
     ) -> Result<Membership, JoinError> {
         let entry = {
             let mut users = lock(&self.users);
@@ -419,7 +540,7 @@ impl Hub {
                     })
                 })
                 .clone();
-            lock(&entry.shared).sockets.insert(id, SocketTx { tx, kicker });
+            lock(&entry.shared).sockets.insert(id, SocketTx { tx, kicker, budget });
             entry
         };
         let mut membership = Membership {
@@ -610,7 +731,8 @@ impl Hub {
             if after >= expect {
                 return;
             }
-            let e = match crate::resume::read(&self.history, user, after, Some(before), READ_CHUNK).await {
+            let max = read_count(READ_CHUNK, self.settings.max_event_bytes);
+            let e = match crate::resume::read(&self.history, user, after, Some(before), max).await {
                 Ok(read) => {
                     if let Some(gap) = read.gap {
                         self.announce(entry, gap, gap.to.unwrap_or(after));
@@ -829,12 +951,23 @@ impl Hub {
     }
 }
 
+/// Queues `item` to every socket of the user. A socket over its frame
+/// count or its byte budget is closed as slow: it resumes from the last
+/// event it got, so nothing is lost, and nobody waits for it.
 fn fan_out(sockets: &HashMap<u64, SocketTx>, item: Queued) {
+    let bytes = item.bytes();
     for s in sockets.values() {
+        if !s.kicker.charge(bytes, s.budget) {
+            s.kicker.overflowed("bytes");
+            continue;
+        }
         match s.tx.try_send(item.clone()) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => s.kicker.kick(Kick::Slow),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                s.kicker.release(bytes);
+                s.kicker.overflowed("frames");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => s.kicker.release(bytes),
         }
     }
 }

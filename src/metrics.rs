@@ -21,6 +21,7 @@ pub const USERS_SUBSCRIBED: &str = "agentcast_users_subscribed";
 pub const CONNECTIONS_ACCEPTED: &str = "agentcast_connections_accepted_total";
 pub const CONNECTIONS_REFUSED: &str = "agentcast_connections_refused_total";
 pub const DISCONNECTS: &str = "agentcast_disconnects_total";
+pub const SLOW_SOCKETS: &str = "agentcast_slow_sockets_total";
 pub const EVENTS_RECEIVED: &str = "agentcast_events_received_total";
 pub const EVENTS_REJECTED: &str = "agentcast_events_rejected_total";
 pub const RESERVED_HEADERS: &str = "agentcast_events_reserved_headers_total";
@@ -56,6 +57,7 @@ pub const ALL: &[&str] = &[
     CONNECTIONS_ACCEPTED,
     CONNECTIONS_REFUSED,
     DISCONNECTS,
+    SLOW_SOCKETS,
     EVENTS_RECEIVED,
     EVENTS_REJECTED,
     RESERVED_HEADERS,
@@ -228,6 +230,11 @@ fn describe() {
     describe_counter!(CONNECTIONS_ACCEPTED, Unit::Count, "WebSocket upgrades accepted.");
     describe_counter!(CONNECTIONS_REFUSED, Unit::Count, "Connection attempts refused before the upgrade, by reason.");
     describe_counter!(DISCONNECTS, Unit::Count, "Sockets closed, by reason.");
+    describe_counter!(
+        SLOW_SOCKETS,
+        Unit::Count,
+        "Sockets asked to close as slow when their queue overflowed, by the bound reached: frames (--socket-queue) or bytes (--socket-queue-bytes)."
+    );
     describe_counter!(EVENTS_RECEIVED, Unit::Count, "Events received from NATS live subjects.");
     describe_counter!(
         EVENTS_REJECTED,
@@ -312,6 +319,9 @@ fn describe() {
 fn register_known() {
     for reason in DISCONNECT_REASONS {
         metrics::counter!(DISCONNECTS, "reason" => *reason).absolute(0);
+    }
+    for bound in ["frames", "bytes"] {
+        metrics::counter!(SLOW_SOCKETS, "bound" => bound).absolute(0);
     }
     for reason in REFUSAL_REASONS.iter().chain(AUTH_FAILURE_REASONS) {
         metrics::counter!(CONNECTIONS_REFUSED, "reason" => *reason).absolute(0);

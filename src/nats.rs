@@ -23,7 +23,9 @@ use crate::metrics as m;
 /// JetStream (waiting for a live-read slot, apart from the resumes' slots:
 /// [`crate::hub::LIVE_READ_CONCURRENCY`]) or when the node is out of CPU;
 /// 8192 absorbs a burst of several seconds of a busy user (the default,
-/// 65,536, would let one user pin ~20 MB).
+/// 65,536, would let one user pin ~20 MB of small events). In bytes the
+/// subscription is bounded by `--nats-subscription-bytes`, which lowers this
+/// count when events may be large ([`crate::config::subscription_capacity`]).
 pub const SUBSCRIPTION_CAPACITY: usize = 8192;
 
 /// Commands (publish, subscribe, request) queued to the connection task. The

@@ -46,16 +46,19 @@
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use tokio::sync::SemaphorePermit;
 
 use crate::history::{History, Span, Stored};
-use crate::hub::{Hub, MAX_SHARED_REPLAY_BYTES, Membership, SharedReplay};
+use crate::hub::{FRAME_OVERHEAD, Hub, MAX_SHARED_REPLAY_BYTES, Membership, REPLAY_BYTES, SharedReplay, read_count};
 use crate::metrics as m;
 use crate::protocol::{ServerFrame, event_frame};
 use crate::scan::MAX_SCAN_SPAN;
 use crate::stream::StreamError;
 
 /// Events read per chunk of a replay, each chunk proven and written before
-/// the next is read: bounds what one replay holds to this many events.
+/// the next is read: bounds what one replay holds to this many events, and
+/// fewer when they may be large ([`crate::hub::read_count`]). In bytes, the
+/// chunks of all replays together are bounded by [`crate::hub::REPLAY_BYTES`].
 pub const REPLAY_CHUNK: usize = 64;
 
 /// Reads of a replay that end short of the position the socket joined at (a
@@ -225,6 +228,10 @@ pub struct Replay<'a> {
     /// Events among `kept`.
     kept_events: u64,
     finished: bool,
+    /// The share of [`crate::hub::REPLAY_BYTES`] the last chunk handed out
+    /// holds: released when the next chunk is asked for (the socket has
+    /// written this one by then) or the replay is dropped.
+    held: Option<SemaphorePermit<'a>>,
 }
 
 impl<'a> Replay<'a> {
@@ -259,6 +266,7 @@ impl<'a> Replay<'a> {
             short_reads: 0,
             kept_events: 0,
             finished: false,
+            held: None,
         };
         if reset {
             let earliest = history.first(user).await?;
@@ -293,7 +301,12 @@ impl<'a> Replay<'a> {
 
     /// The next frames to write, or `None` when the socket has everything up
     /// to the position it joined at.
+    ///
+    /// The chunk's bytes count against [`crate::hub::REPLAY_BYTES`] from
+    /// before its read until the next call or the replay's end: call this
+    /// only once the previous chunk's frames are written or dropped.
     pub async fn next(&mut self) -> Result<Option<Chunk>, ResumeError> {
+        self.held = None;
         if let Some(first) = self.first.take() {
             return Ok(Some(first));
         }
@@ -303,7 +316,8 @@ impl<'a> Replay<'a> {
                 self.finish();
                 break;
             }
-            let read = self.read(joined + 1).await?;
+            let max = read_count(REPLAY_CHUNK, self.hub.max_event_bytes());
+            let (read, mut permit) = self.read(joined + 1, max).await?;
             let start = self.position;
             let mut chunk = Chunk { frames: Vec::with_capacity(read.events.len() + 1), events: 0 };
             if let Some(gap) = read.gap {
@@ -336,6 +350,10 @@ impl<'a> Replay<'a> {
                 self.short_reads = 0;
             }
             if !chunk.frames.is_empty() {
+                // Only what the frames take stays held while they are written.
+                let used: usize = chunk.frames.iter().map(|f| f.len()).sum();
+                drop(permit.split(permit.num_permits().saturating_sub(used)));
+                self.held = Some(permit);
                 return Ok(Some(chunk));
             }
         }
@@ -388,8 +406,8 @@ impl<'a> Replay<'a> {
         metrics::counter!(m::RESUMES, "outcome" => if self.gapped { "gap" } else { "complete" }).increment(1);
     }
 
-    async fn read(&self, before: u64) -> Result<Read, StreamError> {
-        read_for_resume(self.hub, self.user, self.position, before, REPLAY_CHUNK).await
+    async fn read(&self, before: u64, max: usize) -> Result<(Read, SemaphorePermit<'a>), StreamError> {
+        read_for_resume(self.hub, self.user, self.position, before, max).await
     }
 }
 
@@ -399,7 +417,22 @@ impl<'a> Replay<'a> {
 /// (a storm: many sockets came back at once) or a shared scan is already
 /// gathering, a recent range joins the scan instead ([`crate::scan`]); if
 /// the scan fails, direct gets.
-pub async fn read_for_resume(hub: &Hub, user: &str, after: u64, before: u64, max: usize) -> Result<Read, StreamError> {
+///
+/// Returns with the read its share of [`crate::hub::REPLAY_BYTES`]: as
+/// much as the read's frames may take (each event's payload plus
+/// [`FRAME_OVERHEAD`], and a gap frame), taken once the read is proven and
+/// while its resume-read slot is still held. So a replay that waits for the
+/// budget holds a slot, and what waiting reads hold stays within the slots
+/// ([`crate::hub::RESUME_READ_CONCURRENCY`] reads of at most
+/// [`crate::hub::READ_BYTES`]) and the scan's rounds ([`crate::scan`]); a
+/// storm of small resumes takes only what its events take.
+pub async fn read_for_resume<'h>(
+    hub: &'h Hub,
+    user: &str,
+    after: u64,
+    before: u64,
+    max: usize,
+) -> Result<(Read, SemaphorePermit<'h>), StreamError> {
     let history = hub.history();
     let mut slot = hub.resume_slots().try_acquire().ok();
     if hub.scanner().busy() {
@@ -413,7 +446,9 @@ pub async fn read_for_resume(hub: &Hub, user: &str, after: u64, before: u64, max
         match hub.scanner().read(history.subject(user), after, before, max).await {
             Ok(found) => {
                 let _slot = acquire(hub.resume_slots()).await;
-                return prove(history, user, after, found.events, found.done).await;
+                let read = prove(history, user, after, found.events, found.done).await?;
+                let permit = hold(hub, &read).await;
+                return Ok((read, permit));
             }
             Err(e) => tracing::debug!(error = %e, "shared scan failed; reading with direct gets"),
         }
@@ -422,7 +457,21 @@ pub async fn read_for_resume(hub: &Hub, user: &str, after: u64, before: u64, max
         Some(slot) => slot,
         None => acquire(hub.resume_slots()).await,
     };
-    read(history, user, after, Some(before), max).await
+    let read = read(history, user, after, Some(before), max).await?;
+    let permit = hold(hub, &read).await;
+    Ok((read, permit))
+}
+
+/// Bytes a gap frame takes at most (both bounds and the earliest event).
+const GAP_FRAME_BYTES: usize = 128;
+
+/// Waits for as much of the node's replay bytes as the frames of `read`
+/// may take.
+async fn hold<'h>(hub: &'h Hub, read: &Read) -> SemaphorePermit<'h> {
+    let events: usize = read.events.iter().map(|e| e.payload.len() + FRAME_OVERHEAD).sum();
+    let bytes = (events + read.gap.map_or(0, |_| GAP_FRAME_BYTES)).min(REPLAY_BYTES);
+    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+    hub.replay_bytes().acquire_many(n).await.expect("the replay byte budget is never closed")
 }
 
 /// Waits for a slot of a semaphore that is never closed.

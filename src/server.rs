@@ -497,6 +497,7 @@ async fn ws_handler(
         node_id: st.node_id.clone(),
         token_exp: identity.close_at,
         queue: st.config.socket_queue,
+        queue_bytes: st.config.socket_queue_bytes,
         ping_interval: st.config.ping_interval,
         kicker,
         start,
@@ -804,7 +805,7 @@ async fn drain(st: &AppState) {
     st.tracker.close();
     for (i, k) in kickers.iter().enumerate() {
         tokio::select! {
-            _ = tokio::time::sleep_until(start + spread.mul_f64(i as f64 / n.max(1) as f64)) => k.kick(Kick::Drain),
+            _ = tokio::time::sleep_until(start + spread.mul_f64(i as f64 / n.max(1) as f64)) => { k.kick(Kick::Drain); }
             _ = st.tracker.wait() => break,
         }
     }

@@ -70,7 +70,11 @@ pub struct Session {
     pub node_id: Arc<str>,
     /// Token expiry plus leeway, in seconds since the Unix epoch.
     pub token_exp: u64,
+    /// Frames the socket's queue holds at most (`--socket-queue`).
     pub queue: usize,
+    /// Bytes of frames it holds at most, with the batch being written
+    /// (`--socket-queue-bytes`).
+    pub queue_bytes: usize,
     pub ping_interval: Duration,
     pub kicker: Arc<Kicker>,
     pub start: Start,
@@ -129,7 +133,7 @@ where
         let (tx, mut rx) = mpsc::channel::<Queued>(s.queue);
         // Boxed, as is the replay below: both are awaited once and would
         // otherwise size the socket's future, which an idle socket keeps whole.
-        let membership = match Box::pin(hub.join(&s.user, s.conn_id, tx, s.kicker.clone())).await {
+        let membership = match Box::pin(hub.join(&s.user, s.conn_id, tx, s.kicker.clone(), s.queue_bytes)).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(error = %e, "joining the user's live stream failed");
@@ -222,7 +226,10 @@ where
                     depth.record((n + rx.len()) as f64);
                     // Items are in the user's order: the first timed one is the oldest.
                     let mut oldest: Option<m::Origin> = None;
+                    // Counted against the byte budget until written or dropped.
+                    let mut bytes = 0;
                     for item in batch.drain(..) {
+                        bytes += item.bytes();
                         if let Item::Event(f) = &*item {
                             oldest = oldest.or(f.origin);
                         }
@@ -231,6 +238,7 @@ where
                         }
                     }
                     if out.is_empty() {
+                        s.kicker.release(bytes);
                         release_if_idle(&rx, &mut batch, &mut out);
                         continue;
                     }
@@ -244,6 +252,7 @@ where
                         _ = tokio::time::sleep_until(expiry) => Err(WriteFail::Expired),
                     };
                     out.clear();
+                    s.kicker.release(bytes);
                     release_if_idle(&rx, &mut batch, &mut out);
                     match result {
                         Ok(()) => latency.record(oldest),

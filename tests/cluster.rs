@@ -217,7 +217,7 @@ async fn node_account_covers_a_shared_scan(c: &Cluster) {
         .enumerate()
         .map(|(u, user)| {
             let (hub, user, after, before) = (hub.clone(), user.clone(), seqs[u][4], seqs[u][14] + 1);
-            tokio::spawn(async move { read_for_resume(&hub, &user, after, before, 64).await })
+            tokio::spawn(async move { read_for_resume(&hub, &user, after, before, 64).await.map(|(read, _)| read) })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;

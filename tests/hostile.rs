@@ -116,7 +116,9 @@ async fn half_sent_requests_do_not_hold_up_the_exit() {
 async fn a_stalled_socket_does_not_hold_up_the_exit() {
     let nats = NatsServer::start();
     let window = Duration::from_secs(2);
-    let mut node = Node::start(&nats, &["--drain-window", "2s", "--socket-queue", "65536"]).await;
+    // Queues large enough that the socket is not closed as slow first.
+    let queue = ["--socket-queue", "65536", "--socket-queue-bytes", "1073741824"];
+    let mut node = Node::start(&nats, &[&["--drain-window", "2s"][..], &queue].concat()).await;
     let (_stalled, _) = Client::join(&node, "u1").await;
     let js = async_nats::jetstream::new(nats.client().await);
     // 20 MiB: more than the kernel buffers on both ends of a loopback socket.
@@ -583,7 +585,9 @@ async fn a_token_expiring_under_a_continuous_stream_is_closed_on_time() {
     let nats = NatsServer::start();
     let leeway = Duration::from_secs(1);
     let ping_interval = Duration::from_millis(300);
-    let node = Node::start(&nats, &["--jwt-leeway", "1s", "--ping-interval", "300ms", "--socket-queue", "65536"]).await;
+    // Queues large enough that the client is not closed as slow first.
+    let queue = ["--socket-queue", "65536", "--socket-queue-bytes", "1073741824"];
+    let node = Node::start(&nats, &[&["--jwt-leeway", "1s", "--ping-interval", "300ms"][..], &queue].concat()).await;
     let lifetime = Duration::from_secs(5);
     let tok = agentcast::auth::mint_hs256(SECRET.as_bytes(), "u1", lifetime).unwrap();
     let exp = token_exp(&tok);
@@ -753,4 +757,171 @@ fn small_window_socket() -> tokio::net::TcpSocket {
     };
     assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
     tcp
+}
+
+/// Memory of a process in KiB from /proc: `VmRSS` (now) or `VmHWM` (peak).
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field} in {status}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap()
+}
+
+/// An event of exactly `size` bytes (the default `--max-event-bytes`).
+fn sized_event(n: usize, size: usize) -> bytes::Bytes {
+    let head = format!(r#"{{"type":"flood","n":{n},"pad":""#);
+    let pad = size - head.len() - 2;
+    bytes::Bytes::from(format!("{head}{}\"}}", "x".repeat(pad)))
+}
+
+const STALLED_USERS: usize = 2;
+/// Per stalled user: 30 MiB, more than everything the node may hold for it
+/// (its socket budget, its write buffer and the kernel's buffers): before
+/// byte bounds, a socket that never read held all of them.
+const FLOOD_EVENTS: usize = 120;
+const SOCKET_QUEUE_BYTES: u64 = 1 << 20;
+const SUBSCRIPTION_BYTES: u64 = 4 << 20;
+
+/// Sockets that never read while their users receive maximum-size events:
+/// the node holds at most what its byte bounds allow (its peak RSS stays
+/// under the sum the flags give, docs/operations.md), closes each with 4000,
+/// and the resume that follows gets every event; meanwhile a reading socket
+/// of another user gets all of its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_of_the_largest_events_are_closed_within_their_byte_bounds() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    const SIZE: usize = 256 * 1024;
+    let nats = NatsServer::start();
+    let node = Node::start(
+        &nats,
+        &[
+            "--socket-queue-bytes",
+            &SOCKET_QUEUE_BYTES.to_string(),
+            "--nats-subscription-bytes",
+            &SUBSCRIPTION_BYTES.to_string(),
+        ],
+    )
+    .await;
+    let js = async_nats::jetstream::new(nats.client().await);
+
+    let mut stalled = Vec::new();
+    for u in 0..STALLED_USERS {
+        let user = format!("stalled{u}");
+        let tcp = small_window_socket().connect(node.addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(node.ws_url(&token(&user)), tcp).await.expect("upgrade");
+        let welcome = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(t.as_str()).unwrap(),
+                Some(Ok(_)) => {}
+                other => panic!("no welcome: {other:?}"),
+            }
+        };
+        assert_eq!(welcome["type"], "welcome");
+        stalled.push((user, ws, welcome["epoch"].as_str().unwrap().to_owned()));
+    }
+    let (mut fast, _) = Client::join(&node, "fast").await;
+    // Counted once everything is connected: the bound is on what events add.
+    let base = vm_kib(node.pid(), "VmRSS");
+
+    // The flood, and a trickle to the reading socket alongside it.
+    let trickle = tokio::spawn({
+        let js = js.clone();
+        async move {
+            let mut seqs = Vec::new();
+            for i in 0..100 {
+                seqs.push(publish(&js, "fast", format!(r#"{{"type":"t","i":{i}}}"#)).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seqs
+        }
+    });
+    let started = Instant::now();
+    let flood = tokio::spawn({
+        let js = js.clone();
+        let users: Vec<String> = stalled.iter().map(|(user, _, _)| user.clone()).collect();
+        async move {
+            let mut published: Vec<Vec<u64>> = vec![Vec::new(); users.len()];
+            for n in 0..FLOOD_EVENTS {
+                let acks = futures_util::future::join_all(
+                    users.iter().map(|user| js.publish(format!("agentcast.events.{user}"), sized_event(n, SIZE))),
+                )
+                .await;
+                for (u, ack) in acks.into_iter().enumerate() {
+                    published[u].push(ack.expect("publish").await.expect("a maximum-size event is stored").sequence);
+                }
+            }
+            published
+        }
+    });
+    // The node closes a socket as slow when its queue goes over its bytes:
+    // the client, back to reading within the close handshake's 2 s, is
+    // told so. (One that never reads again cannot be told anything.)
+    let deadline = Instant::now() + RECV_TIMEOUT * 3;
+    while node.metric("agentcast_slow_sockets_total", r#"bound="bytes""#).await < STALLED_USERS as f64 {
+        assert!(Instant::now() < deadline, "the stalled sockets were not closed as slow");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let kicked_after = started.elapsed();
+    let drained: Vec<_> = stalled
+        .into_iter()
+        .map(|(user, mut ws, epoch)| {
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                let close = loop {
+                    match tokio::time::timeout(RECV_TIMEOUT, ws.next()).await.expect("the stalled socket ends") {
+                        Some(Ok(Message::Text(t))) => {
+                            let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                            assert_eq!(f["type"], "event", "{f}");
+                            seqs.push(f["seq"].as_u64().unwrap());
+                        }
+                        Some(Ok(Message::Close(c))) => break c,
+                        Some(Ok(_)) => {}
+                        other => panic!("{user}: the socket ended without a close frame: {other:?}"),
+                    }
+                };
+                (user, epoch, seqs, close)
+            })
+        })
+        .collect();
+    let drained = futures_util::future::join_all(drained).await;
+    let published = flood.await.unwrap();
+    let flood_took = started.elapsed();
+    let fast_seqs = trickle.await.unwrap();
+    let got: Vec<u64> = fast.events(fast_seqs.len()).await.into_iter().map(|(seq, _)| seq).collect();
+    assert_eq!(got, fast_seqs, "the reading socket of another user got every event, in order");
+
+    let peak = vm_kib(node.pid(), "VmHWM");
+    // The bound the flags give for this node (docs/operations.md), counting
+    // only what can hold events here: three sockets (the fast one too),
+    // three users' subscriptions, a live read per user.
+    let sockets = STALLED_USERS as u64 + 1;
+    let users = sockets;
+    let bound_kib = base
+        + (sockets * (SOCKET_QUEUE_BYTES + agentcast::socket::MAX_WRITE_BUFFER as u64)
+            + users * SUBSCRIPTION_BYTES
+            + users * agentcast::hub::READ_BYTES as u64)
+            / 1024;
+    let flooded_mib = (STALLED_USERS * FLOOD_EVENTS * SIZE) >> 20;
+    eprintln!(
+        "flood of {flooded_mib} MiB in {flood_took:?}, sockets closed as slow after {kicked_after:?}: \
+         node RSS {} MiB before, peak {} MiB, bound {} MiB",
+        base / 1024,
+        peak / 1024,
+        bound_kib / 1024
+    );
+    assert!(peak < bound_kib, "peak RSS {peak} KiB over the bound {bound_kib} KiB");
+
+    // Each stalled client got what the kernel held, then 4000; its resume
+    // from the last event it got brings every other one, no gap.
+    for (u, drained) in drained.into_iter().enumerate() {
+        let (user, epoch, mut seqs, close) = drained.unwrap();
+        assert_eq!(close.as_ref().map(|c| u16::from(c.code)), Some(4000), "{user}: {close:?}");
+        assert!(seqs.len() < FLOOD_EVENTS, "{user} was closed before it had everything");
+        let last = seqs.last().copied().unwrap_or(0);
+        let url = format!("{}&last_seq={last}&epoch={epoch}", node.ws_url(&token(&user)));
+        let (mut resumed, _) = Client::join_url(&url).await;
+        let rest = published[u].len() - seqs.len();
+        seqs.extend(resumed.events(rest).await.into_iter().map(|(seq, _)| seq));
+        assert_eq!(seqs, published[u], "{user}: every event once, in order, across the close");
+    }
 }

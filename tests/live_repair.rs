@@ -14,6 +14,10 @@ use agentcast::user::UserId;
 use common::*;
 use tokio::sync::mpsc;
 
+/// These tests take items off the queue themselves, without the socket's
+/// accounting of written bytes: no byte bound.
+const NO_BYTE_BOUND: usize = usize::MAX;
+
 fn settings(max_per_user: i64) -> StreamSettings {
     StreamSettings { max_event_bytes: 1024, duplicate_window: Duration::from_secs(60), ..stream_settings(max_per_user) }
 }
@@ -50,7 +54,7 @@ async fn a_hole_revealed_by_nats_last_sequence_is_read_from_jetstream() {
     let js = async_nats::jetstream::new(client.clone());
     let user = UserId::parse("u1").unwrap();
     let (tx, mut rx) = mpsc::channel(64);
-    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default())).await.unwrap();
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
     let mut seqs = Vec::new();
     for i in 0..4 {
         seqs.push(publish(&js, "u1", format!(r#"{{"i":{i}}}"#)).await);
@@ -83,7 +87,7 @@ async fn a_hole_that_expired_is_announced_before_what_remains() {
     let js = async_nats::jetstream::new(client.clone());
     let user = UserId::parse("u1").unwrap();
     let (tx, mut rx) = mpsc::channel(64);
-    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default())).await.unwrap();
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
     let mut seqs = Vec::new();
     for i in 0..5 {
         seqs.push(publish(&js, "u1", format!(r#"{{"i":{i}}}"#)).await);
@@ -139,7 +143,7 @@ async fn a_hole_already_removed_by_the_per_user_limit_is_announced() {
     publish(&js, "other", r#"{"o":1}"#).await;
     let user = UserId::parse("u1").unwrap();
     let (tx, mut rx) = mpsc::channel(64);
-    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default())).await.unwrap();
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
     let e0 = publish(&js, "u1", r#"{"i":0}"#).await;
     republish(&client, "u1", e0, 0, r#"{"i":0}"#).await;
     match next_item(&mut rx).await {
@@ -167,7 +171,7 @@ async fn a_lost_last_republish_is_found_by_the_audit() {
     let js = async_nats::jetstream::new(client.clone());
     let user = UserId::parse("quiet").unwrap();
     let (tx, mut rx) = mpsc::channel(64);
-    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default())).await.unwrap();
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
     let first = publish(&js, "quiet", r#"{"i":0}"#).await;
     republish(&client, "quiet", first, 0, r#"{"i":0}"#).await;
     assert!(matches!(next_item(&mut rx).await, Item::Event(f) if f.seq == first));
@@ -195,7 +199,7 @@ async fn live_reads_do_not_wait_for_resume_slots() {
     }
     let user = UserId::parse("u1").unwrap();
     let (tx, mut rx) = mpsc::channel(64);
-    let joined = tokio::time::timeout(RECV_TIMEOUT, hub.join(&user, 1, tx, Arc::new(Kicker::default())));
+    let joined = tokio::time::timeout(RECV_TIMEOUT, hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND));
     let _m = joined.await.expect("joined while the resume slots are held").unwrap();
     let a = publish(&js, "u1", r#"{"i":0}"#).await;
     let b = publish(&js, "u1", r#"{"i":1}"#).await;

@@ -44,7 +44,7 @@ async fn read_while_slots_busy(hub: &Arc<Hub>, reads: Vec<(String, u64, u64, usi
         .into_iter()
         .map(|(user, after, before, max)| {
             let hub = hub.clone();
-            tokio::spawn(async move { read_for_resume(&hub, &user, after, before, max).await.unwrap() })
+            tokio::spawn(async move { read_for_resume(&hub, &user, after, before, max).await.unwrap().0 })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;

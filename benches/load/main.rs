@@ -14,12 +14,20 @@
 //! - `storm`: agentcast only (the peers keep no history). 10k sockets on one
 //!   node; the node is killed with SIGKILL, 20 events per user are published,
 //!   and every socket resumes on a second node: time until all are whole.
+//! - `flood`: agentcast only. 2,000 sockets of 1,000 users read 2,000
+//!   events/s of 300 bytes while 20 stalled sockets (20 more users) never
+//!   read and get 100 events/s of the largest size (256 KiB, the default
+//!   `--max-event-bytes`) between them; every 5 s each stalled socket
+//!   reconnects, resuming from its first position. Run once without the
+//!   flood and once with it: the node's peak RSS against the bound its
+//!   flags give, and the reading sockets' latency.
 //! - `smoke`: a few hundred sockets, every target, a short chat and a storm;
 //!   this is what `cargo test` runs (the target sets `test = true`), so the
 //!   harness cannot rot.
 //!
 //! Options: --targets agentcast,nats-ws,raw --sockets N --users N --rate N
-//! --size BYTES --duration SECS --missed N --out FILE.json. nats-server is
+//! --size BYTES --duration SECS --missed N --stalled N --flood-rate N
+//! --out FILE.json. nats-server is
 //! `$AGENTCAST_BENCH_NATS_SERVER`, else `nats-server` on PATH, else
 //! /usr/sbin/nats-server.
 //!
@@ -68,6 +76,13 @@ const MAX_P99_MS: f64 = 50.0;
 /// Time sockets get, after all connected, before memory is read: lets the
 /// nodes' lazy per-socket work (pings, timers) happen once.
 const IDLE_SETTLE: Duration = Duration::from_secs(5);
+/// The `flood` preset's events to stalled sockets: the default
+/// `--max-event-bytes`, the largest event a node takes by default.
+const FLOOD_EVENT_BYTES: usize = 256 * 1024;
+/// Flood acknowledgements outstanding at once (8 MiB of events).
+const FLOOD_INFLIGHT: usize = 32;
+/// How often the node's RSS is sampled during a flood run.
+const RSS_SAMPLE: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Target {
@@ -186,6 +201,10 @@ struct Opts {
     size: usize,
     duration: Duration,
     missed: u64,
+    /// `flood`: sockets (one user each) that never read.
+    stalled: usize,
+    /// `flood`: events/s of [`FLOOD_EVENT_BYTES`] to the stalled users.
+    flood_rate: u64,
     out: Option<PathBuf>,
 }
 
@@ -205,6 +224,8 @@ fn opts(args: &[String], smoke: bool) -> Opts {
         size: 300,
         duration: Duration::from_secs(30),
         missed: 20,
+        stalled: 0,
+        flood_rate: 0,
         out: None,
     };
     match preset.as_str() {
@@ -212,8 +233,12 @@ fn opts(args: &[String], smoke: bool) -> Opts {
         // Two sockets per user, as in chat.
         "idle" => (o.sockets, o.users) = (50_000, 25_000),
         "storm" => o.targets = vec![Target::Agentcast],
+        "flood" => {
+            (o.sockets, o.users, o.rate, o.stalled, o.flood_rate) = (2_000, 1_000, 2_000, 20, 100);
+            o.targets = vec![Target::Agentcast];
+        }
         "smoke" => (o.sockets, o.users, o.rate, o.duration) = (400, 200, 1_000, Duration::from_secs(3)),
-        other => panic!("unknown preset {other:?} (chat, max, idle, storm, smoke)"),
+        other => panic!("unknown preset {other:?} (chat, max, idle, storm, flood, smoke)"),
     }
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -231,6 +256,8 @@ fn opts(args: &[String], smoke: bool) -> Opts {
             "--size" => o.size = num() as usize,
             "--duration" => o.duration = Duration::from_secs(num()),
             "--missed" => o.missed = num(),
+            "--stalled" => o.stalled = num() as usize,
+            "--flood-rate" => o.flood_rate = num(),
             "--out" => o.out = Some(PathBuf::from(val)),
             other => panic!("unknown option {other}"),
         }
@@ -437,6 +464,23 @@ impl Worker {
     }
 }
 
+/// A worker process for sockets `first..first + count`; socket i is user
+/// `i % users`'s. `stalled`: its sockets never read ([`worker`]'s doc).
+fn spawn_worker(target: Target, addrs: &str, first: usize, count: usize, users: usize, stalled: bool) -> Worker {
+    let mut child = Command::new(std::env::current_exe().expect("own path"))
+        .args(["--role", "worker", "--target", target.name(), "--addrs", addrs])
+        .args(["--first", &first.to_string(), "--count", &count.to_string(), "--users", &users.to_string()])
+        .args(if stalled { &["--stalled"][..] } else { &[] })
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start worker");
+    let stdin = child.stdin.take().expect("stdin");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    Worker { _proc: Proc(child), stdin, lines }
+}
+
 async fn start_workers(target: Target, addrs: &[SocketAddr], sockets: usize, users: usize) -> (Vec<Worker>, Value) {
     let n = sockets.div_ceil(SOCKETS_PER_PROCESS).max(1);
     let addrs = addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
@@ -444,18 +488,13 @@ async fn start_workers(target: Target, addrs: &[SocketAddr], sockets: usize, use
     for w in 0..n {
         let first = sockets * w / n;
         let count = sockets * (w + 1) / n - first;
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .args(["--role", "worker", "--target", target.name(), "--addrs", &addrs])
-            .args(["--first", &first.to_string(), "--count", &count.to_string(), "--users", &users.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start worker");
-        let stdin = child.stdin.take().expect("stdin");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        workers.push(Worker { _proc: Proc(child), stdin, lines });
+        workers.push(spawn_worker(target, &addrs, first, count, users, false));
     }
+    ready(workers).await
+}
+
+/// Waits for every worker's `ready` line and sums them.
+async fn ready(mut workers: Vec<Worker>) -> (Vec<Worker>, Value) {
     let (mut connected, mut failed, mut errors) = (0, 0, Vec::new());
     for w in &mut workers {
         let r: Value = serde_json::from_str(&w.expect("ready").await).expect("ready json");
@@ -843,6 +882,177 @@ async fn run_storm(o: &Opts) -> Value {
            "node_b_rss_kb_before": rss_before, "node_b_rss_kb_after": rss_kb(b_pid)})
 }
 
+/// Peak resident memory of a process (`VmHWM`), in KiB.
+fn hwm_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A metric's value from a node's /metrics (summed over the label sets
+/// whose line contains `labels`).
+async fn node_metric(addr: SocketAddr, name: &str, labels: &str) -> f64 {
+    let text = common::http_get(addr, "/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Publishes `rate` events/s of [`FLOOD_EVENT_BYTES`] for `duration`, in
+/// turn to users `first..first + users`; returns (events, errors).
+async fn flood_publish(url: String, first: usize, users: usize, rate: u64, duration: Duration) -> (u64, u64) {
+    if rate == 0 || users == 0 {
+        return (0, 0);
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("flood publisher connects"));
+    let mut acks = futures_util::stream::FuturesUnordered::new();
+    let (mut sent, mut errors) = (0u64, 0u64);
+    let mut n = vec![0u64; users];
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            let k = sent as usize % users;
+            let body = payload(first + k, n[k], true, FLOOD_EVENT_BYTES);
+            n[k] += 1;
+            sent += 1;
+            match js.publish(format!("agentcast.events.{}", user(first + k)), body.into()).await {
+                Ok(ack) => acks.push(ack.into_future()),
+                Err(_) => errors += 1,
+            }
+            while acks.len() >= FLOOD_INFLIGHT {
+                if let Some(Err(_)) = acks.next().await {
+                    errors += 1;
+                }
+            }
+        }
+        let tick = tokio::time::sleep(Duration::from_millis(10));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = &mut tick => break,
+                Some(r) = acks.next(), if !acks.is_empty() => if r.is_err() { errors += 1 },
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        if r.is_err() {
+            errors += 1;
+        }
+    }
+    (sent, errors)
+}
+
+/// One run of the `flood` preset: the reading sockets under the chat-like
+/// load, the stalled sockets, and `flood_rate` events/s of the largest size
+/// to the stalled users; the node's RSS sampled throughout.
+async fn flood_phase(o: &Opts, flood_rate: u64) -> Value {
+    let s = setup(Target::Agentcast, o.sockets + o.stalled, false).await;
+    let (pid, addr) = (s.measured[0], s.addrs[0]);
+    let rss_before = rss_kb(pid);
+    let (mut workers, conn) = start_workers(Target::Agentcast, &s.addrs, o.sockets, o.users).await;
+    let addrs = s.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    // Users o.users.. : socket i of this worker is user i.
+    let stalled = spawn_worker(Target::Agentcast, &addrs, o.users, o.stalled, o.users + o.stalled, true);
+    let (_stalled, stalled_conn) = ready(vec![stalled]).await;
+    let rss_connected = rss_kb(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                peak = rss_kb(pid).max(peak);
+                tokio::time::sleep(RSS_SAMPLE).await;
+            }
+            peak
+        }
+    });
+    let flood = tokio::spawn(flood_publish(s.nats[0].url.clone(), o.users, o.stalled, flood_rate, o.duration));
+    let mut pubr = publisher(Target::Agentcast, &s).await;
+    let mut next = vec![0u64; o.users];
+    let fast = step(Target::Agentcast, &s, &mut pubr, &mut workers, &mut next, o, o.rate).await;
+    let (flood_events, flood_errors) = flood.await.expect("flood publisher");
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let sampled = sampler.await.expect("sampler");
+    let hwm = hwm_kb(pid);
+    let mut metrics = json!({});
+    for (key, name, labels) in [
+        ("slow_closes_bytes", "agentcast_slow_sockets_total", r#"bound="bytes""#),
+        ("slow_closes_frames", "agentcast_slow_sockets_total", r#"bound="frames""#),
+        ("disconnects_slow", "agentcast_disconnects_total", r#"reason="slow""#),
+        ("resumes", "agentcast_resumes_total", ""),
+        ("replayed_events", "agentcast_replayed_events_total", ""),
+        ("nats_slow_consumer", "agentcast_nats_events_total", r#"event="slow_consumer""#),
+        ("live_gaps_repaired", "agentcast_live_gaps_repaired_total", ""),
+    ] {
+        metrics[key] = json!(node_metric(addr, name, labels).await);
+    }
+    let l = &fast["latency"];
+    println!(
+        "  flood {flood_rate:>4} ev/s of {} KiB ({flood_events} published, {flood_errors} errors): node RSS {} MB before sockets, {} MB connected, peak {} MB (VmHWM; sampled {} MB); reading sockets p50 {:.2} p99 {:.2} ms; slow closes: {} bytes, {} frames",
+        FLOOD_EVENT_BYTES / 1024,
+        rss_before / 1024,
+        rss_connected / 1024,
+        hwm / 1024,
+        sampled / 1024,
+        l["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        l["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        metrics["slow_closes_bytes"],
+        metrics["slow_closes_frames"],
+    );
+    json!({"flood_rate": flood_rate, "flood_events": flood_events, "flood_errors": flood_errors,
+           "connections": conn, "stalled_connections": stalled_conn, "fast": fast,
+           "rss_kb_before_sockets": rss_before, "rss_kb_connected": rss_connected,
+           "rss_kb_peak_sampled": sampled, "vm_hwm_kb": hwm, "node_metrics": metrics})
+}
+
+/// The `flood` preset: the same run without the flood and with it, and the
+/// bounds the node's flags (its defaults) give (docs/operations.md).
+async fn run_flood(o: &Opts) -> Value {
+    use agentcast::config::{DEFAULT_SOCKET_QUEUE_BYTES, DEFAULT_SUBSCRIPTION_BYTES};
+    use agentcast::hub::{
+        LIVE_READ_CONCURRENCY, MAX_SHARED_REPLAY_BYTES, READ_BYTES, REPLAY_BYTES, RESUME_READ_CONCURRENCY,
+    };
+    let without = flood_phase(o, 0).await;
+    let with = flood_phase(o, o.flood_rate).await;
+    let per_socket = DEFAULT_SOCKET_QUEUE_BYTES + agentcast::socket::MAX_WRITE_BUFFER;
+    let per_user = DEFAULT_SUBSCRIPTION_BYTES + MAX_SHARED_REPLAY_BYTES;
+    let events_bound = |sockets: usize, users: usize| {
+        let reads = (users.min(LIVE_READ_CONCURRENCY) + RESUME_READ_CONCURRENCY) * READ_BYTES + REPLAY_BYTES;
+        (sockets * per_socket + users * per_user + reads) as u64 / 1024
+    };
+    // What the stalled sockets and their users may add to the node over the
+    // same run without the flood.
+    let peak_without = without["vm_hwm_kb"].as_u64().unwrap_or(0);
+    let peak_with = with["vm_hwm_kb"].as_u64().unwrap_or(0);
+    let flood_bound = peak_without + events_bound(o.stalled, o.stalled);
+    // Everything the node's sockets and users may hold, over the node
+    // before any socket connected (idle socket memory not included).
+    let all_bound =
+        with["rss_kb_before_sockets"].as_u64().unwrap_or(0) + events_bound(o.sockets + o.stalled, o.users + o.stalled);
+    let p99 = |v: &Value| v["fast"]["latency"]["p99_ms"].as_f64();
+    println!(
+        "  node peak RSS {} MB with the flood, {} MB without; bound for the flood's share (without + stalled sockets' and users' budgets + reads): {} MB; bound for every socket and user from the flags: {} MB; reading sockets' p99 {:?} ms with, {:?} ms without",
+        peak_with / 1024,
+        peak_without / 1024,
+        flood_bound / 1024,
+        all_bound / 1024,
+        p99(&with),
+        p99(&without),
+    );
+    json!({"without_flood": without, "with_flood": with,
+           "bounds": {"per_socket_bytes": per_socket, "per_user_bytes": per_user, "read_bytes": READ_BYTES,
+                      "live_read_concurrency": LIVE_READ_CONCURRENCY, "replay_bytes": REPLAY_BYTES,
+                      "flood_share_kb": flood_bound, "every_socket_kb": all_bound},
+           "peak_under_flood_bound": peak_with < flood_bound, "peak_under_every_socket_bound": peak_with < all_bound,
+           "delivery": with["fast"]["delivery"], "publish_errors": with["fast"]["publish_errors"]})
+}
+
 fn ratio(a: Option<f64>, b: Option<f64>) -> Value {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => json!((a / b * 100.0).round() / 100.0),
@@ -865,7 +1075,7 @@ fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
         "max" => {
             &[("best_deliveries_per_s", &["best", "deliveries_per_s"]), ("best_p99_ms", &["best", "latency", "p99_ms"])]
         }
-        "storm" => &[],
+        "storm" | "flood" => &[],
         _ => &[
             ("deliveries_per_s", &["deliveries_per_s"]),
             ("p99_ms", &["latency", "p99_ms"]),
@@ -931,6 +1141,10 @@ async fn coordinate(o: Opts, smoke: bool) {
         "max" => {
             format!("{} sockets, {} users, {}-byte events from {} events/s up", o.sockets, o.users, o.size, o.rate)
         }
+        "flood" => format!(
+            "{} reading sockets, {} users, {} events/s of {} bytes for {:?}; {} stalled sockets (one user each) get {} events/s of {} bytes",
+            o.sockets, o.users, o.rate, o.size, o.duration, o.stalled, o.flood_rate, FLOOD_EVENT_BYTES
+        ),
         _ => format!(
             "{} sockets, {} users, {} events/s of {} bytes for {:?}",
             o.sockets, o.users, o.rate, o.size, o.duration
@@ -943,6 +1157,13 @@ async fn coordinate(o: Opts, smoke: bool) {
         let v = match o.preset.as_str() {
             "idle" => run_idle(t, &o).await,
             "max" => run_max(t, &o).await,
+            "flood" => {
+                if t != Target::Agentcast {
+                    println!("  {}: flood is agentcast only", t.name());
+                    continue;
+                }
+                run_flood(&o).await
+            }
             "storm" => {
                 if t != Target::Agentcast {
                     println!("  {}: no history to resume from; storm is agentcast only", t.name());
@@ -979,11 +1200,12 @@ async fn coordinate(o: Opts, smoke: bool) {
         "nats_server": version,
         "machine": {"cores": cores, "cpu": cpu},
         "workload": {"sockets": o.sockets, "users": o.users, "rate": o.rate, "size": o.size,
-                     "duration_s": o.duration.as_secs(), "missed": o.missed},
+                     "duration_s": o.duration.as_secs(), "missed": o.missed,
+                     "stalled": o.stalled, "flood_rate": o.flood_rate, "flood_event_bytes": FLOOD_EVENT_BYTES},
         "results": results.iter().map(|(t, v)| json!({"target": t.name(), "result": v})).collect::<Vec<_>>(),
         "ratios": ratios(&o.preset, &results),
     });
-    if o.preset != "storm" && o.preset != "smoke" {
+    if !["storm", "smoke", "flood"].contains(&o.preset.as_str()) {
         println!("ratios: {}", report["ratios"]);
     }
     if let Some(out) = &o.out {

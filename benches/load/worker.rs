@@ -8,6 +8,12 @@
 //! `seq` and epoch it saw). The worker prints `ready <json>` once every
 //! socket has connected or failed, and `dropped` once every socket has ended
 //! after the coordinator killed the node.
+//!
+//! With `--stalled` (the `flood` preset) the worker's sockets never read
+//! after their welcome: every [`STALL_RECONNECT`] each drops its connection
+//! and opens a new one resuming from its first welcome's position (so the
+//! node replays the user's whole flood into a socket that again reads
+//! nothing), the way a hostile or broken client would.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +41,8 @@ const SETTLE: Duration = Duration::from_secs(60);
 const SOURCE_ADDRESSES: u32 = 64;
 /// Client read buffer: frames are small, and 50k sockets must fit in memory.
 const CLIENT_READ_BUFFER: usize = 4 * 1024;
+/// How long a stalled socket stays connected before it reconnects.
+const STALL_RECONNECT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Spec {
@@ -43,6 +51,8 @@ pub struct Spec {
     pub first: usize,
     pub count: usize,
     pub users: usize,
+    /// The sockets never read after their welcome (see the module doc).
+    pub stalled: bool,
 }
 
 impl Spec {
@@ -57,6 +67,7 @@ impl Spec {
             first: get("--first").parse().unwrap(),
             count: get("--count").parse().unwrap(),
             users: get("--users").parse().unwrap(),
+            stalled: args.iter().any(|a| a == "--stalled"),
         }
     }
 }
@@ -116,6 +127,7 @@ struct Frame<'a> {
     seq: Option<u64>,
     event: Option<Ev>,
     epoch: Option<String>,
+    position: Option<u64>,
 }
 
 struct Shared {
@@ -174,6 +186,7 @@ pub async fn run(spec: Spec) {
             shared: shared.clone(),
             gate: gate.clone(),
             resume: resume_rx.clone(),
+            stalled: spec.stalled,
         };
         tokio::spawn(ctx.run());
     }
@@ -250,6 +263,7 @@ struct SockCtx {
     shared: Arc<Shared>,
     gate: Arc<tokio::sync::Semaphore>,
     resume: watch::Receiver<Option<SocketAddr>>,
+    stalled: bool,
 }
 
 impl SockCtx {
@@ -280,6 +294,12 @@ impl SockCtx {
                 self.shared.connected.fetch_add(1, Ordering::AcqRel);
                 self.shared.settled.notify_one();
             }
+            if self.stalled {
+                // Holds the socket without reading, then comes back.
+                tokio::time::sleep(STALL_RECONNECT).await;
+                drop(ws);
+                continue;
+            }
             self.read(ws).await;
             self.sock.lock().unwrap().ended = true;
             self.shared.ended.fetch_add(1, Ordering::AcqRel);
@@ -301,7 +321,8 @@ impl SockCtx {
         let url = match self.target {
             Target::Agentcast => {
                 let s = self.sock.lock().unwrap();
-                if s.last_seq == 0 {
+                // A stalled socket asks for a replay even from 0 (all the user has).
+                if s.last_seq == 0 && !self.stalled {
                     format!("ws://{}/ws?token={}", self.addr, token(&user))
                 } else {
                     format!("ws://{}/ws?token={}&last_seq={}&epoch={}", self.addr, token(&user), s.last_seq, s.epoch)
@@ -341,9 +362,16 @@ impl SockCtx {
                     let f: Frame = serde_json::from_str(t.as_str()).map_err(|e| format!("{e}: {t}"))?;
                     match f.kind {
                         "welcome" => {
+                            let mut s = self.sock.lock().unwrap();
                             if let Some(e) = f.epoch {
-                                self.sock.lock().unwrap().epoch = e;
+                                s.epoch = e;
                             }
+                            // A stalled socket resumes from its first
+                            // position: it never reads an event.
+                            if self.stalled && s.last_seq == 0 {
+                                s.last_seq = f.position.unwrap_or(0);
+                            }
+                            drop(s);
                             return Ok(ws);
                         }
                         // Resumed events may come before nothing else; a
