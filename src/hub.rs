@@ -118,6 +118,10 @@ pub enum Item {
     Event(EventFrame),
     /// Events up to `to` (or up to the next event) may be missing.
     Gap(Gap),
+    /// The answer to one of this socket's control requests
+    /// ([`crate::control`]): queued by the socket's own requests, never
+    /// fanned out, and outside the user's sequence.
+    Control(Utf8Bytes),
 }
 
 /// An item as queued: built once, shared by every socket of the user.
