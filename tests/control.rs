@@ -317,3 +317,54 @@ async fn a_wildcard_or_dotted_user_never_widens_the_subject() {
     }
     assert!(seen.try_recv().is_err());
 }
+
+#[tokio::test]
+async fn the_library_listener_hands_each_request_to_one_agent_of_the_group() {
+    use agentcast::control::Listener;
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    // Two agents in one queue group: each request is handled by one of them.
+    let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    for agent in ["agent-1", "agent-2"] {
+        let mut listener = Listener::subscribe(nats.client().await, "agentcast.control", "agents").await.unwrap();
+        let handled_tx = handled_tx.clone();
+        tokio::spawn(async move {
+            while let Some(req) = listener.next().await {
+                let answer =
+                    json!({"stopped": req.data["run_id"], "user": req.user.as_str(), "id": req.id, "by": agent});
+                // Counted before the reply, so the count is complete once
+                // the client has every answer.
+                handled_tx.send((agent, req.user.as_str().to_owned(), req.node.clone())).unwrap();
+                assert!(req.reply(&json!([1])).await.is_err(), "only objects are replies");
+                req.reply(&answer).await.unwrap();
+            }
+        });
+    }
+    // A message that is not a node's request (no headers) is skipped.
+    let other = nats.client().await;
+    other.publish("agentcast.control.alice", r#"{"run_id":"x"}"#.into()).await.unwrap();
+    other.flush().await.unwrap();
+
+    let (mut c, welcome) = Client::join(&node, "alice").await;
+    // As many as a socket may have in flight (--control-pending, 8).
+    let ids: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
+    for id in &ids {
+        c.send_text(&control(id, json!({"action":"cancel","run_id":format!("run-{id}")}))).await;
+    }
+    let got = answers(&mut c, &ids.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    for id in &ids {
+        let data = &got[id]["data"];
+        assert_eq!(got[id]["type"], "control_reply", "{}", got[id]);
+        assert_eq!(
+            (data["stopped"].as_str(), data["user"].as_str()),
+            (Some(format!("run-{id}").as_str()), Some("alice"))
+        );
+        assert_eq!(data["id"], id.as_str());
+    }
+    let mut count = 0;
+    while let Ok((_, user, from)) = handled.try_recv() {
+        assert_eq!((user.as_str(), Some(from.as_str())), ("alice", welcome["node"].as_str()));
+        count += 1;
+    }
+    assert_eq!(count, 8, "each request handled once");
+}
