@@ -568,7 +568,8 @@ impl NodeArgs {
                 return Err(ConfigError::ControlOverlap { flag, control: c.clone(), other: other.clone() });
             }
         }
-        range("--control-timeout (ms)", self.control_timeout.as_millis(), 10, 300_000)?;
+        // At most a minute: nobody waits longer for a button to answer.
+        range("--control-timeout (ms)", self.control_timeout.as_millis(), 10, 60_000)?;
         range("--control-rate", self.control_rate as u128, 1, 10_000)?;
         range("--control-burst", self.control_burst as u128, 1, 10_000)?;
         range("--control-pending", self.control_pending as u128, 1, 1024)?;

@@ -368,3 +368,55 @@ async fn the_library_listener_hands_each_request_to_one_agent_of_the_group() {
     }
     assert_eq!(count, 8, "each request handled once");
 }
+
+#[tokio::test]
+async fn the_shipped_nats_accounts_let_nodes_ask_and_agents_answer() {
+    use agentcast::control::Listener;
+    // deploy/nats/accounts.conf as it ships, with passwords in place of the
+    // environment variables it reads.
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nats/accounts.conf")).unwrap();
+    let accounts = accounts
+        .replace("$AGENTCAST_AGENT_PASSWORD", "pa")
+        .replace("$AGENTCAST_NODE_PASSWORD", "pn")
+        .replace("$NATS_SYS_PASSWORD", "ps");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, accounts).unwrap();
+    let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let node = Node::start(
+        &nats,
+        &["--nats-user", "node", "--nats-password", "pn", "--nats-inbox-prefix", "_INBOX_agentcast_node"],
+    )
+    .await;
+    let violations = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let v = violations.clone();
+    let agent = async_nats::ConnectOptions::new()
+        .user_and_password("agent".into(), "pa".into())
+        .event_callback(move |e| {
+            let v = v.clone();
+            async move { v.lock().unwrap().push(e.to_string()) }
+        })
+        .connect(&nats.url)
+        .await
+        .unwrap();
+    let mut listener = Listener::subscribe(agent.clone(), "agentcast.control", "agents").await.unwrap();
+    agent.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(req) = listener.next().await {
+            req.reply(&json!({"stopped": req.data["run_id"]})).await.unwrap();
+        }
+    });
+    let (mut c, _) = Client::join(&node, "alice").await;
+    c.send_text(&control("r1", json!({"action":"cancel","run_id":"run-1"}))).await;
+    assert_eq!(c.next_json().await, json!({"type":"control_reply","id":"r1","data":{"stopped":"run-1"}}));
+    // The agent may answer requests, not send them.
+    agent.publish("agentcast.control.alice", "{}".into()).await.unwrap();
+    agent.flush().await.unwrap();
+    eventually("the agent's request refused", || {
+        let v = violations.clone();
+        async move { v.lock().unwrap().iter().any(|e| e.contains("Publish to \"agentcast.control.alice\"")) }
+    })
+    .await;
+    let v = violations.lock().unwrap().clone();
+    assert_eq!(v.iter().filter(|e| e.contains("Violation")).count(), 1, "{v:?}");
+}
