@@ -315,7 +315,7 @@ fn describe() {
     describe_counter!(
         CONTROL_REQUESTS,
         Unit::Count,
-        "Control requests from clients, by outcome (ok, no_agent, timeout, rate_limited, too_many_pending, bad_reply, disabled, bad_frame, unavailable)."
+        "Control requests from clients, by outcome (ok, no_agent, timeout, rate_limited, too_many_pending, bad_reply, disabled, bad_frame, unavailable); those whose socket closed before the answer are not counted."
     );
     describe_histogram!(
         CONTROL_REPLY_TIME,

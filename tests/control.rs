@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 
 /// What a responder saw of one request.
@@ -419,4 +419,42 @@ async fn the_shipped_nats_accounts_let_nodes_ask_and_agents_answer() {
     .await;
     let v = violations.lock().unwrap().clone();
     assert_eq!(v.iter().filter(|e| e.contains("Violation")).count(), 1, "{v:?}");
+}
+
+#[tokio::test]
+async fn answers_a_client_does_not_read_fill_its_queue_and_close_it_as_slow() {
+    let nats = NatsServer::start();
+    let node = Node::start(
+        &nats,
+        &["--socket-queue", "2", "--control-rate", "1000", "--control-burst", "1000", "--control-pending", "64"],
+    )
+    .await;
+    // Answers of 900 KB: a few dozen fill the kernel's buffers, then the
+    // socket's writer waits, then its queue.
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(900_000));
+    let _seen = responder(&nats, Duration::ZERO, move |_| Some(big.clone().into_bytes())).await;
+    let (mut c, _) = Client::join(&node, "u1").await;
+    let mut sent = 0;
+    while node.metric("agentcast_disconnects_total", "reason=\"slow\"").await == 0.0 {
+        assert!(sent < 2000, "never closed as slow after {sent} requests");
+        for _ in 0..32 {
+            sent += 1;
+            // The node may already have closed: a failed send ends the loop above.
+            if c.ws
+                .send(tokio_tungstenite::tungstenite::Message::text(control(&sent.to_string(), json!({}))))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The connection ends; its close frame (4000) is often lost, as
+    // docs/protocol.md says of slow clients: the node cannot write it
+    // behind the backlog within 2 s.
+    let (frames, close) = c.until_close().await;
+    assert!(close.as_ref().is_none_or(|c| u16::from(c.code) == 4000), "{close:?}");
+    assert!(frames.iter().all(|f| f["type"] == "control_reply"), "only answers were queued");
+    assert_eq!(node.metric("agentcast_disconnects_total", "reason=\"slow\"").await, 1.0);
 }
