@@ -195,7 +195,7 @@ export async function controlAgent(nats, subject, answer) {
   const { connect } = await import('node:net');
   const [host, port] = nats.url.replace('nats://', '').split(':');
   const sock = connect(Number(port), host);
-  const agent = { requests: [], close: () => sock.destroy() };
+  const agent = { requests: [], connected: false, close: () => sock.destroy() };
   let buf = Buffer.alloc(0);
   let subscribed;
   const ready = new Promise((resolve, reject) => {
@@ -222,7 +222,9 @@ export async function controlAgent(nats, subject, answer) {
       const eol = buf.indexOf('\r\n');
       if (eol < 0) return;
       const line = buf.subarray(0, eol).toString();
-      if (line.startsWith('INFO ')) {
+      if (line.startsWith('INFO ') && !agent.connected) {
+        // Only the first INFO: 2.10+ send another after CONNECT.
+        agent.connected = true;
         sock.write('CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true,"protocol":1}\r\n');
         sock.write(`SUB ${subject} 1\r\nPING\r\n`);
       } else if (line === 'PING') {
