@@ -296,7 +296,7 @@ impl Bucket {
 
 /// One socket's control requests: its rate, those in flight, and where
 /// their answers go. Made at the socket's first control frame, so a socket
-/// that never sends one carries nothing of it. Dropped with the socket,
+/// that never sends one carries only the pointer to it. Dropped with the socket,
 /// which aborts the requests still waiting for a reply (their client is
 /// gone; a request already sent may still have reached an agent).
 pub struct Socket {
