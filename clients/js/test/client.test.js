@@ -209,6 +209,9 @@ test('history that is gone is reported as a gap with what the server said', asyn
     const c1 = new AgentcastClient({ url: node.url, token: () => token('heidi'), storage });
     const r1 = record(c1);
     c1.connect();
+    // Welcomed first: events stored before the welcome are before "live
+    // from now" and would never come (this raced under load).
+    await r1.open();
     const before = await publish(nats, 'heidi', thinking(2));
     await r1.count(2);
     c1.close();
