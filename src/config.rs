@@ -364,6 +364,30 @@ pub struct NodeArgs {
     /// `agentcast dev` turns it on.
     #[arg(long, env = "AGENTCAST_CONSOLE")]
     pub console: bool,
+
+    /// Control requests from clients go to <control-prefix>.<user_id>, the
+    /// user taken from the socket's token (docs/protocol.md).
+    #[arg(long, env = "AGENTCAST_CONTROL_PREFIX", default_value = crate::control::DEFAULT_PREFIX)]
+    pub control_prefix: String,
+    /// How long a control request waits for an agent's reply before the
+    /// client is answered `timeout`.
+    #[arg(long, env = "AGENTCAST_CONTROL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub control_timeout: Duration,
+    /// Control requests per second one socket may send on average; more are
+    /// answered `rate_limited`.
+    #[arg(long, env = "AGENTCAST_CONTROL_RATE", default_value_t = crate::control::DEFAULT_RATE)]
+    pub control_rate: u32,
+    /// Control requests one socket may send at once after a quiet spell
+    /// (the token bucket's size).
+    #[arg(long, env = "AGENTCAST_CONTROL_BURST", default_value_t = crate::control::DEFAULT_BURST)]
+    pub control_burst: u32,
+    /// Control requests of one socket waiting for their reply at most; more
+    /// are answered `too_many_pending`.
+    #[arg(long, env = "AGENTCAST_CONTROL_PENDING", default_value_t = crate::control::DEFAULT_PENDING)]
+    pub control_pending: usize,
+    /// Answer every control request `disabled` instead of sending it on.
+    #[arg(long, env = "AGENTCAST_NO_CONTROL")]
+    pub no_control: bool,
 }
 
 fn parse_algorithm(s: &str) -> Result<jsonwebtoken::Algorithm, String> {
@@ -391,6 +415,10 @@ pub enum ConfigError {
     StreamName(String),
     #[error("{flag} must be between {min} and {max}, got {value}")]
     Range { flag: &'static str, value: u128, min: u128, max: u128 },
+    #[error(
+        "--control-prefix {control:?} must not overlap {flag} {other:?}: control requests would land on those subjects"
+    )]
+    ControlOverlap { flag: &'static str, control: String, other: String },
     #[error("--nats-url: {0}")]
     NatsUrl(String),
     #[error("{flag} {path}: file not found")]
@@ -417,6 +445,7 @@ pub struct Config {
     pub log_user_ids: bool,
     /// Serve the console page at /console/ ([`crate::console`]).
     pub console: bool,
+    pub control: crate::control::Settings,
 }
 
 /// Where NATS is and how to log in (user and password, token, credentials,
@@ -572,6 +601,25 @@ impl NodeArgs {
         )?;
         range("--ping-interval (ms)", self.ping_interval.as_millis(), 100, 3_600_000)?;
         range("--drain-window (ms)", self.drain_window.as_millis(), 0, 3_600_000)?;
+        check_prefix("--control-prefix", &self.control_prefix)?;
+        // A control prefix inside the events' subjects would let a client
+        // publish events into its own stream; inside the live or inbox ones,
+        // reach nodes' subscriptions.
+        for (flag, other) in [
+            ("--subject-prefix", &self.subject_prefix),
+            ("--live-prefix", &self.live_prefix),
+            ("--nats-inbox-prefix", &self.nats_inbox_prefix),
+        ] {
+            let c = &self.control_prefix;
+            if c == other || c.starts_with(&format!("{other}.")) || other.starts_with(&format!("{c}.")) {
+                return Err(ConfigError::ControlOverlap { flag, control: c.clone(), other: other.clone() });
+            }
+        }
+        // At most a minute: nobody waits longer for a button to answer.
+        range("--control-timeout (ms)", self.control_timeout.as_millis(), 10, 60_000)?;
+        range("--control-rate", self.control_rate as u128, 1, 10_000)?;
+        range("--control-burst", self.control_burst as u128, 1, 10_000)?;
+        range("--control-pending", self.control_pending as u128, 1, 1024)?;
         let login = self.nats.login()?;
         let node_id = self.node_id.unwrap_or_else(default_node_id);
         Ok(Config {
@@ -608,6 +656,14 @@ impl NodeArgs {
             drain_window: self.drain_window,
             log_user_ids: self.log_user_ids,
             console: self.console,
+            control: crate::control::Settings {
+                enabled: !self.no_control,
+                prefix: self.control_prefix,
+                timeout: self.control_timeout,
+                rate: self.control_rate,
+                burst: self.control_burst,
+                pending: self.control_pending,
+            },
         })
     }
 }
@@ -651,6 +707,12 @@ mod tests {
         assert_eq!(c.max_sockets_per_user, Some(DEFAULT_SOCKETS_PER_USER));
         assert_eq!(parse(&["--max-sockets-per-user", "0"]).unwrap().max_sockets_per_user, None);
         assert_eq!(c.socket_queue_bytes, DEFAULT_SOCKET_QUEUE_BYTES);
+        let control = &c.control;
+        assert!(control.enabled);
+        assert_eq!(control.subject(&crate::user::UserId::parse("u1").unwrap()), "agentcast.control.u1");
+        assert_eq!((control.rate, control.burst, control.pending), (10, 20, 8));
+        assert_eq!(control.timeout, Duration::from_secs(5));
+        assert!(!parse(&["--no-control"]).unwrap().control.enabled);
     }
 
     #[test]
@@ -681,6 +743,13 @@ mod tests {
         assert!(msg(&["--nats-creds", "/nonexistent"]).contains("--nats-creds"));
         assert!(msg(&["--nats-url", "nats://a:b:c"]).contains("--nats-url"));
         assert!(msg(&["--nats-inbox-prefix", "_INBOX.>"]).contains("--nats-inbox-prefix"));
+        assert!(msg(&["--control-prefix", "agentcast.control.*"]).contains("--control-prefix"));
+        assert!(msg(&["--control-prefix", "agentcast.events"]).contains("--subject-prefix"));
+        assert!(msg(&["--control-prefix", "agentcast.live.x"]).contains("--live-prefix"));
+        assert!(msg(&["--control-prefix", "_INBOX"]).contains("--nats-inbox-prefix"));
+        assert!(msg(&["--control-timeout", "0s"]).contains("--control-timeout"));
+        assert!(msg(&["--control-rate", "0"]).contains("--control-rate"));
+        assert!(msg(&["--control-pending", "0"]).contains("--control-pending"));
     }
 
     #[test]

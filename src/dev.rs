@@ -5,16 +5,21 @@
 //! random HS256 secret and a token for the dev user, prints a ready `ws://`
 //! URL, a publish example and the console's URL (the console is on unless
 //! `--no-console`), and with `--demo` publishes a sample agent run every few
-//! seconds.
+//! seconds, which the dev user can stop with a control request
+//! (`{"action":"cancel","run_id":...}`, docs/protocol.md section 9).
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticator, ClaimRules, mint_hs256};
 use crate::config::{DevArgs, EXIT_CONFIG, NatsLogin};
+use crate::control::Listener;
 use crate::publisher::{Event, Publisher};
 use crate::user::UserId;
 
@@ -32,6 +37,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const READY_POLL: Duration = Duration::from_millis(50);
 /// Pause between demo agent runs.
 const DEMO_INTERVAL: Duration = Duration::from_secs(5);
+/// Pause between the steps of a demo run: long enough to press Stop.
+const DEMO_STEP: Duration = Duration::from_millis(400);
+/// Queue group of the demo's control listener.
+const DEMO_GROUP: &str = "agentcast-demo";
 
 pub async fn run(mut args: DevArgs) -> i32 {
     let user = match UserId::parse(&args.user) {
@@ -104,6 +113,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
     };
     let subject = config.stream.event_subject(user.as_str());
     let subject_prefix = config.stream.subject_prefix.clone();
+    let control_prefix = config.control.prefix.clone();
     let login = config.nats.login.clone();
     let shutdown = crate::server::shutdown_on_signals();
     let result = crate::server::start(config, shutdown.clone(), move |addr| {
@@ -130,7 +140,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
             }
             println!("{text}");
             if demo {
-                tokio::spawn(demo_publisher(login, subject_prefix, user));
+                tokio::spawn(demo_publisher(login, subject_prefix, control_prefix, user));
             }
         });
     })
@@ -214,8 +224,25 @@ pub fn read_ports_file(dir: &Path) -> Option<String> {
     None
 }
 
-/// Publishes a small agent run every [`DEMO_INTERVAL`] through the [`Publisher`].
-async fn demo_publisher(login: NatsLogin, subject_prefix: String, user: UserId) {
+/// The demo's runs: how many have started, and the one in progress, if any,
+/// with what stops it.
+#[derive(Default)]
+struct Runs {
+    started: u64,
+    current: Option<(String, CancellationToken)>,
+}
+
+type CurrentRun = Arc<Mutex<Runs>>;
+
+fn lock(runs: &CurrentRun) -> std::sync::MutexGuard<'_, Runs> {
+    // Only assignments and lookups happen under the lock.
+    runs.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Publishes a small agent run every [`DEMO_INTERVAL`] through the
+/// [`Publisher`], and stops the one in progress when the dev user asks
+/// ([`demo_control`]): it then ends with [`Event::agent_cancelled`].
+async fn demo_publisher(login: NatsLogin, subject_prefix: String, control_prefix: String, user: UserId) {
     let connected = match crate::nats::with_login(async_nats::ConnectOptions::new(), &login).await {
         Ok(opts) => opts.connect(login.urls.clone()).await.map_err(anyhow::Error::from),
         Err(e) => Err(e),
@@ -224,24 +251,87 @@ async fn demo_publisher(login: NatsLogin, subject_prefix: String, user: UserId) 
         tracing::warn!("demo publisher could not connect to {}", login.shown);
         return;
     };
+    let current: CurrentRun = Arc::default();
+    match Listener::subscribe(client.clone(), &control_prefix, DEMO_GROUP).await {
+        Ok(listener) => {
+            tokio::spawn(demo_control(listener, user.clone(), current.clone()));
+        }
+        Err(e) => tracing::warn!(error = %e, "the demo cannot take control requests"),
+    }
     let publisher = Publisher::new(client).subject_prefix(&subject_prefix);
-    let mut run = 0u64;
+    let publish = |event: Event| {
+        let (publisher, user) = (&publisher, &user);
+        async move {
+            if let Err(e) = publisher.publish(user.as_str(), &event.agent("demo")).await {
+                tracing::warn!(error = %e, "demo publish failed");
+            }
+        }
+    };
     loop {
-        run += 1;
-        let run_id = format!("demo-{run}");
+        let stop = CancellationToken::new();
+        let run_id = {
+            let mut runs = lock(&current);
+            runs.started += 1;
+            let run_id = format!("demo-{}", runs.started);
+            runs.current = Some((run_id.clone(), stop.clone()));
+            run_id
+        };
         let steps = [
             Event::agent_started(&run_id, "What is the weather in Paris?"),
             Event::agent_thinking(&run_id, "I should call the weather tool."),
-            Event::tool_executing(&run_id, "weather", serde_json::json!({"city": "Paris"})),
-            Event::tool_completed(&run_id, "weather", serde_json::json!({"celsius": 18})),
-            Event::agent_completed(&run_id, "18 °C in Paris."),
+            Event::tool_executing(&run_id, "weather", json!({"city": "Paris"})),
+            Event::tool_completed(&run_id, "weather", json!({"celsius": 18})),
         ];
         for step in steps {
-            if let Err(e) = publisher.publish(user.as_str(), &step.agent("demo")).await {
-                tracing::warn!(error = %e, "demo publish failed");
+            publish(step).await;
+            tokio::select! {
+                _ = tokio::time::sleep(DEMO_STEP) => {}
+                _ = stop.cancelled() => {}
             }
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            if stop.is_cancelled() {
+                break;
+            }
+        }
+        // Over from here: a cancel that comes later is told `finished`.
+        lock(&current).current = None;
+        if stop.is_cancelled() {
+            publish(Event::agent_cancelled(&run_id)).await;
+        } else {
+            publish(Event::agent_completed(&run_id, "18 °C in Paris.")).await;
         }
         tokio::time::sleep(DEMO_INTERVAL).await;
+    }
+}
+
+/// Answers the demo's control requests: `{"action":"cancel","run_id":..}`
+/// from the dev user for the run in progress stops it (`cancelled`); any
+/// other run, or another user's request, is `unknown_run`, a demo run
+/// already over `finished`; another action `unknown_action`.
+async fn demo_control(mut listener: Listener, user: UserId, current: CurrentRun) {
+    while let Some(req) = listener.next().await {
+        let action = req.data.get("action").and_then(|a| a.as_str());
+        let run_id = req.data.get("run_id").and_then(|r| r.as_str()).unwrap_or_default();
+        let reply = match action {
+            Some("cancel") if req.user == user => {
+                let runs = lock(&current);
+                let past = run_id
+                    .strip_prefix("demo-")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .filter(|n| (1..=runs.started).contains(n));
+                match &runs.current {
+                    Some((id, stop)) if id == run_id => {
+                        stop.cancel();
+                        json!({"status": "cancelled", "run_id": run_id})
+                    }
+                    _ if past.is_some() => json!({"status": "finished", "run_id": run_id}),
+                    _ => json!({"status": "unknown_run", "run_id": run_id}),
+                }
+            }
+            Some("cancel") => json!({"status": "unknown_run", "run_id": run_id}),
+            _ => json!({"error": "unknown_action"}),
+        };
+        if let Err(e) = req.reply(&reply).await {
+            tracing::warn!(error = %e, "the demo's control reply failed");
+        }
     }
 }

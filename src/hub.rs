@@ -183,6 +183,10 @@ pub enum Item {
     Event(EventFrame),
     /// Events up to `to` (or up to the next event) may be missing.
     Gap(Gap),
+    /// The answer to one of this socket's control requests
+    /// ([`crate::control`]): queued by the socket's own requests, never
+    /// fanned out, and outside the user's sequence.
+    Control(Utf8Bytes),
 }
 
 impl Item {
@@ -191,6 +195,7 @@ impl Item {
         match self {
             Item::Event(f) => f.text.len(),
             Item::Gap(_) => GAP_BYTES,
+            Item::Control(text) => text.len(),
         }
     }
 }
@@ -270,7 +275,7 @@ impl Kicker {
     }
 
     /// Closes the socket as slow, counting the `bound` its queue reached.
-    fn overflowed(&self, bound: &'static str) {
+    pub fn overflowed(&self, bound: &'static str) {
         if self.kick(Kick::Slow) {
             metrics::counter!(m::SLOW_SOCKETS, "bound" => bound).increment(1);
         }

@@ -19,6 +19,8 @@
 //!   republishes, fan-out to socket queues.
 //! - [`socket`]: one WebSocket: welcome, batched writes, pings, close codes.
 //! - [`protocol`]: frames and close codes (docs/protocol.md).
+//! - [`control`]: control requests from a socket to the agents, and the
+//!   agents' listener for them.
 //! - [`server`]: HTTP routes, readiness, the drain.
 //! - [`metrics`]: metric names and the Prometheus recorder.
 //! - [`dev`]: `agentcast dev`, the zero-setup trial.
@@ -30,6 +32,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod dev;
 pub mod history;
 pub mod hub;

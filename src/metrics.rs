@@ -48,6 +48,8 @@ pub const QUEUE_DEPTH: &str = "agentcast_socket_queue_depth";
 pub const JETSTREAM_ERRORS: &str = "agentcast_jetstream_errors_total";
 pub const NATS_RECONNECTS: &str = "agentcast_nats_reconnects_total";
 pub const AUDIT_CHECKS: &str = "agentcast_audit_checks_total";
+pub const CONTROL_REQUESTS: &str = "agentcast_control_requests_total";
+pub const CONTROL_REPLY_TIME: &str = "agentcast_control_reply_seconds";
 
 /// Every metric a node exports, for the tests that check the dashboard and
 /// the alert rules against them.
@@ -84,12 +86,14 @@ pub const ALL: &[&str] = &[
     HISTORY_SCANS,
     HISTORY_SCAN_MESSAGES,
     AUDIT_CHECKS,
+    CONTROL_REQUESTS,
+    CONTROL_REPLY_TIME,
 ];
 
 /// The histograms among [`ALL`] (exported as `_bucket`, `_sum`, `_count`).
-pub const HISTOGRAMS: &[&str] = &[WRITE_BATCH, DELIVERY_LATENCY, QUEUE_DEPTH, RESUME_DURATION];
+pub const HISTOGRAMS: &[&str] = &[WRITE_BATCH, DELIVERY_LATENCY, QUEUE_DEPTH, RESUME_DURATION, CONTROL_REPLY_TIME];
 
-/// Buckets of [`DELIVERY_LATENCY`] and [`RESUME_DURATION`], in seconds: fine below 10 ms, where a
+/// Buckets of [`DELIVERY_LATENCY`], [`RESUME_DURATION`] and [`CONTROL_REPLY_TIME`], in seconds: fine below 10 ms, where a
 /// healthy node delivers (p99 of a few ms measured here, see
 /// ../shared/nats-facts.md), and coarse up to 10 s, where repairs after a
 /// NATS reconnect land. Prometheus interpolates inside a bucket, so the
@@ -205,6 +209,8 @@ pub fn install() -> PrometheusHandle {
                 .expect("non-empty bucket list")
                 .set_buckets_for_metric(Matcher::Full(RESUME_DURATION.into()), LATENCY_BUCKETS)
                 .expect("non-empty bucket list")
+                .set_buckets_for_metric(Matcher::Full(CONTROL_REPLY_TIME.into()), LATENCY_BUCKETS)
+                .expect("non-empty bucket list")
                 .install_recorder()
                 .expect("metrics recorder installed once");
             describe();
@@ -313,6 +319,16 @@ fn describe() {
         Unit::Count,
         "Requests to the stream leader for a user's newest event, made by the audit that finds events whose republish was lost."
     );
+    describe_counter!(
+        CONTROL_REQUESTS,
+        Unit::Count,
+        "Control requests from clients, by outcome (ok, no_agent, timeout, rate_limited, too_many_pending, bad_reply, disabled, bad_frame, unavailable); those whose socket closed before the answer are not counted."
+    );
+    describe_histogram!(
+        CONTROL_REPLY_TIME,
+        Unit::Seconds,
+        "From a control request sent to NATS to an agent's reply (outcomes ok and bad_reply)."
+    );
 }
 
 /// Registers every series whose labels are known in advance, at zero.
@@ -367,7 +383,10 @@ fn register_known() {
     // for each registered handle when it renders, samples or not. Without
     // this a histogram has no series until its first sample (a fresh node's
     // resume-duration panel would say "no data").
-    for name in [WRITE_BATCH, QUEUE_DEPTH, RESUME_DURATION] {
+    for outcome in crate::control::OUTCOMES {
+        metrics::counter!(CONTROL_REQUESTS, "outcome" => outcome.label()).absolute(0);
+    }
+    for name in [WRITE_BATCH, QUEUE_DEPTH, RESUME_DURATION, CONTROL_REPLY_TIME] {
         let _ = metrics::histogram!(name);
     }
     for clock in [Clock::Stream, Clock::Envelope] {

@@ -35,10 +35,15 @@ pub mod close {
     pub const POLICY: u16 = 1008;
 }
 
-/// Largest frame a client may send, in bytes. Clients only send small
-/// control frames; anything bigger is a bug or an attack and closes the
-/// socket with [`close::TOO_BIG`]. Also bounds tungstenite's read buffer.
-pub const MAX_CLIENT_FRAME: usize = 4 * 1024;
+/// Largest frame a client may send, in bytes; anything bigger is a bug or
+/// an attack and closes the socket with [`close::TOO_BIG`]. Also bounds
+/// tungstenite's read buffer. Sized for `control` frames
+/// ([`crate::control`]), the only big ones: an answer to an agent typed or
+/// pasted by a person (a few paragraphs, or 5,000 characters of CJK text at
+/// 3 bytes each) fits, where 4 KiB (the limit before control requests)
+/// held 1,300 CJK characters. The read buffer grows to it only on a socket
+/// that sends such a frame; the others keep [`crate::socket::READ_BUFFER`].
+pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
 
 /// Largest sequence that crosses the socket, in either direction: 2^53 - 1,
 /// the largest integer a JSON number holds exactly in JavaScript
@@ -93,6 +98,17 @@ pub enum ServerFrame<'a> {
     Error { code: &'a str, message: &'a str },
     /// Answer to a client `ping` frame.
     Pong,
+    /// An agent's reply to a client's `control` frame ([`crate::control`]),
+    /// embedded as the agent sent it.
+    ControlReply { id: &'a str, data: &'a serde_json::value::RawValue },
+    /// Why a `control` frame got no reply; `code` is a
+    /// [`crate::control::Outcome`] label, `message` set for `bad_frame`.
+    ControlError {
+        id: &'a str,
+        code: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
+    },
 }
 
 impl ServerFrame<'_> {

@@ -166,6 +166,12 @@ impl Event {
         Self::built_in("agent_completed", run_id, json!({ "output": output.into() }))
     }
 
+    /// The run was stopped before it finished (a user's cancel, docs/publishing.md
+    /// section 9): `agent_completed` with `{"status":"cancelled"}`.
+    pub fn agent_cancelled(run_id: &str) -> Self {
+        Self::built_in("agent_completed", run_id, json!({ "status": "cancelled" }))
+    }
+
     /// The run failed; `code` is a short machine-readable reason.
     pub fn error(run_id: &str, code: &str, message: &str) -> Self {
         Self::built_in("error", run_id, json!({ "code": code, "message": message }))

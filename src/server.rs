@@ -197,6 +197,8 @@ pub struct AppState {
     pub client: async_nats::Client,
     pub metrics: PrometheusHandle,
     pub limits: Limits,
+    /// What sockets need to send control requests.
+    pub control: Arc<crate::control::Node>,
     stream_ok: AtomicBool,
     draining: AtomicBool,
     /// The reserved sockets, from the reservation before the upgrade to the
@@ -231,9 +233,16 @@ impl AppState {
         if let Some(why) = lowered {
             tracing::warn!("{why}");
         }
+        let node_id: Arc<str> = config.node_id.as_str().into();
+        let control = Arc::new(crate::control::Node {
+            settings: config.control.clone(),
+            client: client.clone(),
+            node_id: node_id.clone(),
+        });
         Arc::new(Self {
             limits,
-            node_id: config.node_id.as_str().into(),
+            node_id,
+            control,
             config,
             hub,
             client,
@@ -501,6 +510,7 @@ async fn ws_handler(
         ping_interval: st.config.ping_interval,
         kicker,
         start,
+        control: st.control.clone(),
     };
     // Boxed for the callback: axum's task keeps the callback's captures for
     // the socket's life, even once they are moved out (184 bytes inline).

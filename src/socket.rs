@@ -10,6 +10,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::control;
 use crate::hub::{Hub, Item, Kick, Kicker, Membership, Queued};
 use crate::metrics as m;
 use crate::protocol::{BAD_POSITION, ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close};
@@ -78,6 +79,8 @@ pub struct Session {
     pub ping_interval: Duration,
     pub kicker: Arc<Kicker>,
     pub start: Start,
+    /// Where the socket's control requests go ([`crate::control`]).
+    pub control: Arc<control::Node>,
 }
 
 /// Why the socket ended, for metrics and logs.
@@ -131,6 +134,9 @@ where
         }
         let joining = Instant::now();
         let (tx, mut rx) = mpsc::channel::<Queued>(s.queue);
+        // For the answers of control requests: weak, so the queue still
+        // closes when the hub drops its sender.
+        let own_tx = tx.downgrade();
         // Boxed, as is the replay below: both are awaited once and would
         // otherwise size the socket's future, which an idle socket keeps whole.
         let membership = match Box::pin(hub.join(&s.user, s.conn_id, tx, s.kicker.clone(), s.queue_bytes)).await {
@@ -175,6 +181,8 @@ where
         // (64 items and 64 frames), more than a quarter of its memory.
         let mut batch: Vec<Queued> = Vec::new();
         let mut out: Vec<Utf8Bytes> = Vec::new();
+        // Made by the first control frame: most sockets never send one.
+        let mut requests: Option<Box<control::Socket>> = None;
         // Resolved once per socket: recording through a handle skips the
         // registry lookup. Sampled once per batch, not per frame, so sockets do
         // not all contend on the histograms' shared buckets for every event.
@@ -214,6 +222,23 @@ where
                 }
                 msg = ws.next() => {
                     last_heard = Instant::now();
+                    // Control frames are answered through the queue below,
+                    // in order with the events; nothing here waits for them.
+                    if let Some(Ok(Message::Text(text))) = &msg
+                        && let Some(frame) = control::parse(text.as_str())
+                    {
+                        let r = requests.get_or_insert_with(|| {
+                            Box::new(control::Socket::new(
+                                s.control.clone(),
+                                s.user.clone(),
+                                own_tx.clone(),
+                                s.kicker.clone(),
+                                s.queue_bytes,
+                            ))
+                        });
+                        r.handle(frame);
+                        continue;
+                    }
                     if let Some(end) = on_client_message(&mut ws, msg).await {
                         return end;
                     }
@@ -303,6 +328,7 @@ fn render(item: &Item, position: &mut u64) -> Option<Utf8Bytes> {
             Some(f.text.clone())
         }
         Item::Event(_) => None,
+        Item::Control(text) => Some(text.clone()),
         Item::Gap(g) => {
             let to = g.to?;
             if to <= *position {

@@ -74,6 +74,33 @@ async fn dev_starts_nats_prints_a_working_url_and_runs_the_demo() {
     }
     assert_eq!(types, ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]);
 
+    // The dev user stops the next run: it ends with a cancelled agent_completed.
+    let run_id = loop {
+        let f = c.next_json().await;
+        if f["event"]["type"] == "agent_started" {
+            break f["event"]["run_id"].as_str().unwrap().to_owned();
+        }
+    };
+    let cancel = serde_json::json!({"type":"control","id":"stop","data":{"action":"cancel","run_id":run_id}});
+    c.send_text(&cancel.to_string()).await;
+    let (mut reply, mut completed) = (None, None);
+    while reply.is_none() || completed.is_none() {
+        let f = c.next_json().await;
+        match f["type"].as_str() {
+            Some("control_reply") => reply = Some(f),
+            Some("event") if f["event"]["type"] == "agent_completed" => completed = Some(f),
+            Some("event") => assert_eq!(f["event"]["run_id"], run_id.as_str(), "{f}"),
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    assert_eq!(reply.unwrap()["data"], serde_json::json!({"status":"cancelled","run_id":run_id}));
+    let completed = completed.unwrap();
+    assert_eq!(completed["event"]["run_id"], run_id.as_str());
+    assert_eq!(completed["event"]["data"], serde_json::json!({"status":"cancelled"}));
+    // Stopping it again: it is over.
+    c.send_text(&cancel.to_string()).await;
+    assert_eq!(c.next_json().await["data"], serde_json::json!({"status":"finished","run_id":run_id}));
+
     // After the start, a socket and a demo run, the box is still the last
     // thing on the screen, and what came before it is the node's own
     // lines: no dependency's (async-nats logged a dozen at info), and the

@@ -390,12 +390,12 @@ async fn the_first_frame_of_a_resume_frame_socket_gets_the_documented_close() {
     let node = Node::start(&nats, &[]).await;
     let mut close_payload = 1000u16.to_be_bytes().to_vec();
     close_payload.extend_from_slice(b"bye");
-    let big = format!(r#"{{"type":"resume","pad":"{}"}}"#, "x".repeat(4097));
+    let big = format!(r#"{{"type":"resume","pad":"{}"}}"#, "x".repeat(agentcast::protocol::MAX_CLIENT_FRAME + 1));
     let cases: Vec<(&str, u8, Vec<u8>, u16)> = vec![
         ("binary", FIN | BINARY, b"{}".to_vec(), 1003),
         ("close", FIN | CLOSE, close_payload, 1000),
         ("invalid UTF-8", FIN | TEXT, vec![b'{', 0xff, b'}'], 1007),
-        ("4,097 bytes and more", FIN | TEXT, big.into_bytes(), 1009),
+        ("over 16 KiB", FIN | TEXT, big.into_bytes(), 1009),
         ("reserved bits", FIN | 0x40 | TEXT, br#"{"type":"resume"}"#.to_vec(), 1002),
         ("not a resume frame", FIN | TEXT, br#"{"type":"ping"}"#.to_vec(), 1008),
     ];

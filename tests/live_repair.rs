@@ -126,6 +126,7 @@ async fn accounted(rx: &mut mpsc::Receiver<Queued>, published: &[u64], stored: &
                 position = position.max(g.to.unwrap_or(position));
                 gaps.push(g);
             }
+            Item::Control(text) => panic!("the hub queued a control answer: {text}"),
         }
     }
     for s in stored {

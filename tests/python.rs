@@ -83,3 +83,63 @@ async fn the_python_example_reaches_a_websocket_client_once() {
     );
     client.quiet_for(Duration::from_millis(300)).await;
 }
+
+#[tokio::test]
+async fn the_python_agent_stops_a_run_when_its_user_asks() {
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (mut alice, _) = Client::join(&node, "alice").await;
+    let (mut bob, _) = Client::join(&node, "bob").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/control_agent.py");
+    let agent = tokio::process::Command::new(python())
+        .args([script, "--nats-url", &nats.url, "--user", "alice", "--run-id", "py-c1"])
+        .args(["--steps", "200", "--step-interval", "0.05"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    // The run is under way.
+    let started = alice.events(2).await;
+    assert_eq!(started[0].1["type"], "agent_started");
+    assert_eq!(started[1].1["type"], "agent_thinking");
+    // Another user cannot stop it, even naming its run.
+    let cancel = json!({"type":"control","id":"k1","data":{"action":"cancel","run_id":"py-c1"}}).to_string();
+    bob.send_text(&cancel).await;
+    assert_eq!(
+        bob.next_json().await,
+        json!({"type":"control_reply","id":"k1","data":{"status":"unknown_run","run_id":"py-c1"}})
+    );
+    // Its user can. The reply and the run's cancelled end may come in either
+    // order: one is a NATS reply, the other an event through the stream.
+    alice.send_text(&cancel).await;
+    let (mut thinking, mut reply, mut completed) = (0, None, None);
+    while reply.is_none() || completed.is_none() {
+        let f = alice.next_json().await;
+        match (f["type"].as_str(), f["event"]["type"].as_str()) {
+            (Some("control_reply"), _) => reply = Some(f),
+            (Some("event"), Some("agent_completed")) => completed = Some(f),
+            (Some("event"), Some("agent_thinking")) if completed.is_none() => thinking += 1,
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    assert_eq!(
+        reply.unwrap(),
+        json!({"type":"control_reply","id":"k1","data":{"status":"cancelled","run_id":"py-c1"}})
+    );
+    // The run ends with a cancelled agent_completed, well before its 200 steps.
+    let completed = completed.unwrap();
+    assert_eq!(completed["event"]["data"], json!({"status":"cancelled"}));
+    assert_eq!(completed["event"]["run_id"], "py-c1");
+    assert!(thinking < 100, "{thinking} steps after the cancel was sent");
+    let out =
+        tokio::time::timeout(Duration::from_secs(10), agent.wait_with_output()).await.expect("agent exits").unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("control bob k1 cancel unknown_run"), "{stdout}");
+    assert!(stdout.contains("control alice k1 cancel cancelled"), "{stdout}");
+    // The agent has exited with its run: nobody listens now.
+    alice.send_text(&cancel).await;
+    assert_eq!(alice.next_json().await["code"], "no_agent");
+}

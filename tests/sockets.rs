@@ -16,9 +16,9 @@ async fn client_frames_are_answered_or_closed_as_documented() {
     let (mut c, _) = Client::join(&node, "u1").await;
     c.send_text(r#"{"type":"ping"}"#).await;
     assert_eq!(c.next_json().await, json!({"type":"pong"}));
-    // Bigger than the read buffer (256 B), within the limit (4 KiB): read
+    // Bigger than the read buffer (256 B), within the limit (16 KiB): read
     // whole, and the socket goes on reading small ones.
-    c.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(3000))).await;
+    c.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(12_000))).await;
     assert_eq!(c.next_json().await, json!({"type":"pong"}));
     c.send_text(r#"{"type":"ping"}"#).await;
     assert_eq!(c.next_json().await, json!({"type":"pong"}));
@@ -49,7 +49,7 @@ async fn client_frames_are_answered_or_closed_as_documented() {
     assert_eq!(u16::from(close.expect("close frame").code), 1007);
 
     let (mut big, _) = Client::join(&node, "u1").await;
-    big.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(5000))).await;
+    big.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(agentcast::protocol::MAX_CLIENT_FRAME))).await;
     let (_, close) = big.until_close().await;
     assert_eq!(u16::from(close.expect("close frame").code), 1009);
     assert_eq!(node.metric("agentcast_client_frames_rejected_total", "").await, 5.0);

@@ -190,4 +190,41 @@ export class AgentcastClient {
   connect(): this;
   /** Closes the socket (code 1000) and stops reconnecting. */
   close(): void;
+  /**
+   * Sends a control request to the user's agents and resolves with the
+   * agent's reply; rejects with a ControlError (docs/protocol.md §9). Sent
+   * at most once: never resent after a reconnect.
+   */
+  control(data: Record<string, unknown>): Promise<Record<string, unknown>>;
+}
+
+/** Largest client frame a node accepts, in bytes. */
+export const MAX_CLIENT_FRAME_BYTES: number;
+/** Not sent: the client was not open. */
+export const CONTROL_NOT_CONNECTED: 'not_connected';
+/** Not sent: data was not a JSON object. */
+export const CONTROL_BAD_DATA: 'bad_data';
+/** Not sent: the frame would be over MAX_CLIENT_FRAME_BYTES. */
+export const CONTROL_TOO_BIG: 'too_big';
+/** The socket ended before the answer; an agent may have received the request. */
+export const CONTROL_SOCKET_CLOSED: 'socket_closed';
+
+export type ControlErrorCode =
+  | 'no_agent'
+  | 'timeout'
+  | 'rate_limited'
+  | 'too_many_pending'
+  | 'bad_reply'
+  | 'disabled'
+  | 'bad_frame'
+  | 'unavailable'
+  | 'not_connected'
+  | 'bad_data'
+  | 'too_big'
+  | 'socket_closed';
+
+/** Why a control request got no reply. */
+export class ControlError extends Error {
+  constructor(code: string, message?: string);
+  readonly code: ControlErrorCode;
 }

@@ -22,6 +22,36 @@ const MAX_BACKOFF_EXPONENT = 16;
 export const RESUME_FAILURES_BEFORE_PROBE = 3;
 /** Longest epoch: a u64 in decimal (the stream's creation time in ns). */
 const MAX_EPOCH_DIGITS = 20;
+/**
+ * Largest frame a node accepts from a client, in bytes (docs/protocol.md §4).
+ * A bigger one would close the socket with 1009, which stops this client, so
+ * `control()` refuses it before sending.
+ */
+export const MAX_CLIENT_FRAME_BYTES = 16384;
+
+/**
+ * Codes a `control()` promise is rejected with besides the node's
+ * (docs/protocol.md §9): the request was never sent (`not_connected`,
+ * `bad_data`, `too_big`), or its socket closed before the answer
+ * (`socket_closed`: an agent may have received it; it is not resent).
+ */
+export const CONTROL_NOT_CONNECTED = 'not_connected';
+export const CONTROL_BAD_DATA = 'bad_data';
+export const CONTROL_TOO_BIG = 'too_big';
+export const CONTROL_SOCKET_CLOSED = 'socket_closed';
+
+/** Why a `control()` request got no reply; `code` says which (docs/protocol.md §9). */
+export class ControlError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} [message]
+   */
+  constructor(code, message) {
+    super(message ? `control request failed: ${code}: ${message}` : `control request failed: ${code}`);
+    this.name = 'ControlError';
+    this.code = code;
+  }
+}
 
 /**
  * A position the client may store and send: a safe non-negative integer.
@@ -190,6 +220,9 @@ export class AgentcastClient {
     this._gapHandlers = new Set();
     this._welcomeHandlers = new Set();
     this._errorHandlers = new Set();
+    /** Control requests of the open socket waiting for their answer, by id. */
+    this._pending = new Map();
+    this._nextControl = 0;
     if (options.onState) this._stateHandlers.add(options.onState);
     if (options.onGap) this._gapHandlers.add(options.onGap);
     if (options.onWelcome) this._welcomeHandlers.add(options.onWelcome);
@@ -237,6 +270,51 @@ export class AgentcastClient {
     this._stop({ reason: 'closed by the client' });
   }
 
+  /**
+   * Sends a control request (`data`, a JSON object) to the agents serving
+   * this user, over the open socket, and returns a promise of the agent's
+   * reply (an object). It is rejected with a ControlError whose `code` is
+   * the node's (`no_agent`, `timeout`, `rate_limited`, `too_many_pending`,
+   * `bad_reply`, `disabled`, `bad_frame`, `unavailable`) or this client's
+   * (`not_connected`, `bad_data`, `too_big`: not sent; `socket_closed`: the
+   * socket ended first). A request is sent once, never again after a
+   * reconnect: at most once.
+   * @param {Record<string, unknown>} data
+   * @returns {Promise<Record<string, unknown>>}
+   */
+  control(data) {
+    if (data === null || typeof data !== 'object' || Array.isArray(data)) {
+      return Promise.reject(new ControlError(CONTROL_BAD_DATA, 'data must be a JSON object'));
+    }
+    const ws = this._ws;
+    if (this.state !== 'open' || !ws) {
+      return Promise.reject(new ControlError(CONTROL_NOT_CONNECTED, `the client is ${this.state}`));
+    }
+    this._nextControl += 1;
+    const id = `c${this._nextControl}`;
+    let text;
+    try {
+      text = JSON.stringify({ type: 'control', id, data });
+    } catch (err) {
+      return Promise.reject(new ControlError(CONTROL_BAD_DATA, err.message));
+    }
+    const bytes = new TextEncoder().encode(text).length;
+    if (bytes > MAX_CLIENT_FRAME_BYTES) {
+      return Promise.reject(
+        new ControlError(CONTROL_TOO_BIG, `the frame is ${bytes} bytes, over ${MAX_CLIENT_FRAME_BYTES}`),
+      );
+    }
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, { resolve, reject });
+      try {
+        ws.send(text);
+      } catch (err) {
+        this._pending.delete(id);
+        reject(new ControlError(CONTROL_NOT_CONNECTED, err.message));
+      }
+    });
+  }
+
   // --- internals ---
 
   _setState(state, info = {}) {
@@ -273,9 +351,17 @@ export class AgentcastClient {
     }
   }
 
+  /** The socket ended: its requests will get no answer; none is resent. */
+  _rejectPending(why) {
+    const pending = this._pending;
+    this._pending = new Map();
+    for (const { reject } of pending.values()) reject(new ControlError(CONTROL_SOCKET_CLOSED, why));
+  }
+
   _stop(info) {
     if (this._stopped) return;
     this._stopped = true;
+    this._rejectPending(info.reason ?? 'closed');
     clearTimeout(this._timer);
     this._timer = null;
     const ws = this._ws;
@@ -404,6 +490,7 @@ export class AgentcastClient {
       if (this._ws !== ws) return;
       detach(ws);
       this._ws = null;
+      this._rejectPending(`the socket closed (${code})`);
       if (!welcomed) {
         if (resuming) this._resumeFailures += 1;
         if (probe) {
@@ -534,6 +621,15 @@ export class AgentcastClient {
         this._savePosition();
         const gap = { reason: frame.reason, from: frame.from, to: frame.to, earliest: frame.earliest };
         for (const h of this._gapHandlers) this._call(h, gap);
+        return;
+      }
+      case 'control_reply':
+      case 'control_error': {
+        const pending = this._pending.get(frame.id);
+        if (!pending) return;
+        this._pending.delete(frame.id);
+        if (frame.type === 'control_reply') pending.resolve(frame.data ?? {});
+        else pending.reject(new ControlError(String(frame.code), frame.message));
         return;
       }
       // `reconnect`: the close that follows says what to do. `pong`, `error`:

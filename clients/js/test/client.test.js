@@ -4,8 +4,24 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { AgentcastClient } from '../agentcast.js';
-import { MemoryStorage, NatsServer, Node, eventually, publish, sleep, thinking, token } from '../testlib/harness.js';
+import {
+  AgentcastClient,
+  CONTROL_BAD_DATA,
+  CONTROL_SOCKET_CLOSED,
+  CONTROL_TOO_BIG,
+  MAX_CLIENT_FRAME_BYTES,
+} from '../agentcast.js';
+import {
+  MemoryStorage,
+  NatsServer,
+  Node,
+  controlAgent,
+  eventually,
+  publish,
+  sleep,
+  thinking,
+  token,
+} from '../testlib/harness.js';
 
 /** Clients of the running test, closed when it ends even if it failed. */
 const clients = new Set();
@@ -193,6 +209,9 @@ test('history that is gone is reported as a gap with what the server said', asyn
     const c1 = new AgentcastClient({ url: node.url, token: () => token('heidi'), storage });
     const r1 = record(c1);
     c1.connect();
+    // Welcomed first: events stored before the welcome are before "live
+    // from now" and would never come (this raced under load).
+    await r1.open();
     const before = await publish(nats, 'heidi', thinking(2));
     await r1.count(2);
     c1.close();
@@ -418,5 +437,80 @@ test('a position the node keeps refusing is dropped once a plain open is welcome
     await r.count(2);
     client.close();
     assert.deepEqual(r.seqs, live);
+  });
+});
+
+test('control requests reach the agent as the token user and resolve with its reply', async () => {
+  await withNodes(['--control-timeout', '400ms'], 1, async (nats, [node]) => {
+    const client = new AgentcastClient({ url: node.url, token: token('alice'), storage: null });
+    const r = record(client);
+    // Not sent before the socket is open, nor when data is no object or too big.
+    await assert.rejects(client.control({ action: 'cancel' }), { name: 'ControlError', code: 'not_connected' });
+    client.connect();
+    await r.open();
+    await assert.rejects(client.control([1]), { code: CONTROL_BAD_DATA });
+    await assert.rejects(client.control({ text: 'x'.repeat(MAX_CLIENT_FRAME_BYTES) }), { code: CONTROL_TOO_BIG });
+    // No agent yet.
+    await assert.rejects(client.control({ action: 'cancel', run_id: 'r1' }), { code: 'no_agent' });
+
+    const agent = await controlAgent(nats, 'agentcast.control.*', (req) => {
+      if (req.data.action !== 'cancel') return undefined;
+      return { status: 'cancelled', run_id: req.data.run_id, user: req.headers['Agentcast-User'] };
+    });
+    try {
+      const reply = await client.control({ action: 'cancel', run_id: 'r1' });
+      assert.deepEqual(reply, { status: 'cancelled', run_id: 'r1', user: 'alice' });
+      assert.equal(agent.requests.length, 1);
+      assert.equal(agent.requests[0].subject, 'agentcast.control.alice');
+      // Several at once are answered each by its own id.
+      const many = await Promise.all([1, 2, 3].map((i) => client.control({ action: 'cancel', run_id: `r${i}` })));
+      assert.deepEqual(
+        many.map((m) => m.run_id),
+        ['r1', 'r2', 'r3'],
+      );
+      // An agent that does not answer: timeout, from the node.
+      await assert.rejects(client.control({ action: 'approve' }), { code: 'timeout' });
+      // Events go on meanwhile.
+      const seqs = await publish(nats, 'alice', thinking(2));
+      await r.count(2);
+      assert.deepEqual(r.seqs, seqs);
+    } finally {
+      agent.close();
+    }
+  });
+});
+
+test('control requests pending when the socket closes are rejected and never resent', async () => {
+  await withNodes(['--control-timeout', '5s'], 1, async (nats, [node]) => {
+    const agent = await controlAgent(nats, 'agentcast.control.*', () => undefined);
+    try {
+      const client = new AgentcastClient({ url: node.url, token: () => token('bob'), storage: null, backoffBase: 10 });
+      const r = record(client);
+      client.connect();
+      await r.open();
+      const pending = client.control({ action: 'cancel', run_id: 'r9' });
+      await eventually('the agent has the request', () => agent.requests.length === 1);
+      // The node goes away: the socket closes, the client reconnects to the
+      // node that takes its place, and the request is not sent again.
+      const rejected = assert.rejects(pending, { code: CONTROL_SOCKET_CLOSED });
+      await node.kill();
+      await rejected;
+      const next = await Node.start(nats, ['--listen', node.addr]);
+      try {
+        await r.open(2);
+        await sleep(300);
+        assert.equal(agent.requests.length, 1, 'resent after the reconnect');
+        // And a request pending at close() is rejected the same way.
+        const atClose = client.control({ action: 'cancel', run_id: 'r10' });
+        await eventually('the agent has the second request', () => agent.requests.length === 2);
+        const closed = assert.rejects(atClose, { code: CONTROL_SOCKET_CLOSED });
+        client.close();
+        await closed;
+      } finally {
+        await next.kill();
+      }
+    } finally {
+      agent.close();
+    }
   });
 });

@@ -183,3 +183,71 @@ export class MemoryStorage {
     this.map.delete(k);
   }
 }
+
+/**
+ * An agent answering control requests, as a plain NATS client over TCP
+ * (the client protocol's CONNECT, SUB, PUB, HMSG, PING/PONG): subscribes to
+ * `subject` and replies to each request with what `answer(request)` returns
+ * (an object, or undefined for no reply). `requests` lists what it received:
+ * `{subject, headers, data}`. Resolves once the server has the subscription.
+ */
+export async function controlAgent(nats, subject, answer) {
+  const { connect } = await import('node:net');
+  const [host, port] = nats.url.replace('nats://', '').split(':');
+  const sock = connect(Number(port), host);
+  const agent = { requests: [], connected: false, close: () => sock.destroy() };
+  let buf = Buffer.alloc(0);
+  let subscribed;
+  const ready = new Promise((resolve, reject) => {
+    subscribed = resolve;
+    sock.once('error', reject);
+  });
+  const handle = (subj, reply, head, payload) => {
+    const headers = {};
+    for (const line of head.split('\r\n').slice(1)) {
+      const i = line.indexOf(':');
+      if (i > 0) headers[line.slice(0, i)] = line.slice(i + 1).trim();
+    }
+    const request = { subject: subj, headers, data: JSON.parse(payload) };
+    agent.requests.push(request);
+    const body = answer(request);
+    if (body === undefined || !reply) return;
+    const out = Buffer.from(JSON.stringify(body));
+    sock.write(`PUB ${reply} ${out.length}\r\n`);
+    sock.write(Buffer.concat([out, Buffer.from('\r\n')]));
+  };
+  sock.on('data', (d) => {
+    buf = Buffer.concat([buf, d]);
+    for (;;) {
+      const eol = buf.indexOf('\r\n');
+      if (eol < 0) return;
+      const line = buf.subarray(0, eol).toString();
+      if (line.startsWith('INFO ') && !agent.connected) {
+        // Only the first INFO: 2.10+ send another after CONNECT.
+        agent.connected = true;
+        sock.write('CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true,"protocol":1}\r\n');
+        sock.write(`SUB ${subject} 1\r\nPING\r\n`);
+      } else if (line === 'PING') {
+        sock.write('PONG\r\n');
+      } else if (line === 'PONG') {
+        subscribed(agent);
+      } else if (line.startsWith('HMSG ') || line.startsWith('MSG ')) {
+        // HMSG <subject> <sid> [reply] <header bytes> <total bytes>; MSG without headers.
+        const parts = line.split(' ');
+        const withHeaders = parts[0] === 'HMSG';
+        const total = Number(parts[parts.length - 1]);
+        const headLen = withHeaders ? Number(parts[parts.length - 2]) : 0;
+        const reply = parts.length === (withHeaders ? 6 : 5) ? parts[3] : undefined;
+        if (buf.length < eol + 2 + total + 2) return; // wait for the rest
+        const body = buf.subarray(eol + 2, eol + 2 + total);
+        buf = buf.subarray(eol + 2 + total + 2);
+        handle(parts[1], reply, body.subarray(0, headLen).toString(), body.subarray(headLen).toString() || '{}');
+        continue;
+      } else if (line.startsWith('-ERR')) {
+        throw new Error(`nats: ${line}`);
+      }
+      buf = buf.subarray(eol + 2);
+    }
+  });
+  return ready;
+}
