@@ -10,6 +10,13 @@
 // What the page has shown is kept in sessionStorage too, written in the same
 // task as the client's position, so a reload resumes after the last event
 // shown and still shows the runs seen before it.
+//
+// A run in progress has a Stop button: it sends the control request
+// {"action":"cancel","run_id":...} through the client (docs/protocol.md
+// section 9) and shows the agent's answer or the error code. The run shows as
+// cancelled only when its agent_completed with {"status":"cancelled"}
+// arrives: the reply says the agent took the request, the event says the run
+// is over.
 
 import { AgentcastClient, tokenSubject } from './agentcast.js';
 
@@ -35,6 +42,17 @@ const KINDS = {
   agent_completed: { label: 'completed', status: 'completed' },
   error: { label: 'error', status: 'failed' },
 };
+
+/** A run's status after `event`, or undefined when the event does not change it. */
+function statusAfter(event) {
+  if (event.type === 'agent_completed' && event.data?.status === 'cancelled') return 'cancelled';
+  return KINDS[event.type]?.status;
+}
+
+/** One line for the answer to a Stop: the agent's status, or the whole reply. */
+function replyText(reply) {
+  return typeof reply.status === 'string' ? reply.status : JSON.stringify(reply);
+}
 
 function storage() {
   try {
@@ -83,7 +101,7 @@ function summary(event) {
       s = `${d.tool ?? '?'} → ${d.result !== undefined ? text(d.result) : ''}`;
       break;
     case 'agent_completed':
-      s = d.output !== undefined ? text(d.output) : '';
+      s = d.output !== undefined ? text(d.output) : d.status !== undefined ? text(d.status) : '';
       break;
     case 'error':
       s = [d.code, d.message].filter(Boolean).join(': ');
@@ -256,14 +274,62 @@ class Console {
     name.textContent = id;
     const status = document.createElement('span');
     status.className = 'status';
-    h.append(name, status);
+    const side = document.createElement('span');
+    side.className = 'side';
+    // What the agent said to a Stop, or why the request failed.
+    const answer = document.createElement('span');
+    answer.className = 'control';
+    const stop = document.createElement('button');
+    stop.type = 'button';
+    stop.className = 'stop';
+    stop.textContent = 'Stop';
+    stop.hidden = true;
+    side.append(answer, stop, status);
+    h.append(name, side);
     const list = document.createElement('ol');
     section.append(h, list);
     // Newest run first: the one being watched is at the top.
     $('runs').prepend(section);
-    run = { section, list, status };
+    run = { section, list, status, stop, answer };
+    if (id !== NO_RUN) stop.addEventListener('click', () => this.stop(id, run));
     this.runs.set(id, run);
     return run;
+  }
+
+  /**
+   * Asks the agents to cancel run `id`. Sent once (the client never resends
+   * a control request); the button stays disabled until the answer, and
+   * after it while the agent says `cancelled`.
+   */
+  async stop(id, run) {
+    run.stop.disabled = true;
+    run.stop.textContent = 'Stopping…';
+    run.answer.textContent = '';
+    delete run.answer.dataset.code;
+    delete run.answer.dataset.reply;
+    try {
+      const reply = await this.client.control({ action: 'cancel', run_id: id });
+      run.answer.dataset.reply = replyText(reply);
+      run.answer.textContent = `stop: ${replyText(reply)}`;
+      run.stop.textContent = 'Stop';
+      // Taken: the cancelled event ends the run. Anything else (a run the
+      // agent does not know, already over): the button may be tried again.
+      run.stop.disabled = reply.status === 'cancelled';
+    } catch (err) {
+      const code = err?.code ?? 'failed';
+      run.answer.dataset.code = code;
+      run.answer.textContent = `stop failed: ${code}`;
+      run.answer.title = err?.message ?? '';
+      run.stop.textContent = 'Stop';
+      run.stop.disabled = false;
+    }
+  }
+
+  /** Sets a run's status; the Stop button is there only while it runs. */
+  setStatus(run, status) {
+    run.status.textContent = status;
+    run.section.dataset.status = status;
+    run.stop.hidden = status !== 'running' || run.section.dataset.run === NO_RUN;
   }
 
   show(seq, event) {
@@ -273,6 +339,7 @@ class Console {
     const kind = KINDS[event.type];
     const li = document.createElement('li');
     li.className = `event ${kind ? event.type : 'custom'}`;
+    if (event.type === 'agent_completed' && event.data?.status === 'cancelled') li.classList.add('cancelled');
     li.dataset.seq = String(seq);
     li.dataset.type = String(event.type ?? '');
     const seqEl = document.createElement('span');
@@ -287,12 +354,11 @@ class Console {
     li.title = JSON.stringify(event);
     li.append(seqEl, typeEl, textEl);
     run.list.append(li);
-    if (kind?.status) {
-      run.status.textContent = kind.status;
-      run.section.dataset.status = kind.status;
+    const status = statusAfter(event);
+    if (status) {
+      this.setStatus(run, status);
     } else if (!run.section.dataset.status) {
-      run.status.textContent = 'running';
-      run.section.dataset.status = 'running';
+      this.setStatus(run, 'running');
     }
     // The run that moved last goes to the top.
     if ($('runs').firstElementChild !== run.section) $('runs').prepend(run.section);

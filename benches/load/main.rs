@@ -21,9 +21,15 @@
 //!   reconnects, resuming from its first position. Run once without the
 //!   flood and once with it: the node's peak RSS against the bound its
 //!   flags give, and the reading sockets' latency.
-//! - `smoke`: a few hundred sockets, every target, a short chat and a storm;
-//!   this is what `cargo test` runs (the target sets `test = true`), so the
-//!   harness cannot rot.
+//! - `control`: request-to-reply time of control requests (docs/protocol.md
+//!   section 9) through the node, 200 sockets of 200 users sending 1,000
+//!   requests/s in all (5 a socket, under the node's default 10/s) of about
+//!   100 bytes for 30 s, to a responder in this process; beside the same
+//!   requests sent by a NATS client straight to the responder (the floor).
+//!   `--targets` does not apply (control.rs).
+//! - `smoke`: a few hundred sockets, every target, a short chat and a storm,
+//!   and a short control run; this is what `cargo test` runs (the target
+//!   sets `test = true`), so the harness cannot rot.
 //!
 //! Options: --targets agentcast,nats-ws,raw --sockets N --users N --rate N
 //! --size BYTES --duration SECS --missed N --stalled N --flood-rate N
@@ -45,6 +51,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod control;
 mod raw;
 mod worker;
 
@@ -237,8 +244,12 @@ fn opts(args: &[String], smoke: bool) -> Opts {
             (o.sockets, o.users, o.rate, o.stalled, o.flood_rate) = (2_000, 1_000, 2_000, 20, 100);
             o.targets = vec![Target::Agentcast];
         }
+        "control" => {
+            o.targets = vec![Target::Agentcast];
+            (o.sockets, o.users, o.rate, o.size) = (200, 200, 1_000, 100);
+        }
         "smoke" => (o.sockets, o.users, o.rate, o.duration) = (400, 200, 1_000, Duration::from_secs(3)),
-        other => panic!("unknown preset {other:?} (chat, max, idle, storm, flood, smoke)"),
+        other => panic!("unknown preset {other:?} (chat, max, idle, storm, flood, control, smoke)"),
     }
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -1062,6 +1073,14 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Value {
 
 /// Ratios of agentcast to each peer, on the figures a preset is about.
 fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
+    if preset == "control" {
+        let Some((_, v)) = results.first() else { return json!({}) };
+        let get = |path: &str, p: &str| v[path]["latency"][p].as_f64();
+        return json!({"agentcast_over_nats_direct": {
+            "p50_ms": ratio(get("agentcast", "p50_ms"), get("nats-direct", "p50_ms")),
+            "p99_ms": ratio(get("agentcast", "p99_ms"), get("nats-direct", "p99_ms")),
+        }});
+    }
     let get = |t: Target, path: &[&str]| {
         let (_, v) = results.iter().find(|(x, _)| *x == t)?;
         let mut v = v;
@@ -1092,6 +1111,19 @@ fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
         out[format!("agentcast_over_{}", peer.name())] = r;
     }
     out
+}
+
+/// What a control run must show to count as sane: every request sent and
+/// answered `ok` on both paths.
+fn check_control(v: &Value) -> Result<(), String> {
+    for path in ["agentcast", "nats-direct"] {
+        let r = &v[path];
+        let sent = r["sent"].as_u64().unwrap_or(0);
+        if sent == 0 || r["ok"].as_u64() != Some(sent) || r["send_errors"].as_u64() != Some(0) {
+            return Err(format!("{path}: not every request answered ok: {r}"));
+        }
+    }
+    Ok(())
 }
 
 /// What a run must show to count as sane: nothing lost, duplicated,
@@ -1145,6 +1177,10 @@ async fn coordinate(o: Opts, smoke: bool) {
             "{} reading sockets, {} users, {} events/s of {} bytes for {:?}; {} stalled sockets (one user each) get {} events/s of {} bytes",
             o.sockets, o.users, o.rate, o.size, o.duration, o.stalled, o.flood_rate, FLOOD_EVENT_BYTES
         ),
+        "control" => format!(
+            "{} sockets of as many users, {} control requests/s in all of about {} bytes for {:?}, each path",
+            o.sockets, o.rate, o.size, o.duration
+        ),
         _ => format!(
             "{} sockets, {} users, {} events/s of {} bytes for {:?}",
             o.sockets, o.users, o.rate, o.size, o.duration
@@ -1171,6 +1207,7 @@ async fn coordinate(o: Opts, smoke: bool) {
                 }
                 run_storm(&o).await
             }
+            "control" => control::run(&o).await,
             "smoke" => {
                 let chat = run_rate(t, &o, o.rate).await;
                 if let Err(e) = check(&chat) {
@@ -1186,6 +1223,24 @@ async fn coordinate(o: Opts, smoke: bool) {
                         failures.push(format!("storm: not every socket whole: {storm}"));
                     }
                     v["storm"] = storm;
+                    let short = Opts {
+                        preset: "control".into(),
+                        targets: vec![Target::Agentcast],
+                        sockets: 20,
+                        users: 20,
+                        rate: 100,
+                        size: 100,
+                        duration: Duration::from_secs(3),
+                        missed: 0,
+                        stalled: 0,
+                        flood_rate: 0,
+                        out: None,
+                    };
+                    let c = control::run(&short).await;
+                    if let Err(e) = check_control(&c) {
+                        failures.push(format!("control: {e}"));
+                    }
+                    v["control"] = c;
                 }
                 v
             }

@@ -315,22 +315,36 @@ test('a gap is shown in plain words', async () => {
   }
 });
 
-test('agentcast dev prints the console link, and a screenshot is kept of a demo run', async () => {
-  const dev = spawn(AGENTCAST_BIN, ['dev', '--demo', '--listen', '127.0.0.1:0', '--nats-url', nats.url], {
+/**
+ * Starts `agentcast dev --demo` on `server` and returns it with the console
+ * link it prints; `stop()` kills it and waits for its exit.
+ */
+async function startDev(server) {
+  const dev = spawn(AGENTCAST_BIN, ['dev', '--demo', '--listen', '127.0.0.1:0', '--nats-url', server.url], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';
   let err = '';
   dev.stdout.on('data', (d) => (out += d));
   dev.stderr.on('data', (d) => (err += d));
+  const stop = async () => {
+    dev.kill('SIGKILL');
+    await new Promise((r) => (dev.exitCode !== null || dev.signalCode !== null ? r() : dev.once('exit', r)));
+  };
+  try {
+    await eventually('the console link from agentcast dev', () => /console:\s+http/.test(out), PAGE_TIMEOUT_MS);
+  } catch (e) {
+    await stop();
+    throw new Error(`${e.message}\nstdout:\n${out}\nstderr:\n${err}`);
+  }
+  return { link: /console:\s+(http\S+)/.exec(out)[1], stop };
+}
+
+test('agentcast dev prints the console link, and a screenshot is kept of a demo run', async () => {
+  const dev = await startDev(nats);
   const page = await newPage();
   try {
-    await eventually('the console link from agentcast dev', () => /console:\s+http/.test(out), PAGE_TIMEOUT_MS).catch(
-      (e) => {
-        throw new Error(`${e.message}\nstdout:\n${out}\nstderr:\n${err}`);
-      },
-    );
-    const link = /console:\s+(http\S+)/.exec(out)[1];
+    const link = dev.link;
     assert.match(link, /^http:\/\/127\.0\.0\.1:\d+\/console\/#token=[\w-]+\.[\w-]+\.[\w-]+$/);
     await page.goto(link);
     await waitForState(page, 'open');
@@ -351,7 +365,107 @@ test('agentcast dev prints the console link, and a screenshot is kept of a demo 
     assert.deepEqual(page.problems, []);
   } finally {
     await page.context().close();
-    dev.kill('SIGKILL');
-    await new Promise((r) => (dev.exitCode !== null || dev.signalCode !== null ? r() : dev.once('exit', r)));
+    await dev.stop();
+  }
+});
+
+/** The event types shown in run `id`, in order. */
+const typesOf = (page, id) =>
+  page.$$eval(`section.run[data-run="${id}"] li`, (els) => els.map((e) => e.dataset.type));
+
+test('Stop on a demo run in progress cancels it, and nothing of that run follows the cancelled completion', async () => {
+  // A server of its own: no other test's agent answers its control requests.
+  const own = await NatsServer.start();
+  const dev = await startDev(own);
+  const page = await newPage();
+  try {
+    await page.goto(dev.link);
+    await waitForState(page, 'open');
+    // A run that has just started has four 400 ms steps left (src/dev.rs);
+    // on a loaded machine the click may still land after the run is over,
+    // which the agent answers `finished`: then the next run is tried.
+    let id;
+    for (let attempt = 0; attempt < 3 && !id; attempt += 1) {
+      const button = await page.waitForSelector(
+        'section.run[data-status="running"]:has(li[data-type="agent_started"]) button.stop:not([hidden])',
+        { timeout: DEMO_TIMEOUT_MS },
+      );
+      const candidate = await button.evaluate((b) => b.closest('section.run').dataset.run);
+      // The button goes when the run ends: then this run is missed.
+      if (!(await button.click({ timeout: 1000 }).then(() => true, () => false))) continue;
+      const answer = `section.run[data-run="${candidate}"] .control`;
+      await page.waitForSelector(`${answer}[data-reply], ${answer}[data-code]`, { timeout: PAGE_TIMEOUT_MS });
+      const reply = await page.$eval(answer, (e) => ({ ...e.dataset, text: e.textContent }));
+      assert.equal(reply.code, undefined, `the Stop request failed: ${reply.text}`);
+      if (reply.reply === 'cancelled') id = candidate;
+      else assert.equal(reply.reply, 'finished', `the demo agent answered ${reply.text}`);
+    }
+    assert.ok(id, 'three demo runs ended before their Stop was answered');
+    assert.equal(await text(page, `section.run[data-run="${id}"] .control`), 'stop: cancelled');
+    await page.waitForSelector(`section.run[data-run="${id}"][data-status="cancelled"]`, { timeout: PAGE_TIMEOUT_MS });
+    assert.equal(await text(page, `section.run[data-run="${id}"] .status`), 'cancelled');
+    assert.equal(await page.isVisible(`section.run[data-run="${id}"] button.stop`), false, 'Stop is still offered');
+    const completed = await page.$eval(`section.run[data-run="${id}"] li[data-type="agent_completed"]`, (e) => ({
+      data: JSON.parse(e.title).data,
+      seq: Number(e.dataset.seq),
+    }));
+    assert.deepEqual(completed.data, { status: 'cancelled' });
+    // The run's steps up to the Stop, in order, then the cancelled completion.
+    const types = await typesOf(page, id);
+    const full = ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed'];
+    assert.equal(types.at(-1), 'agent_completed');
+    assert.ok(types.length >= 2 && types.length - 1 <= full.length, `${types}`);
+    assert.deepEqual(types.slice(0, -1), full.slice(0, types.length - 1));
+    // Nothing of it after the completion: wait out more than the rest of
+    // the run's steps (3 x 400 ms) and the next run's start (5 s later).
+    const next = `demo-${Number(id.replace('demo-', '')) + 1}`;
+    await page.waitForSelector(`section.run[data-run="${next}"]`, { timeout: DEMO_TIMEOUT_MS });
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.deepEqual(await typesOf(page, id), types);
+    const last = await page.$$eval(`section.run[data-run="${id}"] li`, (els) => Number(els.at(-1).dataset.seq));
+    assert.equal(last, completed.seq);
+    // The next run is not stopped by it: it runs to its end.
+    await page.waitForSelector(`section.run[data-run="${next}"][data-status="completed"]`, {
+      timeout: DEMO_TIMEOUT_MS,
+    });
+    assert.deepEqual(await typesOf(page, next), [...full, 'agent_completed']);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await dev.stop();
+    await own.stop();
+  }
+});
+
+test('Stop shows the error code when no agent takes the request, and when control is off', async () => {
+  const own = await NatsServer.start();
+  const on = await Node.start(own, ['--console']);
+  const off = await Node.start(own, ['--console', '--no-control']);
+  const page = await newPage();
+  try {
+    for (const [node, user, code] of [
+      [on, 'nobody-listens', 'no_agent'],
+      [off, 'control-off', 'disabled'],
+    ]) {
+      await page.goto(`http://${node.addr}/console/#token=${token(user)}`);
+      await waitForState(page, 'open');
+      await publish(own, user, run('s1', ['started']));
+      const stop = 'section.run[data-run="s1"] button.stop';
+      await page.waitForSelector(`${stop}:not([hidden])`, { timeout: PAGE_TIMEOUT_MS });
+      await page.click(stop);
+      const answer = 'section.run[data-run="s1"] .control';
+      await page.waitForSelector(`${answer}[data-code]`, { timeout: PAGE_TIMEOUT_MS });
+      assert.equal(await page.$eval(answer, (e) => e.dataset.code), code);
+      assert.equal(await text(page, answer), `stop failed: ${code}`);
+      // Not taken: the run still runs and Stop is offered again.
+      assert.equal(await page.$eval('section.run[data-run="s1"]', (e) => e.dataset.status), 'running');
+      assert.equal(await page.isEnabled(stop), true);
+    }
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await on.kill();
+    await off.kill();
+    await own.stop();
   }
 });
