@@ -893,7 +893,7 @@ impl Hub {
             }
             Ok(Batched::Unsupported) => {
                 if !self.unbatched.swap(true, Ordering::Relaxed) {
-                    tracing::info!(
+                    tracing::debug!(
                         "the stream's servers do not answer batched reads (nats-server before 2.11): the audit asks per user"
                     );
                 }
