@@ -41,12 +41,9 @@ impl Drop for Proc {
     }
 }
 
+/// User plus system CPU time of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime, in clock ticks of 1/100 s (Linux's USER_HZ).
-    (ticks(11) + ticks(12)) / 100.0
+    common::cpu_ticks(pid) as f64 / common::clock_ticks_per_s()
 }
 
 async fn in_msgs(monitor: u16) -> u64 {

@@ -21,6 +21,7 @@
 //! reads by subject.
 
 #[path = "common/mod.rs"]
+#[allow(dead_code)] // the CPU helpers are the other targets'
 mod common;
 
 use std::collections::HashMap;

@@ -1,5 +1,5 @@
-//! What both benchmark targets need to watch the processes they start:
-//! their resident memory, and a node's HTTP endpoints.
+//! What the benchmark targets need to watch the processes they start:
+//! their resident memory and CPU time, and a node's HTTP endpoints.
 
 use std::net::SocketAddr;
 
@@ -26,4 +26,25 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
 /// The status code of a GET, 0 if there was no answer.
 pub async fn http_status(addr: SocketAddr, path: &str) -> u16 {
     http_get(addr, path).await.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// User plus system CPU time of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`), 100 when unknown.
+pub fn clock_ticks_per_s() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }

@@ -67,7 +67,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use common::{http_status, rss_kb};
+use common::{cpu_ticks, http_status, rss_kb};
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 /// Sockets per process, on either side: the hard open-file limit here is
@@ -289,26 +289,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.start_kill();
     }
-}
-
-/// User plus system CPU time of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn clock_ticks_per_s() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// `$AGENTCAST_BENCH_NATS_SERVER`, else (under `cargo test`) the tests'
@@ -724,7 +704,7 @@ async fn step(
     o: &Opts,
     rate: u64,
 ) -> Value {
-    let hz = clock_ticks_per_s();
+    let hz = common::clock_ticks_per_s();
     let nats_pid = s.nats[0].proc.pid();
     let (t0, n0) = (total_ticks(&s.measured), cpu_ticks(nats_pid));
     let before: u64 = next.iter().sum();
