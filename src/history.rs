@@ -332,10 +332,13 @@ impl History {
             };
             let info = msg.info().map_err(|e| err(&e))?;
             let seq = info.stream_sequence;
-            // A message of the user's below its oldest (as the leader had
-            // it) means the server reading is behind a removal.
-            if seq != expect || msg.subject.as_str() == subject {
+            if seq != expect {
                 return Ok(Span::Broken(expect));
+            }
+            // A message of the user's below what the caller took for its
+            // oldest: that answer was wrong, so nothing follows from this one.
+            if msg.subject.as_str() == subject {
+                return Ok(Span::Contradicted(seq));
             }
             expect = seq + 1;
             if info.pending == 0 && expect < to {
@@ -503,6 +506,12 @@ pub enum Span {
     Broken(u64),
     /// Longer than [`MAX_PROOF_SPAN`]: not looked at.
     TooLong,
+    /// A message of the user's is stored at this sequence, inside a stretch
+    /// the caller was told holds none of them. Seen in tests/cluster.rs
+    /// right after the stream leader was killed: the new leader answered a
+    /// later oldest event for a user than one it held moments later (a
+    /// leader still applying its log). The reads must be made again.
+    Contradicted(u64),
 }
 
 /// Messages [`History::span`] reads at most. Headers only, in order, on one

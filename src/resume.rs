@@ -33,6 +33,11 @@
 //!    nothing) is still stored, none of them the user's: sequences are dense,
 //!    so an event of the user removed there would have left one missing.
 //!
+//! When rule 3 finds an event of the user below the oldest the leader gave,
+//! the leader's answers contradict each other (one elected a moment before
+//! was seen to do this): nothing is concluded, and the read and its proof
+//! are made again.
+//!
 //! It rests only on what the stream holds when asked, never on its limits,
 //! which an operator may have raised since they removed something.
 //! Otherwise the reader is told `gap` `expired` from L+1 (or the first
@@ -139,6 +144,15 @@ pub struct Read {
     pub done: bool,
 }
 
+/// A read whose proof met contradicting answers from the stream leader
+/// ([`Span::Contradicted`]) is made again, read and proof, this many times,
+/// this far apart; then it fails (a resume closes with 1011 and its client
+/// comes back; a repair on the live path is retried, see
+/// [`crate::hub`]). The leader that answered so was one elected a moment
+/// before, still applying its log: this gives it a second to finish.
+const CONTRADICTED_ATTEMPTS: u32 = 5;
+const CONTRADICTED_BACKOFF: Duration = Duration::from_millis(200);
+
 /// Reads up to `max` of the user's events after `after` and below `before`
 /// with direct gets, and judges the read ([`prove`]).
 pub async fn read(
@@ -148,8 +162,18 @@ pub async fn read(
     before: Option<u64>,
     max: usize,
 ) -> Result<Read, StreamError> {
-    let (events, done) = history.collect(user, after + 1, before, max).await?;
-    prove(history, user, after, events, done).await
+    let mut attempt = 1;
+    loop {
+        let (events, done) = history.collect(user, after + 1, before, max).await?;
+        match prove(history, user, after, events, done).await {
+            Err(StreamError::Inconsistent(e)) if attempt < CONTRADICTED_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "reading the user's events again");
+                attempt += 1;
+                tokio::time::sleep(CONTRADICTED_BACKOFF).await;
+            }
+            judged => return judged,
+        }
+    }
 }
 
 /// Judges a read of the user's events after `after`, made by any means that
@@ -181,6 +205,14 @@ pub async fn prove(
         Span::Whole => return whole(events),
         Span::Broken(at) => at,
         Span::TooLong => after + 1,
+        // The read may have been answered from the same wrong view: neither
+        // it nor a gap can be trusted.
+        Span::Contradicted(at) => {
+            return Err(StreamError::Inconsistent(format!(
+                "the stream leader gave {} as the user's oldest event but holds one at {at}",
+                first.map_or("none".to_owned(), |f| f.to_string())
+            )));
+        }
     };
     let to = match first {
         Some(f) => f - 1,
@@ -424,7 +456,8 @@ impl<'a> Replay<'a> {
 /// while its resume-read slot is still held. So a replay that waits for the
 /// budget holds a slot, and what waiting reads hold stays within the slots
 /// ([`crate::hub::RESUME_READ_CONCURRENCY`] reads of at most
-/// [`crate::hub::READ_BYTES`]) and the scan's rounds ([`crate::scan`]); a
+/// [`crate::hub::READ_BYTES`]) and the scan's rounds held
+/// ([`crate::scan::MAX_SCAN_ROUNDS_HELD`]); a
 /// storm of small resumes takes only what its events take.
 pub async fn read_for_resume<'h>(
     hub: &'h Hub,
@@ -446,9 +479,17 @@ pub async fn read_for_resume<'h>(
         match hub.scanner().read(history.subject(user), after, before, max).await {
             Ok(found) => {
                 let _slot = acquire(hub.resume_slots()).await;
-                let read = prove(history, user, after, found.events, found.done).await?;
-                let permit = hold(hub, &read).await;
-                return Ok((read, permit));
+                let round = found.round;
+                match prove(history, user, after, found.events, found.done).await {
+                    Ok(read) => {
+                        let permit = hold(hub, &read).await;
+                        drop(round);
+                        return Ok((read, permit));
+                    }
+                    // Read again below, with direct gets, until the answers agree.
+                    Err(StreamError::Inconsistent(e)) => tracing::debug!(error = %e, "reading the user's events again"),
+                    Err(e) => return Err(e),
+                }
             }
             Err(e) => tracing::debug!(error = %e, "shared scan failed; reading with direct gets"),
         }

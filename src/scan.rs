@@ -20,7 +20,7 @@
 //! every stored message in its range in order, missed none of the user's.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
@@ -28,7 +28,7 @@ use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::stream::Stream;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::history::Stored;
@@ -43,15 +43,30 @@ use crate::stream::StreamError;
 /// history-read slot instead.
 pub const MAX_SCAN_SPAN: u64 = 256 * 1024;
 
-/// Requests served by one round; later ones wait for the next round. With
-/// [`MAX_SCAN_BYTES_PER_REQUEST`] this bounds the events a round holds to
-/// 64 MiB, plus one event per request.
+/// Requests served by one round; later ones wait for the next round.
 pub const MAX_SCAN_REQUESTS: usize = 2048;
+
+/// Payload bytes one round collects for all its requests together: 2,048
+/// storm resumes of 20 events of 300 bytes take 12 MiB. A request whose
+/// first event would pass it gets an error and reads with direct gets
+/// instead (bounded by the history-read slots); one that has events gets
+/// what fits, marked not done.
+pub const MAX_SCAN_ROUND_BYTES: usize = 64 * 1024 * 1024;
 
 /// Payload bytes one request collects in a round, beyond its first event. A
 /// user with more to read gets what fits, marked not done, and reads the
 /// rest next (a storm resume of 20 events of 300 bytes needs 6 KB).
 pub const MAX_SCAN_BYTES_PER_REQUEST: usize = 32 * 1024;
+
+/// Rounds whose results may be held at once. A request's events wait,
+/// after its round, for a history-read slot (to be proven) and then for the
+/// node's replay bytes ([`crate::hub::REPLAY_BYTES`]); until every request
+/// of a round has passed that point, the round's permit is held and the next
+/// round but one does not start. So what scans hold beyond the replay
+/// budget is at most this many rounds of [`MAX_SCAN_ROUND_BYTES`]; later
+/// requests wait in the queue, which holds only their positions. Two, so one round reads while the last one's
+/// results drain.
+pub const MAX_SCAN_ROUNDS_HELD: usize = 2;
 
 /// How long a round waits after its first request for others to join: a
 /// storm's resumes arrive over seconds, and a round costs the same for one
@@ -73,6 +88,9 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Found {
     pub events: Vec<Stored>,
     pub done: bool,
+    /// The round's share of [`MAX_SCAN_ROUNDS_HELD`]: drop it once the
+    /// events are counted in the replay bytes (or dropped).
+    pub round: Arc<OwnedSemaphorePermit>,
 }
 
 struct Request {
@@ -88,11 +106,14 @@ pub struct Scanner {
     stream: Stream<()>,
     pending: Mutex<Vec<Request>>,
     wake: Notify,
+    /// [`MAX_SCAN_ROUNDS_HELD`] permits.
+    held: Arc<Semaphore>,
 }
 
 impl Scanner {
     pub fn new(stream: Stream<()>) -> Self {
-        Self { stream, pending: Mutex::default(), wake: Notify::new() }
+        let held = Arc::new(Semaphore::new(MAX_SCAN_ROUNDS_HELD));
+        Self { stream, pending: Mutex::default(), wake: Notify::new(), held }
     }
 
     /// Whether requests are waiting for a round (new resumes join them).
@@ -125,6 +146,11 @@ impl Scanner {
             }
             tokio::time::sleep(ROUND_GATHER).await;
             loop {
+                // Requests keep gathering while earlier rounds' results drain.
+                let permit = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    p = self.held.clone().acquire_owned() => Arc::new(p.expect("the scanner's semaphore is never closed")),
+                };
                 let round: Vec<Request> = {
                     let mut pending = lock(&self.pending);
                     let n = pending.len().min(MAX_SCAN_REQUESTS);
@@ -133,12 +159,12 @@ impl Scanner {
                 if round.is_empty() {
                     break;
                 }
-                self.round(round).await;
+                self.round(round, permit).await;
             }
         }
     }
 
-    async fn round(&self, round: Vec<Request>) {
+    async fn round(&self, round: Vec<Request>, permit: Arc<OwnedSemaphorePermit>) {
         let from = round.iter().map(|r| r.after + 1).min().unwrap_or(1);
         let to = round.iter().map(|r| r.before.saturating_sub(1)).max().unwrap_or(0);
         let mut by_subject: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -146,7 +172,10 @@ impl Scanner {
             by_subject.entry(r.subject.as_str()).or_default().push(i);
         }
         let mut found: Vec<Collect> = round.iter().map(|_| Collect::default()).collect();
-        let read = tokio::time::timeout(ROUND_TIMEOUT, self.scan(from, to, &round, &by_subject, &mut found)).await;
+        let mut budget = MAX_SCAN_ROUND_BYTES;
+        let read =
+            tokio::time::timeout(ROUND_TIMEOUT, self.scan(from, to, &round, &by_subject, &mut found, &mut budget))
+                .await;
         let outcome = match read {
             Ok(Ok(reached)) => Ok(reached),
             Ok(Err(e)) => Err(e),
@@ -160,8 +189,12 @@ impl Scanner {
             let result = match &outcome {
                 // Done when the scan passed the end of the range (or the
                 // stream's end) without the request reaching its cap.
+                Ok(_) if c.events.is_empty() && c.capped => Err(StreamError::Nats(format!(
+                    "history scan of {from}..={to}: its {MAX_SCAN_ROUND_BYTES} bytes were taken by other resumes"
+                ))),
                 Ok(reached) => {
-                    Ok(Found { done: !c.capped && *reached >= r.before.saturating_sub(1), events: c.events })
+                    let done = !c.capped && *reached >= r.before.saturating_sub(1);
+                    Ok(Found { done, events: c.events, round: permit.clone() })
                 }
                 Err(e) => Err(e.clone()),
             };
@@ -179,6 +212,7 @@ impl Scanner {
         round: &[Request],
         by_subject: &HashMap<&str, Vec<usize>>,
         found: &mut [Collect],
+        budget: &mut usize,
     ) -> Result<u64, StreamError> {
         let err = |e: &dyn std::fmt::Display| StreamError::Nats(format!("history scan from {from}: {e}"));
         let consumer = self
@@ -210,7 +244,7 @@ impl Scanner {
                 for &i in idx {
                     let r = &round[i];
                     if seq > r.after && seq < r.before {
-                        found[i].push(seq, &msg.payload, r.max);
+                        found[i].push(seq, &msg.payload, r.max, budget);
                     }
                 }
             }
@@ -234,20 +268,23 @@ struct Collect {
 }
 
 impl Collect {
-    /// Takes the event unless the request is full. The first event is
-    /// always taken, however large (up to the stream's event size limit), so
-    /// every round moves a request forward.
-    fn push(&mut self, seq: u64, payload: &Bytes, max: usize) {
+    /// Takes the event unless the request or the round (`budget`, what is
+    /// left of [`MAX_SCAN_ROUND_BYTES`]) is full. A request's first event is
+    /// taken however large (up to the stream's event size limit) while the
+    /// round has room for it, so every round moves a request forward.
+    fn push(&mut self, seq: u64, payload: &Bytes, max: usize, budget: &mut usize) {
         if self.capped {
             return;
         }
         let full = self.events.len() >= max
-            || (!self.events.is_empty() && self.bytes + payload.len() > MAX_SCAN_BYTES_PER_REQUEST);
+            || (!self.events.is_empty() && self.bytes + payload.len() > MAX_SCAN_BYTES_PER_REQUEST)
+            || payload.len() > *budget;
         if full {
             self.capped = true;
             return;
         }
         self.bytes += payload.len();
+        *budget -= payload.len();
         // A copy: the received payload shares a read buffer with its
         // neighbours, which a kept slice would keep alive.
         self.events.push(Stored { seq, payload: Bytes::copy_from_slice(payload) });
@@ -257,4 +294,39 @@ impl Collect {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Critical sections only push and drain: a panic leaves the list whole.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_budget_caps_requests_and_one_without_room_for_its_first_event_gets_none() {
+        let payload = |n: usize| Bytes::from(vec![b'x'; n]);
+        let mut budget = 100;
+        let (mut a, mut b) = (Collect::default(), Collect::default());
+        a.push(1, &payload(60), 64, &mut budget);
+        b.push(2, &payload(60), 64, &mut budget);
+        a.push(3, &payload(30), 64, &mut budget);
+        a.push(4, &payload(30), 64, &mut budget);
+        assert_eq!(a.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 3]);
+        assert!(a.capped, "the round had 10 bytes left for event 4");
+        // b's first event did not fit: no events, capped, so its round
+        // answers it with an error and it reads with direct gets.
+        assert!(b.events.is_empty() && b.capped);
+        assert_eq!(budget, 10);
+        // A capped request takes nothing more, even what would fit.
+        b.push(5, &payload(1), 64, &mut budget);
+        assert!(b.events.is_empty());
+    }
+
+    #[test]
+    fn a_request_takes_one_large_first_event_then_stops_at_its_own_cap() {
+        let mut budget = MAX_SCAN_ROUND_BYTES;
+        let mut c = Collect::default();
+        c.push(1, &Bytes::from(vec![0; 2 * MAX_SCAN_BYTES_PER_REQUEST]), 64, &mut budget);
+        c.push(2, &Bytes::from_static(b"{}"), 64, &mut budget);
+        assert_eq!(c.events.len(), 1);
+        assert!(c.capped);
+    }
 }

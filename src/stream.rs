@@ -28,12 +28,16 @@ pub enum StreamError {
     /// NATS did not answer, or answered with an error: retried.
     #[error("JetStream: {0}")]
     Nats(String),
+    /// Two answers of the stream leader contradicted each other (see
+    /// [`crate::history::Span::Contradicted`]): the read is made again.
+    #[error("JetStream answers disagree: {0}")]
+    Inconsistent(String),
 }
 
 impl StreamError {
     /// True when retrying cannot help and the operator must act.
     pub fn is_config(&self) -> bool {
-        !matches!(self, StreamError::Nats(_))
+        !matches!(self, StreamError::Nats(_) | StreamError::Inconsistent(_))
     }
 }
 

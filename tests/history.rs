@@ -100,6 +100,37 @@ async fn a_resume_from_just_before_the_oldest_stored_event_is_complete() {
     assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs[3..]);
 }
 
+/// Rule 3's look at a stretch (`History::span`) must tell a removed
+/// message (a gap, maybe of the user's events) from a message of the user's
+/// inside a stretch the caller believed held none: the second means the
+/// caller's earlier answer (the user's oldest event) was wrong, and it is
+/// reported as a contradiction, which `resume::read` answers by reading
+/// again rather than by announcing a gap.
+#[tokio::test]
+async fn a_users_event_inside_a_stretch_said_to_hold_none_is_a_contradiction_not_a_gap() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(agentcast::stream::desired(&stream_settings(2))).await.unwrap();
+    // 1 o, 2 a, 3 a, 4 x, 5 a: a's limit of 2 removes 2, an interior delete,
+    // so the look reads the stretch rather than trusting the stream's state.
+    let mut seqs = Vec::new();
+    for user in ["o", "a", "a", "x", "a"] {
+        seqs.push(publish(&js, user, r#"{"type":"t"}"#).await);
+    }
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    let history = History::new(&client, vec![client.clone()], "AGENTCAST", "agentcast.events".into()).unwrap();
+    use agentcast::history::Span;
+    assert_eq!(history.span("x", 3, 4).await.unwrap(), Span::Whole);
+    assert_eq!(history.span("x", 1, 4).await.unwrap(), Span::Broken(2));
+    assert_eq!(history.span("x", 3, 6).await.unwrap(), Span::Contradicted(4));
+    // The rule itself, asked with the leader's true answers, finds x whole
+    // from 2 (its oldest, 4, follows 3, which is stored and not x's).
+    let read = agentcast::resume::read(&history, "x", 2, None, 64).await.unwrap();
+    assert_eq!((read.gap, read.done), (None, true));
+    assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [4]);
+}
+
 /// A direct-get responder that lags behind the stream (a mirror with
 /// `mirror_direct` that stopped after the user's 20th event: it shares the
 /// stream's direct-get subject, so it answers some of the gets, with "not
