@@ -143,3 +143,33 @@ async fn the_python_agent_stops_a_run_when_its_user_asks() {
     alice.send_text(&cancel).await;
     assert_eq!(alice.next_json().await["code"], "no_agent");
 }
+
+/// The Python package's own suite (clients/python/tests, pytest): it starts
+/// its own nats-server (the same `$AGENTCAST_TEST_NATS_SERVER`) and nodes of
+/// the binary cargo built, and talks to them with nats-py and a WebSocket
+/// client. Run from the source tree, so what is tested is what is here.
+#[test]
+fn the_python_package_suite_passes() {
+    let py = python();
+    let check = Command::new(&py).args(["-c", "import nats, pytest, pytest_asyncio, websockets"]).output();
+    assert!(
+        check.as_ref().is_ok_and(|o| o.status.success()),
+        "{} lacks nats-py, pytest, pytest-asyncio or websockets: run .ci/install, or set AGENTCAST_TEST_PYTHON",
+        py.display()
+    );
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/python");
+    let out = Command::new(&py)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .current_dir(&dir)
+        .env("PYTHONPATH", format!("{}:{}", dir.join("src").display(), dir.join("tests").display()))
+        .env("AGENTCAST_BIN", env!("CARGO_BIN_EXE_agentcast"))
+        .env("AGENTCAST_TEST_NATS_SERVER", nats_server_bin())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", py.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pytest failed:\n{text}");
+    // Every test ran: none was skipped or deselected.
+    let summary = text.lines().rev().find(|l| l.contains(" passed")).unwrap_or_default().to_owned();
+    assert!(!summary.contains("skipped") && !summary.contains("deselected"), "{summary}");
+    eprintln!("{summary}");
+}
