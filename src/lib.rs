@@ -18,6 +18,8 @@
 //! - [`hub`]: per-user subscriptions, live gap repair, the audit of lost
 //!   republishes, fan-out to socket queues.
 //! - [`socket`]: one WebSocket: welcome, batched writes, pings, close codes.
+//! - [`sse`]: the same loop over Server-Sent Events (`GET /sse`), with ids to
+//!   resume from.
 //! - [`protocol`]: frames and close codes (docs/protocol.md).
 //! - [`control`]: control requests from a socket to the agents, and the
 //!   agents' listener for them.
@@ -44,6 +46,7 @@ pub mod resume;
 pub mod scan;
 pub mod server;
 pub mod socket;
+pub mod sse;
 pub mod stream;
 pub mod tools;
 pub mod user;

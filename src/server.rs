@@ -326,6 +326,18 @@ impl AppState {
         Ok(Slot { st: self.clone(), id, user: user.clone() })
     }
 
+    /// The HTTP connection `id` now serves an event stream, counted with the
+    /// sockets: it leaves the HTTP connections' bound, and is never closed to
+    /// make room for them.
+    fn held_by_stream(&self, id: u64) {
+        let mut h = lock(&self.http);
+        if h.open.remove(&id).is_some() {
+            h.streams.insert(id);
+        }
+        drop(h);
+        self.http_freed.notify_one();
+    }
+
     fn nats_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -339,6 +351,7 @@ impl AppState {
 pub fn app(state: Arc<AppState>) -> Router {
     let mut router = Router::new()
         .route("/ws", get(ws_handler))
+        .route("/sse", get(sse_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text));
@@ -458,60 +471,11 @@ async fn ws_handler(
         Ok(Query(p)) => p,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
     };
-    if st.draining.load(Ordering::Acquire) {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into());
-    }
-    if !st.ready() {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "this node is not connected to NATS yet".into());
-    }
-    if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN)) {
-        let origin = origin.to_str().unwrap_or("");
-        if !allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
-            return refuse(StatusCode::FORBIDDEN, "origin", format!("origin {origin:?} is not allowed"));
-        }
-    }
-    let start = match params.start() {
-        Ok(s) => s,
-        Err(why) => return refuse(StatusCode::BAD_REQUEST, "bad_request", why.into()),
-    };
-    let token = match bearer(&headers) {
-        Ok(t) => t.or(params.token.as_deref()).unwrap_or(""),
-        Err(why) => return refuse(StatusCode::UNAUTHORIZED, AuthError::Malformed.reason(), why.into()),
-    };
-    let identity = match st.config.auth.verify(token) {
-        Ok(id) => id,
-        Err(e @ AuthError::UserId(_)) => {
-            return refuse(StatusCode::FORBIDDEN, e.reason(), e.to_string());
-        }
-        Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.reason(), e.to_string()),
-    };
-    let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
-    let kicker = Arc::new(Kicker::default());
-    // Reserved before upgrading so the bounds hold under a burst, and so the
-    // drain reaches the socket however late its upgrade completes.
-    let slot = match st.reserve(conn_id, &identity.user, kicker.clone()) {
-        Ok(s) => s,
-        Err(no) => return no.refuse(),
-    };
-    let tracked = st.tracker.token();
-    // Every line of the socket carries its connection id; the user only
-    // when the operator allows user ids in logs (--log-user-ids).
-    let span = tracing::info_span!("conn", id = conn_id, user = tracing::field::Empty);
-    if crate::user::log_user_ids() {
-        span.record("user", identity.user.as_str());
-    }
-    let session = Session {
-        conn_id,
-        user: identity.user,
-        node_id: st.node_id.clone(),
-        token_exp: identity.close_at,
-        queue: st.config.socket_queue,
-        queue_bytes: st.config.socket_queue_bytes,
-        ping_interval: st.config.ping_interval,
-        kicker,
-        start,
-        control: st.control.clone(),
-    };
+    let Admitted { session, span, tracked, slot } =
+        match admit_client(&st, &headers, params.token.as_deref(), params.start(), Transport::WebSocket) {
+            Ok(a) => a,
+            Err(refused) => return refused,
+        };
     // Boxed for the callback: axum's task keeps the callback's captures for
     // the socket's life, even once they are moved out (184 bytes inline).
     let parts = Box::new((session, span, tracked, slot));
@@ -539,6 +503,156 @@ async fn ws_handler(
                 })
                 .instrument(span)
         })
+}
+
+/// Which transport a client uses: its checks and its slot are the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    /// Server-Sent Events ([`crate::sse`]).
+    Sse,
+}
+
+/// A client admitted to a slot, ready to be served.
+struct Admitted {
+    session: Session,
+    span: tracing::Span,
+    tracked: tokio_util::task::task_tracker::TaskTrackerToken,
+    slot: Slot,
+}
+
+/// The checks `/ws` and `/sse` share, in order: not draining, ready, the
+/// origin, the position (`start`, parsed by the caller), the token, and a
+/// slot under the node's and the user's bounds. A refusal is the response
+/// to send.
+// A refusal is the response itself, returned once per connection attempt:
+// boxing it would only add an allocation.
+#[allow(clippy::result_large_err)]
+fn admit_client(
+    st: &Arc<AppState>,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    start: Result<Start, &'static str>,
+    transport: Transport,
+) -> Result<Admitted, Response> {
+    if st.draining.load(Ordering::Acquire) {
+        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()));
+    }
+    if !st.ready() {
+        let why = "this node is not connected to NATS yet";
+        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why.into()));
+    }
+    if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN)) {
+        let origin = origin.to_str().unwrap_or("");
+        if !allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+            return Err(refuse(StatusCode::FORBIDDEN, "origin", format!("origin {origin:?} is not allowed")));
+        }
+    }
+    let start = start.map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why.into()))?;
+    let token = match bearer(headers) {
+        Ok(t) => t.or(query_token).unwrap_or(""),
+        Err(why) => return Err(refuse(StatusCode::UNAUTHORIZED, AuthError::Malformed.reason(), why.into())),
+    };
+    let identity = match st.config.auth.verify(token) {
+        Ok(id) => id,
+        Err(e @ AuthError::UserId(_)) => return Err(refuse(StatusCode::FORBIDDEN, e.reason(), e.to_string())),
+        Err(e) => return Err(refuse(StatusCode::UNAUTHORIZED, e.reason(), e.to_string())),
+    };
+    let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
+    let kicker = Arc::new(Kicker::default());
+    // Reserved before upgrading so the bounds hold under a burst, and so the
+    // drain reaches the socket however late its upgrade completes.
+    let slot = st.reserve(conn_id, &identity.user, kicker.clone()).map_err(NoSlot::refuse)?;
+    let tracked = st.tracker.token();
+    // Every line of the socket carries its connection id; the user only
+    // when the operator allows user ids in logs (--log-user-ids).
+    let span = tracing::info_span!("conn", id = conn_id, user = tracing::field::Empty);
+    if crate::user::log_user_ids() {
+        span.record("user", identity.user.as_str());
+    }
+    let session = Session {
+        conn_id,
+        user: identity.user,
+        node_id: st.node_id.clone(),
+        token_exp: identity.close_at,
+        queue: st.config.socket_queue,
+        queue_bytes: st.config.socket_queue_bytes,
+        ping_interval: st.config.ping_interval,
+        kicker,
+        start,
+        control: st.control.clone(),
+        transport,
+    };
+    Ok(Admitted { session, span, tracked, slot })
+}
+
+/// The query of `/sse`: as `/ws`'s, without `resume=frame` (the client of a
+/// response sends no frames).
+#[derive(Deserialize)]
+struct SseParams {
+    token: Option<String>,
+    last_seq: Option<String>,
+    epoch: Option<String>,
+}
+
+/// The connection a request came on, so that `/sse` can take its response's
+/// connection out of the HTTP connections' bound ([`AppState::admit`]): a
+/// stream is counted as a socket.
+#[derive(Clone, Copy)]
+struct ConnTag(u64);
+
+async fn sse_handler(
+    State(st): State<Arc<AppState>>,
+    conn: Option<axum::Extension<ConnTag>>,
+    query: Result<Query<SseParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let params = match query {
+        Ok(Query(p)) => p,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    // The browser's own reconnect sends the last id it saw, which is newer
+    // than the position in the URL it first opened.
+    let start = match headers.get("last-event-id").map(|v| v.to_str().ok().and_then(crate::sse::last_event_id)) {
+        Some(Some((last_seq, epoch))) => Ok(Start::After { last_seq, epoch: Some(epoch) }),
+        Some(None) => Err("Last-Event-ID must be <epoch>:<seq>, as the node sent it"),
+        None => match params.last_seq.as_deref() {
+            Some(text) => parse_position(text)
+                .map(|last_seq| Start::After { last_seq, epoch: params.epoch.clone() })
+                .ok_or(BAD_POSITION),
+            None => Ok(Start::Live),
+        },
+    };
+    let Admitted { session, span, tracked, slot } =
+        match admit_client(&st, &headers, params.token.as_deref(), start, Transport::Sse) {
+            Ok(a) => a,
+            Err(refused) => return refused,
+        };
+    if let Some(axum::Extension(ConnTag(id))) = conn {
+        st.held_by_stream(id);
+    }
+    let (transport, body) = crate::sse::Transport::new();
+    metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
+    metrics::gauge!(m::SOCKETS_OPEN).increment(1.0);
+    span.in_scope(|| tracing::debug!("event stream open"));
+    let served = socket::run(transport, st.hub.clone(), session).map(move |end| {
+        let _tracked = tracked;
+        let _slot = slot;
+        metrics::gauge!(m::SOCKETS_OPEN).decrement(1.0);
+        metrics::counter!(m::DISCONNECTS, "reason" => end.label()).increment(1);
+        tracing::debug!(reason = end.label(), "event stream closed");
+    });
+    tokio::spawn(served.instrument(span));
+    let body = futures_util::stream::unfold(body, |mut rx| async move {
+        rx.recv().await.map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), rx))
+    });
+    let headers = [
+        (header::CONTENT_TYPE, "text/event-stream"),
+        (header::CACHE_CONTROL, "no-cache"),
+        // nginx and others buffer responses unless told not to.
+        (header::HeaderName::from_static("x-accel-buffering"), "no"),
+    ];
+    (headers, axum::body::Body::from_stream(body)).into_response()
 }
 
 /// Why [`AppState::reserve`] gave no slot.
@@ -610,7 +724,7 @@ impl Drop for HttpConn {
     fn drop(&mut self) {
         {
             let mut h = lock(&self.st.http);
-            if h.open.remove(&self.id).is_none() {
+            if h.open.remove(&self.id).is_none() && !h.streams.remove(&self.id) {
                 // Asked to close as the oldest: it was counted as closing.
                 h.closing -= 1;
             }
@@ -626,6 +740,9 @@ struct HttpConns {
     open: BTreeMap<u64, CancellationToken>,
     /// Asked to close to make room, and not gone yet.
     closing: usize,
+    /// Serving an event stream (`/sse`): counted as sockets (their slots),
+    /// so neither here nor closed to make room.
+    streams: std::collections::HashSet<u64>,
 }
 
 /// Accepts connections until `stop`, serving each with HTTP/1.1 (WebSocket
@@ -649,8 +766,8 @@ async fn serve(listener: TcpListener, st: Arc<AppState>, stop: CancellationToken
             },
         };
         let Some(conn) = st.admit(&stop).await else { break };
-        let serving =
-            http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone())).with_upgrades();
+        let tagged = router.clone().layer(axum::Extension(ConnTag(conn.id)));
+        let serving = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(tagged)).with_upgrades();
         st.connections.spawn(run_connection(serving, conn, stop.clone()));
     }
 }

@@ -81,6 +81,9 @@ pub struct Session {
     pub start: Start,
     /// Where the socket's control requests go ([`crate::control`]).
     pub control: Arc<control::Node>,
+    /// A WebSocket's client answers pings, and one that stops is closed;
+    /// an event stream's client sends nothing ([`crate::sse`]).
+    pub transport: crate::server::Transport,
 }
 
 /// Why the socket ended, for metrics and logs.
@@ -209,7 +212,7 @@ where
                     if now >= expiry {
                         return token_expired(&mut ws).await;
                     }
-                    if last_heard.elapsed() > s.ping_interval * 2 {
+                    if s.transport == crate::server::Transport::WebSocket && last_heard.elapsed() > s.ping_interval * 2 {
                         return close_with(&mut ws, close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await;
                     }
                     if send(&mut ws, Message::Ping(Default::default())).await.is_err() {

@@ -5,6 +5,7 @@
 
 pub mod nats_cluster;
 pub mod oracle;
+pub mod sse;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
