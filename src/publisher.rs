@@ -262,6 +262,11 @@ impl Event {
         Ok(event)
     }
 
+    pub fn run(mut self, run_id: &str) -> Self {
+        self.run_id = Some(run_id.to_owned());
+        self
+    }
+
     pub fn thread(mut self, thread_id: &str) -> Self {
         self.thread_id = Some(thread_id.to_owned());
         self

@@ -196,8 +196,7 @@ async fn a_text_stream_coalesces_tokens_into_deltas_that_concatenate_to_the_text
     let node = Node::start(&nats, &[]).await;
     let (mut client, _) = Client::join(&node, "u1").await;
     let publisher = Publisher::new(nats.client().await);
-    let template = Event::new("message_delta", json!({})).unwrap();
-    let template = Event { run_id: Some("r1".into()), ..template };
+    let template = Event::new("message_delta", json!({})).unwrap().run("r1");
     let stream = publisher.text_stream("u1", &template, "m1", Coalesce::default()).unwrap();
     let tokens: Vec<String> = (0..200).map(|i| format!("t{i} ")).collect();
     // 200 tokens in about 1 s (5 ms apart): with a 50 ms delay about 20 deltas.
@@ -229,7 +228,7 @@ async fn a_text_stream_publishes_on_time_on_size_and_on_finish() {
     let nats = NatsServer::start();
     let _node = Node::start(&nats, &[]).await;
     let publisher = Publisher::new(nats.client().await);
-    let template = Event { run_id: Some("r1".into()), ..Event::new("message_delta", json!({})).unwrap() };
+    let template = Event::new("message_delta", json!({})).unwrap().run("r1");
 
     // Time: one token waits for the delay, not for more tokens or the finish.
     let delay = Duration::from_millis(200);
@@ -306,7 +305,7 @@ async fn a_text_stream_retried_across_a_nats_restart_neither_duplicates_nor_reor
         .await
         .unwrap();
     let publisher = Publisher::new(nc).ack_timeout(Duration::from_millis(800));
-    let template = Event { run_id: Some("r1".into()), ..Event::new("message_delta", json!({})).unwrap() };
+    let template = Event::new("message_delta", json!({})).unwrap().run("r1");
     let coalesce = Coalesce { delay: Duration::from_millis(20), max_bytes: 8 };
     let stream = publisher.text_stream("u1", &template, "m1", coalesce).unwrap();
     let tokens: Vec<String> = (0..300).map(|i| format!("{i},")).collect();

@@ -151,7 +151,7 @@ pub async fn run(target: Target, o: &Opts) -> Value {
     for u in 0..o.users as u64 {
         let publisher = publisher.clone();
         runs.push(tokio::spawn(async move {
-            let template = Event { run_id: Some(format!("run-{u}")), ..Event::new("message_delta", json!({}))? };
+            let template = Event::new("message_delta", json!({}))?.run(&format!("run-{u}"));
             let stream = publisher.text_stream(&user(u as usize), &template, &format!("m-{u}"), coalesce)?;
             let mut late_ms = 0u64;
             for k in 0..plan.tokens {
