@@ -255,6 +255,47 @@ test('a reload mid-run resumes after the last event shown and keeps the run', as
   }
 });
 
+test('streamed text grows in one line of its run, and a reload keeps it and goes on appending', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const page = await newPage();
+  const delta = (d) => ({ type: 'message_delta', run_id: 's1', message_id: 's1-answer', delta: d, data: {} });
+  const words = Array.from({ length: 30 }, (_, i) => `word${i} `);
+  const line = 'section.run[data-run="s1"] li[data-message="s1-answer"] .text';
+  const shown = () => page.$eval(line, (e) => e.textContent).catch(() => null);
+  try {
+    await page.goto(`http://${node.addr}/console/#token=${token('streams')}`);
+    await waitForState(page, 'open');
+    await publish(nats, 'streams', run('s1', ['started']));
+    let published = [];
+    for (const part of [words.slice(0, 10), words.slice(10, 20)]) {
+      const seqs = await publish(nats, 'streams', part.map(delta));
+      published.push(...part);
+      const want = published.join('');
+      await eventually(`the text so far (${want.length} chars)`, async () => (await shown()) === want, PAGE_TIMEOUT_MS);
+      assert.equal(
+        await page.$eval('li[data-message="s1-answer"]', (e) => e.dataset.lastSeq),
+        String(seqs.at(-1)),
+      );
+    }
+    // One line for the message, beside the run's other events.
+    const types = await page.$$eval('section.run[data-run="s1"] li', (els) => els.map((e) => e.dataset.type));
+    assert.deepEqual(types, ['agent_started', 'message_delta']);
+
+    await page.reload();
+    await waitForState(page, 'open');
+    assert.equal(await shown(), published.join(''), 'the reload lost the text so far');
+    await publish(nats, 'streams', words.slice(20).map(delta));
+    await publish(nats, 'streams', run('s1', ['completed']));
+    await eventually('the whole text', async () => (await shown()) === words.join(''), PAGE_TIMEOUT_MS);
+    await page.waitForSelector('section.run[data-run="s1"][data-status="completed"]', { timeout: PAGE_TIMEOUT_MS });
+    assert.equal(await page.$$eval('li[data-message]', (els) => els.length), 1);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
+
 test('the page keeps the last 500 events and drops a run whose events are all gone', async () => {
   // MAX_KEPT_EVENTS in console/console.js.
   const kept = 500;
