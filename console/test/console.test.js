@@ -399,7 +399,20 @@ test('agentcast dev prints the console link, and a screenshot is kept of a demo 
         .filter((r) => r.querySelector('li[data-type="agent_started"]'))
         .map((r) => [...r.querySelectorAll('li')].map((e) => e.dataset.type)),
     );
-    assert.deepEqual(whole[0], ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed']);
+    assert.deepEqual(whole[0], [
+      'agent_started',
+      'agent_thinking',
+      'tool_executing',
+      'tool_completed',
+      'message_delta',
+      'agent_completed',
+    ]);
+    // The streamed answer is one line holding the whole text: the output.
+    const answer = await page.$eval('section.run[data-status="completed"] li[data-type="message_delta"]', (e) => ({
+      text: e.querySelector('.text').textContent,
+      output: JSON.parse(e.parentElement.querySelector('li[data-type="agent_completed"]').title).data.output,
+    }));
+    assert.equal(answer.text, answer.output);
     mkdirSync(dirname(SCREENSHOT), { recursive: true });
     await page.screenshot({ path: SCREENSHOT, fullPage: true });
     console.log(`screenshot: ${SCREENSHOT}`);
@@ -422,7 +435,8 @@ test('Stop on a demo run in progress cancels it, and nothing of that run follows
   try {
     await page.goto(dev.link);
     await waitForState(page, 'open');
-    // A run that has just started has four 400 ms steps left (src/dev.rs);
+    // A run that has just started has four 400 ms steps and a streamed
+    // answer left (src/dev.rs);
     // on a loaded machine the click may still land after the run is over,
     // which the agent answers `finished`: then the next run is tried.
     let id;
@@ -453,7 +467,7 @@ test('Stop on a demo run in progress cancels it, and nothing of that run follows
     assert.deepEqual(completed.data, { status: 'cancelled' });
     // The run's steps up to the Stop, in order, then the cancelled completion.
     const types = await typesOf(page, id);
-    const full = ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed'];
+    const full = ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'message_delta'];
     assert.equal(types.at(-1), 'agent_completed');
     assert.ok(types.length >= 2 && types.length - 1 <= full.length, `${types}`);
     assert.deepEqual(types.slice(0, -1), full.slice(0, types.length - 1));
