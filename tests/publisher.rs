@@ -25,6 +25,17 @@ async fn stored_for(nats: &NatsServer, user: &str) -> u64 {
     n
 }
 
+/// A publisher that reconnects quickly and gives up on an ack after 800 ms,
+/// so a NATS restart of about a second fails at least one attempt.
+async fn restartable_publisher(nats: &NatsServer) -> Publisher {
+    let nc = async_nats::ConnectOptions::new()
+        .reconnect_delay_callback(|_| Duration::from_millis(50))
+        .connect(&nats.url)
+        .await
+        .unwrap();
+    Publisher::new(nc).ack_timeout(Duration::from_millis(800))
+}
+
 #[tokio::test]
 async fn a_pipelined_batch_is_stored_and_delivered_in_order() {
     let nats = NatsServer::start();
@@ -85,12 +96,7 @@ async fn the_same_message_id_is_stored_once() {
 async fn a_publish_retried_across_a_nats_restart_is_stored_once() {
     let mut nats = NatsServer::start();
     let node = Node::start(&nats, &[]).await;
-    let nc = async_nats::ConnectOptions::new()
-        .reconnect_delay_callback(|_| Duration::from_millis(50))
-        .connect(&nats.url)
-        .await
-        .unwrap();
-    let publisher = Publisher::new(nc).ack_timeout(Duration::from_millis(800));
+    let publisher = restartable_publisher(&nats).await;
     assert_eq!(publisher.publish("u1", &Event::agent_started("r1", "go")).await.unwrap().seq, 1);
     nats.stop();
     let event = Event::agent_thinking("r1", "during the outage");
@@ -299,12 +305,7 @@ async fn a_text_stream_checks_its_message_id_user_and_type() {
 async fn a_text_stream_retried_across_a_nats_restart_neither_duplicates_nor_reorders() {
     let mut nats = NatsServer::start();
     let node = Node::start(&nats, &[]).await;
-    let nc = async_nats::ConnectOptions::new()
-        .reconnect_delay_callback(|_| Duration::from_millis(50))
-        .connect(&nats.url)
-        .await
-        .unwrap();
-    let publisher = Publisher::new(nc).ack_timeout(Duration::from_millis(800));
+    let publisher = restartable_publisher(&nats).await;
     let template = Event::new("message_delta", json!({})).unwrap().run("r1");
     let coalesce = Coalesce { delay: Duration::from_millis(20), max_bytes: 8 };
     let stream = publisher.text_stream("u1", &template, "m1", coalesce).unwrap();

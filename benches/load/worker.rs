@@ -470,26 +470,15 @@ impl SockCtx {
                     Err(e) => self.shared.error(format!("bad frame {e}: {t}")),
                 },
                 Ok(Message::Binary(b)) => {
-                    nats.buf.extend_from_slice(&b);
-                    loop {
-                        match nats.next() {
-                            Ok(Some(NatsItem::Msg(payload))) => match serde_json::from_slice::<Ev>(&payload) {
-                                Ok(ev) => self.shared.event(&self.sock, self.user, ev),
-                                Err(e) => self.shared.error(format!("bad payload: {e}")),
-                            },
-                            Ok(Some(NatsItem::Ping)) => {
-                                if ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(Some(NatsItem::Err(e))) => self.shared.error(format!("nats: {e}")),
-                            Ok(Some(_)) => {}
-                            Ok(None) => break,
-                            Err(e) => {
-                                self.shared.error(format!("nats protocol: {e}"));
-                                return;
-                            }
+                    let (payloads, go_on) = self.nats_payloads(&mut ws, &mut nats, &b).await;
+                    for payload in payloads {
+                        match serde_json::from_slice::<Ev>(&payload) {
+                            Ok(ev) => self.shared.event(&self.sock, self.user, ev),
+                            Err(e) => self.shared.error(format!("bad payload: {e}")),
                         }
+                    }
+                    if !go_on {
+                        return;
                     }
                 }
                 Ok(Message::Close(c)) => {
@@ -508,6 +497,31 @@ impl SockCtx {
 }
 
 impl SockCtx {
+    /// Feeds a binary message to the NATS parser: the MSG payloads it
+    /// completes, PINGs answered, `-ERR`s reported. The flag is false when
+    /// the socket is done (a PONG could not be sent, or the protocol broke).
+    async fn nats_payloads(&self, ws: &mut Ws, nats: &mut NatsParser, bytes: &[u8]) -> (Vec<Vec<u8>>, bool) {
+        nats.buf.extend_from_slice(bytes);
+        let mut payloads = Vec::new();
+        loop {
+            match nats.next() {
+                Ok(Some(NatsItem::Msg(payload))) => payloads.push(payload),
+                Ok(Some(NatsItem::Ping)) => {
+                    if ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
+                        return (payloads, false);
+                    }
+                }
+                Ok(Some(NatsItem::Err(e))) => self.shared.error(format!("nats: {e}")),
+                Ok(Some(_)) => {}
+                Ok(None) => return (payloads, true),
+                Err(e) => {
+                    self.shared.error(format!("nats protocol: {e}"));
+                    return (payloads, false);
+                }
+            }
+        }
+    }
+
     /// The tokens preset's reader: appends each delta, times the tokens it
     /// completes (fast sockets), and throttles slow sockets.
     async fn read_tokens(&self, mut ws: Ws, plan: crate::tokens::Plan, mut nats: NatsParser) {
@@ -539,26 +553,16 @@ impl SockCtx {
                     Err(e) => self.shared.error(format!("bad frame {e}: {t}")),
                 },
                 Ok(Message::Binary(b)) => {
-                    nats.buf.extend_from_slice(&b);
-                    loop {
-                        match nats.next() {
-                            Ok(Some(NatsItem::Msg(payload))) => match serde_json::from_slice::<Delta>(&payload) {
-                                Ok(d) => deltas.push(d.delta),
-                                Err(e) => self.shared.error(format!("bad payload: {e}")),
-                            },
-                            Ok(Some(NatsItem::Ping)) => {
-                                if ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Ok(Some(NatsItem::Err(e))) => self.shared.error(format!("nats: {e}")),
-                            Ok(Some(_)) => {}
-                            Ok(None) => break,
-                            Err(e) => {
-                                self.shared.error(format!("nats protocol: {e}"));
-                                break;
-                            }
+                    let (payloads, go_on) = self.nats_payloads(&mut ws, &mut nats, &b).await;
+                    for payload in payloads {
+                        match serde_json::from_slice::<Delta>(&payload) {
+                            Ok(d) => deltas.push(d.delta),
+                            Err(e) => self.shared.error(format!("bad payload: {e}")),
                         }
+                    }
+                    if !go_on {
+                        self.sock.lock().unwrap().closed.get_or_insert(1006);
+                        return;
                     }
                 }
                 Ok(Message::Close(c)) => {
