@@ -35,7 +35,7 @@
 //!   closes, exact texts, bytes and frames per token; JetStream messages per
 //!   token. agentcast and nats-ws.
 //! - `smoke`: a few hundred sockets, every target, a short chat and a storm,
-//!   and a short control run; this is what `cargo test` runs (the target
+//!   and a short control run and tokens run; this is what `cargo test` runs (the target
 //!   sets `test = true`), so the harness cannot rot.
 //!
 //! Options: --targets agentcast,nats-ws,raw --sockets N --users N --rate N
@@ -1266,6 +1266,13 @@ async fn coordinate(o: Opts, smoke: bool) {
                         failures.push(format!("control: {e}"));
                     }
                     v["control"] = c;
+                    // A short tokens run (every 10th of 40 sockets slow).
+                    let short = Opts { preset: "tokens".into(), sockets: 40, users: 40, rate: 40, ..short };
+                    let t = tokens::run(Target::Agentcast, &short).await;
+                    if let Err(e) = tokens::check(&t) {
+                        failures.push(format!("tokens: {e}"));
+                    }
+                    v["tokens"] = t;
                 }
                 v
             }

@@ -114,6 +114,25 @@ pub async fn report(plan: &Plan, socks: &[SockRef], first: usize, wait: Duration
     r
 }
 
+/// What a tokens run must show to count as sane (the smoke run): no
+/// publish failed, every fast socket has its whole text, exact, and every
+/// text read is exact as far as it goes.
+pub fn check(v: &Value) -> Result<(), String> {
+    let n = |side: &str, k: &str| v[side][k].as_u64().unwrap_or(0);
+    if v["publish_errors"].as_array().is_none_or(|e| !e.is_empty()) {
+        return Err(format!("publish errors: {}", v["publish_errors"]));
+    }
+    if n("fast", "whole_and_exact") != n("fast", "sockets") || n("fast", "sockets") == 0 {
+        return Err(format!("fast sockets not whole and exact: {}", v["fast"]));
+    }
+    for side in ["fast", "slow"] {
+        if n(side, "prefix_exact") != n(side, "sockets") {
+            return Err(format!("{side} sockets with a wrong text: {}", v[side]));
+        }
+    }
+    Ok(())
+}
+
 /// One target: the publishing runs and the sockets' reports.
 pub async fn run(target: Target, o: &Opts) -> Value {
     let plan = Plan {
