@@ -17,6 +17,11 @@
 // cancelled only when its agent_completed with {"status":"cancelled"}
 // arrives: the reply says the agent took the request, the event says the run
 // is over.
+//
+// Streamed text (delta events, docs/publishing.md section 10) grows in one
+// line per message: each delta appends to it, whether a node merged several
+// into one frame or not, and the saved view keeps the text so far in that
+// line's entry, so a reload shows it and the live deltas go on appending.
 
 import { AgentcastClient, tokenSubject } from './agentcast.js';
 
@@ -37,11 +42,18 @@ const $ = (id) => document.getElementById(id);
 const KINDS = {
   agent_started: { label: 'started', status: 'running' },
   agent_thinking: { label: 'thinking' },
+  message_delta: { label: 'answer' },
   tool_executing: { label: 'tool' },
   tool_completed: { label: 'tool done' },
   agent_completed: { label: 'completed', status: 'completed' },
   error: { label: 'error', status: 'failed' },
 };
+
+/** The message a delta event appends to, or null when it is not one. */
+function messageOf(event) {
+  const id = event.message_id;
+  return typeof id === 'string' && id && typeof event.delta === 'string' ? id : null;
+}
 
 /** A run's status after `event`, or undefined when the event does not change it. */
 function statusAfter(event) {
@@ -158,11 +170,14 @@ class Console {
     this.events = []; // [{seq, event}], oldest first
     this.notices = [];
     this.runs = new Map(); // run id -> {section, list, status}
+    /** Streamed messages shown: `${run}\n${type}\n${message_id}` -> {entry, li, textEl}. */
+    this.messages = new Map();
     const saved = this.load();
     /** The stream epoch the shown events belong to (null: not known yet). */
     this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
-    this.resumedFrom = saved.events.length ? saved.events[saved.events.length - 1].seq : null;
-    for (const e of saved.events) this.show(e.seq, e.event);
+    // A streamed message's entry also holds the seq of its last delta.
+    this.resumedFrom = saved.events.length ? Math.max(...saved.events.map((e) => e.last ?? e.seq)) : null;
+    for (const e of saved.events) this.show(e.seq, e.event, e.last);
     for (const n of saved.notices) this.notice(n, false);
     $('user').textContent = this.user || '(unknown)';
     $('count').textContent = String(this.events.length);
@@ -227,6 +242,7 @@ class Console {
   clear() {
     this.events = [];
     this.runs.clear();
+    this.messages.clear();
     $('runs').replaceChildren();
     $('position').removeAttribute('data-resumed-from');
   }
@@ -332,9 +348,25 @@ class Console {
     run.stop.hidden = status !== 'running' || run.section.dataset.run === NO_RUN;
   }
 
-  show(seq, event) {
-    this.events.push({ seq, event });
+  /** Shows an event; `last`: a saved message's last delta seq. */
+  show(seq, event, last = seq) {
     const id = typeof event.run_id === 'string' && event.run_id ? event.run_id : NO_RUN;
+    const messageId = messageOf(event);
+    const key = messageId === null ? null : `${id}\n${event.type}\n${messageId}`;
+    const shown = key === null ? undefined : this.messages.get(key);
+    if (shown) {
+      // The message's line grows; its entry keeps the text so far.
+      shown.entry.event = { ...event, delta: shown.entry.event.delta + event.delta };
+      shown.entry.last = seq;
+      shown.li.dataset.lastSeq = String(seq);
+      shown.textEl.textContent = shown.entry.event.delta;
+      shown.li.title = JSON.stringify(shown.entry.event);
+      const run = this.run(id);
+      if ($('runs').firstElementChild !== run.section) $('runs').prepend(run.section);
+      return;
+    }
+    const entry = { seq, event };
+    this.events.push(entry);
     const run = this.run(id);
     const kind = KINDS[event.type];
     const li = document.createElement('li');
@@ -351,6 +383,15 @@ class Console {
     const textEl = document.createElement('span');
     textEl.className = 'text';
     textEl.textContent = summary(event);
+    if (key !== null) {
+      // Streamed text is shown whole: it is what the reader came for.
+      entry.last = last;
+      li.classList.add('message');
+      li.dataset.message = messageId;
+      li.dataset.lastSeq = String(last);
+      textEl.textContent = event.delta;
+      this.messages.set(key, { entry, li, textEl });
+    }
     li.title = JSON.stringify(event);
     li.append(seqEl, typeEl, textEl);
     run.list.append(li);
@@ -368,6 +409,7 @@ class Console {
   /** Drops the oldest event from the view, and its run when it was the last. */
   forget() {
     const old = this.events.shift();
+    for (const [key, m] of this.messages) if (m.entry === old) this.messages.delete(key);
     const el = document.querySelector(`li[data-seq="${old.seq}"]`);
     const list = el?.parentElement;
     el?.remove();

@@ -5,7 +5,8 @@
 //! random HS256 secret and a token for the dev user, prints a ready `ws://`
 //! URL, a publish example and the console's URL (the console is on unless
 //! `--no-console`), and with `--demo` publishes a sample agent run every few
-//! seconds, which the dev user can stop with a control request
+//! seconds, its answer streamed token by token through the coalescing
+//! [`crate::publisher::TextStream`], which the dev user can stop with a control request
 //! (`{"action":"cancel","run_id":...}`, docs/protocol.md section 9).
 
 use std::path::Path;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Authenticator, ClaimRules, mint_hs256};
 use crate::config::{DevArgs, EXIT_CONFIG, NatsLogin};
 use crate::control::Listener;
-use crate::publisher::{Event, Publisher};
+use crate::publisher::{Coalesce, Event, Publisher};
 use crate::user::UserId;
 
 /// How long to wait for NATS at the configured URL before starting one.
@@ -39,6 +40,11 @@ const READY_POLL: Duration = Duration::from_millis(50);
 const DEMO_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause between the steps of a demo run: long enough to press Stop.
 const DEMO_STEP: Duration = Duration::from_millis(400);
+/// The demo run's answer, streamed a token (word) at a time.
+const DEMO_ANSWER: &str = "It is 18 °C in Paris right now, with a light breeze from the west and a few clouds; \
+    the afternoon should stay dry, so a light jacket is enough.";
+/// Pause between the answer's tokens: 40 tokens a second, a model's pace.
+const DEMO_TOKEN: Duration = Duration::from_millis(25);
 /// Queue group of the demo's control listener.
 const DEMO_GROUP: &str = "agentcast-demo";
 
@@ -292,14 +298,44 @@ async fn demo_publisher(login: NatsLogin, subject_prefix: String, control_prefix
                 break;
             }
         }
+        if !stop.is_cancelled() {
+            stream_answer(&publisher, &user, &run_id, &stop).await;
+        }
         // Over from here: a cancel that comes later is told `finished`.
         lock(&current).current = None;
         if stop.is_cancelled() {
             publish(Event::agent_cancelled(&run_id)).await;
         } else {
-            publish(Event::agent_completed(&run_id, "18 °C in Paris.")).await;
+            publish(Event::agent_completed(&run_id, DEMO_ANSWER)).await;
         }
         tokio::time::sleep(DEMO_INTERVAL).await;
+    }
+}
+
+/// Streams [`DEMO_ANSWER`] word by word as `message_delta` events of message
+/// `<run_id>-answer`, coalesced (50 ms), until the end or a Stop; what was
+/// pushed before a Stop is published before the cancelled completion.
+async fn stream_answer(publisher: &Publisher, user: &UserId, run_id: &str, stop: &CancellationToken) {
+    let template = match Event::new("message_delta", json!({})) {
+        Ok(e) => e.run(run_id).agent("demo"),
+        Err(e) => return tracing::warn!(error = %e, "demo answer not streamed"),
+    };
+    let answer = match publisher.text_stream(user.as_str(), &template, &format!("{run_id}-answer"), Coalesce::default())
+    {
+        Ok(a) => a,
+        Err(e) => return tracing::warn!(error = %e, "demo answer not streamed"),
+    };
+    for token in DEMO_ANSWER.split_inclusive(' ') {
+        if answer.push(token).await.is_err() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DEMO_TOKEN) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    if let Err(e) = answer.finish().await {
+        tracing::warn!(error = %e, "demo answer publish failed");
     }
 }
 

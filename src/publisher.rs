@@ -1,6 +1,10 @@
 //! Publishing events: the envelope, JetStream publishes with their acks,
 //! retries that keep the message id, and pipelined batches.
 //!
+//! [`TextStream`] publishes one message's text as it is generated: it
+//! coalesces tokens into delta events (docs/publishing.md, section 10),
+//! because every published event is a JetStream write.
+//!
 //! The wire contract this implements is in docs/publishing.md; a publisher in
 //! any other language that follows it is equivalent. Events go to
 //! `<prefix>.<user_id>` through JetStream, so every publish is answered with
@@ -10,6 +14,10 @@
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErrorKind};
 use bytes::Bytes;
@@ -52,8 +60,35 @@ pub const MAX_MSG_ID_LEN: usize = 256;
 
 /// The built-in event types. Custom types carry a namespace
 /// (`<namespace>.<name>`), so they can never collide with a type added here.
-pub const BUILT_IN_TYPES: [&str; 6] =
-    ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed", "error"];
+/// `message_delta` is the agent's answer streamed as delta events.
+pub const BUILT_IN_TYPES: [&str; 7] = [
+    "agent_started",
+    "agent_thinking",
+    "message_delta",
+    "tool_executing",
+    "tool_completed",
+    "agent_completed",
+    "error",
+];
+
+/// Longest `message_id` of a delta event, in characters: the contract of
+/// docs/publishing.md section 10, which lets nodes and clients key messages
+/// by it without a size surprise.
+pub const MAX_MESSAGE_ID_CHARS: usize = 128;
+
+/// Default time a [`TextStream`] holds the first unpublished token before it
+/// publishes what it has: at 40 tokens a second about two tokens a delta,
+/// and well under the 100 ms a reader notices.
+pub const DEFAULT_COALESCE_DELAY: Duration = Duration::from_millis(50);
+/// Default text a [`TextStream`] buffers before it publishes at once,
+/// whatever the time: keeps a burst (a cached answer) to a few events
+/// without making any one of them large.
+pub const DEFAULT_COALESCE_BYTES: usize = 4096;
+/// Tokens handed to a [`TextStream`] and not yet taken by its task. When
+/// full (the stream is waiting for an ack or retrying),
+/// [`TextStream::push`] waits: the producer is slowed instead of the
+/// stream holding an unbounded backlog.
+pub const TEXT_STREAM_QUEUE: usize = 1024;
 
 /// Why an event was not published. Callers branch on these: the first five
 /// are the caller's input and a retry cannot help; `StreamUnavailable` and
@@ -77,6 +112,12 @@ pub enum PublishError {
         "message id {0:?} is not valid: use 1 to {MAX_MSG_ID_LEN} visible ASCII characters (no spaces or control characters)"
     )]
     MsgId(String),
+    /// A delta event's `message_id` must be 1 to [`MAX_MESSAGE_ID_CHARS`]
+    /// characters, and a delta event has both `message_id` and `delta`.
+    #[error(
+        "delta event is not valid: {0} (a delta event has a string `message_id` of 1 to {MAX_MESSAGE_ID_CHARS} characters and a string `delta`)"
+    )]
+    Delta(String),
     /// No stream stores the subject (or JetStream is not enabled).
     #[error("no stream stores {subject}: is an agentcast node running against this NATS, or the stream created?")]
     StreamUnavailable { subject: String },
@@ -104,6 +145,12 @@ pub struct Event {
     pub thread_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The message a delta event belongs to (docs/publishing.md section 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Text to append to the message `message_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<String>,
     /// RFC 3339, UTC, milliseconds: when the event happened.
     #[serde(default = "now")]
     pub timestamp: String,
@@ -135,6 +182,8 @@ impl Event {
             run_id: Some(run_id.to_owned()),
             thread_id: None,
             agent: None,
+            message_id: None,
+            delta: None,
             timestamp: now(),
             data,
             msg_id: new_id(),
@@ -149,6 +198,18 @@ impl Event {
     /// Reasoning text the agent chose to show.
     pub fn agent_thinking(run_id: &str, text: &str) -> Self {
         Self::built_in("agent_thinking", run_id, json!({ "text": text }))
+    }
+
+    /// Text to append to the message `message_id`: a delta event. Its type
+    /// is `kind` (for example `message_delta` or `agent_thinking`).
+    pub fn delta(kind: &str, run_id: &str, message_id: &str, delta: &str) -> Result<Self, PublishError> {
+        check_type(kind)?;
+        check_message_id(message_id)?;
+        Ok(Self {
+            message_id: Some(message_id.to_owned()),
+            delta: Some(delta.to_owned()),
+            ..Self::built_in(kind, run_id, json!({}))
+        })
     }
 
     /// A tool call began.
@@ -197,7 +258,13 @@ impl Event {
         if !event.data.is_object() {
             return Err(PublishError::Envelope("`data` must be a JSON object".into()));
         }
+        check_delta(&event)?;
         Ok(event)
+    }
+
+    pub fn run(mut self, run_id: &str) -> Self {
+        self.run_id = Some(run_id.to_owned());
+        self
     }
 
     pub fn thread(mut self, thread_id: &str) -> Self {
@@ -235,6 +302,25 @@ pub fn check_type(kind: &str) -> Result<(), PublishError> {
     };
     let valid = kind.len() <= MAX_TYPE_LEN && kind.contains('.') && kind.split('.').all(part_ok);
     if valid { Ok(()) } else { Err(PublishError::EventType(kind.to_owned())) }
+}
+
+/// A delta event's `message_id`: 1 to [`MAX_MESSAGE_ID_CHARS`] characters.
+pub fn check_message_id(message_id: &str) -> Result<(), PublishError> {
+    let n = message_id.chars().count();
+    if n == 0 || n > MAX_MESSAGE_ID_CHARS {
+        return Err(PublishError::Delta(format!("`message_id` is {n} characters")));
+    }
+    Ok(())
+}
+
+/// An event with `message_id` or `delta` has both, and a valid `message_id`.
+fn check_delta(event: &Event) -> Result<(), PublishError> {
+    match (&event.message_id, &event.delta) {
+        (None, None) => Ok(()),
+        (Some(id), Some(_)) => check_message_id(id),
+        (Some(_), None) => Err(PublishError::Delta("`delta` is missing".into())),
+        (None, Some(_)) => Err(PublishError::Delta("`message_id` is missing".into())),
+    }
 }
 
 /// A `Nats-Msg-Id` value: 1 to [`MAX_MSG_ID_LEN`] visible ASCII characters.
@@ -304,6 +390,7 @@ impl Publisher {
     fn prepare(&self, user: &str, event: &Event) -> Result<Prepared, PublishError> {
         let user = UserId::parse(user)?;
         check_msg_id(&event.msg_id)?;
+        check_delta(event)?;
         let payload = event.to_bytes();
         if payload.len() > self.max_event_bytes {
             return Err(PublishError::TooLarge { size: payload.len(), max: self.max_event_bytes });
@@ -413,6 +500,143 @@ impl Publisher {
     }
 }
 
+/// When a [`TextStream`] publishes: after `delay` since the first token it
+/// has not published yet, or as soon as at least `max_bytes` are buffered,
+/// whichever comes first, and on finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coalesce {
+    pub delay: Duration,
+    /// At least 1; 1 (with a zero delay) publishes every token as its own
+    /// event, which is what coalescing saves.
+    pub max_bytes: usize,
+}
+
+impl Default for Coalesce {
+    fn default() -> Self {
+        Self { delay: DEFAULT_COALESCE_DELAY, max_bytes: DEFAULT_COALESCE_BYTES }
+    }
+}
+
+/// The text of one message, published as delta events while it is
+/// generated (docs/publishing.md section 10). Tokens are coalesced by
+/// [`Coalesce`], and one delta is published at a time: the next is sent only
+/// once the previous is acked, so a retry (same `Nats-Msg-Id`) can neither
+/// duplicate nor reorder the text. Tokens pushed while a delta awaits its
+/// ack are published together in the next one.
+///
+/// Dropping it without [`TextStream::finish`] still publishes what was
+/// pushed, from its task, but nobody learns the outcome.
+pub struct TextStream {
+    tokens: mpsc::Sender<(Instant, String)>,
+    task: JoinHandle<Result<Vec<Published>, PublishError>>,
+}
+
+impl TextStream {
+    /// Appends a token to the message. Waits only when
+    /// [`TEXT_STREAM_QUEUE`] tokens are waiting (NATS is slow or down).
+    /// [`PublishError::NotSent`] once a delta has failed for good:
+    /// [`TextStream::finish`] then says why.
+    pub async fn push(&self, token: impl Into<String>) -> Result<(), PublishError> {
+        self.tokens.send((Instant::now(), token.into())).await.map_err(|_| PublishError::NotSent)
+    }
+
+    /// Publishes what is buffered and returns every delta's ack, in order.
+    /// On an error the deltas before it are stored and nothing after it.
+    pub async fn finish(self) -> Result<Vec<Published>, PublishError> {
+        drop(self.tokens);
+        self.task.await.map_err(|e| PublishError::Unacknowledged { attempts: 0, last: e.to_string() })?
+    }
+}
+
+impl Publisher {
+    /// Streams the text of message `message_id` as delta events of
+    /// `template`'s type, run, thread and agent (its `data` is not sent).
+    /// The user, type and message id are checked here.
+    pub fn text_stream(
+        &self,
+        user: &str,
+        template: &Event,
+        message_id: &str,
+        coalesce: Coalesce,
+    ) -> Result<TextStream, PublishError> {
+        UserId::parse(user)?;
+        check_type(&template.kind)?;
+        check_message_id(message_id)?;
+        let template = Event {
+            message_id: Some(message_id.to_owned()),
+            delta: Some(String::new()),
+            data: json!({}),
+            ..template.clone()
+        };
+        let (tx, rx) = mpsc::channel(TEXT_STREAM_QUEUE);
+        let task = tokio::spawn(stream_text(self.clone(), user.to_owned(), template, coalesce, rx));
+        Ok(TextStream { tokens: tx, task })
+    }
+}
+
+/// The task of a [`TextStream`]: gathers tokens and publishes a delta when
+/// one is due, waiting for each ack (with retries) before the next.
+async fn stream_text(
+    publisher: Publisher,
+    user: String,
+    template: Event,
+    coalesce: Coalesce,
+    mut rx: mpsc::Receiver<(Instant, String)>,
+) -> Result<Vec<Published>, PublishError> {
+    let max_bytes = coalesce.max_bytes.max(1);
+    let mut acked = Vec::new();
+    let mut text = String::new();
+    // When the oldest unpublished token was pushed: the delay counts from it,
+    // including the time it waited in the queue behind an ack.
+    let mut first: Option<Instant> = None;
+    let mut open = true;
+    loop {
+        // Take what is already queued, so a delta due after an ack carries
+        // every token that came in meanwhile.
+        while open && text.len() < max_bytes {
+            match rx.try_recv() {
+                Ok((at, token)) => add(&mut text, &mut first, at, &token),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if let Some(since) = first {
+            if !open || text.len() >= max_bytes || since.elapsed() >= coalesce.delay {
+                let event = Event {
+                    timestamp: now(),
+                    msg_id: new_id(),
+                    delta: Some(std::mem::take(&mut text)),
+                    ..template.clone()
+                };
+                first = None;
+                acked.push(publisher.publish(&user, &event).await?);
+                continue;
+            }
+        } else if !open {
+            return Ok(acked);
+        }
+        let deadline = first.map(|t| t + coalesce.delay);
+        tokio::select! {
+            token = rx.recv() => match token {
+                Some((at, token)) => add(&mut text, &mut first, at, &token),
+                None => open = false,
+            },
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+        }
+    }
+}
+
+/// Appends a token; an empty one changes nothing and starts no delay.
+fn add(text: &mut String, first: &mut Option<Instant>, at: Instant, token: &str) {
+    if token.is_empty() {
+        return;
+    }
+    if first.is_none() {
+        *first = Some(at);
+    }
+    text.push_str(token);
+}
+
 /// A failed ack: final errors are returned, retryable ones become the text of
 /// the last attempt.
 fn classify(p: &Prepared, e: &jetstream::context::PublishError) -> Result<String, PublishError> {
@@ -469,5 +693,31 @@ mod tests {
         assert!(err(r#"{"type":"nope"}"#).contains("event type \"nope\""));
         assert!(err(r#"{"type":"acme.x","data":[1]}"#).contains("`data` must be a JSON object"));
         assert!(err("[1]").contains("not a valid envelope"));
+    }
+
+    #[test]
+    fn delta_events_carry_a_message_id_of_1_to_128_characters() {
+        let e = Event::delta("message_delta", "r1", "m1", "Hel").unwrap();
+        let v: Value = serde_json::from_slice(&e.to_bytes()).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["message_id"].as_str(), v["delta"].as_str()),
+            (Some("message_delta"), Some("m1"), Some("Hel"))
+        );
+        assert_eq!(v["data"], json!({}));
+        // Characters, not bytes: 128 two-byte characters are fine.
+        assert!(Event::delta("message_delta", "r1", &"é".repeat(128), "x").is_ok());
+        for bad in [String::new(), "x".repeat(129)] {
+            let e = Event::delta("message_delta", "r1", &bad, "x").unwrap_err();
+            assert!(matches!(e, PublishError::Delta(_)), "{e}");
+            assert!(e.to_string().contains("1 to 128 characters"), "{e}");
+        }
+        assert!(Event::from_json(r#"{"type":"message_delta","message_id":"m","delta":"a"}"#).is_ok());
+        let err = |t: &str| Event::from_json(t).unwrap_err().to_string();
+        assert!(err(r#"{"type":"message_delta","message_id":"m"}"#).contains("`delta` is missing"));
+        assert!(err(r#"{"type":"message_delta","delta":"a"}"#).contains("`message_id` is missing"));
+        assert!(err(r#"{"type":"message_delta","message_id":"","delta":"a"}"#).contains("0 characters"));
+        // Non-delta events serialise as before: no message_id, no delta.
+        let plain: Value = serde_json::from_slice(&Event::agent_thinking("r", "t").to_bytes()).unwrap();
+        assert!(plain.get("message_id").is_none() && plain.get("delta").is_none());
     }
 }

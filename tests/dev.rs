@@ -62,17 +62,31 @@ async fn dev_starts_nats_prints_a_working_url_and_runs_the_demo() {
     let mut c = Client { ws };
     let w = c.next_json().await;
     assert_eq!((w["type"].as_str(), w["user"].as_str()), (Some("welcome"), Some("alice")), "{w}");
-    // The demo's next run arrives in order.
-    let mut types = Vec::new();
-    while types.len() < 5 {
+    // The demo's next run arrives in order, its answer streamed as deltas
+    // (merged by a node or not) that make the completed output.
+    let (mut types, mut answer) = (Vec::<String>::new(), String::new());
+    while types.last().map(String::as_str) != Some("agent_completed") {
         let f = c.next_json().await;
         let t = f["event"]["type"].as_str().unwrap().to_owned();
         if types.is_empty() && t != "agent_started" {
             continue; // joined mid-run: wait for the next one
         }
-        types.push(t);
+        if t == "message_delta" {
+            answer.push_str(f["event"]["delta"].as_str().unwrap());
+            assert_eq!(f["event"]["message_id"], format!("{}-answer", f["event"]["run_id"].as_str().unwrap()));
+        }
+        if t == "agent_completed" {
+            assert_eq!(f["event"]["data"]["output"].as_str(), Some(answer.as_str()), "{f}");
+        }
+        if types.last() != Some(&t) {
+            types.push(t);
+        }
     }
-    assert_eq!(types, ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]);
+    assert_eq!(
+        types,
+        ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "message_delta", "agent_completed"]
+    );
+    assert!(answer.starts_with("It is 18 °C in Paris"), "{answer}");
 
     // The dev user stops the next run: it ends with a cancelled agent_completed.
     let run_id = loop {

@@ -316,7 +316,13 @@ async fn bad_input_exits_nonzero_with_one_clear_line() {
             vec!["publish", "--nats-url", url, "--user", "u1"],
             "{\"type\":\"agent_started\",\"user\":\"u2\"}\n",
             64,
-            "agentcast: stdin line 1: event is not a valid envelope: unknown field `user`, expected one of `type`, `run_id`, `thread_id`, `agent`, `timestamp`, `data` at line 1 column 30".into(),
+            "agentcast: stdin line 1: event is not a valid envelope: unknown field `user`, expected one of `type`, `run_id`, `thread_id`, `agent`, `message_id`, `delta`, `timestamp`, `data` at line 1 column 30".into(),
+        ),
+        (
+            vec!["publish", "--nats-url", url, "--user", "u1"],
+            "{\"type\":\"message_delta\",\"message_id\":\"\",\"delta\":\"Hel\"}\n",
+            64,
+            "agentcast: stdin line 1: delta event is not valid: `message_id` is 0 characters (a delta event has a string `message_id` of 1 to 128 characters and a string `delta`)".into(),
         ),
         (
             vec!["publish", "--nats-url", url, "--user", "u1", "--max-event-bytes", "200", "--type", "acme.x", "--data", &big],

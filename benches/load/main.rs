@@ -27,13 +27,20 @@
 //!   100 bytes for 30 s, to a responder in this process; beside the same
 //!   requests sent by a NATS client straight to the responder (the floor).
 //!   `--targets` does not apply (control.rs).
+//! - `tokens`: streamed text (tokens.rs). 1,000 runs of one socket each
+//!   stream an answer of 40 tokens/s of 4 bytes for 30 s through the
+//!   coalescing `TextStream` (`--coalesce-ms 50`; 0: one event per token);
+//!   every 10th socket reads at most 1 KB/s (`--slow-every 10 --slow-bps
+//!   1024`). Fast sockets' latency from token creation; slow sockets'
+//!   closes, exact texts, bytes and frames per token; JetStream messages per
+//!   token. agentcast and nats-ws.
 //! - `smoke`: a few hundred sockets, every target, a short chat and a storm,
-//!   and a short control run; this is what `cargo test` runs (the target
+//!   and a short control run and tokens run; this is what `cargo test` runs (the target
 //!   sets `test = true`), so the harness cannot rot.
 //!
 //! Options: --targets agentcast,nats-ws,raw --sockets N --users N --rate N
 //! --size BYTES --duration SECS --missed N --stalled N --flood-rate N
-//! --out FILE.json. nats-server is
+//! --coalesce-ms MS --slow-every N --slow-bps N --out FILE.json. nats-server is
 //! `$AGENTCAST_BENCH_NATS_SERVER`, else `nats-server` on PATH, else
 //! /usr/sbin/nats-server.
 //!
@@ -53,6 +60,7 @@
 mod common;
 mod control;
 mod raw;
+mod tokens;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -212,6 +220,12 @@ struct Opts {
     stalled: usize,
     /// `flood`: events/s of [`FLOOD_EVENT_BYTES`] to the stalled users.
     flood_rate: u64,
+    /// `tokens`: the publisher's coalescing delay; 0 publishes every token.
+    coalesce_ms: u64,
+    /// `tokens`: every N-th socket is slow (0: none).
+    slow_every: usize,
+    /// `tokens`: a slow socket's reading rate, bytes/s.
+    slow_bps: u64,
     out: Option<PathBuf>,
 }
 
@@ -233,6 +247,9 @@ fn opts(args: &[String], smoke: bool) -> Opts {
         missed: 20,
         stalled: 0,
         flood_rate: 0,
+        coalesce_ms: 50,
+        slow_every: 10,
+        slow_bps: 1024,
         out: None,
     };
     match preset.as_str() {
@@ -248,8 +265,12 @@ fn opts(args: &[String], smoke: bool) -> Opts {
             o.targets = vec![Target::Agentcast];
             (o.sockets, o.users, o.rate, o.size) = (200, 200, 1_000, 100);
         }
+        "tokens" => {
+            (o.sockets, o.users, o.rate, o.size) = (1_000, 1_000, 40, tokens::TOKEN_BYTES);
+            o.targets = vec![Target::Agentcast, Target::NatsWs];
+        }
         "smoke" => (o.sockets, o.users, o.rate, o.duration) = (400, 200, 1_000, Duration::from_secs(3)),
-        other => panic!("unknown preset {other:?} (chat, max, idle, storm, flood, control, smoke)"),
+        other => panic!("unknown preset {other:?} (chat, max, idle, storm, flood, control, tokens, smoke)"),
     }
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -269,6 +290,9 @@ fn opts(args: &[String], smoke: bool) -> Opts {
             "--missed" => o.missed = num(),
             "--stalled" => o.stalled = num() as usize,
             "--flood-rate" => o.flood_rate = num(),
+            "--coalesce-ms" => o.coalesce_ms = num(),
+            "--slow-every" => o.slow_every = num() as usize,
+            "--slow-bps" => o.slow_bps = num(),
             "--out" => o.out = Some(PathBuf::from(val)),
             other => panic!("unknown option {other}"),
         }
@@ -456,12 +480,13 @@ impl Worker {
 }
 
 /// A worker process for sockets `first..first + count`; socket i is user
-/// `i % users`'s. `stalled`: its sockets never read ([`worker`]'s doc).
-fn spawn_worker(target: Target, addrs: &str, first: usize, count: usize, users: usize, stalled: bool) -> Worker {
+/// `i % users`'s. `extra`: `--stalled` (its sockets never read) or
+/// `--tokens ...` (the tokens preset), see [`worker`]'s doc.
+fn spawn_worker(target: Target, addrs: &str, first: usize, count: usize, users: usize, extra: &[String]) -> Worker {
     let mut child = Command::new(std::env::current_exe().expect("own path"))
         .args(["--role", "worker", "--target", target.name(), "--addrs", addrs])
         .args(["--first", &first.to_string(), "--count", &count.to_string(), "--users", &users.to_string()])
-        .args(if stalled { &["--stalled"][..] } else { &[] })
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -479,7 +504,7 @@ async fn start_workers(target: Target, addrs: &[SocketAddr], sockets: usize, use
     for w in 0..n {
         let first = sockets * w / n;
         let count = sockets * (w + 1) / n - first;
-        workers.push(spawn_worker(target, &addrs, first, count, users, false));
+        workers.push(spawn_worker(target, &addrs, first, count, users, &[]));
     }
     ready(workers).await
 }
@@ -948,7 +973,8 @@ async fn flood_phase(o: &Opts, flood_rate: u64) -> Value {
     let (mut workers, conn) = start_workers(Target::Agentcast, &s.addrs, o.sockets, o.users).await;
     let addrs = s.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
     // Users o.users.. : socket i of this worker is user i.
-    let stalled = spawn_worker(Target::Agentcast, &addrs, o.users, o.stalled, o.users + o.stalled, true);
+    let stalled =
+        spawn_worker(Target::Agentcast, &addrs, o.users, o.stalled, o.users + o.stalled, &["--stalled".into()]);
     let (_stalled, stalled_conn) = ready(vec![stalled]).await;
     let rss_connected = rss_kb(pid);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1075,6 +1101,11 @@ fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
             &[("best_deliveries_per_s", &["best", "deliveries_per_s"]), ("best_p99_ms", &["best", "latency", "p99_ms"])]
         }
         "storm" | "flood" => &[],
+        "tokens" => &[
+            ("slow_bytes_per_token", &["slow", "bytes_per_token"]),
+            ("slow_frames_per_token", &["slow", "frames_per_token"]),
+            ("fast_p99_ms", &["fast", "latency", "p99_ms"]),
+        ],
         _ => &[
             ("deliveries_per_s", &["deliveries_per_s"]),
             ("p99_ms", &["latency", "p99_ms"]),
@@ -1161,6 +1192,10 @@ async fn coordinate(o: Opts, smoke: bool) {
             "{} sockets of as many users, {} control requests/s in all of about {} bytes for {:?}, each path",
             o.sockets, o.rate, o.size, o.duration
         ),
+        "tokens" => format!(
+            "{} runs of one socket each, {} tokens/s of {} bytes for {:?}, coalescing {} ms; every {}th socket reads at most {} bytes/s",
+            o.users, o.rate, o.size, o.duration, o.coalesce_ms, o.slow_every, o.slow_bps
+        ),
         _ => format!(
             "{} sockets, {} users, {} events/s of {} bytes for {:?}",
             o.sockets, o.users, o.rate, o.size, o.duration
@@ -1188,6 +1223,13 @@ async fn coordinate(o: Opts, smoke: bool) {
                 run_storm(&o).await
             }
             "control" => control::run(&o).await,
+            "tokens" => {
+                if t == Target::Raw {
+                    println!("  raw: no JetStream behind it; tokens is agentcast and nats-ws");
+                    continue;
+                }
+                tokens::run(t, &o).await
+            }
             "smoke" => {
                 let chat = run_rate(t, &o, o.rate).await;
                 if let Err(e) = check(&chat) {
@@ -1214,6 +1256,9 @@ async fn coordinate(o: Opts, smoke: bool) {
                         missed: 0,
                         stalled: 0,
                         flood_rate: 0,
+                        coalesce_ms: o.coalesce_ms,
+                        slow_every: o.slow_every,
+                        slow_bps: o.slow_bps,
                         out: None,
                     };
                     let c = control::run(&short).await;
@@ -1221,6 +1266,13 @@ async fn coordinate(o: Opts, smoke: bool) {
                         failures.push(format!("control: {e}"));
                     }
                     v["control"] = c;
+                    // A short tokens run (every 10th of 40 sockets slow).
+                    let short = Opts { preset: "tokens".into(), sockets: 40, users: 40, rate: 40, ..short };
+                    let t = tokens::run(Target::Agentcast, &short).await;
+                    if let Err(e) = tokens::check(&t) {
+                        failures.push(format!("tokens: {e}"));
+                    }
+                    v["tokens"] = t;
                 }
                 v
             }
@@ -1236,7 +1288,8 @@ async fn coordinate(o: Opts, smoke: bool) {
         "machine": {"cores": cores, "cpu": cpu},
         "workload": {"sockets": o.sockets, "users": o.users, "rate": o.rate, "size": o.size,
                      "duration_s": o.duration.as_secs(), "missed": o.missed,
-                     "stalled": o.stalled, "flood_rate": o.flood_rate, "flood_event_bytes": FLOOD_EVENT_BYTES},
+                     "stalled": o.stalled, "flood_rate": o.flood_rate, "flood_event_bytes": FLOOD_EVENT_BYTES,
+                     "coalesce_ms": o.coalesce_ms, "slow_every": o.slow_every, "slow_bps": o.slow_bps},
         "results": results.iter().map(|(t, v)| json!({"target": t.name(), "result": v})).collect::<Vec<_>>(),
         "ratios": ratios(&o.preset, &results),
     });

@@ -14,6 +14,17 @@
 //! and opens a new one resuming from its first welcome's position (so the
 //! node replays the user's whole flood into a socket that again reads
 //! nothing), the way a hostile or broken client would.
+//!
+//! With `--tokens <tokens>,<period_ms>,<slow_every>,<slow_bps>` (the `tokens`
+//! preset, tokens.rs) each socket's user streams one text answer as delta
+//! events: token k of user u is [`crate::tokens::token`]`(u, k)`, created at
+//! `t0 + offset(u) + k * period` (t0 from the coordinator's `tokens <t0>`
+//! line). Every `slow_every`-th socket reads at most `slow_bps` bytes a
+//! second (it sleeps after each message) through a small receive buffer.
+//! The socket appends each frame's `delta` to its text, which makes merged
+//! and unmerged frames alike; `treport <wait_ms>` waits for every text to be
+//! whole (or the socket closed, or the wait to pass) and prints
+//! `tresult <json>`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +54,10 @@ const SOURCE_ADDRESSES: u32 = 64;
 const CLIENT_READ_BUFFER: usize = 4 * 1024;
 /// How long a stalled socket stays connected before it reconnects.
 const STALL_RECONNECT: Duration = Duration::from_secs(5);
+/// Receive buffer of a slow socket in the tokens preset: small, so the
+/// throttle reaches the server instead of filling megabytes of kernel
+/// buffer first.
+const SLOW_RCVBUF: u32 = 4096;
 
 #[derive(Clone)]
 pub struct Spec {
@@ -53,6 +68,8 @@ pub struct Spec {
     pub users: usize,
     /// The sockets never read after their welcome (see the module doc).
     pub stalled: bool,
+    /// The tokens preset's plan (see the module doc).
+    pub tokens: Option<crate::tokens::Plan>,
 }
 
 impl Spec {
@@ -68,6 +85,7 @@ impl Spec {
             count: get("--count").parse().unwrap(),
             users: get("--users").parse().unwrap(),
             stalled: args.iter().any(|a| a == "--stalled"),
+            tokens: args.iter().position(|a| a == "--tokens").map(|i| crate::tokens::Plan::parse(&args[i + 1])),
         }
     }
 }
@@ -75,7 +93,7 @@ impl Spec {
 /// What one socket has seen. `got` is a bitset over the per-user event
 /// number `n`, so duplicates and reordering are told apart exactly.
 #[derive(Default)]
-struct Sock {
+pub struct Sock {
     got: Vec<u64>,
     distinct: u64,
     max_n: Option<u64>,
@@ -87,7 +105,16 @@ struct Sock {
     epoch: String,
     last_new_ns: u64,
     ended: bool,
+    /// The tokens preset: the text so far, frames and bytes read, and the
+    /// close code if the server closed the socket.
+    pub text: String,
+    pub frames: u64,
+    pub bytes: u64,
+    pub closed: Option<u16>,
 }
+
+/// A socket's user and what it has seen, as the worker keeps them.
+pub type SockRef = (u64, Arc<Mutex<Sock>>);
 
 impl Sock {
     fn record(&mut self, n: u64) {
@@ -137,6 +164,8 @@ struct Shared {
     settled: Notify,
     ended: AtomicUsize,
     errors: Mutex<Vec<String>>,
+    /// The tokens preset's t0 (Unix ns), 0 until the coordinator says.
+    t0: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -170,6 +199,7 @@ pub async fn run(spec: Spec) {
         settled: Notify::new(),
         ended: AtomicUsize::new(0),
         errors: Mutex::new(Vec::new()),
+        t0: std::sync::atomic::AtomicU64::new(0),
     });
     let (resume_tx, resume_rx) = watch::channel::<Option<SocketAddr>>(None);
     let gate = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
@@ -187,6 +217,7 @@ pub async fn run(spec: Spec) {
             gate: gate.clone(),
             resume: resume_rx.clone(),
             stalled: spec.stalled,
+            plan: spec.tokens,
         };
         tokio::spawn(ctx.run());
     }
@@ -249,6 +280,13 @@ pub async fn run(spec: Spec) {
                 *shared.hist.lock().unwrap() = Hist::default();
                 println!("result {r}");
             }
+            "tokens" => shared.t0.store(arg.parse().expect("t0"), Ordering::Release),
+            "treport" => {
+                let plan = spec.tokens.expect("treport needs --tokens");
+                let wait = Duration::from_millis(arg.parse().expect("wait ms"));
+                let r = crate::tokens::report(&plan, &socks, spec.first, wait, &shared.hist).await;
+                println!("tresult {r}");
+            }
             other => panic!("worker: unknown command {other:?}"),
         }
     }
@@ -264,6 +302,7 @@ struct SockCtx {
     gate: Arc<tokio::sync::Semaphore>,
     resume: watch::Receiver<Option<SocketAddr>>,
     stalled: bool,
+    plan: Option<crate::tokens::Plan>,
 }
 
 impl SockCtx {
@@ -314,6 +353,9 @@ impl SockCtx {
     async fn connect(&self) -> Result<Ws, String> {
         let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 2)) + (self.index as u32 % SOURCE_ADDRESSES));
         let tcp = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        if self.plan.is_some_and(|p| p.is_slow(self.index)) {
+            tcp.set_recv_buffer_size(SLOW_RCVBUF).map_err(|e| e.to_string())?;
+        }
         tcp.bind(SocketAddr::new(IpAddr::V4(src), 0)).map_err(|e| format!("bind {src}: {e}"))?;
         let stream = tcp.connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -405,6 +447,9 @@ impl SockCtx {
 
     async fn read(&self, mut ws: Ws) {
         let mut nats = NatsParser::default();
+        if let Some(plan) = self.plan {
+            return self.read_tokens(ws, plan, nats).await;
+        }
         while let Some(msg) = ws.next().await {
             match msg {
                 Ok(Message::Text(t)) => match serde_json::from_str::<Frame>(t.as_str()) {
@@ -425,26 +470,15 @@ impl SockCtx {
                     Err(e) => self.shared.error(format!("bad frame {e}: {t}")),
                 },
                 Ok(Message::Binary(b)) => {
-                    nats.buf.extend_from_slice(&b);
-                    loop {
-                        match nats.next() {
-                            Ok(Some(NatsItem::Msg(payload))) => match serde_json::from_slice::<Ev>(&payload) {
-                                Ok(ev) => self.shared.event(&self.sock, self.user, ev),
-                                Err(e) => self.shared.error(format!("bad payload: {e}")),
-                            },
-                            Ok(Some(NatsItem::Ping)) => {
-                                if ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(Some(NatsItem::Err(e))) => self.shared.error(format!("nats: {e}")),
-                            Ok(Some(_)) => {}
-                            Ok(None) => break,
-                            Err(e) => {
-                                self.shared.error(format!("nats protocol: {e}"));
-                                return;
-                            }
+                    let (payloads, go_on) = self.nats_payloads(&mut ws, &mut nats, &b).await;
+                    for payload in payloads {
+                        match serde_json::from_slice::<Ev>(&payload) {
+                            Ok(ev) => self.shared.event(&self.sock, self.user, ev),
+                            Err(e) => self.shared.error(format!("bad payload: {e}")),
                         }
+                    }
+                    if !go_on {
+                        return;
                     }
                 }
                 Ok(Message::Close(c)) => {
@@ -459,6 +493,115 @@ impl SockCtx {
                 Err(_) => return,
             }
         }
+    }
+}
+
+impl SockCtx {
+    /// Feeds a binary message to the NATS parser: the MSG payloads it
+    /// completes, PINGs answered, `-ERR`s reported. The flag is false when
+    /// the socket is done (a PONG could not be sent, or the protocol broke).
+    async fn nats_payloads(&self, ws: &mut Ws, nats: &mut NatsParser, bytes: &[u8]) -> (Vec<Vec<u8>>, bool) {
+        nats.buf.extend_from_slice(bytes);
+        let mut payloads = Vec::new();
+        loop {
+            match nats.next() {
+                Ok(Some(NatsItem::Msg(payload))) => payloads.push(payload),
+                Ok(Some(NatsItem::Ping)) => {
+                    if ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
+                        return (payloads, false);
+                    }
+                }
+                Ok(Some(NatsItem::Err(e))) => self.shared.error(format!("nats: {e}")),
+                Ok(Some(_)) => {}
+                Ok(None) => return (payloads, true),
+                Err(e) => {
+                    self.shared.error(format!("nats protocol: {e}"));
+                    return (payloads, false);
+                }
+            }
+        }
+    }
+
+    /// The tokens preset's reader: appends each delta, times the tokens it
+    /// completes (fast sockets), and throttles slow sockets.
+    async fn read_tokens(&self, mut ws: Ws, plan: crate::tokens::Plan, mut nats: NatsParser) {
+        let slow = plan.is_slow(self.index);
+        #[derive(Deserialize)]
+        struct Delta {
+            delta: String,
+        }
+        #[derive(Deserialize)]
+        struct DeltaFrame {
+            #[serde(rename = "type")]
+            kind: String,
+            event: Option<Delta>,
+        }
+        while let Some(msg) = ws.next().await {
+            let size = match &msg {
+                Ok(m) => m.len() as u64,
+                Err(_) => 0,
+            };
+            let mut deltas = Vec::new();
+            match msg {
+                Ok(Message::Text(t)) => match serde_json::from_str::<DeltaFrame>(t.as_str()) {
+                    Ok(f) if f.kind == "event" => match f.event {
+                        Some(d) => deltas.push(d.delta),
+                        None => self.shared.error(format!("event without delta: {t}")),
+                    },
+                    Ok(f) if f.kind == "gap" => self.shared.error(format!("gap: {t}")),
+                    Ok(_) => {}
+                    Err(e) => self.shared.error(format!("bad frame {e}: {t}")),
+                },
+                Ok(Message::Binary(b)) => {
+                    let (payloads, go_on) = self.nats_payloads(&mut ws, &mut nats, &b).await;
+                    for payload in payloads {
+                        match serde_json::from_slice::<Delta>(&payload) {
+                            Ok(d) => deltas.push(d.delta),
+                            Err(e) => self.shared.error(format!("bad payload: {e}")),
+                        }
+                    }
+                    if !go_on {
+                        self.sock.lock().unwrap().closed.get_or_insert(1006);
+                        return;
+                    }
+                }
+                Ok(Message::Close(c)) => {
+                    self.sock.lock().unwrap().closed = Some(c.map_or(1005, |c| u16::from(c.code)));
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let mut s = self.sock.lock().unwrap();
+                    s.closed = Some(1006);
+                    drop(s);
+                    self.shared.error(format!("socket {}: {e}", self.index));
+                    return;
+                }
+            }
+            let now = now_ns();
+            let t0 = self.shared.t0.load(Ordering::Acquire);
+            {
+                let mut s = self.sock.lock().unwrap();
+                s.bytes += size;
+                s.frames += deltas.len() as u64;
+                for d in deltas {
+                    let before = s.text.len() / crate::tokens::TOKEN_BYTES;
+                    s.text.push_str(&d);
+                    let after = s.text.len() / crate::tokens::TOKEN_BYTES;
+                    if !slow && t0 > 0 {
+                        let mut hist = self.shared.hist.lock().unwrap();
+                        for k in (before..after).filter(|k| *k as u64 >= plan.warm_tokens()) {
+                            let created = plan.created_ns(t0, self.user, k as u64);
+                            hist.add(now.saturating_sub(created) / 1000);
+                        }
+                    }
+                }
+            }
+            if slow && size > 0 {
+                tokio::time::sleep(Duration::from_secs_f64(size as f64 / plan.slow_bps as f64)).await;
+            }
+        }
+        self.sock.lock().unwrap().closed.get_or_insert(1006);
     }
 }
 

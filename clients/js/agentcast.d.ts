@@ -34,6 +34,8 @@ export type AgentThinking = EnvelopeBase<'agent_thinking', { text?: string; [k: 
 export type ToolExecuting = EnvelopeBase<'tool_executing', { tool?: string; args?: unknown; [k: string]: unknown }>;
 export type ToolCompleted = EnvelopeBase<'tool_completed', { tool?: string; result?: unknown; [k: string]: unknown }>;
 export type AgentCompleted = EnvelopeBase<'agent_completed', { output?: unknown; [k: string]: unknown }>;
+/** A delta event (docs/publishing.md §10): `delta` appends to message `message_id`. */
+export type MessageDelta = EnvelopeBase<'message_delta', Record<string, unknown>> & { message_id: string; delta: string };
 export type AgentError = EnvelopeBase<'error', { code?: string; message?: string; [k: string]: unknown }>;
 /** A custom event: its type is `<namespace>.<name>`. */
 export type CustomEvent = EnvelopeBase<`${string}.${string}`, Record<string, unknown>>;
@@ -41,6 +43,7 @@ export type CustomEvent = EnvelopeBase<`${string}.${string}`, Record<string, unk
 export interface EventMap {
   agent_started: AgentStarted;
   agent_thinking: AgentThinking;
+  message_delta: MessageDelta;
   tool_executing: ToolExecuting;
   tool_completed: ToolCompleted;
   agent_completed: AgentCompleted;
@@ -54,6 +57,7 @@ export type BuiltinEventType = Exclude<keyof EventMap, 'custom' | '*'>;
 export type AgentcastEvent =
   | AgentStarted
   | AgentThinking
+  | MessageDelta
   | ToolExecuting
   | ToolCompleted
   | AgentCompleted
@@ -153,6 +157,40 @@ export interface AgentcastOptions {
   onGap?: (gap: Gap) => void;
   onWelcome?: (welcome: Welcome) => void;
   onError?: (error: unknown) => void;
+  onMessage?: (message: StreamedText) => void;
+  /** Messages whose text is kept for onMessage (default MAX_MESSAGES). */
+  maxMessages?: number;
+}
+
+/** One frame of streamed text, as given to onMessage. */
+export interface StreamedText {
+  messageId: string;
+  /** The event's type (message_delta, agent_thinking, ...). */
+  type: string;
+  /** The text this frame appends (several deltas' when merged). */
+  delta: string;
+  /** The message's text so far on this client. */
+  text: string;
+  /** The frame's seq (its last delta's). */
+  seq: number;
+  /** The seq of its first delta: `seq` when the frame merges nothing. */
+  firstSeq: number;
+  /** Deltas in the frame: 1 when it merges nothing. */
+  merged: number;
+  /** The (last) event's object, with the frame's `delta`. */
+  event: AgentcastEvent;
+}
+
+/** Messages whose text a client keeps; the one with the oldest delta is forgotten past it. */
+export const MAX_MESSAGES: number;
+
+/** Assembles streamed text from delta events, merged or not. */
+export class Messages {
+  constructor(max?: number);
+  /** Appends a delta event's text; null when the event is not a delta event. */
+  add(event: unknown): { messageId: string; delta: string; text: string } | null;
+  text(messageId: string): string | undefined;
+  clear(): void;
 }
 
 /** Failed opens in a row with a position before one open without it (see the README). */
@@ -185,6 +223,10 @@ export class AgentcastClient {
   onWelcome(handler: (welcome: Welcome) => void): () => void;
   /** A handler threw, a frame was not JSON, or a frame's seq, position, gap bound or epoch could not be held; the stream goes on. */
   onError(handler: (error: unknown) => void): () => void;
+  /** Streamed text: one call per frame carrying a delta event, with the text so far. */
+  onMessage(handler: (message: StreamedText) => void): () => void;
+  /** The text so far of each message seen by this client. */
+  readonly messages: Messages;
 
   /** Starts connecting; returns the client. */
   connect(): this;

@@ -74,11 +74,65 @@ export function isEpoch(epoch) {
 export const EVENT_TYPES = Object.freeze([
   'agent_started',
   'agent_thinking',
+  'message_delta',
   'tool_executing',
   'tool_completed',
   'agent_completed',
   'error',
 ]);
+
+/**
+ * Messages whose text a client keeps for `onMessage` (docs/publishing.md
+ * §10). When a delta of a new message arrives with this many held, the one
+ * that had a delta longest ago is forgotten: a later delta of it starts its
+ * text again from that delta. Streams interleave a few messages at a time,
+ * so this bounds memory on a long-lived page without affecting them.
+ */
+export const MAX_MESSAGES = 256;
+
+/** A delta event's fields, or null when the event is not one (docs/publishing.md §10). */
+function deltaOf(event) {
+  const id = event.message_id;
+  if (typeof id !== 'string' || id.length === 0 || typeof event.delta !== 'string') return null;
+  return { messageId: id, delta: event.delta };
+}
+
+/**
+ * Assembles streamed text: the text so far of each message, from delta
+ * events, whether a node merged several into one frame or not (appending
+ * each frame's `delta` is right either way). The client keeps one; it is
+ * exported for pages that assemble events they got another way.
+ */
+export class Messages {
+  constructor(max = MAX_MESSAGES) {
+    this._max = max;
+    /** @type {Map<string, string>} in order of their last delta */
+    this._texts = new Map();
+  }
+
+  /**
+   * Appends a delta event's text. Returns {messageId, delta, text} or null
+   * when the event is not a delta event.
+   */
+  add(event) {
+    const d = deltaOf(event ?? {});
+    if (!d) return null;
+    const text = (this._texts.get(d.messageId) ?? '') + d.delta;
+    this._texts.delete(d.messageId);
+    if (this._texts.size >= this._max) this._texts.delete(this._texts.keys().next().value);
+    this._texts.set(d.messageId, text);
+    return { messageId: d.messageId, delta: d.delta, text };
+  }
+
+  /** The text so far of a message, or undefined. */
+  text(messageId) {
+    return this._texts.get(messageId);
+  }
+
+  clear() {
+    this._texts.clear();
+  }
+}
 
 /**
  * Close codes after which a reconnect only repeats the client's fault
@@ -220,6 +274,9 @@ export class AgentcastClient {
     this._gapHandlers = new Set();
     this._welcomeHandlers = new Set();
     this._errorHandlers = new Set();
+    this._messageHandlers = new Set();
+    /** Streamed text so far, per message (onMessage). */
+    this.messages = new Messages(options.maxMessages ?? MAX_MESSAGES);
     /** Control requests of the open socket waiting for their answer, by id. */
     this._pending = new Map();
     this._nextControl = 0;
@@ -227,6 +284,7 @@ export class AgentcastClient {
     if (options.onGap) this._gapHandlers.add(options.onGap);
     if (options.onWelcome) this._welcomeHandlers.add(options.onWelcome);
     if (options.onError) this._errorHandlers.add(options.onError);
+    if (options.onMessage) this._messageHandlers.add(options.onMessage);
   }
 
   /**
@@ -252,6 +310,19 @@ export class AgentcastClient {
   /** Every welcome: handler({node, user, position, epoch}). */
   onWelcome(handler) {
     return addTo(this._welcomeHandlers, handler);
+  }
+
+  /**
+   * Streamed text (docs/publishing.md §10): handler({messageId, type, delta,
+   * text, seq, firstSeq, merged, event}) for each frame carrying a delta
+   * event, where `text` is the message's text so far on this client. A
+   * frame that merges several deltas (`merged` > 1, `firstSeq` its first
+   * `seq`) calls it once with their concatenation. Joined from a position
+   * before the message (`lastSeq`), the replay rebuilds the text. Returns a
+   * function that removes it.
+   */
+  onMessage(handler) {
+    return addTo(this._messageHandlers, handler);
   }
 
   /** Errors that do not stop the client (a handler threw, a bad frame). */
@@ -608,6 +679,13 @@ export class AgentcastClient {
         }
         const all = this._handlers.get('*');
         if (all) for (const h of all) this._call(h, event, seq);
+        const message = this.messages.add(event);
+        if (message) {
+          const firstSeq = isPosition(frame.first_seq) ? frame.first_seq : seq;
+          const merged = Number.isSafeInteger(frame.merged) ? frame.merged : 1;
+          const m = { ...message, type, seq, firstSeq, merged, event };
+          for (const h of this._messageHandlers) this._call(h, m);
+        }
         return;
       }
       case 'gap': {

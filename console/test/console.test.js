@@ -255,6 +255,47 @@ test('a reload mid-run resumes after the last event shown and keeps the run', as
   }
 });
 
+test('streamed text grows in one line of its run, and a reload keeps it and goes on appending', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const page = await newPage();
+  const delta = (d) => ({ type: 'message_delta', run_id: 's1', message_id: 's1-answer', delta: d, data: {} });
+  const words = Array.from({ length: 30 }, (_, i) => `word${i} `);
+  const line = 'section.run[data-run="s1"] li[data-message="s1-answer"] .text';
+  const shown = () => page.$eval(line, (e) => e.textContent).catch(() => null);
+  try {
+    await page.goto(`http://${node.addr}/console/#token=${token('streams')}`);
+    await waitForState(page, 'open');
+    await publish(nats, 'streams', run('s1', ['started']));
+    let published = [];
+    for (const part of [words.slice(0, 10), words.slice(10, 20)]) {
+      const seqs = await publish(nats, 'streams', part.map(delta));
+      published.push(...part);
+      const want = published.join('');
+      await eventually(`the text so far (${want.length} chars)`, async () => (await shown()) === want, PAGE_TIMEOUT_MS);
+      assert.equal(
+        await page.$eval('li[data-message="s1-answer"]', (e) => e.dataset.lastSeq),
+        String(seqs.at(-1)),
+      );
+    }
+    // One line for the message, beside the run's other events.
+    const types = await page.$$eval('section.run[data-run="s1"] li', (els) => els.map((e) => e.dataset.type));
+    assert.deepEqual(types, ['agent_started', 'message_delta']);
+
+    await page.reload();
+    await waitForState(page, 'open');
+    assert.equal(await shown(), published.join(''), 'the reload lost the text so far');
+    await publish(nats, 'streams', words.slice(20).map(delta));
+    await publish(nats, 'streams', run('s1', ['completed']));
+    await eventually('the whole text', async () => (await shown()) === words.join(''), PAGE_TIMEOUT_MS);
+    await page.waitForSelector('section.run[data-run="s1"][data-status="completed"]', { timeout: PAGE_TIMEOUT_MS });
+    assert.equal(await page.$$eval('li[data-message]', (els) => els.length), 1);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
+
 test('the page keeps the last 500 events and drops a run whose events are all gone', async () => {
   // MAX_KEPT_EVENTS in console/console.js.
   const kept = 500;
@@ -358,7 +399,20 @@ test('agentcast dev prints the console link, and a screenshot is kept of a demo 
         .filter((r) => r.querySelector('li[data-type="agent_started"]'))
         .map((r) => [...r.querySelectorAll('li')].map((e) => e.dataset.type)),
     );
-    assert.deepEqual(whole[0], ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed']);
+    assert.deepEqual(whole[0], [
+      'agent_started',
+      'agent_thinking',
+      'tool_executing',
+      'tool_completed',
+      'message_delta',
+      'agent_completed',
+    ]);
+    // The streamed answer is one line holding the whole text: the output.
+    const answer = await page.$eval('section.run[data-status="completed"] li[data-type="message_delta"]', (e) => ({
+      text: e.querySelector('.text').textContent,
+      output: JSON.parse(e.parentElement.querySelector('li[data-type="agent_completed"]').title).data.output,
+    }));
+    assert.equal(answer.text, answer.output);
     mkdirSync(dirname(SCREENSHOT), { recursive: true });
     await page.screenshot({ path: SCREENSHOT, fullPage: true });
     console.log(`screenshot: ${SCREENSHOT}`);
@@ -381,7 +435,8 @@ test('Stop on a demo run in progress cancels it, and nothing of that run follows
   try {
     await page.goto(dev.link);
     await waitForState(page, 'open');
-    // A run that has just started has four 400 ms steps left (src/dev.rs);
+    // A run that has just started has four 400 ms steps and a streamed
+    // answer left (src/dev.rs);
     // on a loaded machine the click may still land after the run is over,
     // which the agent answers `finished`: then the next run is tried.
     let id;
@@ -412,7 +467,7 @@ test('Stop on a demo run in progress cancels it, and nothing of that run follows
     assert.deepEqual(completed.data, { status: 'cancelled' });
     // The run's steps up to the Stop, in order, then the cancelled completion.
     const types = await typesOf(page, id);
-    const full = ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed'];
+    const full = ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'message_delta'];
     assert.equal(types.at(-1), 'agent_completed');
     assert.ok(types.length >= 2 && types.length - 1 <= full.length, `${types}`);
     assert.deepEqual(types.slice(0, -1), full.slice(0, types.length - 1));
