@@ -89,7 +89,8 @@ impl Transport {
             Message::Close(frame) => {
                 let (code, reason) = frame
                     .map_or((1000, String::new()), |CloseFrame { code, reason }| (code, reason.as_str().to_owned()));
-                let data = serde_json::json!({ "type": "close", "code": code, "reason": reason }).to_string();
+                let reason = serde_json::Value::from(reason);
+                let data = format!(r#"{{"type":"close","code":{code},"reason":{reason}}}"#);
                 write_event(&mut self.buf, "close", None, &data);
                 self.closed = true;
             }
@@ -257,7 +258,7 @@ mod tests {
         assert_eq!(
             body(&mut rx).await,
             "event: event\ndata: {\"type\":\"event\",\"seq\":1,\"event\":{\ndata: \"a\": 1\ndata: }}\n\n\
-             event: close\ndata: {\"code\":4000,\"reason\":\"slow: reconnect and resume\",\"type\":\"close\"}\n\n"
+             event: close\ndata: {\"type\":\"close\",\"code\":4000,\"reason\":\"slow: reconnect and resume\"}\n\n"
         );
         assert!(rx.recv().await.is_none(), "the body ended");
     }
