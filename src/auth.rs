@@ -98,6 +98,8 @@ pub struct Identity {
     /// When the socket is closed: the token's `exp` plus the leeway that
     /// admitted it, in seconds since the Unix epoch.
     pub close_at: u64,
+    /// The token's `exp`, as it says.
+    pub exp: u64,
 }
 
 /// Verifies tokens with one pinned key and algorithm.
@@ -239,7 +241,7 @@ impl Authenticator {
         let sub = data.claims.sub.ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
         let exp = data.claims.exp.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
         let user = UserId::parse(&sub)?;
-        Ok(Identity { user, close_at: exp.saturating_add(self.validation.leeway) })
+        Ok(Identity { user, close_at: exp.saturating_add(self.validation.leeway), exp })
     }
 }
 

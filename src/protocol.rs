@@ -80,6 +80,9 @@ pub enum ServerFrame<'a> {
         position: u64,
         /// Identifies the stream; changes when it is recreated.
         epoch: &'a str,
+        /// The token's `exp` (Unix seconds): refresh before it
+        /// (docs/protocol.md section 4), or the socket closes with 4001.
+        exp: u64,
     },
     /// Events in `from..=to` may be missing; see docs/protocol.md.
     Gap {
@@ -98,6 +101,9 @@ pub enum ServerFrame<'a> {
     Error { code: &'a str, message: &'a str },
     /// Answer to a client `ping` frame.
     Pong,
+    /// A `refresh` frame's token was taken: the socket now closes at its
+    /// `exp` (Unix seconds).
+    Refreshed { exp: u64 },
     /// An agent's reply to a client's `control` frame ([`crate::control`]),
     /// embedded as the agent sent it.
     ControlReply { id: &'a str, data: &'a serde_json::value::RawValue },
@@ -134,6 +140,9 @@ pub enum ClientFrame {
         #[serde(default)]
         epoch: Option<String>,
     },
+    /// A fresh token for the socket's user: the socket then closes at its
+    /// `exp` instead of the first token's.
+    Refresh { token: String },
 }
 
 /// A `last_seq` in a frame: `null`, or an integer up to [`MAX_SEQ`].
@@ -257,8 +266,8 @@ mod tests {
 
     #[test]
     fn control_frames_serialise_with_their_type() {
-        let w = ServerFrame::Welcome { node: "n1", user: "u1", position: 7, epoch: "1" }.to_text();
-        assert_eq!(w.as_str(), r#"{"type":"welcome","node":"n1","user":"u1","position":7,"epoch":"1"}"#);
+        let w = ServerFrame::Welcome { node: "n1", user: "u1", position: 7, epoch: "1", exp: 9 }.to_text();
+        assert_eq!(w.as_str(), r#"{"type":"welcome","node":"n1","user":"u1","position":7,"epoch":"1","exp":9}"#);
         let g = ServerFrame::Gap { reason: "expired", from: Some(3), to: Some(9), earliest: Some(10) }.to_text();
         assert_eq!(g.as_str(), r#"{"type":"gap","reason":"expired","from":3,"to":9,"earliest":10}"#);
         let r = ServerFrame::Gap { reason: "stream_reset", from: None, to: None, earliest: None }.to_text();

@@ -71,6 +71,10 @@ pub struct Session {
     pub node_id: Arc<str>,
     /// Token expiry plus leeway, in seconds since the Unix epoch.
     pub token_exp: u64,
+    /// The token's own `exp`, told to the client in `welcome`.
+    pub exp: u64,
+    /// Checks the tokens of `refresh` frames as a new connection's.
+    pub auth: Arc<crate::auth::Authenticator>,
     /// Frames the socket's queue holds at most (`--socket-queue`).
     pub queue: usize,
     /// Bytes of frames it holds at most, with the batch being written
@@ -128,7 +132,7 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     async move {
-        let expiry = token_deadline(s.token_exp);
+        let mut expiry = token_deadline(s.token_exp);
         if s.start == Start::Frame {
             s.start = match wait_resume_frame(&mut ws, &s.kicker, expiry).await {
                 Ok(start) => start,
@@ -155,6 +159,7 @@ where
             user: s.user.as_str(),
             position: membership.position.seq(),
             epoch: &epoch,
+            exp: s.exp,
         }
         .to_text();
         if send(&mut ws, Message::Text(welcome)).await.is_err() {
@@ -240,6 +245,25 @@ where
                             ))
                         });
                         r.handle(frame);
+                        continue;
+                    }
+                    if let Some(Ok(Message::Text(text))) = &msg
+                        && let Some(token) = refresh_token(text.as_str())
+                    {
+                        let reply = match refresh(&s, &token) {
+                            Ok((close_at, exp)) => {
+                                expiry = token_deadline(close_at);
+                                timer.as_mut().reset(next_ping.min(expiry));
+                                ServerFrame::Refreshed { exp }.to_text()
+                            }
+                            Err(why) => {
+                                metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "refresh_refused").increment(1);
+                                ServerFrame::Error { code: "refresh_refused", message: &why }.to_text()
+                            }
+                        };
+                        if send(&mut ws, Message::Text(reply)).await.is_err() {
+                            return End::Client;
+                        }
                         continue;
                     }
                     if let Some(end) = on_client_message(&mut ws, msg).await {
@@ -487,6 +511,12 @@ where
         Some(Ok(Message::Text(text))) => {
             let reply = match serde_json::from_str::<ClientFrame>(text.as_str()) {
                 Ok(ClientFrame::Ping) => ServerFrame::Pong.to_text(),
+                // Taken before this, in the socket's loop (see `refresh`);
+                // only a socket still waiting for its resume frame gets here.
+                Ok(ClientFrame::Refresh { .. }) => {
+                    let message = "refresh is accepted once the socket has started";
+                    ServerFrame::Error { code: "refresh_refused", message }.to_text()
+                }
                 Ok(ClientFrame::Resume { .. }) => {
                     metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "late_resume").increment(1);
                     let message = "resume is only accepted as the first frame of a socket opened with resume=frame";
@@ -604,6 +634,25 @@ where
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
     end
+}
+
+/// The token of a `refresh` frame, if `text` is one.
+fn refresh_token(text: &str) -> Option<String> {
+    match serde_json::from_str::<ClientFrame>(text) {
+        Ok(ClientFrame::Refresh { token }) => Some(token),
+        _ => None,
+    }
+}
+
+/// Checks a refresh's token as a new connection's would be checked, and
+/// that it names the socket's user: the socket's new close time (`exp` plus
+/// leeway) and `exp`, or why it was refused (the old expiry stands).
+fn refresh(s: &Session, token: &str) -> Result<(u64, u64), String> {
+    let id = s.auth.verify(token).map_err(|e| e.to_string())?;
+    if id.user != s.user {
+        return Err("the token is for another user".into());
+    }
+    Ok((id.close_at, id.exp))
 }
 
 /// Longest a token's expiry is waited for: a far-future `exp` would
