@@ -110,6 +110,12 @@ pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 /// the configured `--socket-queue` means clients are about to be closed as slow.
 pub const QUEUE_BUCKETS: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0];
 
+/// Label values of `transport` on the per-connection series ([`SOCKETS_OPEN`],
+/// [`CONNECTIONS_ACCEPTED`], [`CONNECTIONS_REFUSED`], [`DISCONNECTS`]): see
+/// [`crate::server::Transport::label`]. Refusals at the HTTP connections'
+/// bound, before any route, are `http`.
+pub const TRANSPORTS: &[&str] = &["ws", "sse"];
+
 /// Label values of [`DISCONNECTS`] (see [`crate::socket::End::label`]).
 pub const DISCONNECT_REASONS: &[&str] =
     &["client", "slow", "drain", "ping_timeout", "token_expired", "too_big", "unsupported", "stream_reset", "error"];
@@ -231,11 +237,19 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_gauge!(SOCKETS_OPEN, Unit::Count, "WebSocket connections open on this node.");
+    describe_gauge!(SOCKETS_OPEN, Unit::Count, "Client connections open on this node, by transport (ws, sse).");
     describe_gauge!(USERS_SUBSCRIBED, Unit::Count, "Users with a live NATS subscription on this node.");
-    describe_counter!(CONNECTIONS_ACCEPTED, Unit::Count, "WebSocket upgrades accepted.");
-    describe_counter!(CONNECTIONS_REFUSED, Unit::Count, "Connection attempts refused before the upgrade, by reason.");
-    describe_counter!(DISCONNECTS, Unit::Count, "Sockets closed, by reason.");
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        Unit::Count,
+        "WebSocket upgrades and event streams accepted, by transport."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        Unit::Count,
+        "Connection attempts refused before the upgrade or stream, by reason and transport (http: the HTTP connections' bound)."
+    );
+    describe_counter!(DISCONNECTS, Unit::Count, "Sockets and event streams closed, by reason and transport.");
     describe_counter!(
         SLOW_SOCKETS,
         Unit::Count,
@@ -333,19 +347,24 @@ fn describe() {
 
 /// Registers every series whose labels are known in advance, at zero.
 fn register_known() {
-    for reason in DISCONNECT_REASONS {
-        metrics::counter!(DISCONNECTS, "reason" => *reason).absolute(0);
+    for transport in TRANSPORTS {
+        for reason in DISCONNECT_REASONS {
+            metrics::counter!(DISCONNECTS, "reason" => *reason, "transport" => *transport).absolute(0);
+        }
+        for reason in REFUSAL_REASONS.iter().chain(AUTH_FAILURE_REASONS) {
+            metrics::counter!(CONNECTIONS_REFUSED, "reason" => *reason, "transport" => *transport).absolute(0);
+        }
+        metrics::counter!(CONNECTIONS_ACCEPTED, "transport" => *transport).absolute(0);
+        metrics::gauge!(SOCKETS_OPEN, "transport" => *transport).increment(0.0);
     }
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => "http_capacity", "transport" => "http").absolute(0);
     for bound in ["frames", "bytes"] {
         metrics::counter!(SLOW_SOCKETS, "bound" => bound).absolute(0);
-    }
-    for reason in REFUSAL_REASONS.iter().chain(AUTH_FAILURE_REASONS) {
-        metrics::counter!(CONNECTIONS_REFUSED, "reason" => *reason).absolute(0);
     }
     for reason in ["not_json", "not_object", "not_utf8", "no_sequence"] {
         metrics::counter!(EVENTS_REJECTED, "reason" => reason).absolute(0);
     }
-    for reason in ["late_resume", "bad_frame", "binary", "too_big", "not_utf8"] {
+    for reason in ["late_resume", "bad_frame", "binary", "too_big", "not_utf8", "refresh_refused"] {
         metrics::counter!(CLIENT_FRAMES_REJECTED, "reason" => reason).absolute(0);
     }
     for outcome in ["complete", "gap", "failed"] {
@@ -365,7 +384,7 @@ fn register_known() {
     for event in NATS_EVENT_NAMES {
         metrics::counter!(NATS_EVENTS, "event" => *event).absolute(0);
     }
-    for name in [CONNECTIONS_ACCEPTED, EVENTS_RECEIVED, FRAMES_SENT, BYTES_SENT, REPLAYED_EVENTS, GAPS_DETECTED] {
+    for name in [EVENTS_RECEIVED, FRAMES_SENT, BYTES_SENT, REPLAYED_EVENTS, GAPS_DETECTED] {
         metrics::counter!(name).absolute(0);
     }
     for name in [STREAM_RESETS, SHARED_REPLAYS, NATS_RECONNECTS, HISTORY_SCAN_MESSAGES, AUDIT_CHECKS, RESERVED_HEADERS]
@@ -375,7 +394,7 @@ fn register_known() {
     for outcome in ["ok", "failed"] {
         metrics::counter!(HISTORY_SCANS, "outcome" => outcome).absolute(0);
     }
-    for name in [SOCKETS_OPEN, USERS_SUBSCRIBED, NATS_CONNECTED, READY] {
+    for name in [USERS_SUBSCRIBED, NATS_CONNECTED, READY] {
         metrics::gauge!(name).increment(0.0);
     }
     // A histogram is exported once it is registered, with every bucket at

@@ -279,7 +279,9 @@ impl AppState {
                     let Some((_, oldest)) = h.open.pop_first() else { break };
                     oldest.cancel();
                     h.closing += 1;
-                    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "http_capacity").increment(1);
+                    let http = "http";
+                    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "http_capacity", "transport" => http)
+                        .increment(1);
                 }
                 if h.open.len() + h.closing < bound {
                     let close = CancellationToken::new();
@@ -406,8 +408,8 @@ impl WsParams {
 }
 
 /// A refusal before the upgrade: status, a fixed reason and a message.
-fn refuse(status: StatusCode, reason: &'static str, message: String) -> Response {
-    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+fn refuse(transport: Transport, status: StatusCode, reason: &'static str, message: String) -> Response {
+    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason, "transport" => transport.label()).increment(1);
     tracing::debug!(%status, reason, %message, "connection refused");
     (status, Json(serde_json::json!({ "error": reason, "message": message }))).into_response()
 }
@@ -451,7 +453,7 @@ fn not_websocket(rejection: WebSocketUpgradeRejection) -> Response {
         WebSocketUpgradeRejection::ConnectionNotUpgradable(_) => "WebSocket needs HTTP/1.1 or later".into(),
         other => other.body_text(),
     };
-    refuse(status, "not_websocket", message)
+    refuse(Transport::WebSocket, status, "not_websocket", message)
 }
 
 async fn ws_handler(
@@ -465,11 +467,12 @@ async fn ws_handler(
         Err(rejection) => return not_websocket(rejection),
     };
     if !valid_key(&headers) {
-        return refuse(StatusCode::BAD_REQUEST, "not_websocket", "Sec-WebSocket-Key must be 16 bytes in base64".into());
+        let why = "Sec-WebSocket-Key must be 16 bytes in base64";
+        return refuse(Transport::WebSocket, StatusCode::BAD_REQUEST, "not_websocket", why.into());
     }
     let params = match query {
         Ok(Query(p)) => p,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+        Err(e) => return refuse(Transport::WebSocket, StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
     };
     let Admitted { session, span, tracked, slot } =
         match admit_client(&st, &headers, params.token.as_deref(), params.start(), Transport::WebSocket) {
@@ -487,8 +490,9 @@ async fn ws_handler(
         .max_frame_size(MAX_CLIENT_FRAME)
         .on_upgrade(move |ws| {
             let (session, span, tracked, slot) = *parts;
-            metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
-            metrics::gauge!(m::SOCKETS_OPEN).increment(1.0);
+            let transport = Transport::WebSocket.label();
+            metrics::counter!(m::CONNECTIONS_ACCEPTED, "transport" => transport).increment(1);
+            metrics::gauge!(m::SOCKETS_OPEN, "transport" => transport).increment(1.0);
             span.in_scope(|| tracing::debug!("socket open"));
             // A combinator rather than an async block around the socket's
             // future: a block would hold the transport and the session twice
@@ -497,8 +501,8 @@ async fn ws_handler(
                 .map(move |end| {
                     let _tracked = tracked;
                     let _slot = slot;
-                    metrics::gauge!(m::SOCKETS_OPEN).decrement(1.0);
-                    metrics::counter!(m::DISCONNECTS, "reason" => end.label()).increment(1);
+                    metrics::gauge!(m::SOCKETS_OPEN, "transport" => transport).decrement(1.0);
+                    metrics::counter!(m::DISCONNECTS, "reason" => end.label(), "transport" => transport).increment(1);
                     tracing::debug!(reason = end.label(), "socket closed");
                 })
                 .instrument(span)
@@ -511,6 +515,16 @@ pub enum Transport {
     WebSocket,
     /// Server-Sent Events ([`crate::sse`]).
     Sse,
+}
+
+impl Transport {
+    /// The `transport` label of the per-connection metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "ws",
+            Transport::Sse => "sse",
+        }
+    }
 }
 
 /// A client admitted to a slot, ready to be served.
@@ -536,33 +550,40 @@ fn admit_client(
     transport: Transport,
 ) -> Result<Admitted, Response> {
     if st.draining.load(Ordering::Acquire) {
-        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()));
+        return Err(refuse(transport, StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()));
     }
     if !st.ready() {
         let why = "this node is not connected to NATS yet";
-        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why.into()));
+        return Err(refuse(transport, StatusCode::SERVICE_UNAVAILABLE, "not_ready", why.into()));
     }
     if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN)) {
         let origin = origin.to_str().unwrap_or("");
         if !allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
-            return Err(refuse(StatusCode::FORBIDDEN, "origin", format!("origin {origin:?} is not allowed")));
+            return Err(refuse(
+                transport,
+                StatusCode::FORBIDDEN,
+                "origin",
+                format!("origin {origin:?} is not allowed"),
+            ));
         }
     }
-    let start = start.map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why.into()))?;
+    let start = start.map_err(|why| refuse(transport, StatusCode::BAD_REQUEST, "bad_request", why.into()))?;
     let token = match bearer(headers) {
         Ok(t) => t.or(query_token).unwrap_or(""),
-        Err(why) => return Err(refuse(StatusCode::UNAUTHORIZED, AuthError::Malformed.reason(), why.into())),
+        Err(why) => return Err(refuse(transport, StatusCode::UNAUTHORIZED, AuthError::Malformed.reason(), why.into())),
     };
     let identity = match st.config.auth.verify(token) {
         Ok(id) => id,
-        Err(e @ AuthError::UserId(_)) => return Err(refuse(StatusCode::FORBIDDEN, e.reason(), e.to_string())),
-        Err(e) => return Err(refuse(StatusCode::UNAUTHORIZED, e.reason(), e.to_string())),
+        Err(e @ AuthError::UserId(_)) => {
+            return Err(refuse(transport, StatusCode::FORBIDDEN, e.reason(), e.to_string()));
+        }
+        Err(e) => return Err(refuse(transport, StatusCode::UNAUTHORIZED, e.reason(), e.to_string())),
     };
     let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
     let kicker = Arc::new(Kicker::default());
     // Reserved before upgrading so the bounds hold under a burst, and so the
     // drain reaches the socket however late its upgrade completes.
-    let slot = st.reserve(conn_id, &identity.user, kicker.clone()).map_err(NoSlot::refuse)?;
+    let slot = st.reserve(conn_id, &identity.user, kicker.clone()).map_err(|no| no.refuse(transport))?;
     let tracked = st.tracker.token();
     // Every line of the socket carries its connection id; the user only
     // when the operator allows user ids in logs (--log-user-ids).
@@ -611,7 +632,7 @@ async fn sse_handler(
 ) -> Response {
     let params = match query {
         Ok(Query(p)) => p,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+        Err(e) => return refuse(Transport::Sse, StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
     };
     // The browser's own reconnect sends the last id it saw, which is newer
     // than the position in the URL it first opened.
@@ -634,14 +655,15 @@ async fn sse_handler(
         st.held_by_stream(id);
     }
     let (transport, body) = crate::sse::Transport::new();
-    metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
-    metrics::gauge!(m::SOCKETS_OPEN).increment(1.0);
+    let sse = Transport::Sse.label();
+    metrics::counter!(m::CONNECTIONS_ACCEPTED, "transport" => sse).increment(1);
+    metrics::gauge!(m::SOCKETS_OPEN, "transport" => sse).increment(1.0);
     span.in_scope(|| tracing::debug!("event stream open"));
     let served = socket::run(transport, st.hub.clone(), session).map(move |end| {
         let _tracked = tracked;
         let _slot = slot;
-        metrics::gauge!(m::SOCKETS_OPEN).decrement(1.0);
-        metrics::counter!(m::DISCONNECTS, "reason" => end.label()).increment(1);
+        metrics::gauge!(m::SOCKETS_OPEN, "transport" => sse).decrement(1.0);
+        metrics::counter!(m::DISCONNECTS, "reason" => end.label(), "transport" => sse).increment(1);
         tracing::debug!(reason = end.label(), "event stream closed");
     });
     tokio::spawn(served.instrument(span));
@@ -666,17 +688,21 @@ enum NoSlot {
 }
 
 impl NoSlot {
-    fn refuse(self) -> Response {
+    fn refuse(self, transport: Transport) -> Response {
         match self {
-            NoSlot::Draining => refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()),
+            NoSlot::Draining => refuse(transport, StatusCode::SERVICE_UNAVAILABLE, "draining", DRAINING.into()),
             NoSlot::UserCapacity(max) => refuse(
+                transport,
                 StatusCode::TOO_MANY_REQUESTS,
                 "user_capacity",
                 format!("this user has {max} sockets open on this node, the most allowed; close one first"),
             ),
-            NoSlot::Capacity => {
-                refuse(StatusCode::SERVICE_UNAVAILABLE, "capacity", "this node is at its connection limit".into())
-            }
+            NoSlot::Capacity => refuse(
+                transport,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capacity",
+                "this node is at its connection limit".into(),
+            ),
         }
     }
 }

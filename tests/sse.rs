@@ -245,4 +245,10 @@ async fn refusals_are_the_sockets() {
     assert_eq!(refused(format!("/sse?token={t}"), vec![]).await, (429, "user_capacity".into()));
     let ws = tokio_tungstenite::connect_async(node.ws_url(&t)).await;
     assert!(ws.is_err(), "the socket is refused too");
+    // Counted per transport: five refused streams, one refused socket, one stream open.
+    let refusals = |transport: &'static str| node.metric("agentcast_connections_refused_total", transport);
+    assert_eq!(refusals(r#"transport="sse""#).await, 5.0);
+    assert_eq!(refusals(r#"transport="ws""#).await, 1.0);
+    assert_eq!(node.metric("agentcast_sockets_open", r#"transport="sse""#).await, 1.0);
+    assert_eq!(node.metric("agentcast_sockets_open", r#"transport="ws""#).await, 0.0);
 }
