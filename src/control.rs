@@ -281,10 +281,20 @@ impl Bucket {
         Self { tokens: f64::from(burst), at: Instant::now() }
     }
 
-    fn take(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
+    fn refill(&mut self, rate: u32, burst: u32, now: Instant) {
         let refill = now.saturating_duration_since(self.at).as_secs_f64() * f64::from(rate);
         self.tokens = (self.tokens + refill).min(f64::from(burst));
         self.at = now;
+    }
+
+    /// Whether it is full again: then forgetting it changes nothing.
+    fn refilled(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
+        self.refill(rate, burst, now);
+        self.tokens >= f64::from(burst)
+    }
+
+    fn take(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
+        self.refill(rate, burst, now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -351,7 +361,7 @@ impl Socket {
         let (subject, user, queue, kicker, budget) =
             (self.subject.clone(), self.user.clone(), self.queue.clone(), self.kicker.clone(), self.budget);
         self.in_flight.spawn(async move {
-            let frame = ask(&node, subject, &user, req).await;
+            let (_, frame) = ask(&node, subject, &user, req).await;
             enqueue(&queue, &kicker, budget, frame);
         });
     }
@@ -366,8 +376,8 @@ fn count(outcome: Outcome) {
     metrics::counter!(m::CONTROL_REQUESTS, "outcome" => outcome.label()).increment(1);
 }
 
-/// Sends the request and returns the frame that answers it.
-async fn ask(node: &Node, subject: String, user: &UserId, req: Request) -> Utf8Bytes {
+/// Sends the request and returns the frame that answers it, with its outcome.
+async fn ask(node: &Node, subject: String, user: &UserId, req: Request) -> (Outcome, Utf8Bytes) {
     let mut headers = HeaderMap::new();
     // Checked: user ids and request ids are visible ASCII, node ids come
     // from the operator (a bad one fails the request, not the node).
@@ -384,7 +394,7 @@ async fn ask(node: &Node, subject: String, user: &UserId, req: Request) -> Utf8B
             match reply_frame(&req.id, &msg.payload) {
                 Ok(frame) => {
                     count(Outcome::Ok);
-                    return frame;
+                    return (Outcome::Ok, frame);
                 }
                 Err(bad) => bad,
             }
@@ -399,7 +409,108 @@ async fn ask(node: &Node, subject: String, user: &UserId, req: Request) -> Utf8B
         },
     };
     count(outcome);
-    error_frame(&req.id, outcome, None)
+    (outcome, error_frame(&req.id, outcome, None))
+}
+
+/// Users whose `POST /control` budgets a node keeps at once. An entry is
+/// kept while its user has requests in flight or its bucket is not full
+/// again; past this many, idle entries are dropped first, and if none is
+/// idle the request is refused (`429`, `too_many_pending`) rather than the
+/// map growing: about 100 bytes an entry, 6.4 MB at the bound.
+pub const MAX_HTTP_USERS: usize = 65_536;
+
+/// Control requests over HTTP (`POST /control`), for clients on an event
+/// stream, which cannot send frames. The same request, limits and answers
+/// as a socket's ([`Socket`]), except that the rate, burst and pending
+/// limits are per user on the node (an HTTP request has no socket).
+pub struct Http {
+    node: Arc<Node>,
+    users: std::sync::Mutex<std::collections::HashMap<UserId, HttpUser>>,
+}
+
+struct HttpUser {
+    bucket: Bucket,
+    in_flight: usize,
+}
+
+impl Http {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node, users: std::sync::Mutex::default() }
+    }
+
+    /// Answers one request body (a `control` frame, as on a socket): the
+    /// frame that answers it (`control_reply`, `control_error` or `error`)
+    /// and its outcome.
+    pub async fn handle(&self, user: &UserId, body: &str) -> (Outcome, Utf8Bytes) {
+        let req = match parse(body) {
+            Some(Ok(req)) => req,
+            Some(Err(BadFrame { id: Some(id), why })) => {
+                count(Outcome::BadFrame);
+                return (Outcome::BadFrame, error_frame(&id, Outcome::BadFrame, Some(&why.to_string())));
+            }
+            Some(Err(BadFrame { id: None, why })) => {
+                count(Outcome::BadFrame);
+                let frame = ServerFrame::Error { code: "bad_frame", message: &why.to_string() }.to_text();
+                return (Outcome::BadFrame, frame);
+            }
+            None => {
+                count(Outcome::BadFrame);
+                let message = r#"the body must be a control frame: {"type":"control","id":...,"data":{...}}"#;
+                return (Outcome::BadFrame, ServerFrame::Error { code: "bad_frame", message }.to_text());
+            }
+        };
+        let s = &self.node.settings;
+        if !s.enabled {
+            count(Outcome::Disabled);
+            return (Outcome::Disabled, error_frame(&req.id, Outcome::Disabled, None));
+        }
+        if let Err(refused) = self.take(user) {
+            count(refused);
+            return (refused, error_frame(&req.id, refused, None));
+        }
+        // Released however the request ends (also when its client leaves
+        // and the handler is dropped).
+        let _in_flight = InFlight { http: self, user };
+        ask(&self.node, s.subject(user), user, req).await
+    }
+
+    fn take(&self, user: &UserId) -> Result<(), Outcome> {
+        let s = &self.node.settings;
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if !users.contains_key(user) && users.len() >= MAX_HTTP_USERS {
+            let (rate, burst) = (s.rate, s.burst);
+            users.retain(|_, u| u.in_flight > 0 || !u.bucket.refilled(rate, burst, now));
+            if users.len() >= MAX_HTTP_USERS {
+                return Err(Outcome::TooManyPending);
+            }
+        }
+        let entry =
+            users.entry(user.clone()).or_insert_with(|| HttpUser { bucket: Bucket::full(s.burst), in_flight: 0 });
+        if entry.in_flight >= s.pending {
+            return Err(Outcome::TooManyPending);
+        }
+        if !entry.bucket.take(s.rate, s.burst, now) {
+            return Err(Outcome::RateLimited);
+        }
+        entry.in_flight += 1;
+        Ok(())
+    }
+}
+
+/// One HTTP control request in flight for its user.
+struct InFlight<'a> {
+    http: &'a Http,
+    user: &'a UserId,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut users = self.http.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = users.get_mut(self.user) {
+            u.in_flight = u.in_flight.saturating_sub(1);
+        }
+    }
 }
 
 /// Puts an answer in the socket's queue, counted in frames and in bytes as

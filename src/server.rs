@@ -199,6 +199,8 @@ pub struct AppState {
     pub limits: Limits,
     /// What sockets need to send control requests.
     pub control: Arc<crate::control::Node>,
+    /// `POST /control`'s per-user budgets.
+    http_control: crate::control::Http,
     stream_ok: AtomicBool,
     draining: AtomicBool,
     /// The reserved sockets, from the reservation before the upgrade to the
@@ -242,6 +244,7 @@ impl AppState {
         Arc::new(Self {
             limits,
             node_id,
+            http_control: crate::control::Http::new(control.clone()),
             control,
             config,
             hub,
@@ -354,6 +357,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     let mut router = Router::new()
         .route("/ws", get(ws_handler))
         .route("/sse", get(sse_handler))
+        .route("/control", axum::routing::post(control_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text));
@@ -556,29 +560,9 @@ fn admit_client(
         let why = "this node is not connected to NATS yet";
         return Err(refuse(transport, StatusCode::SERVICE_UNAVAILABLE, "not_ready", why.into()));
     }
-    if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN)) {
-        let origin = origin.to_str().unwrap_or("");
-        if !allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
-            return Err(refuse(
-                transport,
-                StatusCode::FORBIDDEN,
-                "origin",
-                format!("origin {origin:?} is not allowed"),
-            ));
-        }
-    }
+    check_origin(st, headers, transport)?;
     let start = start.map_err(|why| refuse(transport, StatusCode::BAD_REQUEST, "bad_request", why.into()))?;
-    let token = match bearer(headers) {
-        Ok(t) => t.or(query_token).unwrap_or(""),
-        Err(why) => return Err(refuse(transport, StatusCode::UNAUTHORIZED, AuthError::Malformed.reason(), why.into())),
-    };
-    let identity = match st.config.auth.verify(token) {
-        Ok(id) => id,
-        Err(e @ AuthError::UserId(_)) => {
-            return Err(refuse(transport, StatusCode::FORBIDDEN, e.reason(), e.to_string()));
-        }
-        Err(e) => return Err(refuse(transport, StatusCode::UNAUTHORIZED, e.reason(), e.to_string())),
-    };
+    let identity = verify_token(st, headers, query_token, transport)?;
     let conn_id = st.next_conn.fetch_add(1, Ordering::Relaxed);
     let kicker = Arc::new(Kicker::default());
     // Reserved before upgrading so the bounds hold under a burst, and so the
@@ -607,6 +591,107 @@ fn admit_client(
         transport,
     };
     Ok(Admitted { session, span, tracked, slot })
+}
+
+/// `--allowed-origins` against the request's `Origin` (requests without one,
+/// from programs rather than pages, pass).
+#[allow(clippy::result_large_err)] // as admit_client
+fn check_origin(st: &AppState, headers: &HeaderMap, transport: Transport) -> Result<(), Response> {
+    if let (Some(allowed), Some(origin)) = (&st.config.allowed_origins, headers.get(header::ORIGIN)) {
+        let origin = origin.to_str().unwrap_or("");
+        if !allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+            return Err(refuse(
+                transport,
+                StatusCode::FORBIDDEN,
+                "origin",
+                format!("origin {origin:?} is not allowed"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The token (`Authorization: Bearer`, else `?token=`), verified.
+#[allow(clippy::result_large_err)] // as admit_client
+fn verify_token(
+    st: &AppState,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    transport: Transport,
+) -> Result<crate::auth::Identity, Response> {
+    let token = match bearer(headers) {
+        Ok(t) => t.or(query_token).unwrap_or(""),
+        Err(why) => return Err(refuse(transport, StatusCode::UNAUTHORIZED, AuthError::Malformed.reason(), why.into())),
+    };
+    match st.config.auth.verify(token) {
+        Ok(id) => Ok(id),
+        Err(e @ AuthError::UserId(_)) => Err(refuse(transport, StatusCode::FORBIDDEN, e.reason(), e.to_string())),
+        Err(e) => Err(refuse(transport, StatusCode::UNAUTHORIZED, e.reason(), e.to_string())),
+    }
+}
+
+/// The query of `POST /control`: the token, for clients that cannot set
+/// headers (as on `/sse`).
+#[derive(Deserialize)]
+struct TokenParam {
+    token: Option<String>,
+}
+
+/// `POST /control`: a control request (docs/protocol.md section 9) for a
+/// client on an event stream, which sends no frames. The token and origin
+/// are checked as for a socket; the body is the `control` frame a socket
+/// would send, at most [`MAX_CLIENT_FRAME`] bytes; the answer is the frame a
+/// socket would get, with an HTTP status for its outcome.
+async fn control_handler(
+    State(st): State<Arc<AppState>>,
+    query: Result<Query<TokenParam>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let token = match &query {
+        Ok(Query(p)) => p.token.as_deref(),
+        Err(e) => return refuse(Transport::Sse, StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    if let Err(refused) = check_origin(&st, &headers, Transport::Sse) {
+        return refused;
+    }
+    let identity = match verify_token(&st, &headers, token, Transport::Sse) {
+        Ok(id) => id,
+        Err(refused) => return refused,
+    };
+    let json = |status: StatusCode, frame: String| {
+        (status, [(header::CONTENT_TYPE, "application/json")], frame).into_response()
+    };
+    let error = |status: StatusCode, message: String| {
+        metrics::counter!(m::CONTROL_REQUESTS, "outcome" => crate::control::Outcome::BadFrame.label()).increment(1);
+        json(status, crate::protocol::ServerFrame::Error { code: "bad_frame", message: &message }.to_text().to_string())
+    };
+    let bytes = match axum::body::to_bytes(body, MAX_CLIENT_FRAME).await {
+        Ok(b) => b,
+        Err(_) => {
+            let why = format!("control requests are limited to {MAX_CLIENT_FRAME} bytes");
+            return error(StatusCode::PAYLOAD_TOO_LARGE, why);
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return error(StatusCode::BAD_REQUEST, "the body must be UTF-8 JSON".into());
+    };
+    let (outcome, frame) = st.http_control.handle(&identity.user, text).await;
+    json(control_status(outcome), frame.to_string())
+}
+
+/// The HTTP status of a control request's outcome.
+fn control_status(outcome: crate::control::Outcome) -> StatusCode {
+    use crate::control::Outcome;
+    match outcome {
+        Outcome::Ok => StatusCode::OK,
+        Outcome::BadFrame => StatusCode::BAD_REQUEST,
+        Outcome::RateLimited | Outcome::TooManyPending => StatusCode::TOO_MANY_REQUESTS,
+        Outcome::Disabled => StatusCode::NOT_IMPLEMENTED,
+        Outcome::BadReply => StatusCode::BAD_GATEWAY,
+        Outcome::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        Outcome::NoAgent | Outcome::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
 }
 
 /// The query of `/sse`: as `/ws`'s, without `resume=frame` (the client of a

@@ -252,3 +252,62 @@ async fn refusals_are_the_sockets() {
     assert_eq!(node.metric("agentcast_sockets_open", r#"transport="sse""#).await, 1.0);
     assert_eq!(node.metric("agentcast_sockets_open", r#"transport="ws""#).await, 0.0);
 }
+
+/// `POST /control`: a client on an event stream sends the socket's control
+/// frame over HTTP and gets the frame a socket would, with a fitting status.
+#[tokio::test]
+async fn post_control_answers_as_a_socket_would() {
+    use common::sse::post;
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &["--control-burst", "3", "--control-rate", "1"]).await;
+    let mut listener =
+        agentcast::control::Listener::subscribe(nats.client().await, "agentcast.control", "agents").await.unwrap();
+    tokio::spawn(async move {
+        while let Some(req) = listener.next().await {
+            let reply = serde_json::json!({"status": "cancelled", "for": req.user.as_str(), "run": req.data["run_id"]});
+            req.reply(&reply).await.unwrap();
+        }
+    });
+    let t = token("ivy");
+    let auth = format!("Bearer {t}");
+    let frame = r#"{"type":"control","id":"c1","data":{"action":"cancel","run_id":"r-9"}}"#;
+    let (status, body) = post(node.addr, "/control", &[("Authorization", &auth)], frame).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"type": "control_reply", "id": "c1", "data": {"status": "cancelled", "for": "ivy", "run": "r-9"}})
+    );
+    // The token in the query works as on /sse; a bad frame is 400 with the socket's answer.
+    let (status, body) =
+        post(node.addr, &format!("/control?token={t}"), &[], r#"{"type":"control","id":"c2","data":[1]}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["code"], "bad_frame");
+    // A bad frame takes nothing from the user's burst of 3: two more pass,
+    // and the one after is refused at once.
+    for _ in 0..2 {
+        assert_eq!(post(node.addr, "/control", &[("Authorization", &auth)], frame).await.0, 200);
+    }
+    let (status, body) = post(node.addr, "/control", &[("Authorization", &auth)], frame).await;
+    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["code"].as_str()), (429, Some("rate_limited")));
+    // No token: refused as a stream would be.
+    let (status, body) = post(node.addr, "/control", &[], frame).await;
+    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["error"].as_str()), (401, Some("missing")));
+    // Too large: 413.
+    let big = format!(r#"{{"type":"control","id":"c3","data":{{"x":"{}"}}}}"#, "x".repeat(20_000));
+    assert_eq!(post(node.addr, "/control", &[("Authorization", &auth)], &big).await.0, 413);
+}
+
+#[tokio::test]
+async fn post_control_without_an_agent_is_503_no_agent() {
+    use common::sse::post;
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let frame = r#"{"type":"control","id":"c1","data":{"action":"cancel"}}"#;
+    let (status, body) = post(node.addr, &format!("/control?token={}", token("jo")), &[], frame).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        serde_json::json!({"type": "control_error", "id": "c1", "code": "no_agent"})
+    );
+}
