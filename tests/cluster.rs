@@ -182,6 +182,23 @@ async fn stream_leader(c: &Cluster) -> Option<u16> {
     None
 }
 
+/// `GET /sse` through the shipped HAProxy configuration: the response is
+/// streamed, not buffered (the welcome arrives before anything else is
+/// published), then an event published as the agent user, with its id.
+async fn an_event_stream_works_through_the_load_balancer(c: &Cluster) {
+    let lb: std::net::SocketAddr =
+        c.var("WS_URL").trim_start_matches("ws://").trim_end_matches("/ws").parse().expect("load balancer address");
+    let mut sse = common::sse::SseClient::open(lb, &format!("/sse?token={}", token("sse-user")), &[]).await;
+    assert_eq!(sse.status, 200, "{:?}", sse.headers);
+    let welcome = sse.next().await.expect("welcome through HAProxy");
+    assert_eq!(welcome.event, "welcome");
+    let epoch = welcome.json()["epoch"].as_str().expect("epoch").to_owned();
+    let agent = Publisher::new(agent_connect(c, None).await);
+    let seq = agent.publish("sse-user", &Event::agent_thinking("r", "via sse")).await.expect("publish").seq;
+    let ev = sse.next_except(&[]).await.expect("event through HAProxy");
+    assert_eq!((ev.event.as_str(), ev.id), ("event", Some(format!("{epoch}:{seq}"))));
+}
+
 /// A storm of resumes is read with an ordered consumer (src/scan.rs), which
 /// the chaos above may not have caused: drive one deterministically, as
 /// tests/scan.rs does, with an in-process hub connected as the `node` NATS
@@ -485,6 +502,7 @@ async fn cluster_survives_nats_kill_node_kill_and_roll_without_losing_an_event()
     assert!(reconnects >= USERS * CLIENTS_PER_USER, "every client moved at least once during the roll");
 
     node_account_covers_a_shared_scan(&c).await;
+    an_event_stream_works_through_the_load_balancer(&c).await;
 
     // What the nodes had to say about it (resume failures close with 1011
     // and are retried by the client; the live path repairs gaps): shown,
