@@ -87,6 +87,8 @@ export interface Welcome {
   user: string;
   position: number;
   epoch: string;
+  /** The token's exp (Unix seconds); absent from nodes before token refresh. */
+  exp?: number;
 }
 
 export type ConnectionState = 'idle' | 'connecting' | 'open' | 'waiting' | 'closed';
@@ -105,6 +107,8 @@ export interface StateInfo {
   reason?: string;
   /** Whether the socket that ended had been welcomed. */
   welcomed?: boolean;
+  /** The transport of the connection that opened ('open'). */
+  transport?: 'websocket' | 'sse';
   /** 'closed' only: the client stopped because a reconnect cannot help. */
   fatal?: boolean;
   /** 'open' only. */
@@ -153,6 +157,16 @@ export interface AgentcastOptions {
   connectTimeout?: number;
   /** Random source in [0, 1) for the jitter (default Math.random). */
   random?: () => number;
+  /**
+   * 'websocket' (default); 'sse': Server-Sent Events from `/sse`, control requests as
+   * `POST /control`; 'auto': WebSocket, then SSE once AUTO_FALLBACK_FAILURES opens in a row
+   * failed while the node's `/healthz` answers over plain HTTP.
+   */
+  transport?: 'websocket' | 'sse' | 'auto';
+  /** Event-stream URLs, one per `url`; default each `url` with ws(s) -> http(s) and `/ws` -> `/sse`. */
+  sseUrls?: string[];
+  /** fetch, for the sse and auto transports; default `globalThis.fetch`. */
+  fetch?: typeof fetch;
   onState?: (state: ConnectionState, info: StateInfo) => void;
   onGap?: (gap: Gap) => void;
   onWelcome?: (welcome: Welcome) => void;
@@ -193,6 +207,13 @@ export class Messages {
   clear(): void;
 }
 
+/** The `transport` option's values. */
+export const TRANSPORTS: readonly ['websocket', 'sse', 'auto'];
+/** WebSocket opens in a row that fail before `auto` tries SSE. */
+export const AUTO_FALLBACK_FAILURES: number;
+/** With a token provider, the token is refreshed this long (ms) before the welcome's `exp`, at most. */
+export const REFRESH_MARGIN_MS: number;
+
 /** Failed opens in a row with a position before one open without it (see the README). */
 export const RESUME_FAILURES_BEFORE_PROBE: number;
 /** A position the client stores and sends: an integer from 0 to 2^53-1. */
@@ -203,6 +224,9 @@ export function isEpoch(epoch: unknown): epoch is string;
 export class AgentcastClient {
   constructor(options: AgentcastOptions);
   readonly urls: string[];
+  readonly sseUrls: string[];
+  /** The transport of the current or last connection. */
+  readonly transport: 'websocket' | 'sse';
   readonly state: ConnectionState;
   /** The last `seq` delivered (or resumed from, or the welcome's position); null before any. */
   readonly lastSeq: number | null;

@@ -30,6 +30,22 @@ const MAX_EPOCH_DIGITS = 20;
 export const MAX_CLIENT_FRAME_BYTES = 16384;
 
 /**
+ * `transport` option values: `websocket` (the default), `sse` (Server-Sent
+ * Events from `/sse`, control requests as `POST /control`; for networks whose
+ * proxies drop WebSocket upgrades), or `auto`: WebSocket, and SSE from the
+ * moment AUTO_FALLBACK_FAILURES WebSocket opens in a row failed while plain
+ * HTTP to the node (`/healthz`) answers.
+ */
+export const TRANSPORTS = Object.freeze(['websocket', 'sse', 'auto']);
+export const AUTO_FALLBACK_FAILURES = 2;
+/**
+ * With a token provider, the token is refreshed this long before the
+ * welcome's `exp` (or at half the time left, if that is sooner): in band on
+ * a WebSocket (`refresh` frame), by reopening the stream on SSE.
+ */
+export const REFRESH_MARGIN_MS = 60000;
+
+/**
  * Codes a `control()` promise is rejected with besides the node's
  * (docs/protocol.md §9): the request was never sent (`not_connected`,
  * `bad_data`, `too_big`), or its socket closed before the answer
@@ -229,7 +245,7 @@ export class AgentcastClient {
     this.urls = urls.map(String);
     this._token = options.token;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof this._WebSocket !== 'function') {
+    if (typeof this._WebSocket !== 'function' && options.transport !== 'sse') {
       throw new TypeError('no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)');
     }
     this._storage = storageAdapter(options.storage === undefined ? defaultStorage() : options.storage);
@@ -238,6 +254,21 @@ export class AgentcastClient {
     this._backoff = { base: options.backoffBase ?? BACKOFF_BASE_MS, max: options.backoffMax ?? BACKOFF_MAX_MS };
     this._random = options.random ?? Math.random;
     this._connectTimeout = options.connectTimeout ?? CONNECT_TIMEOUT_MS;
+    this._transport = options.transport ?? 'websocket';
+    if (!TRANSPORTS.includes(this._transport)) {
+      throw new TypeError(`transport must be one of ${TRANSPORTS.join(', ')}`);
+    }
+    this._fetch = options.fetch ?? globalThis.fetch;
+    if (this._transport !== 'websocket' && typeof this._fetch !== 'function') {
+      throw new TypeError('no fetch: pass options.fetch for the sse and auto transports');
+    }
+    /** The event-stream URLs (`/sse`), one per WebSocket URL unless given. */
+    this.sseUrls = (options.sseUrls ?? this.urls.map(sseUrlOf)).map(String);
+    /** The transport of the current or last connection: 'websocket' or 'sse'. */
+    this.transport = this._transport === 'sse' ? 'sse' : 'websocket';
+    /** WebSocket opens in a row that got no welcome (for `auto`). */
+    this._wsFailures = 0;
+    this._refreshTimer = null;
 
     if (options.lastSeq != null && !isPosition(options.lastSeq)) {
       throw new TypeError(`lastSeq must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}`);
@@ -435,6 +466,8 @@ export class AgentcastClient {
     this._rejectPending(info.reason ?? 'closed');
     clearTimeout(this._timer);
     this._timer = null;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     const ws = this._ws;
     this._ws = null;
     if (ws) {
@@ -456,6 +489,47 @@ export class AgentcastClient {
       this._timer = null;
       this._open().catch((err) => this._failed({ error: err }));
     }, delay);
+  }
+
+  /** Whether plain HTTP reaches a node (its `/healthz`), for `auto`. */
+  async _httpWorks() {
+    const base = this.sseUrls[this._nextUrl % this.sseUrls.length];
+    try {
+      const res = await this._fetch(new URL('healthz', base.replace(/[^/]*([?].*)?$/, '')).href, { cache: 'no-store' });
+      return res.ok;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Refreshes the token before `exp` (Unix seconds), when a provider gives fresh ones. */
+  _scheduleRefresh(exp) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (typeof this._token !== 'function' || !Number.isSafeInteger(exp)) return;
+    const left = exp * 1000 - Date.now();
+    const delay = Math.max(0, left - Math.min(REFRESH_MARGIN_MS, left / 2));
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      this._refresh().catch((err) => this._report(err));
+    }, delay);
+  }
+
+  async _refresh() {
+    const ws = this._ws;
+    if (!ws || this._stopped) return;
+    if (this.transport === 'sse') {
+      // No frames on a stream: reopen it with a fresh token, from the position.
+      detach(ws);
+      this._ws = null;
+      this._rejectPending('the stream was reopened with a fresh token');
+      ws.close();
+      this._schedule(0, { reason: 'token refresh' });
+      return;
+    }
+    const token = await this._getToken();
+    if (this._ws !== ws) return;
+    ws.send(JSON.stringify({ type: 'refresh', token }));
   }
 
   async _getToken() {
@@ -513,18 +587,27 @@ export class AgentcastClient {
     if (this._stopped) return;
     if (this._user === undefined) this._user = tokenSubject(token);
     this._loadPosition(this._user);
-    const base = this.urls[this._nextUrl % this.urls.length];
+    if (this._transport === 'auto' && this.transport === 'websocket' && this._wsFailures >= AUTO_FALLBACK_FAILURES) {
+      if (await this._httpWorks()) this.transport = 'sse';
+      if (this._stopped) return;
+    }
+    const sse = this.transport === 'sse';
+    const i = this._nextUrl % this.urls.length;
+    const base = sse ? this.sseUrls[i % this.sseUrls.length] : this.urls[i];
     this._nextUrl += 1;
-    let url = `${base}${base.includes('?') ? '&' : '?'}token=${encodeURIComponent(token)}`;
+    // On SSE the token goes in a header (fetch can set one; a WebSocket cannot).
+    let url = sse ? base : `${base}${base.includes('?') ? '&' : '?'}token=${encodeURIComponent(token)}`;
+    let sep = url.includes('?') ? '&' : '?';
     // After RESUME_FAILURES_BEFORE_PROBE refused-looking opens, one plain open.
     const probe = this.lastSeq !== null && this._resumeFailures >= RESUME_FAILURES_BEFORE_PROBE;
     const resuming = this.lastSeq !== null && !probe;
     if (resuming) {
-      url += `&last_seq=${this.lastSeq}`;
+      url += `${sep}last_seq=${this.lastSeq}`;
+      sep = '&';
       if (this.epoch) url += `&epoch=${encodeURIComponent(this.epoch)}`;
     }
     if (probe) this._dropAtWelcome = 'resume refused';
-    const ws = new this._WebSocket(url);
+    const ws = sse ? new SseSocket(url, controlUrlOf(base), token, this._fetch) : new this._WebSocket(url);
     this._ws = ws;
     let welcomed = false;
     const timeout = setTimeout(() => {
@@ -550,6 +633,7 @@ export class AgentcastClient {
       if (frame.type === 'welcome') {
         welcomed = true;
         clearTimeout(timeout);
+        if (!sse) this._wsFailures = 0;
       }
       this._frame(frame, base);
     };
@@ -562,6 +646,9 @@ export class AgentcastClient {
       detach(ws);
       this._ws = null;
       this._rejectPending(`the socket closed (${code})`);
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
+      if (!welcomed && !sse) this._wsFailures += 1;
       if (!welcomed) {
         if (resuming) this._resumeFailures += 1;
         if (probe) {
@@ -645,7 +732,8 @@ export class AgentcastClient {
         }
         this.epoch = epoch;
         this._savePosition();
-        this._setState('open', { url, node: frame.node, position: frame.position, epoch });
+        this._setState('open', { url, node: frame.node, position: frame.position, epoch, transport: this.transport });
+        this._scheduleRefresh(frame.exp);
         for (const h of this._welcomeHandlers) this._call(h, frame);
         if (dropped) {
           const gap = { reason: 'position_dropped', from: undefined, to: undefined, earliest: undefined };
@@ -710,11 +798,144 @@ export class AgentcastClient {
         else pending.reject(new ControlError(String(frame.code), frame.message));
         return;
       }
-      // `reconnect`: the close that follows says what to do. `pong`, `error`:
-      // answers to frames this client does not send.
+      case 'refreshed':
+        this._scheduleRefresh(frame.exp);
+        return;
+      case 'error':
+        // The old expiry stands: the close at it reconnects with a new token.
+        if (frame.code === 'refresh_refused') this._report(new Error(`token refresh refused: ${frame.message}`));
+        return;
+      // `reconnect`: the close that follows says what to do. `pong`: the
+      // answer to a frame this client does not send.
       default:
         return;
     }
+  }
+}
+
+/** `ws(s)://host/path/ws` -> `http(s)://host/path/sse`. */
+function sseUrlOf(wsUrl) {
+  const u = new URL(wsUrl);
+  u.protocol = u.protocol === 'wss:' ? 'https:' : u.protocol === 'ws:' ? 'http:' : u.protocol;
+  u.pathname = u.pathname.replace(/\/ws$/, '') + '/sse';
+  return u.href;
+}
+
+/** The `POST /control` URL beside an event-stream URL. */
+function controlUrlOf(sseUrl) {
+  const u = new URL(sseUrl);
+  u.search = '';
+  u.pathname = u.pathname.replace(/\/sse$/, '') + '/control';
+  return u.href;
+}
+
+/**
+ * An event stream (`GET /sse`, read with fetch) with the surface of a
+ * WebSocket the client uses: `onmessage({data})` per frame, `onclose({code,
+ * reason})` once (the `close` event's code, else 1006), `send()` for control
+ * frames (as `POST /control`, the answer handed to `onmessage`), `close()`.
+ * fetch rather than EventSource: it can send the token in a header, and it
+ * does not reconnect on its own (the client does, from its position).
+ */
+class SseSocket {
+  constructor(url, controlUrl, token, fetchImpl) {
+    this.onmessage = null;
+    this.onclose = null;
+    this.onerror = null;
+    this._controlUrl = controlUrl;
+    this._auth = `Bearer ${token}`;
+    this._fetch = fetchImpl;
+    this._abort = new AbortController();
+    this._ended = false;
+    this._run(url);
+  }
+
+  async _run(url) {
+    let res;
+    try {
+      res = await this._fetch(url, {
+        headers: { Accept: 'text/event-stream', Authorization: this._auth },
+        signal: this._abort.signal,
+        cache: 'no-store',
+      });
+    } catch {
+      return this._end(1006, '');
+    }
+    // A refusal (401, 429, 503 ...): as a refused WebSocket upgrade.
+    if (!res.ok || !res.body) return this._end(1006, `HTTP ${res.status}`);
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = '';
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let end;
+        while (!this._ended && (end = buf.indexOf('\n\n')) >= 0) {
+          const block = buf.slice(0, end);
+          buf = buf.slice(end + 2);
+          this._block(block);
+        }
+        if (this._ended) return;
+      }
+    } catch {
+      /* aborted, or the connection failed */
+    }
+    this._end(1006, '');
+  }
+
+  _block(block) {
+    let event = 'message';
+    const data = [];
+    for (const line of block.split('\n')) {
+      if (line.startsWith(':')) continue;
+      const colon = line.indexOf(':');
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? '' : line.slice(colon + 1);
+      if (value.startsWith(' ')) value = value.slice(1);
+      if (field === 'event') event = value;
+      else if (field === 'data') data.push(value);
+    }
+    if (data.length === 0) return;
+    const text = data.join('\n');
+    if (event === 'close') {
+      let f = {};
+      try {
+        f = JSON.parse(text);
+      } catch {
+        /* a close without its details */
+      }
+      this._end(Number.isInteger(f.code) ? f.code : 1006, typeof f.reason === 'string' ? f.reason : '');
+      return;
+    }
+    this.onmessage?.({ data: text });
+  }
+
+  _end(code, reason) {
+    if (this._ended) return;
+    this._ended = true;
+    this._abort.abort();
+    this.onclose?.({ code, reason });
+  }
+
+  send(text) {
+    if (this._ended) throw new Error('the stream is closed');
+    const answer = (body) => {
+      if (!this._ended) this.onmessage?.({ data: body });
+    };
+    this._fetch(this._controlUrl, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Authorization: this._auth },
+      body: text,
+    })
+      .then((res) => res.text())
+      .then(answer)
+      // Lost: the request stays pending until the stream ends, which rejects it.
+      .catch(() => {});
+  }
+
+  close() {
+    this._end(1000, '');
   }
 }
 

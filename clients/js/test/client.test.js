@@ -29,7 +29,8 @@ const clients = new Set();
 /** Records what a client delivers. */
 function record(client) {
   clients.add(client);
-  const r = { seqs: [], events: [], gaps: [], states: [], welcomes: [] };
+  const r = { seqs: [], events: [], gaps: [], states: [], welcomes: [], errors: [] };
+  client.onError((e) => r.errors.push(e.message));
   client.on('*', (event, seq) => {
     r.seqs.push(seq);
     r.events.push(event);
@@ -234,9 +235,12 @@ test('an expired token (4001): the provider is called again and the stream resum
     let calls = 0;
     const client = new AgentcastClient({
       url: node.url,
+      // The in-band refresh (the second call) gets another user's token, which
+      // the node refuses: the first token's expiry stands, and the socket
+      // closes with 4001.
       token: async () => {
         calls += 1;
-        return token('ivan', 2);
+        return token(calls === 2 ? 'mallory' : 'ivan', 2);
       },
       storage: null,
     });
@@ -251,8 +255,10 @@ test('an expired token (4001): the provider is called again and the stream resum
     await r.count(6);
     client.close();
     assert.deepEqual(r.seqs, [...first, ...second]);
-    assert.equal(calls, 2);
-    assert.equal(client.tokenRequests, 2);
+    // First connection, refused refresh, the reconnect after 4001.
+    assert.equal(calls, 3);
+    assert.equal(client.tokenRequests, 3);
+    assert.ok(r.errors.some((e) => e.includes('token refresh refused')), `${r.errors}`);
   });
 });
 
