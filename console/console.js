@@ -23,7 +23,7 @@
 // into one frame or not, and the saved view keeps the text so far in that
 // line's entry, so a reload shows it and the live deltas go on appending.
 
-import { AgentcastClient, tokenSubject } from './agentcast.js';
+import { AgentcastClient, TRANSPORTS, tokenSubject } from './agentcast.js';
 
 /** Events kept for a reload; older ones leave the page and the saved view. */
 const MAX_KEPT_EVENTS = 500;
@@ -32,6 +32,34 @@ const MAX_KEPT_NOTICES = 50;
 /** Characters of an event's data shown in its line; the rest is in the tooltip. */
 const MAX_SUMMARY_CHARS = 160;
 const TOKEN_KEY = 'agentcast-console:token';
+const TRANSPORT_KEY = 'agentcast-console:transport';
+/** Read before the token is taken out of the URL. */
+const HASH = new URLSearchParams(location.hash.slice(1));
+
+/**
+ * The client's transport: `#transport=websocket|sse|auto` in the URL (kept
+ * for the tab), else `auto`: the WebSocket, and Server-Sent Events where a
+ * proxy drops WebSocket upgrades.
+ */
+function readTransport() {
+  const store = storage();
+  const asked = HASH.get('transport');
+  if (asked && TRANSPORTS.includes(asked)) {
+    try {
+      store?.setItem(TRANSPORT_KEY, asked);
+    } catch {
+      /* storage disabled: this page only */
+    }
+    return asked;
+  }
+  try {
+    const kept = store?.getItem(TRANSPORT_KEY);
+    if (kept && TRANSPORTS.includes(kept)) return kept;
+  } catch {
+    /* storage disabled */
+  }
+  return 'auto';
+}
 const VIEW_KEY_PREFIX = 'agentcast-console:view:';
 /** Heading for events that carry no run_id. */
 const NO_RUN = '(no run)';
@@ -187,7 +215,12 @@ class Console {
     }
 
     const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-    this.client = new AgentcastClient({ url: `${scheme}://${location.host}/ws`, token, user: this.user });
+    this.client = new AgentcastClient({
+      url: `${scheme}://${location.host}/ws`,
+      token,
+      user: this.user,
+      transport: readTransport(),
+    });
     this.client.onState((state, info) => this.state(state, info));
     this.client.onWelcome((w) => {
       const epoch = w.epoch ?? '';
@@ -251,6 +284,11 @@ class Console {
     const el = $('state');
     el.dataset.state = state;
     el.textContent = stateText(state, info);
+    // Which transport carries the page: `websocket` or `sse` (title and tests).
+    if (info.transport) {
+      el.dataset.transport = info.transport;
+      el.title = info.transport === 'sse' ? 'connected over Server-Sent Events' : 'connected over a WebSocket';
+    }
     if (state === 'closed' && info.fatal) {
       $('detail').textContent =
         'The node refused this token or the stream for good; open the page with a fresh token (#token=…).';

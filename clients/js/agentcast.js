@@ -258,7 +258,9 @@ export class AgentcastClient {
     if (!TRANSPORTS.includes(this._transport)) {
       throw new TypeError(`transport must be one of ${TRANSPORTS.join(', ')}`);
     }
-    this._fetch = options.fetch ?? globalThis.fetch;
+    // Called through a wrapper: a browser's fetch refuses any `this` but the window.
+    const fetchImpl = options.fetch ?? globalThis.fetch;
+    this._fetch = typeof fetchImpl === 'function' ? (...args) => fetchImpl(...args) : undefined;
     if (this._transport !== 'websocket' && typeof this._fetch !== 'function') {
       throw new TypeError('no fetch: pass options.fetch for the sse and auto transports');
     }

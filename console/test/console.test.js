@@ -146,34 +146,82 @@ test('without a token the page asks for one, and connects with the one given', a
   }
 });
 
-test('a node killed and replaced on the same port: the page goes on with no missing or repeated event', async () => {
+for (const transport of ['auto', 'sse']) {
+  test(`a node killed and replaced on the same port: the page goes on with no missing or repeated event (${transport})`, async () => {
+    const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
+    const port = a.addr.split(':').at(-1);
+    const page = await newPage();
+    const user = `takeover-${transport}`;
+    let b;
+    try {
+      await page.goto(`http://${a.addr}/console/#token=${token(user)}&transport=${transport}`);
+      await waitForState(page, 'open');
+      // auto uses the WebSocket where it opens.
+      const carried = transport === 'sse' ? 'sse' : 'websocket';
+      assert.equal(await page.$eval('#state', (e) => e.dataset.transport), carried);
+      const seqs = await publish(nats, user, run('t1', ['started', 'thinking']));
+      assert.deepEqual(await waitForEvents(page, 2), seqs);
+
+      await a.kill('SIGKILL');
+      await page.waitForSelector('#state:not([data-state="open"])', { timeout: PAGE_TIMEOUT_MS });
+      // Published while no node serves the page: stored, read on resume.
+      seqs.push(...(await publish(nats, user, run('t1', ['tool', 'tool_done']))));
+      b = await Node.start(nats, ['--console', '--node-id', 'node-b', '--listen', `127.0.0.1:${port}`]);
+      await page.waitForFunction(() => document.getElementById('node').textContent === 'node-b', null, {
+        timeout: PAGE_TIMEOUT_MS,
+      });
+      seqs.push(...(await publish(nats, user, run('t1', ['completed']))));
+      seqs.push(...(await publish(nats, user, run('t2', ['started', 'thinking']))));
+      assert.deepEqual(await waitForEvents(page, 7), seqs);
+      // Nothing late: a repeat would arrive after the last event.
+      await new Promise((r) => setTimeout(r, 500));
+      assert.deepEqual(await seqsShown(page).then(sorted), seqs);
+      assert.equal((await seqsShown(page)).length, 7);
+      assert.equal(await page.$eval('section.run[data-run="t1"]', (e) => e.dataset.status), 'completed');
+      assert.equal(await text(page, '#state'), 'connected');
+      assert.equal(await page.$eval('#state', (e) => e.dataset.transport), carried);
+      assert.deepEqual(page.problems, []);
+    } finally {
+      await page.context().close();
+      await a.kill();
+      await b?.kill();
+    }
+  });
+}
+
+test("the browser's own EventSource resumes exactly across a node restart (Last-Event-ID)", async () => {
   const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
   const port = a.addr.split(':').at(-1);
   const page = await newPage();
   let b;
   try {
-    await page.goto(`http://${a.addr}/console/#token=${token('takeover')}`);
-    await waitForState(page, 'open');
-    const seqs = await publish(nats, 'takeover', run('t1', ['started', 'thinking']));
-    assert.deepEqual(await waitForEvents(page, 2), seqs);
+    // Any page of the node's origin; the stream is opened by the page's script.
+    await page.goto(`http://${a.addr}/console/`);
+    await page.evaluate((t) => {
+      window.got = { seqs: [], ids: [], welcomes: 0 };
+      const es = new EventSource(`/sse?token=${t}`);
+      es.addEventListener('welcome', () => (window.got.welcomes += 1));
+      es.addEventListener('event', (m) => {
+        window.got.seqs.push(JSON.parse(m.data).seq);
+        window.got.ids.push(m.lastEventId);
+      });
+    }, token('es-user'));
+    await eventually('the welcome', () => page.evaluate(() => window.got.welcomes === 1), PAGE_TIMEOUT_MS);
+    const seqs = await publish(nats, 'es-user', run('e1', ['started', 'thinking']));
+    await eventually('2 events', () => page.evaluate(() => window.got.seqs.length >= 2), PAGE_TIMEOUT_MS);
 
     await a.kill('SIGKILL');
-    await page.waitForSelector('#state:not([data-state="open"])', { timeout: PAGE_TIMEOUT_MS });
-    // Published while no node serves the page: stored, read on resume.
-    seqs.push(...(await publish(nats, 'takeover', run('t1', ['tool', 'tool_done']))));
+    // Stored while no node serves the stream; EventSource retries on its own
+    // and sends the last id it saw.
+    seqs.push(...(await publish(nats, 'es-user', run('e1', ['tool', 'tool_done']))));
     b = await Node.start(nats, ['--console', '--node-id', 'node-b', '--listen', `127.0.0.1:${port}`]);
-    await page.waitForFunction(() => document.getElementById('node').textContent === 'node-b', null, {
-      timeout: PAGE_TIMEOUT_MS,
-    });
-    seqs.push(...(await publish(nats, 'takeover', run('t1', ['completed']))));
-    seqs.push(...(await publish(nats, 'takeover', run('t2', ['started', 'thinking']))));
-    assert.deepEqual(await waitForEvents(page, 7), seqs);
-    // Nothing late: a repeat would arrive after the last event.
+    await eventually('the second welcome', () => page.evaluate(() => window.got.welcomes === 2), PAGE_TIMEOUT_MS);
+    seqs.push(...(await publish(nats, 'es-user', run('e1', ['completed']))));
+    await eventually('5 events', () => page.evaluate(() => window.got.seqs.length >= 5), PAGE_TIMEOUT_MS);
     await new Promise((r) => setTimeout(r, 500));
-    assert.deepEqual(await seqsShown(page).then(sorted), seqs);
-    assert.equal((await seqsShown(page)).length, 7);
-    assert.equal(await page.$eval('section.run[data-run="t1"]', (e) => e.dataset.status), 'completed');
-    assert.equal(await text(page, '#state'), 'connected');
+    const got = await page.evaluate(() => window.got);
+    assert.deepEqual(got.seqs, seqs, 'every event once, in order');
+    assert.ok(got.ids.every((id, i) => id.endsWith(`:${seqs[i]}`)), `${got.ids}`);
     assert.deepEqual(page.problems, []);
   } finally {
     await page.context().close();
