@@ -642,7 +642,9 @@ export class AgentcastClient {
     // A refused or failed handshake, or a lost connection: the spec fires
     // `error` then `close` (1006), but some implementations (Node 20's) fire
     // only `error` for a refused upgrade, so whichever comes first decides.
-    const ended = (code, reason) => {
+    // `status`: an event stream's HTTP status when it was refused (fetch
+    // sees it, a browser's WebSocket does not).
+    const ended = (code, reason, status) => {
       clearTimeout(timeout);
       if (this._ws !== ws) return;
       detach(ws);
@@ -652,7 +654,10 @@ export class AgentcastClient {
       this._refreshTimer = null;
       if (!welcomed && !sse) this._wsFailures += 1;
       if (!welcomed) {
-        if (resuming) this._resumeFailures += 1;
+        // On SSE only a 400 can be the node refusing the position; a node
+        // that is down or starting (no answer, 503) is not counted, so its
+        // return is not taken for a refusal.
+        if (resuming && (!sse || status === 400)) this._resumeFailures += 1;
         if (probe) {
           // The plain open failed too: the nodes are unreachable, not
           // refusing the position. Keep it and try it again.
@@ -662,7 +667,7 @@ export class AgentcastClient {
       }
       this._closed(code, reason, welcomed, base);
     };
-    ws.onclose = (ev) => ended(ev.code, ev.reason ?? '');
+    ws.onclose = (ev) => ended(ev.code, ev.reason ?? '', ev.status);
     ws.onerror = () => {
       ended(1006, '');
       try {
@@ -864,7 +869,7 @@ class SseSocket {
       return this._end(1006, '');
     }
     // A refusal (401, 429, 503 ...): as a refused WebSocket upgrade.
-    if (!res.ok || !res.body) return this._end(1006, `HTTP ${res.status}`);
+    if (!res.ok || !res.body) return this._end(1006, `HTTP ${res.status}`, res.status);
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
     let buf = '';
     try {
@@ -913,11 +918,11 @@ class SseSocket {
     this.onmessage?.({ data: text });
   }
 
-  _end(code, reason) {
+  _end(code, reason, status) {
     if (this._ended) return;
     this._ended = true;
     this._abort.abort();
-    this.onclose?.({ code, reason });
+    this.onclose?.({ code, reason, status });
   }
 
   send(text) {

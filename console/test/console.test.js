@@ -230,6 +230,68 @@ test("the browser's own EventSource resumes exactly across a node restart (Last-
   }
 });
 
+test('the JavaScript client on auto, its WebSocket blocked, resumes exactly over SSE across a node restart', async () => {
+  const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
+  const port = a.addr.split(':').at(-1);
+  const page = await newPage();
+  let b;
+  try {
+    await page.goto(`http://${a.addr}/console/`);
+    // The WebSocket URL leads nowhere, as through a proxy that drops
+    // upgrades; plain HTTP to the node works.
+    await page.evaluate(async (t) => {
+      const { AgentcastClient } = await import('/console/agentcast.js');
+      window.got = { seqs: [], transports: [] };
+      const client = new AgentcastClient({
+        url: 'ws://127.0.0.1:9/ws',
+        sseUrls: [`${location.origin}/sse`],
+        transport: 'auto',
+        token: () => t,
+        storage: null,
+        backoffBase: 20,
+        backoffMax: 200,
+      });
+      client.on('*', (_e, seq) => window.got.seqs.push(seq));
+      window.got.states = [];
+      window.got.welcomes = [];
+      window.got.errors = [];
+      client.onWelcome((w) => window.got.welcomes.push(w));
+      client.onError((e) => window.got.errors.push(String(e && e.message)));
+      client.onState((s, info) => {
+        window.got.states.push(`${s}:${info.code ?? ''}:${info.reason ?? info.error ?? ''}`);
+        if (s === 'open') window.got.transports.push(info.transport);
+      });
+      client.connect();
+    }, token('auto-user'));
+    await eventually('open over SSE', () => page.evaluate(() => window.got.transports.length === 1), PAGE_TIMEOUT_MS);
+    const seqs = await publish(nats, 'auto-user', run('a1', ['started', 'thinking']));
+    await eventually('2 events', () => page.evaluate(() => window.got.seqs.length >= 2), PAGE_TIMEOUT_MS);
+    await a.kill('SIGKILL');
+    seqs.push(...(await publish(nats, 'auto-user', run('a1', ['tool', 'tool_done']))));
+    b = await Node.start(nats, ['--console', '--node-id', 'node-b', '--listen', `127.0.0.1:${port}`]);
+    seqs.push(...(await publish(nats, 'auto-user', run('a1', ['completed']))));
+    await eventually('5 events', () => page.evaluate(() => window.got.seqs.length >= 5), PAGE_TIMEOUT_MS).catch(
+      async (e) => {
+        throw new Error(`${e.message}: ${JSON.stringify(await page.evaluate(() => window.got))}`);
+      },
+    );
+    await new Promise((r) => setTimeout(r, 500));
+    const got = await page.evaluate(() => window.got);
+    assert.deepEqual(got.seqs, seqs, 'every event once, in order');
+    assert.ok(got.transports.length >= 2 && got.transports.every((t) => t === 'sse'), `${got.transports}`);
+    assert.deepEqual(got.errors, []);
+    // The page's CSP refuses the dead WebSocket URL: that is the blocking.
+    assert.deepEqual(
+      page.problems.filter((p) => !p.includes("Connecting to 'ws://127.0.0.1:9/ws")),
+      [],
+    );
+  } finally {
+    await page.context().close();
+    await a.kill();
+    await b?.kill();
+  }
+});
+
 test('a node on a new stream behind the same port: the page says so and shows only the new stream', async () => {
   const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
   const port = a.addr.split(':').at(-1);
