@@ -309,3 +309,48 @@ async fn a_reader_that_cannot_carry_the_text_is_closed_by_bytes_and_resumes_exac
     }
     assert_eq!(text, texts(&published, 0), "what was received before and after the close is the text, exactly");
 }
+
+#[tokio::test]
+async fn the_rust_client_assembles_merged_and_unmerged_frames_alike() {
+    use agentcast::client::{Client as Resuming, Delivery, Messages};
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let published =
+        publish_all(&nats, "u1", (0..100).map(|i| delta("message_delta", "m1", &format!("a{i} "))).collect()).await;
+    let first = *published.keys().next().unwrap();
+    let url = format!("ws://{}/ws", node.addr);
+    // A second device joining the run from its start.
+    let mut c = Resuming::new(vec![url], || token("u1")).resume_from(first - 1, None);
+    let mut messages = Messages::default();
+    let mut all = published.clone();
+    let (mut merged_frames, mut live_frames) = (0, 0);
+    let mut live_sent = false;
+    loop {
+        let d = tokio::time::timeout(RECV_TIMEOUT, c.next()).await.expect("a delivery").expect("no error");
+        let Delivery::Event { seq, merged, event, .. } = d else { continue };
+        let update = messages.apply(&event).expect("a delta event");
+        assert_eq!(update.message_id, "m1");
+        // The text so far is every delta up to this seq, merged or not.
+        let expected: String = all.range(..=seq).filter_map(|(_, p)| p.delta.as_ref().map(|d| d.1.as_str())).collect();
+        assert_eq!(update.text, expected);
+        if merged > 1 {
+            merged_frames += 1;
+        } else {
+            live_frames += 1;
+        }
+        if !live_sent && seq == *published.keys().last().unwrap() {
+            // Then live tokens, one by one.
+            for i in 0..3 {
+                all.extend(publish_all(&nats, "u1", vec![delta("message_delta", "m1", &format!("live{i} "))]).await);
+            }
+            live_sent = true;
+        }
+        if live_sent && seq == *all.keys().last().unwrap() {
+            break;
+        }
+    }
+    assert_eq!(merged_frames, 1, "the run so far came in one frame");
+    assert!(live_frames >= 3);
+    assert_eq!(messages.text("m1"), Some(texts(&all, 0)["m1"].as_str()));
+    assert_eq!(messages.apply(r#"{"type":"tool_call"}"#), None);
+}
