@@ -282,6 +282,7 @@ where
                 () = std::future::ready(()), if !backlog.is_empty() => {}
                 n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
                     if n == 0 {
+                        // The hub dropped our sender: only on leave, which we own.
                         return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
                     }
                     // Not merged: a socket that keeps up gets every event as
@@ -305,8 +306,9 @@ where
             // so what a slow client holds is its text, not its tokens. The
             // expiry is polled last, so a write done at once costs no timer.
             let result = {
-                let write = write_batch(&mut ws, &mut out);
-                let mut write = std::pin::pin!(write);
+                let mut write = std::pin::pin!(write_batch(&mut ws, &mut out));
+                // Registered with the timer only if polled: not for a write done at once.
+                let mut expired = std::pin::pin!(tokio::time::sleep_until(expiry));
                 loop {
                     tokio::select! {
                         biased;
@@ -318,7 +320,7 @@ where
                                 backlog.push(item, position, true, &s.kicker, s.queue_bytes);
                             }
                         }
-                        _ = tokio::time::sleep_until(expiry) => break Err(WriteFail::Expired),
+                        () = &mut expired => break Err(WriteFail::Expired),
                     }
                 }
             };
