@@ -170,7 +170,7 @@ async fn main() {
             let hub = hub.clone();
             async move {
                 let user = UserId::parse(&format!("q{u}")).unwrap();
-                let (tx, rx) = mpsc::channel(16);
+                let (tx, rx) = mpsc::unbounded_channel();
                 let m = hub.join(&user, u as u64, tx, Arc::new(Kicker::default()), usize::MAX).await.unwrap();
                 (m, rx)
             }

@@ -10,6 +10,7 @@
 //! return in the same instant. Duplicates by `seq` are dropped, gaps are reported,
 //! and refusals that a retry cannot fix (401, 403, 400) end the client.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -29,8 +30,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Delivery {
     /// A (re)connection was welcomed.
     Welcome { node: String, position: u64, epoch: String },
-    /// An event, once, in order; `event` is the published JSON text.
-    Event { seq: u64, event: String },
+    /// An event, once, in order; `event` is the published JSON text. A
+    /// merged frame (docs/protocol.md, "Streamed text") carries `merged`
+    /// delta events from `first_seq` to `seq`, `event` being the last one
+    /// with the whole text as its `delta`; else `first_seq` is `seq` and
+    /// `merged` 1. [`Messages`] assembles the text either way.
+    Event { seq: u64, first_seq: u64, merged: u64, event: String },
     /// Events may be missing (see docs/protocol.md).
     Gap { reason: String, from: Option<u64>, to: Option<u64>, earliest: Option<u64> },
 }
@@ -56,6 +61,8 @@ struct Frame<'a> {
     #[serde(rename = "type")]
     kind: String,
     seq: Option<u64>,
+    first_seq: Option<u64>,
+    merged: Option<u64>,
     #[serde(borrow)]
     event: Option<&'a RawValue>,
     node: Option<String>,
@@ -231,7 +238,8 @@ impl Client {
                     }
                     self.last_seq = Some(seq);
                     self.attempt = 0;
-                    return Ok(Delivery::Event { seq, event: event.get().to_owned() });
+                    let (first_seq, merged) = (frame.first_seq.unwrap_or(seq), frame.merged.unwrap_or(1));
+                    return Ok(Delivery::Event { seq, first_seq, merged, event: event.get().to_owned() });
                 }
                 "gap" => {
                     let reason = frame.reason.unwrap_or_default();
@@ -254,5 +262,70 @@ impl Client {
         if let Some(mut ws) = self.ws.take() {
             let _ = ws.close(None).await;
         }
+    }
+}
+
+/// Messages whose text [`Messages`] keeps at most: the oldest is forgotten
+/// past it, so a long-lived client's memory stays bounded. An agent streams
+/// one or a few messages at a time; 256 cover many runs of history.
+pub const MAX_MESSAGES: usize = 256;
+
+/// One delta applied to a streamed message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageUpdate<'a> {
+    pub message_id: &'a str,
+    /// The text this event (or merged frame) added.
+    pub delta: &'a str,
+    /// The message's text so far, this delta included.
+    pub text: &'a str,
+}
+
+/// Assembles streamed messages from delivered events: each delta event's
+/// `delta` (docs/protocol.md, "Streamed text") is appended to its
+/// `message_id`'s text. A merged frame's delta is the text of all the events
+/// it carries, so merged and unmerged frames give the same text, and after a
+/// resume the replay rebuilds it.
+#[derive(Debug, Default)]
+pub struct Messages {
+    texts: HashMap<String, String>,
+    /// Message ids, oldest first, for [`MAX_MESSAGES`].
+    order: VecDeque<String>,
+    /// The last delta applied, returned by reference.
+    delta: String,
+}
+
+#[derive(Deserialize)]
+struct DeltaEvent {
+    message_id: Option<String>,
+    delta: Option<String>,
+}
+
+impl Messages {
+    /// Applies one delivered event (the `event` of [`Delivery::Event`]);
+    /// `None` when it is not a delta event.
+    pub fn apply(&mut self, event: &str) -> Option<MessageUpdate<'_>> {
+        let DeltaEvent { message_id: Some(id), delta: Some(delta) } = serde_json::from_str(event).ok()? else {
+            return None;
+        };
+        if id.is_empty() || id.chars().count() > crate::protocol::MAX_MESSAGE_ID_CHARS {
+            return None;
+        }
+        if !self.texts.contains_key(&id) {
+            if self.order.len() >= MAX_MESSAGES
+                && let Some(old) = self.order.pop_front()
+            {
+                self.texts.remove(&old);
+            }
+            self.order.push_back(id.clone());
+        }
+        self.delta = delta;
+        self.texts.entry(id.clone()).or_default().push_str(&self.delta);
+        let (id, text) = self.texts.get_key_value(&id)?;
+        Some(MessageUpdate { message_id: id, delta: &self.delta, text })
+    }
+
+    /// A message's text so far.
+    pub fn text(&self, message_id: &str) -> Option<&str> {
+        self.texts.get(message_id).map(String::as_str)
     }
 }

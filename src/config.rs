@@ -17,10 +17,6 @@ use crate::auth::{Authenticator, ClaimRules, KeyError};
 /// Process exit code for unusable configuration (sysexits.h EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
 
-/// Largest outbound queue a socket may be given, in frames. Beyond this a
-/// "slow" client could pin megabytes of memory before being closed.
-pub const MAX_SOCKET_QUEUE: usize = 65_536;
-
 /// Default of `--max-sockets-per-user`. A person has a socket per tab and
 /// device; 32 covers a heavy user (a dozen tabs on two or three devices)
 /// with room to spare, while one token, leaked or scripted, can hold at
@@ -38,9 +34,12 @@ pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 /// closed with 4000, to resume. Frames are counted in bytes because they
 /// range from 100 bytes to [`MAX_EVENT_BYTES`]: 1,024 frames of 256 KiB
 /// pinned 258 MiB for one socket that never read. 4 MiB hold 16 events of
-/// the default largest size, or the whole `--socket-queue` of events up to
-/// 4 KiB; a client that reads keeps its backlog far below either. A single
-/// frame larger than the budget is still queued when the queue is empty.
+/// the default largest size, or 1,024 events of 4 KiB; a client that reads
+/// keeps its backlog far below either. It is the only bound on a socket's
+/// queue: a socket that is behind merges the streamed text waiting in it
+/// ([`crate::merge`]), and is closed only when what is left after merging
+/// exceeds this (a client that cannot carry the text itself). A single frame
+/// larger than the budget is still queued when the queue is empty.
 pub const DEFAULT_SOCKET_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Default of `--nats-subscription-bytes`: what one user's NATS
@@ -334,10 +333,7 @@ pub struct NodeArgs {
     #[arg(long, env = "AGENTCAST_STREAM_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
     pub stream_duplicate_window: Duration,
 
-    /// Frames queued per socket before the client counts as slow and is closed (code 4000).
-    #[arg(long, env = "AGENTCAST_SOCKET_QUEUE", default_value_t = 1024)]
-    pub socket_queue: usize,
-    /// Frame bytes queued per socket before the client counts as slow and is closed (code 4000).
+    /// Frame bytes queued per socket, after merging streamed text, before the client counts as slow and is closed (code 4000).
     #[arg(long, env = "AGENTCAST_SOCKET_QUEUE_BYTES", default_value_t = DEFAULT_SOCKET_QUEUE_BYTES)]
     pub socket_queue_bytes: usize,
     /// Open sockets per node; more are refused with HTTP 503.
@@ -434,7 +430,6 @@ pub struct Config {
     pub nats: NatsSettings,
     pub stream: StreamSettings,
     pub auth: Arc<Authenticator>,
-    pub socket_queue: usize,
     /// Frame bytes queued per socket at most ([`DEFAULT_SOCKET_QUEUE_BYTES`]).
     pub socket_queue_bytes: usize,
     pub max_connections: usize,
@@ -583,7 +578,6 @@ impl NodeArgs {
             return Err(ConfigError::StreamName(s.clone()));
         }
         range("--stream-replicas", self.stream_replicas as u128, 1, 5)?;
-        range("--socket-queue", self.socket_queue as u128, 1, MAX_SOCKET_QUEUE as u128)?;
         range("--nats-subscription-capacity", self.nats_subscription_capacity as u128, 1, 1 << 20)?;
         range("--nats-subscription-bytes", self.nats_subscription_bytes as u128, 1 << 20, 1 << 40)?;
         range("--socket-queue-bytes", self.socket_queue_bytes as u128, 64 * 1024, 1 << 40)?;
@@ -648,7 +642,6 @@ impl NodeArgs {
                 duplicate_window: self.stream_duplicate_window,
             },
             auth: Arc::new(auth),
-            socket_queue: self.socket_queue,
             socket_queue_bytes: self.socket_queue_bytes,
             max_connections: self.max_connections,
             max_sockets_per_user: (self.max_sockets_per_user > 0).then_some(self.max_sockets_per_user),
@@ -738,7 +731,6 @@ mod tests {
         assert!(msg(&["--subject-prefix", "a..b"]).contains("empty token"));
         assert!(msg(&["--live-prefix", "agentcast.events.live"]).contains("overlap"));
         assert!(msg(&["--stream", "a.b"]).contains("--stream"));
-        assert!(msg(&["--socket-queue", "0"]).contains("--socket-queue"));
         assert!(msg(&["--stream-replicas", "9"]).contains("--stream-replicas"));
         assert!(msg(&["--nats-creds", "/nonexistent"]).contains("--nats-creds"));
         assert!(msg(&["--nats-url", "nats://a:b:c"]).contains("--nats-url"));

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc::WeakSender;
+use tokio::sync::mpsc::WeakUnboundedSender;
 use tokio::task::JoinSet;
 
 use crate::hub::{Item, Kicker, Queued};
@@ -313,7 +313,7 @@ pub struct Socket {
     node: Arc<Node>,
     subject: String,
     user: UserId,
-    queue: WeakSender<Queued>,
+    queue: WeakUnboundedSender<Queued>,
     kicker: Arc<Kicker>,
     /// The socket's byte budget (`--socket-queue-bytes`), which answers
     /// count against as events do.
@@ -325,7 +325,13 @@ pub struct Socket {
 impl Socket {
     /// `queue` is the socket's outbound queue, held weakly so that the
     /// socket still sees the hub drop its sender; `budget` its byte budget.
-    pub fn new(node: Arc<Node>, user: UserId, queue: WeakSender<Queued>, kicker: Arc<Kicker>, budget: usize) -> Self {
+    pub fn new(
+        node: Arc<Node>,
+        user: UserId,
+        queue: WeakUnboundedSender<Queued>,
+        kicker: Arc<Kicker>,
+        budget: usize,
+    ) -> Self {
         let bucket = Bucket::full(node.settings.burst);
         let subject = node.settings.subject(&user);
         Self { subject, node, user, queue, kicker, budget, bucket, in_flight: JoinSet::new() }
@@ -513,23 +519,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Puts an answer in the socket's queue, counted in frames and in bytes as
-/// an event is; a queue over either bound closes the socket as slow, as an
-/// event would ([`crate::protocol::close::SLOW`]). A socket that is gone
-/// needs no answer.
-fn enqueue(queue: &WeakSender<Queued>, kicker: &Kicker, budget: usize, frame: Utf8Bytes) {
+/// Puts an answer in the socket's queue, counted in bytes as an event is;
+/// a queue over its bytes closes the socket as slow, as an event would
+/// ([`crate::protocol::close::SLOW`]). A socket that is gone needs no answer.
+fn enqueue(queue: &WeakUnboundedSender<Queued>, kicker: &Kicker, budget: usize, frame: Utf8Bytes) {
     let Some(tx) = queue.upgrade() else { return };
     let bytes = frame.len();
     if !kicker.charge(bytes, budget) {
         return kicker.overflowed("bytes");
     }
-    match tx.try_send(Arc::new(Item::Control(frame))) {
-        Ok(()) => {}
-        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-            kicker.release(bytes);
-            kicker.overflowed("frames");
-        }
-        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => kicker.release(bytes),
+    if tx.send(Arc::new(Item::Control(frame))).is_err() {
+        kicker.release(bytes);
     }
 }
 

@@ -22,11 +22,11 @@
 //! the same way. When a hole cannot be filled, a gap notice is queued in its
 //! place.
 //!
-//! Delivery builds each event frame once and hands a reference-counted copy
-//! to every socket's bounded queue with `try_send`: a socket whose queue is
-//! full, in frames (`--socket-queue`) or in bytes (`--socket-queue-bytes`,
-//! [`Kicker::charge`]), is closed as slow ([`crate::protocol::close::SLOW`])
-//! and resumes; nobody waits.
+//! Delivery builds each event frame once (and finds once whether it is a
+//! delta event, [`crate::merge`]) and hands a reference-counted copy to
+//! every socket's queue: a socket whose queue, after merging, holds more
+//! than its bytes (`--socket-queue-bytes`, [`Kicker::charge`]) is closed as
+//! slow ([`crate::protocol::close::SLOW`]) and resumes; nobody waits.
 //!
 //! # Memory
 //!
@@ -56,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::StreamSettings;
 use crate::history::{Batched, History, NEWEST_BATCH, Stored};
 use crate::metrics as m;
-use crate::protocol::{MAX_SEQ, event_frame_timed};
+use crate::protocol::{Delta, MAX_SEQ, event_frame_timed};
 use crate::resume::{Gap, GapReason, Position, acquire};
 use crate::scan::Scanner;
 use crate::stream::StreamError;
@@ -175,6 +175,9 @@ pub struct EventFrame {
     pub seq: u64,
     pub text: Utf8Bytes,
     pub origin: Option<m::Origin>,
+    /// Where its delta fields lie in `text`, when it is a delta event
+    /// ([`crate::merge`]): found once here, not per socket.
+    pub delta: Option<Delta>,
 }
 
 /// What a socket's queue carries, in the user's order.
@@ -299,7 +302,7 @@ impl Kicker {
 }
 
 struct SocketTx {
-    tx: mpsc::Sender<Queued>,
+    tx: mpsc::UnboundedSender<Queued>,
     kicker: Arc<Kicker>,
     /// Bytes the socket may have queued (`--socket-queue-bytes`).
     budget: usize,
@@ -523,7 +526,7 @@ impl Hub {
         self: &Arc<Self>,
         user: &UserId,
         id: u64,
-        tx: mpsc::Sender<Queued>,
+        tx: mpsc::UnboundedSender<Queued>,
         kicker: Arc<Kicker>,
         budget: usize,
     ) -> Result<Membership, JoinError> {
@@ -788,9 +791,9 @@ impl Hub {
     /// one; else the envelope's `timestamp`, if any, is the origin.
     fn deliver(&self, entry: &UserEntry, ev: Stored, stored_at: Option<m::Origin>) {
         let frame = match event_frame_timed(ev.seq, &ev.payload) {
-            Ok((text, stamp)) => {
-                let origin = stored_at.or_else(|| stamp.and_then(|t| m::Origin::parse(t, m::Clock::Envelope)));
-                Some(EventFrame { seq: ev.seq, text, origin })
+            Ok(f) => {
+                let origin = stored_at.or_else(|| f.timestamp.and_then(|t| m::Origin::parse(t, m::Clock::Envelope)));
+                Some(EventFrame { seq: ev.seq, text: f.text, origin, delta: f.delta })
             }
             Err(e) => {
                 metrics::counter!(m::EVENTS_REJECTED, "reason" => e.reason()).increment(1);
@@ -956,9 +959,12 @@ impl Hub {
     }
 }
 
-/// Queues `item` to every socket of the user. A socket over its frame
-/// count or its byte budget is closed as slow: it resumes from the last
-/// event it got, so nothing is lost, and nobody waits for it.
+/// Queues `item` to every socket of the user. A socket over its byte
+/// budget is closed as slow: it resumes from the last event it got, so
+/// nothing is lost, and nobody waits for it. The queue has no bound in
+/// frames: its frames are counted in bytes, and a socket that is behind
+/// merges the deltas waiting in it ([`crate::socket`]), so a client whose
+/// link carries the text is never closed for the number of its tokens.
 fn fan_out(sockets: &HashMap<u64, SocketTx>, item: Queued) {
     let bytes = item.bytes();
     for s in sockets.values() {
@@ -966,13 +972,8 @@ fn fan_out(sockets: &HashMap<u64, SocketTx>, item: Queued) {
             s.kicker.overflowed("bytes");
             continue;
         }
-        match s.tx.try_send(item.clone()) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                s.kicker.release(bytes);
-                s.kicker.overflowed("frames");
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => s.kicker.release(bytes),
+        if s.tx.send(item.clone()).is_err() {
+            s.kicker.release(bytes);
         }
     }
 }

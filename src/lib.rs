@@ -38,6 +38,7 @@ pub mod control;
 pub mod dev;
 pub mod history;
 pub mod hub;
+pub mod merge;
 pub mod metrics;
 pub mod nats;
 pub mod protocol;

@@ -35,6 +35,7 @@ pub const READY: &str = "agentcast_ready";
 pub const RESUMES: &str = "agentcast_resumes_total";
 pub const RESUME_DURATION: &str = "agentcast_resume_duration_seconds";
 pub const REPLAYED_EVENTS: &str = "agentcast_replayed_events_total";
+pub const MERGED_EVENTS: &str = "agentcast_merged_events_total";
 pub const GAPS_DETECTED: &str = "agentcast_live_gaps_detected_total";
 pub const GAPS_REPAIRED: &str = "agentcast_live_gaps_repaired_total";
 pub const GAPS_ANNOUNCED: &str = "agentcast_live_gaps_announced_total";
@@ -73,6 +74,7 @@ pub const ALL: &[&str] = &[
     RESUMES,
     RESUME_DURATION,
     REPLAYED_EVENTS,
+    MERGED_EVENTS,
     GAPS_DETECTED,
     GAPS_REPAIRED,
     GAPS_ANNOUNCED,
@@ -105,9 +107,9 @@ pub const LATENCY_BUCKETS: &[f64] =
 /// ([`crate::socket::MAX_WRITE_BATCH`]).
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
-/// Buckets of [`QUEUE_DEPTH`]: powers of four up to the largest queue a
-/// socket may be given ([`crate::config::MAX_SOCKET_QUEUE`]); a depth near
-/// the configured `--socket-queue` means clients are about to be closed as slow.
+/// Buckets of [`QUEUE_DEPTH`]: powers of four up to 65,536 items (a socket's
+/// queue is bounded in bytes, `--socket-queue-bytes`, and its streamed text
+/// merged, so a deep queue is of small non-delta events).
 pub const QUEUE_BUCKETS: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0];
 
 /// Label values of `transport` on the per-connection series ([`SOCKETS_OPEN`],
@@ -253,7 +255,7 @@ fn describe() {
     describe_counter!(
         SLOW_SOCKETS,
         Unit::Count,
-        "Sockets asked to close as slow when their queue overflowed, by the bound reached: frames (--socket-queue) or bytes (--socket-queue-bytes)."
+        "Sockets asked to close as slow when their queue, after merging streamed text, overflowed its bytes (bound=bytes, --socket-queue-bytes)."
     );
     describe_counter!(EVENTS_RECEIVED, Unit::Count, "Events received from NATS live subjects.");
     describe_counter!(
@@ -300,6 +302,11 @@ fn describe() {
         "From a resuming socket joining its user's stream to its last replayed event written, for resumes that ended complete or with a gap."
     );
     describe_counter!(REPLAYED_EVENTS, Unit::Count, "Events sent from history on resume.");
+    describe_counter!(
+        MERGED_EVENTS,
+        Unit::Count,
+        "Delta events sent inside merged frames (two or more to a frame), by path: live (a socket behind) or replay."
+    );
     describe_counter!(
         GAPS_DETECTED,
         Unit::Count,
@@ -358,8 +365,9 @@ fn register_known() {
         metrics::gauge!(SOCKETS_OPEN, "transport" => *transport).increment(0.0);
     }
     metrics::counter!(CONNECTIONS_REFUSED, "reason" => "http_capacity", "transport" => "http").absolute(0);
-    for bound in ["frames", "bytes"] {
-        metrics::counter!(SLOW_SOCKETS, "bound" => bound).absolute(0);
+    metrics::counter!(SLOW_SOCKETS, "bound" => "bytes").absolute(0);
+    for path in ["live", "replay"] {
+        metrics::counter!(MERGED_EVENTS, "path" => path).absolute(0);
     }
     for reason in ["not_json", "not_object", "not_utf8", "no_sequence"] {
         metrics::counter!(EVENTS_REJECTED, "reason" => reason).absolute(0);

@@ -175,21 +175,47 @@ impl PayloadError {
 /// socket of the user then shares the same bytes. The payload must be a JSON
 /// object and is embedded exactly as published.
 pub fn event_frame(seq: u64, payload: &[u8]) -> Result<Utf8Bytes, PayloadError> {
-    event_frame_timed(seq, payload).map(|(text, _)| text)
+    event_frame_timed(seq, payload).map(|f| f.text)
 }
 
-/// The one envelope field the node reads: the publisher's `timestamp`, used
-/// only for the delivery latency metric (docs/protocol.md). Read in the same
-/// pass that checks the payload is JSON, so it costs no second parse.
+/// The envelope fields the node reads, in the one pass that checks the
+/// payload is JSON, so they cost no second parse: the publisher's
+/// `timestamp`, used only for the delivery latency metric, and what makes a
+/// delta event (`type`, `message_id`, `delta`), used only to merge
+/// ([`crate::merge`]). Kept raw: nothing is decoded unless needed.
 #[derive(Deserialize)]
 struct Envelope<'a> {
     #[serde(borrow, default)]
     timestamp: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    message_id: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    delta: Option<&'a serde_json::value::RawValue>,
 }
 
-/// [`event_frame`], plus the envelope's `timestamp` when it is a plain JSON
-/// string (no escapes); parsing it as a time is left to the caller.
-pub fn event_frame_timed(seq: u64, payload: &[u8]) -> Result<(Utf8Bytes, Option<&str>), PayloadError> {
+/// An event's frame and what the one parse found in its envelope.
+#[derive(Debug, PartialEq)]
+pub struct Framed<'a> {
+    pub text: Utf8Bytes,
+    /// The envelope's `timestamp` when it is a plain JSON string (no
+    /// escapes); parsing it as a time is left to the caller.
+    pub timestamp: Option<&'a str>,
+    /// Where its delta fields lie in `text`, when it is a delta event.
+    pub delta: Option<Delta>,
+}
+
+const HEAD: &str = r#"{"type":"event","seq":"#;
+const MID: &str = r#","event":"#;
+
+/// Where the event object starts in the frame of event `seq`.
+fn payload_offset(seq: u64) -> usize {
+    HEAD.len() + itoa::Buffer::new().format(seq).len() + MID.len()
+}
+
+/// [`event_frame`], plus the envelope's `timestamp` and delta fields.
+pub fn event_frame_timed(seq: u64, payload: &[u8]) -> Result<Framed<'_>, PayloadError> {
     let text = std::str::from_utf8(payload).map_err(|_| PayloadError::NotUtf8)?;
     if !text.trim_start().starts_with('{') {
         // Catches non-JSON too, but report it precisely.
@@ -198,24 +224,103 @@ pub fn event_frame_timed(seq: u64, payload: &[u8]) -> Result<(Utf8Bytes, Option<
             Err(_) => PayloadError::NotJson,
         });
     }
-    let timestamp = match serde_json::from_str::<Envelope>(text) {
-        Ok(env) => env.timestamp.and_then(|raw| plain_string(raw.get())),
+    let (timestamp, delta) = match serde_json::from_str::<Envelope>(text) {
+        Ok(env) => (
+            env.timestamp.and_then(|raw| plain_string(raw.get())),
+            Delta::find(text, payload_offset(seq), env.kind, env.message_id, env.delta),
+        ),
         // Valid JSON the struct refuses (a repeated `timestamp` key) is
-        // still forwarded, untimed.
+        // still forwarded, untimed and unmerged.
         Err(_) => {
             serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|_| PayloadError::NotJson)?;
-            None
+            (None, None)
         }
     };
-    const HEAD: &str = r#"{"type":"event","seq":"#;
-    const MID: &str = r#","event":"#;
     let mut out = String::with_capacity(HEAD.len() + 20 + MID.len() + text.len() + 1);
     out.push_str(HEAD);
     out.push_str(itoa::Buffer::new().format(seq));
     out.push_str(MID);
     out.push_str(text);
     out.push('}');
-    Ok((Utf8Bytes::from(out), timestamp))
+    Ok(Framed { text: Utf8Bytes::from(out), timestamp, delta })
+}
+
+/// Longest `message_id` of a delta event, in characters.
+pub const MAX_MESSAGE_ID_CHARS: usize = 128;
+
+/// Where a delta event's fields lie in its frame's text, as byte ranges of
+/// their raw JSON values (string literals with their quotes). Found once per
+/// event, at delivery; 28 bytes, shared by every socket of the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delta {
+    /// The `type` value, any JSON; `None` when the event has none.
+    kind: Option<(u32, u32)>,
+    message_id: (u32, u32),
+    delta: (u32, u32),
+}
+
+impl Delta {
+    /// A delta event has a top-level string `message_id` of 1 to
+    /// [`MAX_MESSAGE_ID_CHARS`] characters and a top-level string `delta`.
+    /// The raw values are slices of `payload`, which starts at `offset` in
+    /// the frame.
+    fn find(
+        payload: &str,
+        offset: usize,
+        kind: Option<&serde_json::value::RawValue>,
+        message_id: Option<&serde_json::value::RawValue>,
+        delta: Option<&serde_json::value::RawValue>,
+    ) -> Option<Delta> {
+        let (message_id, delta) = (message_id?.get(), delta?.get());
+        if !delta.starts_with('"') || !message_id.starts_with('"') {
+            return None;
+        }
+        let inner = &message_id[1..message_id.len() - 1];
+        let chars = if inner.contains('\\') {
+            serde_json::from_str::<String>(message_id).ok()?.chars().count()
+        } else {
+            inner.chars().count()
+        };
+        if !(1..=MAX_MESSAGE_ID_CHARS).contains(&chars) {
+            return None;
+        }
+        let range = |raw: &str| -> Option<(u32, u32)> {
+            // The raw value borrows from `payload`: its place is its address
+            // less the payload's, checked to be that slice.
+            let at = (raw.as_ptr() as usize).checked_sub(payload.as_ptr() as usize)?;
+            (payload.get(at..at + raw.len()) == Some(raw)).then_some(())?;
+            Some((u32::try_from(offset + at).ok()?, u32::try_from(offset + at + raw.len()).ok()?))
+        };
+        Some(Delta {
+            kind: match kind {
+                Some(k) => Some(range(k.get())?),
+                None => None,
+            },
+            message_id: range(message_id)?,
+            delta: range(delta)?,
+        })
+    }
+
+    /// The raw `type` value in `frame`, if any.
+    pub fn kind<'f>(&self, frame: &'f str) -> Option<&'f str> {
+        self.kind.and_then(|(a, b)| frame.get(a as usize..b as usize))
+    }
+
+    /// The raw `message_id` literal in `frame`, quotes included.
+    pub fn message_id<'f>(&self, frame: &'f str) -> &'f str {
+        frame.get(self.message_id.0 as usize..self.message_id.1 as usize).unwrap_or_default()
+    }
+
+    /// Where the delta's contents (between its quotes, escapes kept) lie in
+    /// the frame.
+    pub fn text_range(&self) -> std::ops::Range<usize> {
+        self.delta.0 as usize + 1..self.delta.1 as usize - 1
+    }
+
+    /// Where the event object starts in the frame of event `seq`.
+    pub fn payload_offset(seq: u64) -> usize {
+        payload_offset(seq)
+    }
 }
 
 /// The contents of a JSON string literal without escapes, else `None`.
@@ -243,14 +348,15 @@ mod tests {
 
     #[test]
     fn the_envelope_timestamp_is_read_in_the_same_pass() {
-        let (f, ts) = event_frame_timed(3, br#"{"type":"x","timestamp":"2026-11-24T10:00:00.5Z"}"#).unwrap();
+        let framed = event_frame_timed(3, br#"{"type":"x","timestamp":"2026-11-24T10:00:00.5Z"}"#).unwrap();
+        let (f, ts) = (framed.text, framed.timestamp);
         assert_eq!(ts, Some("2026-11-24T10:00:00.5Z"));
         assert!(f.as_str().starts_with(r#"{"type":"event","seq":3,"#));
-        assert_eq!(event_frame_timed(1, br#"{"timestamp":12}"#).unwrap().1, None);
-        assert_eq!(event_frame_timed(1, br#"{"timestamp":null}"#).unwrap().1, None);
-        assert_eq!(event_frame_timed(1, br#"{"a":{"timestamp":"x"}}"#).unwrap().1, None);
+        assert_eq!(event_frame_timed(1, br#"{"timestamp":12}"#).unwrap().timestamp, None);
+        assert_eq!(event_frame_timed(1, br#"{"timestamp":null}"#).unwrap().timestamp, None);
+        assert_eq!(event_frame_timed(1, br#"{"a":{"timestamp":"x"}}"#).unwrap().timestamp, None);
         // A repeated key is still a forwardable object, just untimed.
-        assert_eq!(event_frame_timed(1, br#"{"timestamp":"a","timestamp":"b"}"#).unwrap().1, None);
+        assert_eq!(event_frame_timed(1, br#"{"timestamp":"a","timestamp":"b"}"#).unwrap().timestamp, None);
     }
 
     #[test]

@@ -54,9 +54,11 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::SemaphorePermit;
 
 use crate::history::{History, Span, Stored};
+use crate::hub::EventFrame;
 use crate::hub::{FRAME_OVERHEAD, Hub, MAX_SHARED_REPLAY_BYTES, Membership, REPLAY_BYTES, SharedReplay, read_count};
+use crate::merge::{Merger, Run};
 use crate::metrics as m;
-use crate::protocol::{ServerFrame, event_frame};
+use crate::protocol::{ServerFrame, event_frame_timed};
 use crate::scan::MAX_SCAN_SPAN;
 use crate::stream::StreamError;
 
@@ -65,6 +67,15 @@ use crate::stream::StreamError;
 /// fewer when they may be large ([`crate::hub::read_count`]). In bytes, the
 /// chunks of all replays together are bounded by [`crate::hub::REPLAY_BYTES`].
 pub const REPLAY_CHUNK: usize = 64;
+
+/// Largest merged frame a replay carries from one chunk into the next, so
+/// that a message's text replays as one frame across chunks
+/// ([`crate::merge`]): a reload in the middle of a long answer gets the
+/// answer so far at once. A run past it is written at the end of its chunk
+/// (the next one starts a new run). Held per replay beyond
+/// [`crate::hub::REPLAY_BYTES`] (docs/operations.md counts it per socket):
+/// 64 KiB is 16,000 tokens of 4 bytes.
+pub const MAX_REPLAY_CARRY: usize = 64 * 1024;
 
 /// Reads of a replay that end short of the position the socket joined at (a
 /// replica behind the leader answered) are tried this many times, this far
@@ -260,6 +271,9 @@ pub struct Replay<'a> {
     /// Events among `kept`.
     kept_events: u64,
     finished: bool,
+    /// A run of deltas that may continue in the next chunk
+    /// ([`MAX_REPLAY_CARRY`]); written before the replay ends.
+    carry: Option<Run>,
     /// The share of [`crate::hub::REPLAY_BYTES`] the last chunk handed out
     /// holds: released when the next chunk is asked for (the socket has
     /// written this one by then) or the replay is dropped.
@@ -298,6 +312,7 @@ impl<'a> Replay<'a> {
             short_reads: 0,
             kept_events: 0,
             finished: false,
+            carry: None,
             held: None,
         };
         if reset {
@@ -351,24 +366,37 @@ impl<'a> Replay<'a> {
             let max = read_count(REPLAY_CHUNK, self.hub.max_event_bytes());
             let (read, mut permit) = self.read(joined + 1, max).await?;
             let start = self.position;
-            let mut chunk = Chunk { frames: Vec::with_capacity(read.events.len() + 1), events: 0 };
+            let carried = self.carry.as_ref().map_or(0, Run::count);
+            let mut merger = Merger::continuing(self.carry.take());
+            merger.out.reserve(read.events.len() + 1);
+            let mut fed = 0;
             if let Some(gap) = read.gap {
                 self.gapped = true;
                 self.position = self.position.max(gap.to.unwrap_or(self.position));
                 metrics::counter!(m::GAPS_SENT, "reason" => gap.reason.label()).increment(1);
-                chunk.frames.push(gap.frame());
+                merger.other(gap.frame());
             }
             for ev in read.events {
                 self.position = ev.seq;
                 // Not forwardable payloads are skipped, not holes.
-                if let Ok(text) = event_frame(ev.seq, &ev.payload) {
-                    chunk.frames.push(text);
-                    chunk.events += 1;
+                if let Ok(f) = event_frame_timed(ev.seq, &ev.payload) {
+                    merger.event(&EventFrame { seq: ev.seq, text: f.text, origin: None, delta: f.delta });
+                    fed += 1;
                 }
             }
             if read.done && self.position < joined {
                 self.settle().await?;
             }
+            // More to read: the run may go on in the next chunk.
+            if self.position < joined && merger.pending_bytes() <= MAX_REPLAY_CARRY {
+                self.carry = merger.take_run();
+            }
+            merger.flush();
+            if merger.merged > 0 {
+                metrics::counter!(m::MERGED_EVENTS, "path" => "replay").increment(merger.merged);
+            }
+            let events = carried + fed - self.carry.as_ref().map_or(0, Run::count);
+            let chunk = Chunk { frames: merger.out, events };
             if let Some(k) = self.kept.as_mut() {
                 let bytes = |frames: &[Utf8Bytes]| frames.iter().map(|f| f.len()).sum::<usize>();
                 if bytes(k) + bytes(&chunk.frames) <= MAX_SHARED_REPLAY_BYTES {

@@ -582,7 +582,6 @@ fn admit_client(
         token_exp: identity.close_at,
         exp: identity.exp,
         auth: st.config.auth.clone(),
-        queue: st.config.socket_queue,
         queue_bytes: st.config.socket_queue_bytes,
         ping_interval: st.config.ping_interval,
         kicker,

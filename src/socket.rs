@@ -3,6 +3,7 @@
 //!
 //! [`run`] is generic over any `Sink + Stream` of axum WebSocket messages.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::control;
 use crate::hub::{Hub, Item, Kick, Kicker, Membership, Queued};
+use crate::merge::Run;
 use crate::metrics as m;
 use crate::protocol::{BAD_POSITION, ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close};
 use crate::resume::{Gap, Replay};
@@ -75,10 +77,8 @@ pub struct Session {
     pub exp: u64,
     /// Checks the tokens of `refresh` frames as a new connection's.
     pub auth: Arc<crate::auth::Authenticator>,
-    /// Frames the socket's queue holds at most (`--socket-queue`).
-    pub queue: usize,
-    /// Bytes of frames it holds at most, with the batch being written
-    /// (`--socket-queue-bytes`).
+    /// Bytes of frames its queue holds at most, after merging, with the
+    /// batch being written (`--socket-queue-bytes`): the only bound on it.
     pub queue_bytes: usize,
     pub ping_interval: Duration,
     pub kicker: Arc<Kicker>,
@@ -140,7 +140,9 @@ where
             };
         }
         let joining = Instant::now();
-        let (tx, mut rx) = mpsc::channel::<Queued>(s.queue);
+        // Unbounded in frames: bounded in bytes by the kicker's count, which
+        // fan-out charges before sending (`--socket-queue-bytes`).
+        let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
         // For the answers of control requests: weak, so the queue still
         // closes when the hub drops its sender.
         let own_tx = tx.downgrade();
@@ -189,6 +191,10 @@ where
         // (64 items and 64 frames), more than a quarter of its memory.
         let mut batch: Vec<Queued> = Vec::new();
         let mut out: Vec<Utf8Bytes> = Vec::new();
+        let mut backlog = Backlog::default();
+        // The hub dropped our sender (only on leave, which we own): noticed
+        // while a write is pending, acted on once it is done.
+        let mut queue_closed = false;
         // Made by the first control frame: most sockets never send one.
         let mut requests: Option<Box<control::Socket>> = None;
         // Resolved once per socket: recording through a handle skips the
@@ -227,6 +233,7 @@ where
                     // (after a long write) is not followed by a burst.
                     next_ping = now + s.ping_interval;
                     timer.as_mut().reset(next_ping.min(expiry));
+                    continue;
                 }
                 msg = ws.next() => {
                     last_heard = Instant::now();
@@ -269,62 +276,179 @@ where
                     if let Some(end) = on_client_message(&mut ws, msg).await {
                         return end;
                     }
+                    continue;
                 }
+                // What a write left behind goes out first, in order.
+                () = std::future::ready(()), if !backlog.is_empty() => {}
                 n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
                     if n == 0 {
                         // The hub dropped our sender: only on leave, which we own.
                         return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
                     }
-                    depth.record((n + rx.len()) as f64);
-                    // Items are in the user's order: the first timed one is the oldest.
-                    let mut oldest: Option<m::Origin> = None;
-                    // Counted against the byte budget until written or dropped.
-                    let mut bytes = 0;
+                    // Not merged: a socket that keeps up gets every event as
+                    // its own frame, at once.
                     for item in batch.drain(..) {
-                        bytes += item.bytes();
-                        if let Item::Event(f) = &*item {
-                            oldest = oldest.or(f.origin);
-                        }
-                        if let Some(text) = render(&item, &mut position) {
-                            out.push(text);
-                        }
-                    }
-                    if out.is_empty() {
-                        s.kicker.release(bytes);
-                        release_if_idle(&rx, &mut batch, &mut out);
-                        continue;
-                    }
-                    // A write waits for the client (up to WRITE_TIMEOUT):
-                    // a kick or the token's expiry ends it. The expiry is
-                    // polled last, so a write done at once costs no timer.
-                    let result = tokio::select! {
-                        biased;
-                        _ = s.kicker.kicked() => Err(WriteFail::Kicked),
-                        r = write_batch(&mut ws, &mut out) => r,
-                        _ = tokio::time::sleep_until(expiry) => Err(WriteFail::Expired),
-                    };
-                    out.clear();
-                    s.kicker.release(bytes);
-                    release_if_idle(&rx, &mut batch, &mut out);
-                    match result {
-                        Ok(()) => latency.record(oldest),
-                        // The select above will see the kick or the expiry next turn.
-                        Err(WriteFail::Kicked | WriteFail::Expired) => continue,
-                        Err(WriteFail::Timeout) => return End::Slow,
-                        Err(WriteFail::Closed) => return End::Client,
+                        backlog.push(item, position, false, &s.kicker, s.queue_bytes);
                     }
                 }
+            }
+            depth.record((backlog.len() + rx.len()) as f64);
+            // Counted against the byte budget until written or dropped.
+            let (bytes, oldest) = backlog.take(MAX_WRITE_BATCH, &mut position, &mut out);
+            if out.is_empty() {
+                s.kicker.release(bytes);
+                release_if_idle(&rx, &mut batch, &mut out, &mut backlog);
+                continue;
+            }
+            // A write waits for the client (up to WRITE_TIMEOUT): a kick or
+            // the token's expiry ends it. Meanwhile the socket keeps taking
+            // from its queue, merging the deltas that wait ([`Backlog::push`]),
+            // so what a slow client holds is its text, not its tokens. The
+            // expiry is polled last, so a write done at once costs no timer.
+            let result = {
+                let mut write = std::pin::pin!(write_batch(&mut ws, &mut out));
+                // Registered with the timer only if polled: not for a write done at once.
+                let mut expired = std::pin::pin!(tokio::time::sleep_until(expiry));
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = s.kicker.kicked() => break Err(WriteFail::Kicked),
+                        r = &mut write => break r,
+                        n = rx.recv_many(&mut batch, MAX_WRITE_BATCH), if !queue_closed => {
+                            queue_closed = n == 0;
+                            for item in batch.drain(..) {
+                                backlog.push(item, position, true, &s.kicker, s.queue_bytes);
+                            }
+                        }
+                        () = &mut expired => break Err(WriteFail::Expired),
+                    }
+                }
+            };
+            out.clear();
+            s.kicker.release(bytes);
+            release_if_idle(&rx, &mut batch, &mut out, &mut backlog);
+            match result {
+                Ok(()) => latency.record(oldest),
+                // The select above will see the kick or the expiry next turn.
+                Err(WriteFail::Kicked | WriteFail::Expired) => continue,
+                Err(WriteFail::Timeout) => return End::Slow,
+                Err(WriteFail::Closed) => return End::Client,
             }
         }
     }
 }
 
+/// One entry of a socket's backlog: an item as queued, or deltas merged
+/// while the socket was behind.
+enum Entry {
+    Item(Queued),
+    Run(Run),
+}
+
+/// What the socket took from its queue and has not written yet, in order.
+/// Filled while a write is pending, so the deltas that wait for a slow
+/// client merge ([`crate::merge`]) instead of piling up; the kicker's count
+/// follows the merged size, so the byte bound applies after merging.
+#[derive(Default)]
+struct Backlog {
+    entries: VecDeque<Entry>,
+}
+
+impl Backlog {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Adds `item`, taken from the queue with its bytes counted. An event
+    /// at or below `position` is dropped (a replay covered it). With
+    /// `merge` (the socket is behind), a delta that continues the last
+    /// entry's run joins it, and the count drops by what that saves.
+    fn push(&mut self, item: Queued, position: u64, merge: bool, kicker: &Kicker, budget: usize) {
+        if let Item::Event(f) = &*item {
+            if f.seq <= position {
+                kicker.release(item.bytes());
+                return;
+            }
+            if merge
+                && f.delta.is_some()
+                && let Some(run) = self.run_for(f)
+            {
+                let was = run.bytes() + item.bytes();
+                run.push(f);
+                let now = run.bytes();
+                if now <= was {
+                    kicker.release(was - now);
+                } else if !kicker.charge(now - was, budget) {
+                    kicker.overflowed("bytes");
+                }
+                return;
+            }
+        }
+        self.entries.push_back(Entry::Item(item));
+    }
+
+    /// The run at the end of the backlog that `f` continues, if any.
+    fn run_for(&mut self, f: &crate::hub::EventFrame) -> Option<&mut Run> {
+        let tail = self.entries.back_mut()?;
+        if let Entry::Item(q) = tail {
+            let Item::Event(prev) = &**q else { return None };
+            let run = Run::start(prev).filter(|r| r.accepts(f))?;
+            *tail = Entry::Run(run);
+        }
+        match tail {
+            Entry::Run(r) if r.accepts(f) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Renders up to `max` entries into `out`; returns the bytes they were
+    /// counted as and the origin of the oldest event among them.
+    fn take(&mut self, max: usize, position: &mut u64, out: &mut Vec<Utf8Bytes>) -> (usize, Option<m::Origin>) {
+        let (mut bytes, mut oldest) = (0, None);
+        for entry in self.entries.drain(..max.min(self.entries.len())) {
+            match entry {
+                Entry::Item(item) => {
+                    bytes += item.bytes();
+                    if let Item::Event(f) = &*item {
+                        oldest = oldest.or(f.origin);
+                    }
+                    if let Some(text) = render(&item, position) {
+                        out.push(text);
+                    }
+                }
+                Entry::Run(run) => {
+                    bytes += run.bytes();
+                    oldest = oldest.or(run.first_origin());
+                    if run.seq() > *position {
+                        *position = run.seq();
+                        if run.count() > 1 {
+                            metrics::counter!(m::MERGED_EVENTS, "path" => "live").increment(run.count());
+                        }
+                        out.push(run.frame());
+                    }
+                }
+            }
+        }
+        (bytes, oldest)
+    }
+}
+
 /// Frees the batch buffers once the queue is empty: a socket that goes idle
 /// holds none, and a busy one keeps them from batch to batch.
-fn release_if_idle(rx: &mpsc::Receiver<Queued>, batch: &mut Vec<Queued>, out: &mut Vec<Utf8Bytes>) {
-    if rx.is_empty() {
+fn release_if_idle(
+    rx: &mpsc::UnboundedReceiver<Queued>,
+    batch: &mut Vec<Queued>,
+    out: &mut Vec<Utf8Bytes>,
+    backlog: &mut Backlog,
+) {
+    if rx.is_empty() && backlog.is_empty() {
         *batch = Vec::new();
         *out = Vec::new();
+        *backlog = Backlog::default();
     }
 }
 

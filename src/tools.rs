@@ -84,7 +84,9 @@ pub struct TailArgs {
     #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true, requires = "user")]
     pub jwt_secret: Option<String>,
     /// Resume after this seq instead of starting live (at most 2^53-1, as
-    /// the node accepts).
+    /// the node accepts). To show an agent's run from its start: the seq of
+    /// its first event (`agent_started`) minus 1; its streamed text comes
+    /// merged (docs/protocol.md, "Joining a run in progress").
     #[arg(long, value_parser = clap::value_parser!(u64).range(..=crate::protocol::MAX_SEQ))]
     pub from_seq: Option<u64>,
     /// The stream epoch --from-seq belongs to (from a welcome).
@@ -346,9 +348,17 @@ async fn tail_inner(a: TailArgs) -> Result<(), Failure> {
                 let from = resuming.map_or_else(|| "live".to_owned(), |s| format!("resuming after seq {s}"));
                 eprintln!("agentcast tail: connected to {node} (user position {position}, epoch {epoch}), {from}");
             }
-            Delivery::Event { seq, event } => {
+            // A merged frame of streamed text says so, as the node sent it.
+            Delivery::Event { seq, first_seq, merged, event } => {
                 events += 1;
-                let _ = writeln!(out, "{{\"seq\":{seq},\"event\":{event}}}");
+                if merged > 1 {
+                    let _ = writeln!(
+                        out,
+                        "{{\"seq\":{seq},\"first_seq\":{first_seq},\"merged\":{merged},\"event\":{event}}}"
+                    );
+                } else {
+                    let _ = writeln!(out, "{{\"seq\":{seq},\"event\":{event}}}");
+                }
             }
             Delivery::Gap { reason, from, to, earliest } => {
                 let gap = json!({"gap": {"reason": reason, "from": from, "to": to, "earliest": earliest}});

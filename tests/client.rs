@@ -79,8 +79,14 @@ async fn duplicates_are_dropped_and_refusals_end_the_client() {
         q
     });
     assert!(matches!(c.next().await.unwrap(), Delivery::Welcome { position: 3, .. }));
-    assert_eq!(c.next().await.unwrap(), Delivery::Event { seq: 4, event: r#"{"a":1}"#.into() });
-    assert_eq!(c.next().await.unwrap(), Delivery::Event { seq: 6, event: r#"{"a":2}"#.into() });
+    assert_eq!(
+        c.next().await.unwrap(),
+        Delivery::Event { seq: 4, first_seq: 4, merged: 1, event: r#"{"a":1}"#.into() }
+    );
+    assert_eq!(
+        c.next().await.unwrap(),
+        Delivery::Event { seq: 6, first_seq: 6, merged: 1, event: r#"{"a":2}"#.into() }
+    );
     assert_eq!(c.duplicates, 1);
     let err = c.next().await.unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");

@@ -424,11 +424,8 @@ async fn the_shipped_nats_accounts_let_nodes_ask_and_agents_answer() {
 #[tokio::test]
 async fn answers_a_client_does_not_read_fill_its_queue_and_close_it_as_slow() {
     let nats = NatsServer::start();
-    let node = Node::start(
-        &nats,
-        &["--socket-queue", "2", "--control-rate", "1000", "--control-burst", "1000", "--control-pending", "64"],
-    )
-    .await;
+    let node =
+        Node::start(&nats, &["--control-rate", "1000", "--control-burst", "1000", "--control-pending", "64"]).await;
     // Answers of 900 KB: a few dozen fill the kernel's buffers, then the
     // socket's writer waits, then its queue.
     let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(900_000));

@@ -117,7 +117,7 @@ async fn a_stalled_socket_does_not_hold_up_the_exit() {
     let nats = NatsServer::start();
     let window = Duration::from_secs(2);
     // Queues large enough that the socket is not closed as slow first.
-    let queue = ["--socket-queue", "65536", "--socket-queue-bytes", "1073741824"];
+    let queue = ["--socket-queue-bytes", "1073741824"];
     let mut node = Node::start(&nats, &[&["--drain-window", "2s"][..], &queue].concat()).await;
     let (_stalled, _) = Client::join(&node, "u1").await;
     let js = async_nats::jetstream::new(nats.client().await);
@@ -570,7 +570,7 @@ const CLIENT_RATE: f64 = 800.0;
 /// A socket whose outbound queue never runs dry still has its timers and
 /// its client's frames served. The client reads a steady stream a little
 /// slower than it comes, as one on a slow link does: the node always has
-/// events queued for it (a large `--socket-queue` keeps it from being
+/// events queued for it (a large `--socket-queue-bytes` keeps it from being
 /// closed as slow within the test). Its token expires mid-stream: it is
 /// closed with 4001 within a second of `exp` plus the leeway; its `ping`
 /// frames are answered while events flow; the node's WebSocket pings come
@@ -586,7 +586,7 @@ async fn a_token_expiring_under_a_continuous_stream_is_closed_on_time() {
     let leeway = Duration::from_secs(1);
     let ping_interval = Duration::from_millis(300);
     // Queues large enough that the client is not closed as slow first.
-    let queue = ["--socket-queue", "65536", "--socket-queue-bytes", "1073741824"];
+    let queue = ["--socket-queue-bytes", "1073741824"];
     let node = Node::start(&nats, &[&["--jwt-leeway", "1s", "--ping-interval", "300ms"][..], &queue].concat()).await;
     let lifetime = Duration::from_secs(5);
     let tok = agentcast::auth::mint_hs256(SECRET.as_bytes(), "u1", lifetime).unwrap();

@@ -42,7 +42,7 @@ async fn republish(client: &async_nats::Client, user: &str, seq: u64, prev: u64,
     client.flush().await.unwrap();
 }
 
-async fn next_item(rx: &mut mpsc::Receiver<Queued>) -> Item {
+async fn next_item(rx: &mut mpsc::UnboundedReceiver<Queued>) -> Item {
     let item = tokio::time::timeout(RECV_TIMEOUT, rx.recv()).await.expect("item in time").expect("queue open");
     Arc::unwrap_or_clone(item)
 }
@@ -53,7 +53,7 @@ async fn a_hole_revealed_by_nats_last_sequence_is_read_from_jetstream() {
     let (client, hub) = setup(&nats, 100).await;
     let js = async_nats::jetstream::new(client.clone());
     let user = UserId::parse("u1").unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
     let mut seqs = Vec::new();
     for i in 0..4 {
@@ -86,7 +86,7 @@ async fn a_hole_that_expired_is_announced_before_what_remains() {
     let (client, hub) = setup(&nats, 2).await;
     let js = async_nats::jetstream::new(client.clone());
     let user = UserId::parse("u1").unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
     let mut seqs = Vec::new();
     for i in 0..5 {
@@ -106,7 +106,11 @@ async fn a_hole_that_expired_is_announced_before_what_remains() {
 /// read events before the test's republish reveals a hole (and before the
 /// limit removes them), so which of the removed ones arrive is not fixed.
 /// Returns the gaps.
-async fn accounted(rx: &mut mpsc::Receiver<Queued>, published: &[u64], stored: &[u64]) -> Vec<agentcast::resume::Gap> {
+async fn accounted(
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
+    published: &[u64],
+    stored: &[u64],
+) -> Vec<agentcast::resume::Gap> {
     let last = *published.last().unwrap();
     let (mut delivered, mut gaps, mut position) = (Vec::new(), Vec::new(), 0u64);
     while position < last {
@@ -143,7 +147,7 @@ async fn a_hole_already_removed_by_the_per_user_limit_is_announced() {
     // Another user's event keeps the stream's first sequence at 1.
     publish(&js, "other", r#"{"o":1}"#).await;
     let user = UserId::parse("u1").unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
     let e0 = publish(&js, "u1", r#"{"i":0}"#).await;
     republish(&client, "u1", e0, 0, r#"{"i":0}"#).await;
@@ -171,7 +175,7 @@ async fn a_lost_last_republish_is_found_by_the_audit() {
     let (client, hub) = setup(&nats, 100).await;
     let js = async_nats::jetstream::new(client.clone());
     let user = UserId::parse("quiet").unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
     let first = publish(&js, "quiet", r#"{"i":0}"#).await;
     republish(&client, "quiet", first, 0, r#"{"i":0}"#).await;
@@ -199,7 +203,7 @@ async fn live_reads_do_not_wait_for_resume_slots() {
         held.push(agentcast::resume::acquire(hub.resume_slots()).await);
     }
     let user = UserId::parse("u1").unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let joined = tokio::time::timeout(RECV_TIMEOUT, hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND));
     let _m = joined.await.expect("joined while the resume slots are held").unwrap();
     let a = publish(&js, "u1", r#"{"i":0}"#).await;

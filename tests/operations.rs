@@ -26,7 +26,7 @@ fn bad_configuration_exits_64_with_one_clear_line() {
         (vec!["serve", "--jwt-secret", "short"], "at least 32"),
         (vec!["serve", "--jwt-public-key", "/nonexistent.pem"], "/nonexistent.pem"),
         ([&["serve", "--listen", "nowhere"][..], &secret].concat(), "--listen"),
-        ([&["serve", "--socket-queue", "0"][..], &secret].concat(), "--socket-queue"),
+        ([&["serve", "--socket-queue-bytes", "0"][..], &secret].concat(), "--socket-queue-bytes"),
         ([&["serve", "--subject-prefix", "a.>"][..], &secret].concat(), "--subject-prefix"),
         ([&["serve", "--stream", "has.dot"][..], &secret].concat(), "--stream"),
         ([&["serve", "--stream-max-age", "soon"][..], &secret].concat(), "--stream-max-age"),

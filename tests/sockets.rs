@@ -68,7 +68,9 @@ async fn client_frames_are_answered_or_closed_as_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_closed_while_a_fast_one_keeps_up() {
     let nats = NatsServer::start();
-    let node = Node::start(&nats, &["--socket-queue", "16"]).await;
+    // 1 MiB: 32 of the events below, which a reader keeps below; the slow
+    // socket, never read, passes it once the kernel's buffers are full.
+    let node = Node::start(&nats, &["--socket-queue-bytes", "1048576"]).await;
     let (mut fast, _) = Client::join(&node, "u1").await;
     let (mut slow, _) = Client::join(&node, "u1").await;
     let (mut other, _) = Client::join(&node, "u2").await;

@@ -460,3 +460,27 @@ fn usage_errors_name_the_flag_and_point_to_help() {
         assert!(out.stdout.is_empty(), "{args:?}");
     }
 }
+
+#[tokio::test]
+async fn tail_from_a_runs_first_seq_gets_the_run_so_far_with_its_text_merged() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let started = publish(&js, "u1", r#"{"type":"agent_started","run_id":"r"}"#).await;
+    let mut text = String::new();
+    for i in 0..50 {
+        let d = format!("t{i} ");
+        publish(&js, "u1", format!(r#"{{"type":"message_delta","message_id":"m","delta":"{d}"}}"#)).await;
+        text.push_str(&d);
+    }
+    let url = format!("ws://{}/ws", node.addr);
+    let from = (started - 1).to_string();
+    let tail = Tail::start(&["--url", &url, "--token", &token("u1"), "--from-seq", &from, "--count", "2"]);
+    let first: Value = serde_json::from_str(&tail.lines.recv_timeout(RECV_TIMEOUT).unwrap()).unwrap();
+    assert_eq!((first["seq"].as_u64(), &first["event"]["type"]), (Some(started), &Value::from("agent_started")));
+    let run: Value = serde_json::from_str(&tail.lines.recv_timeout(RECV_TIMEOUT).unwrap()).unwrap();
+    assert_eq!((run["first_seq"].as_u64(), run["merged"].as_u64()), (Some(started + 1), Some(50)), "{run}");
+    assert_eq!(run["seq"].as_u64(), Some(started + 50));
+    assert_eq!(run["event"]["delta"], text.as_str());
+    assert_eq!(tail.exit_code(), Some(0));
+}
