@@ -16,8 +16,9 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-/// Per-socket queue, as agentcast's default `--socket-queue`: a socket that
-/// falls this far behind is closed, so it never slows the others.
+/// Per-socket queue of the raw fan-out, in frames (agentcast's default
+/// before its queues were bounded in bytes): a socket that falls this far
+/// behind is closed, so it never slows the others.
 const QUEUE: usize = 1024;
 
 #[derive(Default)]
