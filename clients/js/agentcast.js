@@ -268,8 +268,10 @@ export class AgentcastClient {
     this.sseUrls = (options.sseUrls ?? this.urls.map(sseUrlOf)).map(String);
     /** The transport of the current or last connection: 'websocket' or 'sse'. */
     this.transport = this._transport === 'sse' ? 'sse' : 'websocket';
-    /** WebSocket opens in a row that got no welcome (for `auto`). */
+    /** WebSocket opens in a row that got no welcome while HTTP worked (for `auto`). */
     this._wsFailures = 0;
+    /** The last WebSocket open got no welcome; counted at the next open. */
+    this._wsFailed = false;
     this._refreshTimer = null;
 
     if (options.lastSeq != null && !isPosition(options.lastSeq)) {
@@ -589,9 +591,13 @@ export class AgentcastClient {
     if (this._stopped) return;
     if (this._user === undefined) this._user = tokenSubject(token);
     this._loadPosition(this._user);
-    if (this._transport === 'auto' && this.transport === 'websocket' && this._wsFailures >= AUTO_FALLBACK_FAILURES) {
-      if (await this._httpWorks()) this.transport = 'sse';
+    if (this._transport === 'auto' && this.transport === 'websocket' && this._wsFailed) {
+      // A failed WebSocket open counts only if plain HTTP to the nodes works
+      // now: a node that is down fails both, and is no reason to leave it.
+      this._wsFailed = false;
+      this._wsFailures = (await this._httpWorks()) ? this._wsFailures + 1 : 0;
       if (this._stopped) return;
+      if (this._wsFailures >= AUTO_FALLBACK_FAILURES) this.transport = 'sse';
     }
     const sse = this.transport === 'sse';
     const i = this._nextUrl % this.urls.length;
@@ -635,7 +641,10 @@ export class AgentcastClient {
       if (frame.type === 'welcome') {
         welcomed = true;
         clearTimeout(timeout);
-        if (!sse) this._wsFailures = 0;
+        if (!sse) {
+          this._wsFailures = 0;
+          this._wsFailed = false;
+        }
       }
       this._frame(frame, base);
     };
@@ -652,7 +661,7 @@ export class AgentcastClient {
       this._rejectPending(`the socket closed (${code})`);
       clearTimeout(this._refreshTimer);
       this._refreshTimer = null;
-      if (!welcomed && !sse) this._wsFailures += 1;
+      if (!welcomed && !sse) this._wsFailed = true;
       if (!welcomed) {
         // On SSE only a 400 can be the node refusing the position; a node
         // that is down or starting (no answer, 503) is not counted, so its
