@@ -160,7 +160,7 @@ export interface AgentcastOptions {
   /**
    * 'websocket' (default); 'sse': Server-Sent Events from `/sse`, control requests as
    * `POST /control`; 'auto': WebSocket, then SSE once AUTO_FALLBACK_FAILURES opens in a row
-   * failed while the node's `/healthz` answers over plain HTTP.
+   * failed while the node's `/readyz` answers 200 over plain HTTP.
    */
   transport?: 'websocket' | 'sse' | 'auto';
   /** Event-stream URLs, one per `url`; default each `url` with ws(s) -> http(s) and `/ws` -> `/sse`. */

@@ -34,7 +34,7 @@ export const MAX_CLIENT_FRAME_BYTES = 16384;
  * Events from `/sse`, control requests as `POST /control`; for networks whose
  * proxies drop WebSocket upgrades), or `auto`: WebSocket, and SSE from the
  * moment AUTO_FALLBACK_FAILURES WebSocket opens in a row failed while plain
- * HTTP to the node (`/healthz`) answers.
+ * HTTP to the node says it is ready (`/readyz`: a node still starting refuses both).
  */
 export const TRANSPORTS = Object.freeze(['websocket', 'sse', 'auto']);
 export const AUTO_FALLBACK_FAILURES = 2;
@@ -495,11 +495,11 @@ export class AgentcastClient {
     }, delay);
   }
 
-  /** Whether plain HTTP reaches a node (its `/healthz`), for `auto`. */
+  /** Whether plain HTTP reaches a ready node (its `/readyz`), for `auto`. */
   async _httpWorks() {
     const base = this.sseUrls[this._nextUrl % this.sseUrls.length];
     try {
-      const res = await this._fetch(new URL('healthz', base.replace(/[^/]*([?].*)?$/, '')).href, { cache: 'no-store' });
+      const res = await this._fetch(new URL('readyz', base.replace(/[^/]*([?].*)?$/, '')).href, { cache: 'no-store' });
       return res.ok;
     } catch {
       return false;
