@@ -759,6 +759,10 @@ async fn sse_handler(
         (header::CACHE_CONTROL, "no-cache"),
         // nginx and others buffer responses unless told not to.
         (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        // The connection ends with the stream: it left the HTTP connections'
+        // bound for the stream's life (`held_by_stream`), so it must not
+        // serve further requests outside both bounds.
+        (header::CONNECTION, "close"),
     ];
     (headers, axum::body::Body::from_stream(body)).into_response()
 }

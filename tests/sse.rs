@@ -52,6 +52,7 @@ async fn events_arrive_in_order_and_a_reconnect_with_last_event_id_misses_and_re
     assert_eq!(c.header("content-type"), Some("text/event-stream"));
     assert_eq!(c.header("cache-control"), Some("no-cache"));
     assert_eq!(c.header("x-accel-buffering"), Some("no"));
+    assert_eq!(c.header("connection"), Some("close"));
     let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
     let first = publish_n(&js, "alice", 5).await;
     let got = events(&mut c, 5).await;
@@ -260,8 +261,11 @@ async fn post_control_answers_as_a_socket_would() {
     use common::sse::post;
     let nats = NatsServer::start();
     let node = Node::start(&nats, &["--control-burst", "3", "--control-rate", "1"]).await;
+    let agent = nats.client().await;
     let mut listener =
-        agentcast::control::Listener::subscribe(nats.client().await, "agentcast.control", "agents").await.unwrap();
+        agentcast::control::Listener::subscribe(agent.clone(), "agentcast.control", "agents").await.unwrap();
+    // The subscription is the server's before the first request.
+    agent.flush().await.unwrap();
     tokio::spawn(async move {
         while let Some(req) = listener.next().await {
             let reply = serde_json::json!({"status": "cancelled", "for": req.user.as_str(), "run": req.data["run_id"]});
