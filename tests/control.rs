@@ -30,7 +30,7 @@ async fn responder(
 ) -> tokio::sync::mpsc::UnboundedReceiver<Seen> {
     let client = nats.client().await;
     let mut sub = client.subscribe("agentcast.control.>").await.unwrap();
-    client.flush().await.unwrap();
+    nats.wait_subscribed("agentcast.control.>").await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let answer = std::sync::Arc::new(answer);
     tokio::spawn(async move {
@@ -340,6 +340,10 @@ async fn the_library_listener_hands_each_request_to_one_agent_of_the_group() {
             }
         });
     }
+    eventually("both agents subscribed", || async {
+        nats.subscriptions().await.iter().filter(|s| *s == "agentcast.control.*").count() == 2
+    })
+    .await;
     // A message that is not a node's request (no headers) is skipped.
     let other = nats.client().await;
     other.publish("agentcast.control.alice", r#"{"run_id":"x"}"#.into()).await.unwrap();
@@ -400,7 +404,7 @@ async fn the_shipped_nats_accounts_let_nodes_ask_and_agents_answer() {
         .await
         .unwrap();
     let mut listener = Listener::subscribe(agent.clone(), "agentcast.control", "agents").await.unwrap();
-    agent.flush().await.unwrap();
+    nats.wait_subscribed("agentcast.control.*").await;
     tokio::spawn(async move {
         while let Some(req) = listener.next().await {
             req.reply(&json!({"stopped": req.data["run_id"]})).await.unwrap();

@@ -111,9 +111,11 @@ async fn expired_history_and_another_stream_give_the_sockets_gap_frames() {
     let nats = NatsServer::start();
     let node = Node::start(&nats, &["--stream-max-per-user", "5"]).await;
     let js = async_nats::jetstream::new(nats.client().await);
-    let (c, welcome) = open(&node, "carol", "", &[]).await;
+    // The stream's epoch, from another user's stream: had carol one open,
+    // the node would take her events live as they are stored (before the
+    // limit removes them) and rightly send them without a gap.
+    let (_other, welcome) = open(&node, "dan", "", &[]).await;
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
-    drop(c);
     let seqs = publish_n(&js, "carol", 12).await;
     // Last saw seqs[1]; the limit kept the newest five.
     let (mut c, _) = open(&node, "carol", "", &[("Last-Event-ID", &format!("{epoch}:{}", seqs[1]))]).await;
@@ -264,8 +266,7 @@ async fn post_control_answers_as_a_socket_would() {
     let agent = nats.client().await;
     let mut listener =
         agentcast::control::Listener::subscribe(agent.clone(), "agentcast.control", "agents").await.unwrap();
-    // The subscription is the server's before the first request.
-    agent.flush().await.unwrap();
+    nats.wait_subscribed("agentcast.control.*").await;
     tokio::spawn(async move {
         while let Some(req) = listener.next().await {
             let reply = serde_json::json!({"status": "cancelled", "for": req.user.as_str(), "run": req.data["run_id"]});

@@ -123,8 +123,8 @@ impl NatsServer {
         async_nats::connect(&self.url).await.expect("connect to test nats-server")
     }
 
-    /// Live-subject subscriptions the server holds, from its monitoring endpoint.
-    pub async fn live_subscriptions(&self) -> Vec<String> {
+    /// Every client subscription the server holds, from its monitoring endpoint.
+    pub async fn subscriptions(&self) -> Vec<String> {
         let (_, body) = http_get(&format!("{}/connz?subs=1", self.monitor)).await;
         let v: Value = serde_json::from_str(&body).expect("connz json");
         let mut subs: Vec<String> = v["connections"]
@@ -133,10 +133,24 @@ impl NatsServer {
             .flatten()
             .flat_map(|c| c["subscriptions_list"].as_array().cloned().unwrap_or_default())
             .filter_map(|s| s.as_str().map(str::to_owned))
-            .filter(|s| s.starts_with("agentcast.live."))
             .collect();
         subs.sort();
         subs
+    }
+
+    /// Live-subject subscriptions the server holds.
+    pub async fn live_subscriptions(&self) -> Vec<String> {
+        self.subscriptions().await.into_iter().filter(|s| s.starts_with("agentcast.live.")).collect()
+    }
+
+    /// Waits until a subscription to `subject` is the server's. A client's
+    /// `flush` only writes its buffer out: a request another connection
+    /// sends meanwhile may reach the server first and find no responder.
+    pub async fn wait_subscribed(&self, subject: &str) {
+        eventually(&format!("the server holds a subscription to {subject}"), || async {
+            self.subscriptions().await.iter().any(|s| s == subject)
+        })
+        .await;
     }
 }
 
