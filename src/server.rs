@@ -71,6 +71,16 @@ pub const FD_RESERVE: usize = 64;
 /// an empty body.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
+/// Bytes a connection's kernel send buffer may hold not yet sent before the
+/// socket stops being writable (`TCP_NOTSENT_LOWAT`, Linux). Without it,
+/// Linux grows a send buffer up to `tcp_wmem`'s maximum (4 MiB by default):
+/// a slow client's backlog would sit there as single frames, out of reach of
+/// merging ([`crate::merge`]) and of the byte bound, and writes would seem
+/// done long before the client could take them. Bytes already sent and
+/// waiting for the client's acknowledgement do not count, so a client that
+/// keeps up is not slowed. One write batch ([`crate::socket::WRITE_BUFFER`]).
+pub const NOTSENT_LOWAT: usize = WRITE_BUFFER;
+
 /// After an accept fails (out of file descriptors despite [`FD_RESERVE`],
 /// or out of memory), the next attempt waits this long: the failure repeats
 /// at once while the cause lasts, and a loop around it would spin a core.
@@ -873,7 +883,10 @@ async fn serve(listener: TcpListener, st: Arc<AppState>, stop: CancellationToken
         let tcp = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok((tcp, _)) => {
+                    limit_unsent(&tcp);
+                    tcp
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, backoff = ?ACCEPT_ERROR_BACKOFF, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -886,6 +899,33 @@ async fn serve(listener: TcpListener, st: Arc<AppState>, stop: CancellationToken
         let serving = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(tagged)).with_upgrades();
         st.connections.spawn(run_connection(serving, conn, stop.clone()));
     }
+}
+
+/// Sets [`NOTSENT_LOWAT`] on an accepted connection; where it cannot be
+/// set, the connection works as without it (writes complete into a bigger
+/// kernel buffer), so a failure is logged at debug level only.
+fn limit_unsent(tcp: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let value = libc::c_int::try_from(NOTSENT_LOWAT).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the descriptor is open (owned by `tcp`), and the option
+        // value is a c_int of the given length, as setsockopt(2) reads it.
+        let rc = unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&raw const value).cast::<libc::c_void>(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = tcp;
 }
 
 type Serving = hyper::server::conn::http1::UpgradeableConnection<TokioIo<TcpStream>, TowerToHyperService<Router>>;

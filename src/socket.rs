@@ -44,8 +44,10 @@ pub const WRITE_BUFFER: usize = 16 * 1024;
 pub const MAX_WRITE_BUFFER: usize = WRITE_BUFFER + crate::config::MAX_EVENT_BYTES + 1024;
 
 /// Longest a single write or flush may take before the peer counts as dead.
-/// The kernel's send buffer absorbs normal hiccups; a peer that takes this
-/// long to accept a few KiB is gone or hostile.
+/// The client's receive window and the bytes the kernel holds unsent
+/// ([`crate::server::NOTSENT_LOWAT`]) absorb normal hiccups; a peer that
+/// takes this long to accept a batch is gone or hostile. The socket reads
+/// none of its client's frames while a write waits.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Time given to deliver a close frame before the connection is dropped.

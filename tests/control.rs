@@ -430,24 +430,27 @@ async fn answers_a_client_does_not_read_fill_its_queue_and_close_it_as_slow() {
     let nats = NatsServer::start();
     let node =
         Node::start(&nats, &["--control-rate", "1000", "--control-burst", "1000", "--control-pending", "64"]).await;
-    // Answers of 900 KB: a few dozen fill the kernel's buffers, then the
-    // socket's writer waits, then its queue.
+    // Answers of 900 KB: the first fills what the kernel takes for the
+    // connection (the client's receive buffer and the node's unsent bound),
+    // then the socket's writer waits. Answers pile up in its queue until
+    // the byte bound, or the write times out: either closes it as slow.
     let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(900_000));
     let _seen = responder(&nats, Duration::ZERO, move |_| Some(big.clone().into_bytes())).await;
     let (mut c, _) = Client::join(&node, "u1").await;
+    let deadline = std::time::Instant::now() + agentcast::socket::WRITE_TIMEOUT + Duration::from_secs(10);
     let mut sent = 0;
+    // Until a send fails (the node closed) or waits (the node reads no
+    // more while its write waits, and the client's buffers are full).
+    let mut sending = true;
     while node.metric("agentcast_disconnects_total", "reason=\"slow\"").await == 0.0 {
-        assert!(sent < 2000, "never closed as slow after {sent} requests");
+        assert!(std::time::Instant::now() < deadline, "never closed as slow after {sent} requests");
         for _ in 0..32 {
-            sent += 1;
-            // The node may already have closed: a failed send ends the loop above.
-            if c.ws
-                .send(tokio_tungstenite::tungstenite::Message::text(control(&sent.to_string(), json!({}))))
-                .await
-                .is_err()
-            {
+            if !sending {
                 break;
             }
+            sent += 1;
+            let frame = tokio_tungstenite::tungstenite::Message::text(control(&sent.to_string(), json!({})));
+            sending = matches!(tokio::time::timeout(Duration::from_millis(100), c.ws.send(frame)).await, Ok(Ok(())));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
