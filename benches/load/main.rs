@@ -1,5 +1,6 @@
-//! Load benchmark: agentcast next to nats-server's own WebSocket listener and
-//! a broker-less WebSocket fan-out (the machine's ceiling), same workload,
+//! Load benchmark: agentcast (over WebSocket, and over Server-Sent Events as
+//! `agentcast-sse`) next to nats-server's own WebSocket listener and a
+//! broker-less WebSocket fan-out (the machine's ceiling), same workload,
 //! same nats-server, same machine, in one run.
 //!
 //! `cargo bench --bench load -- --preset chat [options]`
@@ -38,7 +39,7 @@
 //!   and a short control run and tokens run; this is what `cargo test` runs (the target
 //!   sets `test = true`), so the harness cannot rot.
 //!
-//! Options: --targets agentcast,nats-ws,raw --sockets N --users N --rate N
+//! Options: --targets agentcast,agentcast-sse,nats-ws,raw --sockets N --users N --rate N
 //! --size BYTES --duration SECS --missed N --stalled N --flood-rate N
 //! --coalesce-ms MS --slow-every N --slow-bps N --out FILE.json. nats-server is
 //! `$AGENTCAST_BENCH_NATS_SERVER`, else `nats-server` on PATH, else
@@ -60,6 +61,7 @@
 mod common;
 mod control;
 mod raw;
+mod sse;
 mod tokens;
 mod worker;
 
@@ -102,6 +104,8 @@ const RSS_SAMPLE: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Target {
     Agentcast,
+    /// agentcast's `GET /sse`: the same node, events as Server-Sent Events.
+    Sse,
     NatsWs,
     Raw,
 }
@@ -110,15 +114,17 @@ impl Target {
     fn parse(s: &str) -> Target {
         match s {
             "agentcast" => Target::Agentcast,
+            "agentcast-sse" => Target::Sse,
             "nats-ws" => Target::NatsWs,
             "raw" => Target::Raw,
-            other => panic!("unknown target {other:?} (agentcast, nats-ws, raw)"),
+            other => panic!("unknown target {other:?} (agentcast, agentcast-sse, nats-ws, raw)"),
         }
     }
 
     fn name(self) -> &'static str {
         match self {
             Target::Agentcast => "agentcast",
+            Target::Sse => "agentcast-sse",
             Target::NatsWs => "nats-ws",
             Target::Raw => "raw",
         }
@@ -235,7 +241,7 @@ fn opts(args: &[String], smoke: bool) -> Opts {
     } else {
         args.iter().position(|a| a == "--preset").and_then(|i| args.get(i + 1)).cloned().unwrap_or("chat".into())
     };
-    let all = vec![Target::Agentcast, Target::NatsWs, Target::Raw];
+    let all = vec![Target::Agentcast, Target::Sse, Target::NatsWs, Target::Raw];
     let mut o = Opts {
         preset: preset.clone(),
         targets: all,
@@ -642,7 +648,7 @@ async fn setup(target: Target, sockets: usize, idle: bool) -> Setup {
     let js = async_nats::jetstream::new(client);
     agentcast::stream::ensure(&js, &stream_settings()).await.expect("create the stream");
     match target {
-        Target::Agentcast => {
+        Target::Agentcast | Target::Sse => {
             for _ in 0..processes {
                 let (p, a) = start_node(&s.nats[0].url).await;
                 s.measured.push(p.pid());
@@ -741,7 +747,7 @@ async fn step(
     let deliveries = events as f64 * fanout;
     let per10k = |ticks: u64| ticks as f64 / hz * 1000.0 / (deliveries / 10_000.0);
     let target_cpu = if target == Target::NatsWs { n1 - n0 } else { t1 - t0 };
-    let system_cpu = if target == Target::Agentcast { (t1 - t0) + (n1 - n0) } else { target_cpu };
+    let system_cpu = if matches!(target, Target::Agentcast | Target::Sse) { (t1 - t0) + (n1 - n0) } else { target_cpu };
     let l = lat.summary();
     let v = json!({
         "rate_offered": rate,
@@ -1000,7 +1006,6 @@ async fn flood_phase(o: &Opts, flood_rate: u64) -> Value {
     let mut metrics = json!({});
     for (key, name, labels) in [
         ("slow_closes_bytes", "agentcast_slow_sockets_total", r#"bound="bytes""#),
-        ("slow_closes_frames", "agentcast_slow_sockets_total", r#"bound="frames""#),
         ("disconnects_slow", "agentcast_disconnects_total", r#"reason="slow""#),
         ("resumes", "agentcast_resumes_total", ""),
         ("replayed_events", "agentcast_replayed_events_total", ""),
@@ -1011,7 +1016,7 @@ async fn flood_phase(o: &Opts, flood_rate: u64) -> Value {
     }
     let l = &fast["latency"];
     println!(
-        "  flood {flood_rate:>4} ev/s of {} KiB ({flood_events} published, {flood_errors} errors): node RSS {} MB before sockets, {} MB connected, peak {} MB (VmHWM; sampled {} MB); reading sockets p50 {:.2} p99 {:.2} ms; slow closes: {} bytes, {} frames",
+        "  flood {flood_rate:>4} ev/s of {} KiB ({flood_events} published, {flood_errors} errors): node RSS {} MB before sockets, {} MB connected, peak {} MB (VmHWM; sampled {} MB); reading sockets p50 {:.2} p99 {:.2} ms; slow closes: {} over the byte bound, {} in all",
         FLOOD_EVENT_BYTES / 1024,
         rss_before / 1024,
         rss_connected / 1024,
@@ -1020,7 +1025,7 @@ async fn flood_phase(o: &Opts, flood_rate: u64) -> Value {
         l["p50_ms"].as_f64().unwrap_or(f64::NAN),
         l["p99_ms"].as_f64().unwrap_or(f64::NAN),
         metrics["slow_closes_bytes"],
-        metrics["slow_closes_frames"],
+        metrics["disconnects_slow"],
     );
     json!({"flood_rate": flood_rate, "flood_events": flood_events, "flood_errors": flood_errors,
            "connections": conn, "stalled_connections": stalled_conn, "fast": fast,
@@ -1121,6 +1126,12 @@ fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
         }
         out[format!("agentcast_over_{}", peer.name())] = r;
     }
+    // The same node's two transports.
+    let mut r = json!({});
+    for (name, path) in paths {
+        r[*name] = ratio(get(Target::Sse, path), get(Target::Agentcast, path));
+    }
+    out["agentcast_sse_over_agentcast"] = r;
     out
 }
 
@@ -1224,8 +1235,8 @@ async fn coordinate(o: Opts, smoke: bool) {
             }
             "control" => control::run(&o).await,
             "tokens" => {
-                if t == Target::Raw {
-                    println!("  raw: no JetStream behind it; tokens is agentcast and nats-ws");
+                if matches!(t, Target::Raw | Target::Sse) {
+                    println!("  {}: tokens is agentcast and nats-ws", t.name());
                     continue;
                 }
                 tokens::run(t, &o).await

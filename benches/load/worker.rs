@@ -15,6 +15,10 @@
 //! node replays the user's whole flood into a socket that again reads
 //! nothing), the way a hostile or broken client would.
 //!
+//! The `agentcast-sse` target opens `GET /sse` instead of a WebSocket and
+//! reads the event stream (sse.rs); it serves the rate presets (`chat`,
+//! `max`, `idle`, `smoke`), not a storm, stalled sockets or tokens.
+//!
 //! With `--tokens <tokens>,<period_ms>,<slow_every>,<slow_bps>` (the `tokens`
 //! preset, tokens.rs) each socket's user streams one text answer as delta
 //! events: token k of user u is [`crate::tokens::token`]`(u, k)`, created at
@@ -307,6 +311,9 @@ struct SockCtx {
 
 impl SockCtx {
     async fn run(mut self) {
+        if self.target == Target::Sse {
+            return self.run_sse().await;
+        }
         let mut first = true;
         loop {
             let permit = self.gate.clone().acquire_owned().await.unwrap();
@@ -350,7 +357,8 @@ impl SockCtx {
         }
     }
 
-    async fn connect(&self) -> Result<Ws, String> {
+    /// A TCP connection to the socket's server from its source address.
+    async fn tcp(&self) -> Result<tokio::net::TcpStream, String> {
         let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 2)) + (self.index as u32 % SOURCE_ADDRESSES));
         let tcp = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
         if self.plan.is_some_and(|p| p.is_slow(self.index)) {
@@ -359,6 +367,11 @@ impl SockCtx {
         tcp.bind(SocketAddr::new(IpAddr::V4(src), 0)).map_err(|e| format!("bind {src}: {e}"))?;
         let stream = tcp.connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(stream)
+    }
+
+    async fn connect(&self) -> Result<Ws, String> {
+        let stream = self.tcp().await?;
         let user = crate::user(self.user as usize);
         let url = match self.target {
             Target::Agentcast => {
@@ -372,6 +385,7 @@ impl SockCtx {
             }
             Target::NatsWs => format!("ws://{}/", self.addr),
             Target::Raw => format!("ws://{}/ws?user={user}", self.addr),
+            Target::Sse => unreachable!("SSE sockets are opened by run_sse"),
         };
         let config = WebSocketConfig::default().read_buffer_size(CLIENT_READ_BUFFER).write_buffer_size(0);
         let (ws, _) = tokio::time::timeout(
@@ -382,6 +396,66 @@ impl SockCtx {
         .map_err(|_| "handshake timed out".to_string())?
         .map_err(|e| format!("handshake: {e}"))?;
         Ok(ws)
+    }
+
+    /// The `agentcast-sse` socket: opens the stream, then checks every event
+    /// as a WebSocket's, until the response ends.
+    async fn run_sse(self) {
+        assert!(!self.stalled && self.plan.is_none(), "agentcast-sse serves the rate presets only");
+        let permit = self.gate.clone().acquire_owned().await.unwrap();
+        let opened = async {
+            let user = crate::user(self.user as usize);
+            let mut stream = crate::sse::Stream::open(self.tcp().await?, self.addr, &token(&user)).await?;
+            // Its welcome first.
+            match stream.next().await? {
+                Some(ev) if ev.event == "welcome" => Ok(stream),
+                other => Err(format!("before welcome: {other:?}")),
+            }
+        };
+        let stream = tokio::time::timeout(Duration::from_secs(30), opened)
+            .await
+            .unwrap_or_else(|_| Err("no welcome within 30 s".into()));
+        drop(permit);
+        let mut stream = match stream {
+            Ok(stream) => {
+                self.shared.connected.fetch_add(1, Ordering::AcqRel);
+                self.shared.settled.notify_one();
+                stream
+            }
+            Err(e) => {
+                self.shared.error(format!("socket {}: {e}", self.index));
+                self.shared.failed.fetch_add(1, Ordering::AcqRel);
+                self.shared.settled.notify_one();
+                return;
+            }
+        };
+        loop {
+            match stream.next().await {
+                Ok(Some(ev)) => match serde_json::from_str::<Frame>(&ev.data) {
+                    Ok(f) if f.kind == "event" => match f.event {
+                        Some(e) => self.shared.event(&self.sock, self.user, e),
+                        None => self.shared.error(format!("event without fields: {}", ev.data)),
+                    },
+                    Ok(f) if f.kind == "gap" => {
+                        self.sock.lock().unwrap().gaps += 1;
+                        self.shared.error(format!("gap: {}", ev.data));
+                    }
+                    Ok(f) if f.kind == "close" => {
+                        self.shared.error(format!("closed: {}", ev.data));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.shared.error(format!("bad frame {e}: {}", ev.data)),
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    self.shared.error(format!("socket {}: {e}", self.index));
+                    break;
+                }
+            }
+        }
+        self.sock.lock().unwrap().ended = true;
+        self.shared.ended.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Reads until the socket is ready to receive: agentcast's and the raw
