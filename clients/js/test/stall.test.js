@@ -192,8 +192,11 @@ test('offline while backing off: no attempt is spent until online, which starts 
   assert.equal(r.states.at(-1).attempt, 2);
   win.fire('offline');
   assert.equal(r.client.state, 'offline');
+  const reconnects = r.client.reconnects;
   await r.clock.advance(10 * 60000);
   assert.equal(r.sockets.length, 2, 'the pending retry was cancelled');
+  assert.equal(r.client.reconnects, reconnects, 'no attempt started');
+  assert.equal(r.states.at(-1).s, 'offline');
   win.fire('online');
   await r.clock.advance(0);
   assert.equal(r.sockets.length, 3);
@@ -279,4 +282,32 @@ test('stallTimeout: the probe time is at most half of it; bad values are refused
   for (const bad of [0, -1, NaN, Infinity, '30000', 2 ** 31]) {
     assert.throws(() => setup({ stallTimeout: bad }), TypeError, String(bad));
   }
+});
+
+test('offline and online while the token is fetched: no socket while offline, never two', async () => {
+  const win = fakeWindow();
+  const pending = [];
+  const r = setup({ window: win, token: () => new Promise((resolve) => pending.push(resolve)) });
+  r.client.connect();
+  await r.clock.advance(0);
+  assert.equal(pending.length, 1, 'the first open awaits its token');
+  win.fire('offline');
+  pending[0](token('u'));
+  await r.clock.advance(0);
+  assert.equal(r.sockets.length, 0, 'no socket opened offline');
+  assert.equal(r.client.state, 'offline');
+  win.fire('online');
+  await r.clock.advance(0);
+  assert.equal(pending.length, 2, 'online: a new open at once');
+  // Offline and back while that open still awaits its token: it goes on, alone.
+  win.fire('offline');
+  win.fire('online');
+  await r.clock.advance(0);
+  pending[1](token('u'));
+  await r.clock.advance(0);
+  assert.equal(pending.length, 2);
+  assert.equal(r.sockets.length, 1);
+  r.sockets[0].welcome(0);
+  assert.equal(r.client.state, 'open');
+  r.client.close();
 });
