@@ -311,3 +311,46 @@ test('offline and online while the token is fetched: no socket while offline, ne
   assert.equal(r.client.state, 'open');
   r.client.close();
 });
+
+test('after a sleep (timers late), waking checks at once: a ping on a WebSocket, the clock on an event stream', async () => {
+  const win = fakeWindow();
+  const r = setup({ window: win });
+  const a = await open(r);
+  a.event(1);
+  win.hide();
+  r.clock.sleep(10 * 60000);
+  win.show();
+  assert.equal(a.pings(), 1, 'a ping at once, before any late timer');
+  a.receive({ type: 'pong' });
+  await r.clock.advance(0);
+  assert.equal(r.client.state, 'open', 'the pong answered it');
+  r.client.close();
+
+  const clock = new FakeClock();
+  const { fetch, streams } = fakeEventStreams();
+  const sseWin = fakeWindow();
+  const client = new AgentcastClient({
+    url: 'ws://a.test/ws',
+    transport: 'sse',
+    fetch,
+    token: token('u'),
+    storage: null,
+    clock,
+    window: sseWin,
+  });
+  client.connect();
+  await clock.advance(0);
+  streams[0].welcome(0);
+  streams[0].event(1);
+  await clock.advance(0);
+  clock.sleep(STALL_TIMEOUT_MS - 1);
+  sseWin.show();
+  assert.equal(client.state, 'open', 'not yet quiet for the stall timeout');
+  clock.sleep(1);
+  sseWin.show();
+  assert.equal(client.state, 'stalled', 'quiet for the stall timeout: stalled at once');
+  await clock.advance(0);
+  assert.equal(streams.length, 2);
+  assert.match(streams[1].url, /last_seq=1&epoch=7$/);
+  client.close();
+});

@@ -47,6 +47,15 @@ export class FakeClock {
     this.t = end;
     await settle();
   }
+
+  /**
+   * Moves time `ms` forward without running the timers due meanwhile, as a
+   * sleeping machine or a throttled background tab does: they stay due and
+   * run at the next `advance`.
+   */
+  sleep(ms) {
+    this.t += ms;
+  }
 }
 
 /**
