@@ -160,7 +160,8 @@ export function fakeEventStreams() {
       comment: () => stream.write(': ping\n\n'),
       welcome: (position = 0, epoch = '7') =>
         stream.frame({ type: 'welcome', node: 'node-a', user: 'u', position, epoch }),
-      event: (seq) => stream.frame({ type: 'event', seq, event: { type: 'agent_thinking', data: { text: `t${seq}` } } }),
+      event: (seq) =>
+        stream.frame({ type: 'event', seq, event: { type: 'agent_thinking', data: { text: `t${seq}` } } }),
     };
     init.signal?.addEventListener('abort', () => {
       stream.aborted = true;
