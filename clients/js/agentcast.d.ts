@@ -6,6 +6,16 @@ export const BACKOFF_BASE_MS: number;
 export const BACKOFF_MAX_MS: number;
 /** Time allowed to open a socket and read its welcome, in ms. */
 export const CONNECT_TIMEOUT_MS: number;
+/**
+ * Default `stallTimeout` (30000 ms): 1.5 times the node's default ping
+ * interval (20 s), so an event stream's `: ping` comments always fit in it.
+ */
+export const STALL_TIMEOUT_MS: number;
+/**
+ * Time a `ping` frame gets for any frame to come back (5000 ms, at most half
+ * the stallTimeout), after a quiet period and when the page wakes.
+ */
+export const PROBE_TIMEOUT_MS: number;
 /** The built-in event types. */
 export const EVENT_TYPES: readonly BuiltinEventType[];
 
@@ -91,7 +101,13 @@ export interface Welcome {
   exp?: number;
 }
 
-export type ConnectionState = 'idle' | 'connecting' | 'open' | 'waiting' | 'closed';
+/**
+ * 'idle' (not started), 'connecting', 'open' (welcomed), 'waiting' (backing
+ * off), 'stalled' (nothing came in time: the socket was closed and a
+ * reconnect follows at once), 'offline' (the browser has no network: no
+ * attempts until it says `online`), 'closed' (stopped for good).
+ */
+export type ConnectionState = 'idle' | 'connecting' | 'open' | 'waiting' | 'stalled' | 'offline' | 'closed';
 
 /** What comes with a state change; which fields are set depends on the state. */
 export interface StateInfo {
@@ -99,7 +115,7 @@ export interface StateInfo {
   attempt?: number;
   /** Delay before the next attempt in ms ('waiting'). */
   delay?: number;
-  /** The node URL ('open', and after a close). */
+  /** The node URL ('open', 'stalled', and after a close). */
   url?: string;
   /** Close code of the socket that ended (1006: no close frame, or a refused handshake). */
   code?: number;
@@ -107,8 +123,10 @@ export interface StateInfo {
   reason?: string;
   /** Whether the socket that ended had been welcomed. */
   welcomed?: boolean;
-  /** The transport of the connection that opened ('open'). */
+  /** The transport of the connection that opened ('open') or stalled ('stalled'). */
   transport?: 'websocket' | 'sse';
+  /** 'stalled' only: ms since anything was last received on the connection. */
+  quiet?: number;
   /** 'closed' only: the client stopped because a reconnect cannot help. */
   fatal?: boolean;
   /** 'open' only. */
@@ -117,6 +135,25 @@ export interface StateInfo {
   epoch?: string;
   /** A token provider or setup error that made the attempt fail. */
   error?: unknown;
+}
+
+/** Timers and time for the client; the real ones by default, a fake one in tests. */
+export interface AgentcastClock {
+  setTimeout(callback: () => void, ms: number): unknown;
+  clearTimeout(timer: unknown): void;
+  /** Milliseconds, as Date.now(). */
+  now(): number;
+}
+
+/** The part of a browser window the client follows: `online`, `offline`, and its document's `visibilitychange`. */
+export interface WindowLike {
+  addEventListener(type: string, listener: () => void): void;
+  removeEventListener(type: string, listener: () => void): void;
+  document?: {
+    visibilityState: string;
+    addEventListener(type: string, listener: () => void): void;
+    removeEventListener(type: string, listener: () => void): void;
+  };
 }
 
 /** sessionStorage, localStorage, or anything with the same three methods. */
@@ -157,6 +194,23 @@ export interface AgentcastOptions {
   connectTimeout?: number;
   /** Random source in [0, 1) for the jitter (default Math.random). */
   random?: () => number;
+  /**
+   * The longest a dead connection goes unnoticed, in ms (default STALL_TIMEOUT_MS;
+   * from 1 to 2^31-1, else a TypeError). Any frame received proves the connection
+   * alive. On a WebSocket, quiet for stallTimeout minus the probe time
+   * (PROBE_TIMEOUT_MS, at most half the stallTimeout) sends a `ping` frame, and nothing
+   * by stallTimeout is a stall. On an event stream, which cannot be asked, nothing
+   * (the node's `: ping` comments included) for stallTimeout is a stall: keep it above
+   * the node's `--ping-interval` there.
+   */
+  stallTimeout?: number;
+  /**
+   * Where `online`, `offline` and `visibilitychange` (on `window.document`) come from;
+   * default `globalThis`. Without addEventListener or a document (Node), none are followed.
+   */
+  window?: WindowLike | null;
+  /** For tests: timers and time (default the real setTimeout, clearTimeout and Date.now). */
+  clock?: AgentcastClock;
   /**
    * 'websocket' (default); 'sse': Server-Sent Events from `/sse`, control requests as
    * `POST /control`; 'auto': WebSocket, then SSE once AUTO_FALLBACK_FAILURES opens in a row

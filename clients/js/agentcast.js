@@ -46,6 +46,40 @@ export const AUTO_FALLBACK_FAILURES = 2;
 export const REFRESH_MARGIN_MS = 60000;
 
 /**
+ * Default `stallTimeout`, in ms: the longest a dead connection (half-open
+ * TCP after a lid closed or a network changed, which the browser may not
+ * notice for minutes) goes unnoticed. 1.5 times the node's default ping
+ * interval (`--ping-interval`, 20 s): an event stream gets a `: ping`
+ * comment at least every interval, so a live one always has one in 30 s,
+ * with 10 s to spare for delays. A WebSocket's pings are answered by the
+ * browser out of the page's sight, so there the client asks itself: a
+ * `{"type":"ping"}` frame after stallTimeout - the probe timeout of quiet.
+ */
+export const STALL_TIMEOUT_MS = 30000;
+/**
+ * Time a `ping` frame gets for any frame to come back, in ms (at most half
+ * the stallTimeout), after a quiet period and when the page wakes (visible,
+ * online). A live node answers at once even while it writes a backlog
+ * (docs/protocol.md §6); 5 s covers a slow mobile round trip and a radio
+ * waking up.
+ */
+export const PROBE_TIMEOUT_MS = 5000;
+/** Largest delay setTimeout holds (2^31-1 ms); a longer one fires at once. */
+const MAX_TIMER_MS = 2147483647;
+/** The frame the node answers with `{"type":"pong"}` (docs/protocol.md §4). */
+const PING_FRAME = JSON.stringify({ type: 'ping' });
+
+/**
+ * The real clock. Wrapped in arrows: a browser's setTimeout refuses any
+ * `this` but the window. Tests pass their own (`options.clock`).
+ */
+const REAL_CLOCK = Object.freeze({
+  setTimeout: (f, ms) => setTimeout(f, ms),
+  clearTimeout: (t) => clearTimeout(t),
+  now: () => Date.now(),
+});
+
+/**
  * Codes a `control()` promise is rejected with besides the node's
  * (docs/protocol.md §9): the request was never sent (`not_connected`,
  * `bad_data`, `too_big`), or its socket closed before the answer
@@ -233,7 +267,10 @@ function defaultStorage() {
  * A resuming connection to one user's event stream.
  *
  * States: 'idle' (not started), 'connecting', 'open' (welcomed),
- * 'waiting' (backing off before the next attempt), 'closed' (stopped for good).
+ * 'waiting' (backing off before the next attempt), 'stalled' (nothing came
+ * in time: the socket was closed and a reconnect follows at once), 'offline'
+ * (the browser has no network: no attempts until it is back), 'closed'
+ * (stopped for good).
  */
 export class AgentcastClient {
   /** @param {import('./agentcast.js').AgentcastOptions} options */
@@ -273,6 +310,27 @@ export class AgentcastClient {
     /** The last WebSocket open got no welcome; counted at the next open. */
     this._wsFailed = false;
     this._refreshTimer = null;
+    /** Timers and time: `{setTimeout, clearTimeout, now}`, a fake one in tests. */
+    this._clock = options.clock ?? REAL_CLOCK;
+    this._stallTimeout = options.stallTimeout ?? STALL_TIMEOUT_MS;
+    if (!(typeof this._stallTimeout === 'number' && this._stallTimeout > 0 && this._stallTimeout <= MAX_TIMER_MS)) {
+      throw new TypeError(`stallTimeout must be a number of ms from 1 to ${MAX_TIMER_MS}`);
+    }
+    this._probeTimeout = Math.min(PROBE_TIMEOUT_MS, this._stallTimeout / 2);
+    /** Where `online`, `offline` and (on its document) `visibilitychange` come from. */
+    this._window = options.window === undefined ? globalThis : options.window;
+    this._unlisten = null;
+    /** When anything was last received on the open socket (clock ms). */
+    this._heardAt = 0;
+    /** When a ping was sent that nothing has followed yet; null when none is out. */
+    this._probeSince = null;
+    this._watchTimer = null;
+    /** The browser said `offline` and has not said `online` since. */
+    this._offline = false;
+    /** An `_open` is between its timer and its socket (it awaits the token). */
+    this._opening = false;
+    /** The URL of the current socket, for state reports. */
+    this._url = null;
 
     if (options.lastSeq != null && !isPosition(options.lastSeq)) {
       throw new TypeError(`lastSeq must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}`);
@@ -367,7 +425,10 @@ export class AgentcastClient {
 
   /** Starts connecting. Returns this. */
   connect() {
-    if (this.state === 'idle') this._schedule(0, null);
+    if (this.state === 'idle') {
+      this._listen();
+      this._schedule(0, null);
+    }
     return this;
   }
 
@@ -443,6 +504,7 @@ export class AgentcastClient {
    */
   _report(err) {
     if (this._errorHandlers.size === 0) {
+      // The real timer even under a test clock: the error must surface.
       setTimeout(() => {
         throw err;
       });
@@ -467,32 +529,207 @@ export class AgentcastClient {
   _stop(info) {
     if (this._stopped) return;
     this._stopped = true;
-    this._rejectPending(info.reason ?? 'closed');
-    clearTimeout(this._timer);
+    this._unlisten?.();
+    this._unlisten = null;
+    this._clock.clearTimeout(this._timer);
     this._timer = null;
-    clearTimeout(this._refreshTimer);
-    this._refreshTimer = null;
+    this._drop(info.reason ?? 'closed');
+    this._setState('closed', info);
+  }
+
+  /**
+   * Ends the current socket from this side, if there is one: its callbacks
+   * are cut (nothing more is read from it), its timers stopped and its
+   * waiting control requests rejected with `why`.
+   */
+  _drop(why) {
     const ws = this._ws;
     this._ws = null;
-    if (ws) {
-      detach(ws);
-      try {
-        ws.close(1000);
-      } catch {
-        /* already closing */
-      }
+    this._unwatch();
+    this._clock.clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    this._rejectPending(why);
+    if (!ws) return;
+    detach(ws);
+    try {
+      ws.close(1000);
+    } catch {
+      /* already closing */
     }
-    this._setState('closed', info);
   }
 
   /** Opens a socket after `delay` ms; `info` (null for the first connection) says why. */
   _schedule(delay, info) {
     if (this._stopped) return;
+    if (this._offline) {
+      // No attempt against a dead network: `online` schedules the next one.
+      if (this.state !== 'offline') this._setState('offline', info ?? {});
+      return;
+    }
     if (info) this._setState('waiting', { ...info, delay, attempt: this._attempt });
-    this._timer = setTimeout(() => {
+    this._timer = this._clock.setTimeout(() => {
       this._timer = null;
-      this._open().catch((err) => this._failed({ error: err }));
+      this._opening = true;
+      this._open()
+        .catch((err) => this._failed({ error: err }))
+        .finally(() => {
+          this._opening = false;
+        });
     }, delay);
+  }
+
+  // --- dead connections: the stall watchdog, and the page's network and visibility ---
+
+  /**
+   * In a browser (a window with addEventListener and a document), follows
+   * `online`, `offline` and `visibilitychange` until close(). Elsewhere (Node)
+   * it does nothing.
+   */
+  _listen() {
+    const win = this._window;
+    const doc = win?.document;
+    if (typeof win?.addEventListener !== 'function' || typeof doc?.addEventListener !== 'function') return;
+    const online = () => this._online();
+    const offline = () => this._goOffline();
+    const visibility = () => {
+      if (doc.visibilityState === 'visible') this._wake();
+    };
+    win.addEventListener('online', online);
+    win.addEventListener('offline', offline);
+    doc.addEventListener('visibilitychange', visibility);
+    this._unlisten = () => {
+      win.removeEventListener('online', online);
+      win.removeEventListener('offline', offline);
+      doc.removeEventListener('visibilitychange', visibility);
+    };
+  }
+
+  /**
+   * The browser has no network: no socket can work and no attempt can
+   * succeed until `online`. The socket is closed now (the resume at `online`
+   * loses nothing) and retries stop, so no backoff is spent on a dead network.
+   */
+  _goOffline() {
+    if (this._stopped || this._offline) return;
+    this._offline = true;
+    this._clock.clearTimeout(this._timer);
+    this._timer = null;
+    this._drop('the network went offline');
+    this._setState('offline', {});
+  }
+
+  /** The network is back: reconnect at once, or check the open socket. */
+  _online() {
+    if (this._stopped) return;
+    if (!this._offline) {
+      // No `offline` before (a network change, say): the socket may be dead.
+      this._wake();
+      return;
+    }
+    this._offline = false;
+    // A new network: the failures before it say nothing about it.
+    this._attempt = 0;
+    // An `_open` still awaiting its token goes on by itself.
+    if (!this._ws && this._timer === null && !this._opening) this._schedule(0, null);
+  }
+
+  /**
+   * The page became visible or the network came back: check the open socket
+   * now (a timer in a background tab or a sleeping laptop may have waited
+   * far longer than asked), and make a pending retry now.
+   */
+  _wake() {
+    if (this._stopped || this._offline) return;
+    if (this._ws) {
+      this._check(true);
+    } else if (this._timer !== null) {
+      this._clock.clearTimeout(this._timer);
+      this._timer = null;
+      this._schedule(0, null);
+    }
+  }
+
+  /** Something came from the node: the connection is alive. */
+  _heard() {
+    this._heardAt = this._clock.now();
+    this._probeSince = null;
+  }
+
+  /** Starts the watchdog of a socket just welcomed. */
+  _watch() {
+    this._heard();
+    this._arm(this.transport === 'sse' ? this._stallTimeout : this._stallTimeout - this._probeTimeout);
+  }
+
+  _arm(delay) {
+    this._clock.clearTimeout(this._watchTimer);
+    this._watchTimer = this._clock.setTimeout(() => {
+      this._watchTimer = null;
+      this._check(false);
+    }, delay);
+  }
+
+  _unwatch() {
+    this._clock.clearTimeout(this._watchTimer);
+    this._watchTimer = null;
+    this._probeSince = null;
+  }
+
+  /**
+   * The watchdog, run by its timer and (`wake`) when the page wakes. It does
+   * not reset a timer per frame (a backlog is thousands of frames): each
+   * frame only notes the time, and the timer, when it fires, compares and
+   * sleeps again for the rest. Any frame proves the connection alive, so a
+   * slow but live one is never declared stalled. On a WebSocket, quiet for
+   * stallTimeout - probe timeout (or a wake) sends a `ping`; nothing within
+   * the probe timeout is a stall. An event stream cannot be asked: the
+   * node's `: ping` comments should come every ping interval, so quiet for
+   * stallTimeout is a stall.
+   */
+  _check(wake) {
+    const ws = this._ws;
+    if (!ws || this.state !== 'open') return;
+    const now = this._clock.now();
+    if (this._probeSince !== null) {
+      // A ping is out and nothing came since.
+      const left = this._probeSince + this._probeTimeout - now;
+      if (left <= 0) this._stalled(now);
+      else this._arm(left);
+      return;
+    }
+    const quiet = now - this._heardAt;
+    if (this.transport === 'sse') {
+      if (quiet >= this._stallTimeout) this._stalled(now);
+      else this._arm(this._stallTimeout - quiet);
+      return;
+    }
+    const limit = this._stallTimeout - this._probeTimeout;
+    if (!wake && quiet < limit) {
+      this._arm(limit - quiet);
+      return;
+    }
+    this._probeSince = now;
+    try {
+      ws.send(PING_FRAME);
+    } catch {
+      this._stalled(now);
+      return;
+    }
+    this._arm(this._probeTimeout);
+  }
+
+  /**
+   * Nothing came in time: the connection is dead though the socket looks
+   * open. Close it and reconnect at once, without backoff (the node is
+   * likely fine, the path to it was not), to the next URL; the resume from
+   * the position loses and repeats nothing. A failing reconnect backs off
+   * as usual.
+   */
+  _stalled(now) {
+    const info = { url: this._url, transport: this.transport, quiet: now - this._heardAt };
+    this._drop('the connection stalled');
+    this._setState('stalled', info);
+    this._schedule(0, null);
   }
 
   /** Whether plain HTTP reaches a ready node (its `/readyz`), for `auto`. */
@@ -508,12 +745,12 @@ export class AgentcastClient {
 
   /** Refreshes the token before `exp` (Unix seconds), when a provider gives fresh ones. */
   _scheduleRefresh(exp) {
-    clearTimeout(this._refreshTimer);
+    this._clock.clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
     if (typeof this._token !== 'function' || !Number.isSafeInteger(exp)) return;
-    const left = exp * 1000 - Date.now();
+    const left = exp * 1000 - this._clock.now();
     const delay = Math.max(0, left - Math.min(REFRESH_MARGIN_MS, left / 2));
-    this._refreshTimer = setTimeout(() => {
+    this._refreshTimer = this._clock.setTimeout(() => {
       this._refreshTimer = null;
       this._refresh().catch((err) => this._report(err));
     }, delay);
@@ -524,10 +761,7 @@ export class AgentcastClient {
     if (!ws || this._stopped) return;
     if (this.transport === 'sse') {
       // No frames on a stream: reopen it with a fresh token, from the position.
-      detach(ws);
-      this._ws = null;
-      this._rejectPending('the stream was reopened with a fresh token');
-      ws.close();
+      this._drop('the stream was reopened with a fresh token');
       this._schedule(0, { reason: 'token refresh' });
       return;
     }
@@ -588,7 +822,8 @@ export class AgentcastClient {
     this._connections += 1;
     this._setState('connecting', { attempt: this._attempt });
     const token = await this._getToken();
-    if (this._stopped) return;
+    // Offline meanwhile: `online` reconnects.
+    if (this._stopped || this._offline) return;
     if (this._user === undefined) this._user = tokenSubject(token);
     this._loadPosition(this._user);
     if (this._transport === 'auto' && this.transport === 'websocket' && this._wsFailed) {
@@ -596,7 +831,7 @@ export class AgentcastClient {
       // now: a node that is down fails both, and is no reason to leave it.
       this._wsFailed = false;
       this._wsFailures = (await this._httpWorks()) ? this._wsFailures + 1 : 0;
-      if (this._stopped) return;
+      if (this._stopped || this._offline) return;
       if (this._wsFailures >= AUTO_FALLBACK_FAILURES) this.transport = 'sse';
     }
     const sse = this.transport === 'sse';
@@ -617,8 +852,9 @@ export class AgentcastClient {
     if (probe) this._dropAtWelcome = 'resume refused';
     const ws = sse ? new SseSocket(url, controlUrlOf(base), token, this._fetch) : new this._WebSocket(url);
     this._ws = ws;
+    this._url = base;
     let welcomed = false;
-    const timeout = setTimeout(() => {
+    const timeout = this._clock.setTimeout(() => {
       if (this._ws !== ws || welcomed) return;
       detach(ws);
       this._ws = null;
@@ -629,8 +865,17 @@ export class AgentcastClient {
       }
       this._failed({ url: base, reason: 'connect timeout' });
     }, this._connectTimeout);
+    // Any byte of an event stream counts as alive, its `: ping` comments
+    // included (they make no message); on SSE, onmessage also carries the
+    // answers to `POST /control`, which say nothing about the stream.
+    if (sse) {
+      ws.onactivity = () => {
+        if (this._ws === ws) this._heard();
+      };
+    }
     ws.onmessage = (msg) => {
       if (this._ws !== ws) return;
+      if (!sse) this._heard();
       let frame;
       try {
         frame = JSON.parse(typeof msg.data === 'string' ? msg.data : String(msg.data));
@@ -640,7 +885,8 @@ export class AgentcastClient {
       }
       if (frame.type === 'welcome') {
         welcomed = true;
-        clearTimeout(timeout);
+        this._clock.clearTimeout(timeout);
+        this._watch();
         if (!sse) {
           this._wsFailures = 0;
           this._wsFailed = false;
@@ -654,12 +900,13 @@ export class AgentcastClient {
     // `status`: an event stream's HTTP status when it was refused (fetch
     // sees it, a browser's WebSocket does not).
     const ended = (code, reason, status) => {
-      clearTimeout(timeout);
+      this._clock.clearTimeout(timeout);
       if (this._ws !== ws) return;
       detach(ws);
       this._ws = null;
+      this._unwatch();
       this._rejectPending(`the socket closed (${code})`);
-      clearTimeout(this._refreshTimer);
+      this._clock.clearTimeout(this._refreshTimer);
       this._refreshTimer = null;
       if (!welcomed && !sse) this._wsFailed = true;
       if (!welcomed) {
@@ -822,7 +1069,7 @@ export class AgentcastClient {
         if (frame.code === 'refresh_refused') this._report(new Error(`token refresh refused: ${frame.message}`));
         return;
       // `reconnect`: the close that follows says what to do. `pong`: the
-      // answer to a frame this client does not send.
+      // answer to the stall check's `ping`; its arrival was counted already.
       default:
         return;
     }
@@ -858,6 +1105,8 @@ class SseSocket {
     this.onmessage = null;
     this.onclose = null;
     this.onerror = null;
+    /** Called for every chunk read from the stream, comments included. */
+    this.onactivity = null;
     this._controlUrl = controlUrl;
     this._auth = `Bearer ${token}`;
     this._fetch = fetchImpl;
@@ -885,6 +1134,7 @@ class SseSocket {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
+        this.onactivity?.();
         buf += value;
         let end;
         while (!this._ended && (end = buf.indexOf('\n\n')) >= 0) {
@@ -961,6 +1211,7 @@ function addTo(set, handler) {
 }
 
 function detach(ws) {
+  ws.onactivity = null;
   ws.onmessage = null;
   ws.onclose = null;
   ws.onerror = null;
