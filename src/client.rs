@@ -8,12 +8,14 @@
 //! arrives; a drain (1012), slow-client (4000) or stream-reset (4003) close
 //! reconnects after a short jitter only, so a node's clients do not all
 //! return in the same instant. Duplicates by `seq` are dropped, gaps are reported,
-//! and refusals that a retry cannot fix (401, 403, 400) end the client.
+//! and refusals that a retry cannot fix (401, 403, 400) end the client. A
+//! connection quiet for the stall timeout (a `ping` frame unanswered) is
+//! taken for dead and replaced at once ([`Client::stall_timeout`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -24,6 +26,18 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Time allowed to open a socket and read its welcome.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default stall timeout: the longest a dead connection (half-open TCP after
+/// a network change, which the kernel may not notice for minutes) goes
+/// unnoticed. 1.5 times the node's default ping interval (20 s): a live node
+/// sends a WebSocket ping at least that often, so a live connection always
+/// has something within it (docs/protocol.md, "Detecting a dead
+/// connection"). The JavaScript client uses the same default.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a `ping` frame gets for anything to come back, at most half the
+/// stall timeout: sent after the stall timeout less this of quiet.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The frame the node answers with `{"type":"pong"}`.
+const PING_FRAME: &str = r#"{"type":"ping"}"#;
 
 /// What the client hands to its user.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +103,13 @@ pub struct Client {
     pub reconnects: u64,
     /// Events dropped because their `seq` was not after the last one.
     pub duplicates: u64,
+    /// Connections given up as dead ([`Client::stall_timeout`]).
+    pub stalls: u64,
+    stall_timeout: Duration,
+    /// When anything last came on the current socket.
+    heard_at: tokio::time::Instant,
+    /// When a ping was sent that nothing has followed yet.
+    probe_since: Option<tokio::time::Instant>,
 }
 
 impl Client {
@@ -105,7 +126,27 @@ impl Client {
             attempt: 0,
             reconnects: 0,
             duplicates: 0,
+            stalls: 0,
+            stall_timeout: STALL_TIMEOUT,
+            heard_at: tokio::time::Instant::now(),
+            probe_since: None,
         }
+    }
+
+    /// Sets how long a connection may stay quiet before it is taken for
+    /// dead ([`STALL_TIMEOUT`] by default). After the timeout less the probe
+    /// time ([`PROBE_TIMEOUT`], at most half of it) with nothing received,
+    /// the client sends a `ping` frame; if nothing at all comes within the
+    /// probe time, it drops the socket and reconnects at once, resuming from
+    /// its position. Anything received counts: a slow connection that is
+    /// receiving a backlog is alive.
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout.max(Duration::from_millis(2));
+        self
+    }
+
+    fn probe_timeout(&self) -> Duration {
+        PROBE_TIMEOUT.min(self.stall_timeout / 2)
     }
 
     /// Starts from a known position instead of live.
@@ -160,6 +201,8 @@ impl Client {
             match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request)).await {
                 Ok(Ok((ws, _))) => {
                     self.ws = Some(ws);
+                    self.heard_at = tokio::time::Instant::now();
+                    self.probe_since = None;
                     return Ok(());
                 }
                 Ok(Err(tungstenite::Error::Http(resp))) => {
@@ -185,8 +228,31 @@ impl Client {
                 }
                 self.connect().await?;
             }
+            let probe = self.probe_timeout();
+            let deadline = match self.probe_since {
+                Some(sent) => sent + probe,
+                None => self.heard_at + (self.stall_timeout - probe),
+            };
             let ws = self.ws.as_mut().expect("connected above");
-            let msg = ws.next().await;
+            let Ok(msg) = tokio::time::timeout_at(deadline, ws.next()).await else {
+                if self.probe_since.is_none() {
+                    self.probe_since = Some(tokio::time::Instant::now());
+                    // A failed send is the same as no answer: found below.
+                    let sent = tokio::time::timeout(probe, ws.send(Message::text(PING_FRAME))).await;
+                    if matches!(sent, Ok(Ok(()))) {
+                        continue;
+                    }
+                }
+                // Nothing came: the connection is dead though the socket
+                // looks open. Reconnect at once (the path failed, not
+                // likely the node); the resume loses and repeats nothing.
+                self.ws = None;
+                self.stalls += 1;
+                self.attempt = 0;
+                continue;
+            };
+            self.heard_at = tokio::time::Instant::now();
+            self.probe_since = None;
             let text = match msg {
                 Some(Ok(Message::Text(t))) => t,
                 Some(Ok(Message::Close(frame))) => {
