@@ -671,6 +671,20 @@ mod tests {
         assert_ne!(Event::agent_thinking("r", "x").msg_id, Event::agent_thinking("r", "x").msg_id);
     }
 
+    /// The Python package (clients/python) keeps its own list: the two
+    /// must name the same types, or one side refuses what the other sends.
+    #[test]
+    fn the_python_package_knows_the_same_built_in_types() {
+        let py = include_str!("../clients/python/src/agentcast/events.py");
+        let start = py.find("BUILT_IN_TYPES = (").expect("the tuple in events.py");
+        let tuple = &py[start..start + py[start..].find(')').expect("its end")];
+        let mut names: Vec<&str> = tuple.split('"').skip(1).step_by(2).collect();
+        let mut ours = BUILT_IN_TYPES.to_vec();
+        names.sort_unstable();
+        ours.sort_unstable();
+        assert_eq!(names, ours);
+    }
+
     #[test]
     fn type_names() {
         for ok in BUILT_IN_TYPES.iter().copied().chain(["acme.search_results", "a.b.c", "x-1.y_2"]) {
