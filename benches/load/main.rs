@@ -41,7 +41,11 @@
 //!
 //! Options: --targets agentcast,agentcast-sse,nats-ws,raw --sockets N --users N --rate N
 //! --size BYTES --duration SECS --missed N --stalled N --flood-rate N
-//! --coalesce-ms MS --slow-every N --slow-bps N --out FILE.json. nats-server is
+//! --coalesce-ms MS --slow-every N --slow-bps N --runs N --out FILE.json.
+//! Every preset runs `--runs` times (3; the smoke run once), each run on
+//! fresh processes; the report gives each figure's median, min and max over
+//! the runs, and the ratios computed within each run, summarised the same
+//! way. nats-server is
 //! `$AGENTCAST_BENCH_NATS_SERVER`, else `nats-server` on PATH, else
 //! /usr/sbin/nats-server.
 //!
@@ -100,6 +104,10 @@ const FLOOD_EVENT_BYTES: usize = 256 * 1024;
 const FLOOD_INFLIGHT: usize = 32;
 /// How often the node's RSS is sampled during a flood run.
 const RSS_SAMPLE: Duration = Duration::from_millis(100);
+/// Runs of a preset by default (`--runs`): a figure from one run on a
+/// shared two-core machine swings by a factor of several (issue 20), so the
+/// README gives the median of three with the min and max beside it.
+const DEFAULT_RUNS: usize = 3;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Target {
@@ -232,6 +240,9 @@ struct Opts {
     slow_every: usize,
     /// `tokens`: a slow socket's reading rate, bytes/s.
     slow_bps: u64,
+    /// Times the whole preset runs, each on fresh processes: the report
+    /// gives every figure's median, min and max over them.
+    runs: usize,
     out: Option<PathBuf>,
 }
 
@@ -256,6 +267,7 @@ fn opts(args: &[String], smoke: bool) -> Opts {
         coalesce_ms: 50,
         slow_every: 10,
         slow_bps: 1024,
+        runs: if smoke { 1 } else { DEFAULT_RUNS },
         out: None,
     };
     match preset.as_str() {
@@ -299,6 +311,7 @@ fn opts(args: &[String], smoke: bool) -> Opts {
             "--coalesce-ms" => o.coalesce_ms = num(),
             "--slow-every" => o.slow_every = num() as usize,
             "--slow-bps" => o.slow_bps = num(),
+            "--runs" => o.runs = (num() as usize).max(1),
             "--out" => o.out = Some(PathBuf::from(val)),
             other => panic!("unknown option {other}"),
         }
@@ -1082,6 +1095,55 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Value {
     }
 }
 
+/// The figures a preset is about, by name, and where each is in a target's
+/// result: what the ratios compare and the summary over runs gives.
+fn metric_paths(preset: &str) -> &'static [(&'static str, &'static [&'static str])] {
+    match preset {
+        "idle" => &[("rss_bytes_per_socket", &["rss_bytes_per_socket"])],
+        "max" => {
+            &[("best_deliveries_per_s", &["best", "deliveries_per_s"]), ("best_p99_ms", &["best", "latency", "p99_ms"])]
+        }
+        "storm" => &[("seconds_until_whole", &["seconds_until_whole"])],
+        "flood" => &[
+            ("peak_rss_kb_with_flood", &["with_flood", "vm_hwm_kb"]),
+            ("p99_ms_without_flood", &["without_flood", "fast", "latency", "p99_ms"]),
+            ("p99_ms_with_flood", &["with_flood", "fast", "latency", "p99_ms"]),
+        ],
+        "control" => {
+            &[("p50_ms", &["agentcast", "latency", "p50_ms"]), ("p99_ms", &["agentcast", "latency", "p99_ms"])]
+        }
+        "tokens" => &[
+            ("slow_bytes_per_token", &["slow", "bytes_per_token"]),
+            ("slow_frames_per_token", &["slow", "frames_per_token"]),
+            ("fast_p99_ms", &["fast", "latency", "p99_ms"]),
+        ],
+        _ => &[
+            ("p50_ms", &["latency", "p50_ms"]),
+            ("p99_ms", &["latency", "p99_ms"]),
+            ("deliveries_per_s", &["deliveries_per_s"]),
+            ("cpu_ms_per_10k_deliveries", &["cpu_ms_per_10k_deliveries", "with_nats_server"]),
+            ("rss_bytes_per_socket", &["rss_bytes_per_socket"]),
+        ],
+    }
+}
+
+/// Median, min and max of each figure over the runs, `null` where no run
+/// has it. `runs` holds one value (a target's result, or a run's ratios)
+/// per run; `figure` reads a figure from one.
+fn spread(runs: &[&Value], figure: impl Fn(&Value) -> Option<f64>) -> Value {
+    let mut xs: Vec<f64> = runs.iter().filter_map(|v| figure(v)).collect();
+    if xs.is_empty() {
+        return Value::Null;
+    }
+    xs.sort_by(f64::total_cmp);
+    let median = if xs.len() % 2 == 1 { xs[xs.len() / 2] } else { (xs[xs.len() / 2 - 1] + xs[xs.len() / 2]) / 2.0 };
+    json!({"median": median, "min": xs[0], "max": xs[xs.len() - 1], "runs": xs.len()})
+}
+
+fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, p| v.get(*p))
+}
+
 /// Ratios of agentcast to each peer, on the figures a preset is about.
 fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
     if preset == "control" {
@@ -1100,38 +1162,21 @@ fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
         }
         v.as_f64()
     };
-    let paths: &[(&str, &[&str])] = match preset {
-        "idle" => &[("rss_bytes_per_socket", &["rss_bytes_per_socket"])],
-        "max" => {
-            &[("best_deliveries_per_s", &["best", "deliveries_per_s"]), ("best_p99_ms", &["best", "latency", "p99_ms"])]
-        }
-        "storm" | "flood" => &[],
-        "tokens" => &[
-            ("slow_bytes_per_token", &["slow", "bytes_per_token"]),
-            ("slow_frames_per_token", &["slow", "frames_per_token"]),
-            ("fast_p99_ms", &["fast", "latency", "p99_ms"]),
-        ],
-        _ => &[
-            ("deliveries_per_s", &["deliveries_per_s"]),
-            ("p99_ms", &["latency", "p99_ms"]),
-            ("cpu_ms_per_10k_deliveries", &["cpu_ms_per_10k_deliveries", "with_nats_server"]),
-            ("rss_bytes_per_socket", &["rss_bytes_per_socket"]),
-        ],
-    };
+    let ran = |t: Target| results.iter().any(|(x, _)| *x == t);
     let mut out = json!({});
-    for peer in [Target::NatsWs, Target::Raw] {
+    // Each peer against agentcast, and the same node's two transports.
+    let pairs = [
+        (Target::Agentcast, Target::NatsWs, "agentcast_over_nats-ws"),
+        (Target::Agentcast, Target::Raw, "agentcast_over_raw"),
+        (Target::Sse, Target::Agentcast, "agentcast_sse_over_agentcast"),
+    ];
+    for (a, b, name) in pairs.into_iter().filter(|(a, b, _)| ran(*a) && ran(*b)) {
         let mut r = json!({});
-        for (name, path) in paths {
-            r[*name] = ratio(get(Target::Agentcast, path), get(peer, path));
+        for (figure, path) in metric_paths(preset) {
+            r[*figure] = ratio(get(a, path), get(b, path));
         }
-        out[format!("agentcast_over_{}", peer.name())] = r;
+        out[name] = r;
     }
-    // The same node's two transports.
-    let mut r = json!({});
-    for (name, path) in paths {
-        r[*name] = ratio(get(Target::Sse, path), get(Target::Agentcast, path));
-    }
-    out["agentcast_sse_over_agentcast"] = r;
     out
 }
 
@@ -1213,83 +1258,117 @@ async fn coordinate(o: Opts, smoke: bool) {
         ),
     };
     println!("agentcast load benchmark, preset {}: {workload}; {version}; {cores} cores ({cpu})", o.preset);
-    let mut results: Vec<(Target, Value)> = Vec::new();
+    let mut runs: Vec<Vec<(Target, Value)>> = Vec::new();
     let mut failures = Vec::new();
+    for run in 1..=o.runs {
+        if o.runs > 1 {
+            println!("run {run} of {}", o.runs);
+        }
+        let mut results: Vec<(Target, Value)> = Vec::new();
+        for &t in &o.targets {
+            let v = match o.preset.as_str() {
+                "idle" => run_idle(t, &o).await,
+                "max" => run_max(t, &o).await,
+                "flood" => {
+                    if t != Target::Agentcast {
+                        println!("  {}: flood is agentcast only", t.name());
+                        continue;
+                    }
+                    run_flood(&o).await
+                }
+                "storm" => {
+                    if t != Target::Agentcast {
+                        println!("  {}: no history to resume from; storm is agentcast only", t.name());
+                        continue;
+                    }
+                    run_storm(&o).await
+                }
+                "control" => control::run(&o).await,
+                "tokens" => {
+                    if matches!(t, Target::Raw | Target::Sse) {
+                        println!("  {}: tokens is agentcast and nats-ws", t.name());
+                        continue;
+                    }
+                    tokens::run(t, &o).await
+                }
+                "smoke" => {
+                    let chat = run_rate(t, &o, o.rate).await;
+                    if let Err(e) = check(&chat) {
+                        failures.push(format!("{} chat: {e}", t.name()));
+                    }
+                    let mut v = json!({"chat": chat});
+                    if t == Target::Agentcast {
+                        let storm = run_storm(&o).await;
+                        if let Err(e) = check(&storm) {
+                            failures.push(format!("storm: {e}"));
+                        }
+                        if storm["delivery"]["whole"].as_u64() != Some(o.sockets as u64) {
+                            failures.push(format!("storm: not every socket whole: {storm}"));
+                        }
+                        v["storm"] = storm;
+                        let short = Opts {
+                            preset: "control".into(),
+                            targets: vec![Target::Agentcast],
+                            sockets: 20,
+                            users: 20,
+                            rate: 100,
+                            size: 100,
+                            duration: Duration::from_secs(3),
+                            missed: 0,
+                            stalled: 0,
+                            flood_rate: 0,
+                            coalesce_ms: o.coalesce_ms,
+                            slow_every: o.slow_every,
+                            slow_bps: o.slow_bps,
+                            runs: 1,
+                            out: None,
+                        };
+                        let c = control::run(&short).await;
+                        if let Err(e) = check_control(&c) {
+                            failures.push(format!("control: {e}"));
+                        }
+                        v["control"] = c;
+                        // A short tokens run (every 10th of 40 sockets slow).
+                        let short = Opts { preset: "tokens".into(), sockets: 40, users: 40, rate: 40, ..short };
+                        let t = tokens::run(Target::Agentcast, &short).await;
+                        if let Err(e) = tokens::check(&t) {
+                            failures.push(format!("tokens: {e}"));
+                        }
+                        v["tokens"] = t;
+                    }
+                    v
+                }
+                _ => run_rate(t, &o, o.rate).await,
+            };
+            results.push((t, v));
+        }
+        if o.runs > 1 && !["storm", "smoke", "flood"].contains(&o.preset.as_str()) {
+            println!("ratios of run {run}: {}", ratios(&o.preset, &results));
+        }
+        runs.push(results);
+    }
+    // Per target, each figure's spread over the runs; per pair, the spread
+    // of the ratios computed within each run (never across runs).
+    let mut summary = json!({});
     for &t in &o.targets {
-        let v = match o.preset.as_str() {
-            "idle" => run_idle(t, &o).await,
-            "max" => run_max(t, &o).await,
-            "flood" => {
-                if t != Target::Agentcast {
-                    println!("  {}: flood is agentcast only", t.name());
-                    continue;
-                }
-                run_flood(&o).await
+        let of_t: Vec<&Value> = runs.iter().filter_map(|r| r.iter().find(|(x, _)| *x == t).map(|(_, v)| v)).collect();
+        let mut figures = json!({});
+        for (name, path) in metric_paths(&o.preset) {
+            figures[*name] = spread(&of_t, |v| at(v, path).and_then(Value::as_f64));
+        }
+        summary[t.name()] = figures;
+    }
+    let per_run_ratios: Vec<Value> = runs.iter().map(|r| ratios(&o.preset, r)).collect();
+    let mut ratio_spread = json!({});
+    let rs: Vec<&Value> = per_run_ratios.iter().collect();
+    if let Some(Value::Object(pairs)) = per_run_ratios.first() {
+        for (pair, figures) in pairs {
+            let mut out = json!({});
+            for name in figures.as_object().into_iter().flat_map(|f| f.keys()) {
+                out[name] = spread(&rs, |v| v[pair][name].as_f64());
             }
-            "storm" => {
-                if t != Target::Agentcast {
-                    println!("  {}: no history to resume from; storm is agentcast only", t.name());
-                    continue;
-                }
-                run_storm(&o).await
-            }
-            "control" => control::run(&o).await,
-            "tokens" => {
-                if matches!(t, Target::Raw | Target::Sse) {
-                    println!("  {}: tokens is agentcast and nats-ws", t.name());
-                    continue;
-                }
-                tokens::run(t, &o).await
-            }
-            "smoke" => {
-                let chat = run_rate(t, &o, o.rate).await;
-                if let Err(e) = check(&chat) {
-                    failures.push(format!("{} chat: {e}", t.name()));
-                }
-                let mut v = json!({"chat": chat});
-                if t == Target::Agentcast {
-                    let storm = run_storm(&o).await;
-                    if let Err(e) = check(&storm) {
-                        failures.push(format!("storm: {e}"));
-                    }
-                    if storm["delivery"]["whole"].as_u64() != Some(o.sockets as u64) {
-                        failures.push(format!("storm: not every socket whole: {storm}"));
-                    }
-                    v["storm"] = storm;
-                    let short = Opts {
-                        preset: "control".into(),
-                        targets: vec![Target::Agentcast],
-                        sockets: 20,
-                        users: 20,
-                        rate: 100,
-                        size: 100,
-                        duration: Duration::from_secs(3),
-                        missed: 0,
-                        stalled: 0,
-                        flood_rate: 0,
-                        coalesce_ms: o.coalesce_ms,
-                        slow_every: o.slow_every,
-                        slow_bps: o.slow_bps,
-                        out: None,
-                    };
-                    let c = control::run(&short).await;
-                    if let Err(e) = check_control(&c) {
-                        failures.push(format!("control: {e}"));
-                    }
-                    v["control"] = c;
-                    // A short tokens run (every 10th of 40 sockets slow).
-                    let short = Opts { preset: "tokens".into(), sockets: 40, users: 40, rate: 40, ..short };
-                    let t = tokens::run(Target::Agentcast, &short).await;
-                    if let Err(e) = tokens::check(&t) {
-                        failures.push(format!("tokens: {e}"));
-                    }
-                    v["tokens"] = t;
-                }
-                v
-            }
-            _ => run_rate(t, &o, o.rate).await,
-        };
-        results.push((t, v));
+            ratio_spread[pair] = out;
+        }
     }
     let report = json!({
         "bench": "load",
@@ -1301,11 +1380,24 @@ async fn coordinate(o: Opts, smoke: bool) {
                      "duration_s": o.duration.as_secs(), "missed": o.missed,
                      "stalled": o.stalled, "flood_rate": o.flood_rate, "flood_event_bytes": FLOOD_EVENT_BYTES,
                      "coalesce_ms": o.coalesce_ms, "slow_every": o.slow_every, "slow_bps": o.slow_bps},
-        "results": results.iter().map(|(t, v)| json!({"target": t.name(), "result": v})).collect::<Vec<_>>(),
-        "ratios": ratios(&o.preset, &results),
+        "runs": runs.iter().zip(&per_run_ratios).map(|(results, ratios)| json!({
+            "results": results.iter().map(|(t, v)| json!({"target": t.name(), "result": v})).collect::<Vec<_>>(),
+            "ratios": ratios,
+        })).collect::<Vec<_>>(),
+        "summary": summary,
+        "ratios": ratio_spread,
     });
+    if o.runs > 1 {
+        println!("over {} runs (median, min to max):", o.runs);
+        for (target, figures) in report["summary"].as_object().into_iter().flatten() {
+            for (name, s) in figures.as_object().into_iter().flatten().filter(|(_, s)| !s.is_null()) {
+                let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+                println!("  {target:<14} {name:<28} {:>10.2} ({:.2} to {:.2})", f("median"), f("min"), f("max"));
+            }
+        }
+    }
     if !["storm", "smoke", "flood"].contains(&o.preset.as_str()) {
-        println!("ratios: {}", report["ratios"]);
+        println!("ratios (median over runs): {}", median_ratios(&report["ratios"]));
     }
     if let Some(out) = &o.out {
         let mut f = std::fs::File::create(out).expect("create --out file");
@@ -1315,6 +1407,17 @@ async fn coordinate(o: Opts, smoke: bool) {
     if smoke {
         assert!(failures.is_empty(), "smoke run failed: {failures:#?}");
     }
+}
+
+/// The ratios' medians alone, for the summary line.
+fn median_ratios(spread: &Value) -> Value {
+    let mut out = json!({});
+    for (pair, figures) in spread.as_object().into_iter().flatten() {
+        for (name, s) in figures.as_object().into_iter().flatten() {
+            out[pair][name] = s["median"].clone();
+        }
+    }
+    out
 }
 
 fn time_now() -> String {
