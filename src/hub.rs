@@ -663,7 +663,7 @@ impl Hub {
     }
 
     async fn on_message(&self, entry: &UserEntry, msg: Message) {
-        metrics::counter!(m::EVENTS_RECEIVED).increment(1);
+        m::hot().events_received.increment(1);
         let headers = msg.headers.as_ref();
         let stream = stamped(headers, "Nats-Stream").map(|v| v.as_str());
         let Some(seq) = stamped_u64(headers, "Nats-Sequence").filter(|_| stream == Some(self.settings.name.as_str()))

@@ -198,6 +198,31 @@ pub fn jetstream_error(op: &'static str) {
     metrics::counter!(JETSTREAM_ERRORS, "op" => op).increment(1);
 }
 
+/// Handles of the series touched for every event or every write, resolved
+/// once: `counter!` resolves its name in the registry (a hash and a map
+/// lookup) at each call, which showed in a profile of the node under load
+/// (bench/results/profile-2026-11-26-*). Resolved by [`install`] right after
+/// the recorder is: a process that never installs one (an in-process test)
+/// gets no-op handles.
+pub struct Hot {
+    pub events_received: metrics::Counter,
+    pub frames_sent: metrics::Counter,
+    pub bytes_sent: metrics::Counter,
+    pub write_batch: metrics::Histogram,
+}
+
+static HOT: OnceLock<Hot> = OnceLock::new();
+
+/// The per-event and per-write handles ([`Hot`]).
+pub fn hot() -> &'static Hot {
+    HOT.get_or_init(|| Hot {
+        events_received: metrics::counter!(EVENTS_RECEIVED),
+        frames_sent: metrics::counter!(FRAMES_SENT),
+        bytes_sent: metrics::counter!(BYTES_SENT),
+        write_batch: metrics::histogram!(WRITE_BATCH),
+    })
+}
+
 /// How often histogram buckets are folded; the exporter needs it to be called.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -223,6 +248,7 @@ pub fn install() -> PrometheusHandle {
                 .expect("metrics recorder installed once");
             describe();
             register_known();
+            hot();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())

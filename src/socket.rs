@@ -707,9 +707,10 @@ where
     };
     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(Ok(())) => {
-            metrics::counter!(m::FRAMES_SENT).increment(n as u64);
-            metrics::counter!(m::BYTES_SENT).increment(bytes as u64);
-            metrics::histogram!(m::WRITE_BATCH).record(n as f64);
+            let hot = m::hot();
+            hot.frames_sent.increment(n as u64);
+            hot.bytes_sent.increment(bytes as u64);
+            hot.write_batch.record(n as f64);
             Ok(())
         }
         Ok(Err(_)) => Err(WriteFail::Closed),
