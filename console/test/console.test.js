@@ -98,6 +98,8 @@ test('the page shows published events grouped by run, with the node and position
   try {
     await page.goto(`http://${node.addr}/console/#token=${token('shows')}`);
     await waitForState(page, 'open');
+    assert.equal(await text(page, '#state'), 'live');
+    assert.equal(await text(page, '#since'), 'none yet');
     assert.equal(await text(page, '#node'), 'node-a');
     assert.equal(await text(page, '#user'), 'shows');
     assert.ok(!page.url().includes('token'), `the token stayed in the address bar: ${page.url()}`);
@@ -116,6 +118,7 @@ test('the page shows published events grouped by run, with the node and position
     assert.deepEqual(await page.$$eval('section.run', (els) => els.map((e) => e.dataset.run)), ['r2', 'r1']);
     assert.equal(await text(page, '#position'), String(seqs.at(-1)));
     assert.equal(await text(page, '#count'), '6');
+    assert.match(await text(page, '#since'), /^\d+ s ago$/);
     assert.match(await text(page, 'section.run[data-run="r1"] li[data-type="tool_executing"] .text'), /search\(\{"q":"r1"\}\)/);
     assert.deepEqual(page.problems, []);
   } finally {
@@ -178,7 +181,7 @@ for (const transport of ['auto', 'sse']) {
       assert.deepEqual(await seqsShown(page).then(sorted), seqs);
       assert.equal((await seqsShown(page)).length, 7);
       assert.equal(await page.$eval('section.run[data-run="t1"]', (e) => e.dataset.status), 'completed');
-      assert.equal(await text(page, '#state'), 'connected');
+      assert.equal(await text(page, '#state'), 'live');
       assert.equal(await page.$eval('#state', (e) => e.dataset.transport), carried);
       assert.deepEqual(page.problems, []);
     } finally {
