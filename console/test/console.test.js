@@ -14,7 +14,7 @@ import { mkdirSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { NatsServer, Node, eventually, publish, token } from '../../clients/js/testlib/harness.js';
+import { NatsServer, Node, eventually, publish, sleep, token } from '../../clients/js/testlib/harness.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.AGENTCAST_TEST_CHROMIUM ?? '/usr/bin/chromium';
@@ -29,6 +29,15 @@ const SCREENSHOT =
 const PAGE_TIMEOUT_MS = 20000;
 /** `agentcast dev --demo` publishes a run every 5 s; two runs fit in this. */
 const DEMO_TIMEOUT_MS = 30000;
+/**
+ * Issue 22: after the browser says `online`, the reconnect starts within a
+ * second (no backoff was spent while offline); after the page becomes
+ * visible, the check (a `ping`) goes out within a second, not at the stall
+ * timeout (30 s by default).
+ */
+const WAKE_WITHIN_MS = 1000;
+/** How long the page stays offline or hidden: longer than a redraw of "last event … ago" (1 s). */
+const AWAY_MS = 1500;
 /** Chromium flags for this machine (no GPU, no sandbox as root, no network beyond loopback). */
 const CHROMIUM_ARGS = [
   '--headless',
@@ -191,6 +200,123 @@ for (const transport of ['auto', 'sse']) {
     }
   });
 }
+
+/** The number in "N s ago". */
+const secondsAgo = async (page) => Number(/^(\d+) s ago$/.exec(await text(page, '#since'))?.[1]);
+
+for (const transport of ['auto', 'sse']) {
+  test(`offline mid-stream, then online: the page says offline, reconnects within a second and shows every event once (${transport})`, async () => {
+    const node = await Node.start(nats, ['--console']);
+    const page = await newPage();
+    const user = `offline-${transport}`;
+    // When each connection attempt started (a WebSocket or an event-stream
+    // request), on this process's clock.
+    const attempts = [];
+    page.on('websocket', () => attempts.push(Date.now()));
+    page.on('request', (r) => {
+      if (new URL(r.url()).pathname === '/sse') attempts.push(Date.now());
+    });
+    try {
+      await page.goto(`http://${node.addr}/console/#token=${token(user)}&transport=${transport}`);
+      await waitForState(page, 'open');
+      const seqs = await publish(nats, user, run('o1', ['started', 'thinking']));
+      assert.deepEqual(await waitForEvents(page, 2), seqs);
+
+      // DevTools network emulation: the browser fires `offline` and no
+      // request or socket gets through.
+      await page.context().setOffline(true);
+      await waitForState(page, 'offline');
+      assert.equal(await text(page, '#state'), 'offline: waiting for the network');
+      const tried = attempts.length;
+      // Published while the page is offline: stored, read on resume.
+      seqs.push(...(await publish(nats, user, run('o1', ['tool', 'tool_done']))));
+      // The time since the last event goes on counting while nothing comes.
+      const ago = await secondsAgo(page);
+      await sleep(AWAY_MS);
+      assert.ok((await secondsAgo(page)) > ago, `"last event" stayed at ${ago} s`);
+      assert.equal(attempts.length, tried, 'attempts were made while offline');
+      assert.equal(await page.$eval('#state', (e) => e.dataset.state), 'offline');
+
+      const onlineAt = Date.now();
+      await page.context().setOffline(false);
+      await eventually('an attempt after online', () => attempts.length > tried, PAGE_TIMEOUT_MS);
+      const took = attempts[tried] - onlineAt;
+      assert.ok(took < WAKE_WITHIN_MS, `the reconnect started ${took} ms after online`);
+      await waitForState(page, 'open');
+      seqs.push(...(await publish(nats, user, run('o1', ['completed']))));
+      assert.deepEqual(await waitForEvents(page, 5), seqs);
+      // Nothing late: a repeat would arrive after the last event.
+      await sleep(500);
+      assert.deepEqual(await seqsShown(page).then(sorted), seqs);
+      assert.equal((await seqsShown(page)).length, 5);
+      assert.equal(await text(page, '#state'), 'live');
+      assert.deepEqual(page.problems, []);
+    } finally {
+      await page.context().close();
+      await node.kill();
+    }
+  });
+}
+
+/**
+ * Headless Chromium keeps every page visible (switching tabs does not hide
+ * one, and DevTools has no visibility override), so the page's
+ * document.visibilityState is overridden and `visibilitychange` dispatched,
+ * which is what the browser does when a tab is hidden or shown.
+ */
+async function setVisibility(page, state) {
+  await page.evaluate((v) => {
+    Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => v });
+    Object.defineProperty(document, 'hidden', { configurable: true, get: () => v === 'hidden' });
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, state);
+}
+
+test('a tab shown again checks its connection at once with a ping, and stays live when the node answers', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const page = await newPage();
+  const type = (payload) => {
+    try {
+      return JSON.parse(payload).type;
+    } catch {
+      return null;
+    }
+  };
+  const pings = [];
+  const pongs = [];
+  let sockets = 0;
+  page.on('websocket', (ws) => {
+    sockets += 1;
+    ws.on('framesent', (f) => type(f.payload) === 'ping' && pings.push(Date.now()));
+    ws.on('framereceived', (f) => type(f.payload) === 'pong' && pongs.push(Date.now()));
+  });
+  try {
+    await page.goto(`http://${node.addr}/console/#token=${token('visible')}`);
+    await waitForState(page, 'open');
+    const seqs = await publish(nats, 'visible', run('v1', ['started']));
+    assert.deepEqual(await waitForEvents(page, 1), seqs);
+
+    await setVisibility(page, 'hidden');
+    await sleep(AWAY_MS);
+    // Far from the stall timeout's ping (25 s of quiet), and hiding checks nothing.
+    assert.deepEqual(pings, []);
+    const shownAt = Date.now();
+    await setVisibility(page, 'visible');
+    await eventually('a ping after the page became visible', () => pings.length > 0, PAGE_TIMEOUT_MS);
+    const took = pings[0] - shownAt;
+    assert.ok(took < WAKE_WITHIN_MS, `the ping went ${took} ms after the page became visible`);
+    await eventually("the node's pong", () => pongs.length > 0, PAGE_TIMEOUT_MS);
+    // The connection passed the check: the same socket goes on.
+    seqs.push(...(await publish(nats, 'visible', run('v1', ['completed']))));
+    assert.deepEqual(await waitForEvents(page, 2), seqs);
+    assert.equal(await text(page, '#state'), 'live');
+    assert.equal(sockets, 1, 'the page reconnected');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
 
 test("the browser's own EventSource resumes exactly across a node restart (Last-Event-ID)", async () => {
   const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
