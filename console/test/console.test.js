@@ -11,7 +11,9 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
+import { connect, createServer } from 'node:net';
 import { dirname, resolve } from 'node:path';
+import { Transform } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { NatsServer, Node, eventually, publish, sleep, token } from '../../clients/js/testlib/harness.js';
@@ -38,6 +40,14 @@ const DEMO_TIMEOUT_MS = 30000;
 const WAKE_WITHIN_MS = 1000;
 /** How long the page stays offline or hidden: longer than a redraw of "last event … ago" (1 s). */
 const AWAY_MS = 1500;
+/** The stall timeout of the client on a slow link: short, so the backlog takes several of them. */
+const SLOW_STALL_MS = 1000;
+/** Events stored before the slow client connects, about 300 bytes each as frames. */
+const BACKLOG_EVENTS = 600;
+/** The slow link's rate from node to page: the backlog (~180 KB) takes about 4.5 s, over four stall timeouts. */
+const SLOW_BYTES_PER_S = 40000;
+/** What the slow link passes at a time: small, so frames trickle in as over a poor link, not in bursts. */
+const SLICE_BYTES = 512;
 /** Chromium flags for this machine (no GPU, no sandbox as root, no network beyond loopback). */
 const CHROMIUM_ARGS = [
   '--headless',
@@ -314,6 +324,115 @@ test('a tab shown again checks its connection at once with a ping, and stays liv
     assert.deepEqual(page.problems, []);
   } finally {
     await page.context().close();
+    await node.kill();
+  }
+});
+
+/**
+ * A TCP relay to `target` (host:port). Connections made after `slow(rate)`
+ * get what the node sends at `rate` bytes a second (the page loaded before
+ * it comes at full speed); what the page sends passes as it is.
+ */
+async function relay(target) {
+  const at = target.lastIndexOf(':');
+  const [host, port] = [target.slice(0, at), Number(target.slice(at + 1))];
+  let rate = null;
+  const sockets = new Set();
+  const server = createServer((down) => {
+    const up = connect(port, host);
+    sockets.add(down).add(up);
+    down.pipe(up);
+    if (rate === null) {
+      up.pipe(down);
+    } else {
+      // Backpressure does the rest: while a slice waits, the node's writes
+      // fill the socket buffers and then wait, as on a slow network.
+      const bytesPerS = rate;
+      up.pipe(
+        new Transform({
+          async transform(chunk, _enc, done) {
+            for (let i = 0; i < chunk.length; i += SLICE_BYTES) {
+              const slice = chunk.subarray(i, i + SLICE_BYTES);
+              await sleep((slice.length / bytesPerS) * 1000);
+              this.push(slice);
+            }
+            done();
+          },
+        }),
+      ).pipe(down);
+    }
+    const end = () => {
+      down.destroy();
+      up.destroy();
+    };
+    down.on('error', end).on('close', end);
+    up.on('error', end).on('close', end);
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    addr: `127.0.0.1:${server.address().port}`,
+    slow(bytesPerS) {
+      rate = bytesPerS;
+    },
+    close() {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
+}
+
+test('a slow but live connection receiving a large backlog is not declared stalled', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const path = await relay(node.addr);
+  const page = await newPage();
+  const user = 'slow-backlog';
+  try {
+    const filler = 'x'.repeat(200);
+    const backlog = Array.from({ length: BACKLOG_EVENTS }, (_, i) => ({
+      type: 'agent_thinking',
+      run_id: 'b1',
+      data: { text: `${i} ${filler}` },
+    }));
+    const seqs = await publish(nats, user, backlog);
+    // The page through the relay, so its socket is same-origin (the CSP).
+    await page.goto(`http://${path.addr}/console/`);
+    path.slow(SLOW_BYTES_PER_S);
+    const started = Date.now();
+    await page.evaluate(
+      async ({ t, stallTimeout }) => {
+        const { AgentcastClient } = await import('/console/agentcast.js');
+        window.got = { seqs: [], states: [] };
+        const client = new AgentcastClient({
+          url: `ws://${location.host}/ws`,
+          token: t,
+          storage: null,
+          lastSeq: 0,
+          stallTimeout,
+        });
+        client.on('*', (_e, seq) => window.got.seqs.push(seq));
+        client.onState((s) => window.got.states.push(s));
+        client.connect();
+      },
+      { t: token(user), stallTimeout: SLOW_STALL_MS },
+    );
+    await eventually(
+      'the whole backlog',
+      () => page.evaluate((n) => window.got.seqs.length >= n, BACKLOG_EVENTS),
+      PAGE_TIMEOUT_MS,
+    ).catch(async (e) => {
+      throw new Error(`${e.message}: states ${JSON.stringify(await page.evaluate(() => window.got.states))}`);
+    });
+    const took = Date.now() - started;
+    assert.ok(took > 3 * SLOW_STALL_MS, `the backlog came in ${took} ms: not slow enough to show anything`);
+    // Quiet after the backlog: the client pings, the node answers, the socket stays.
+    await sleep(2 * SLOW_STALL_MS);
+    const got = await page.evaluate(() => window.got);
+    assert.deepEqual(got.seqs, seqs, 'every event once, in order');
+    assert.deepEqual(got.states, ['connecting', 'open'], 'a stall or a reconnect');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    path.close();
     await node.kill();
   }
 });
