@@ -17,6 +17,7 @@ import { Transform } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { NatsServer, Node, eventually, publish, sleep, token } from '../../clients/js/testlib/harness.js';
+import { PROBE_TIMEOUT_MS } from '../../clients/js/agentcast.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.AGENTCAST_TEST_CHROMIUM ?? '/usr/bin/chromium';
@@ -48,6 +49,8 @@ const BACKLOG_EVENTS = 600;
 const SLOW_BYTES_PER_S = 40000;
 /** What the slow link passes at a time: small, so frames trickle in as over a poor link, not in bursts. */
 const SLICE_BYTES = 512;
+/** Time allowed past the probe timeout for the stall to be reported. */
+const STALL_SLACK_MS = 1000;
 /** Chromium flags for this machine (no GPU, no sandbox as root, no network beyond loopback). */
 const CHROMIUM_ARGS = [
   '--headless',
@@ -337,10 +340,11 @@ async function relay(target) {
   const at = target.lastIndexOf(':');
   const [host, port] = [target.slice(0, at), Number(target.slice(at + 1))];
   let rate = null;
-  const sockets = new Set();
+  const pairs = new Set();
   const server = createServer((down) => {
     const up = connect(port, host);
-    sockets.add(down).add(up);
+    const pair = { down, up };
+    pairs.add(pair);
     down.pipe(up);
     if (rate === null) {
       up.pipe(down);
@@ -364,6 +368,7 @@ async function relay(target) {
     const end = () => {
       down.destroy();
       up.destroy();
+      pairs.delete(pair);
     };
     down.on('error', end).on('close', end);
     up.on('error', end).on('close', end);
@@ -374,8 +379,24 @@ async function relay(target) {
     slow(bytesPerS) {
       rate = bytesPerS;
     },
+    /**
+     * The connections open now go half-open: nothing passes either way and
+     * nothing is closed (no FIN, no RST), as for a sleeping laptop. New
+     * connections pass.
+     */
+    freeze() {
+      for (const { down, up } of pairs) {
+        down.unpipe();
+        up.unpipe();
+        down.pause();
+        up.pause();
+      }
+    },
     close() {
-      for (const s of sockets) s.destroy();
+      for (const { down, up } of pairs) {
+        down.destroy();
+        up.destroy();
+      }
       server.close();
     },
   };
@@ -429,6 +450,71 @@ test('a slow but live connection receiving a large backlog is not declared stall
     const got = await page.evaluate(() => window.got);
     assert.deepEqual(got.seqs, seqs, 'every event once, in order');
     assert.deepEqual(got.states, ['connecting', 'open'], 'a stall or a reconnect');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    path.close();
+    await node.kill();
+  }
+});
+
+test('a tab shown again after its connection went half-open says stalled and resumes at once, every event once', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const path = await relay(node.addr);
+  const page = await newPage();
+  const user = 'half-open';
+  const pings = [];
+  let sockets = 0;
+  page.on('websocket', (ws) => {
+    sockets += 1;
+    ws.on('framesent', (f) => f.payload === '{"type":"ping"}' && pings.push(Date.now()));
+  });
+  try {
+    // Through the relay, so the page's socket can be made half-open.
+    await page.goto(`http://${path.addr}/console/#token=${token(user)}`);
+    await waitForState(page, 'open');
+    const seqs = await publish(nats, user, run('h1', ['started', 'thinking']));
+    assert.deepEqual(await waitForEvents(page, 2), seqs);
+    // Every text the state shows, each change as it is made (a stall is
+    // followed by the reconnect in the next task).
+    await page.evaluate(() => {
+      window.stateTexts = [];
+      new MutationObserver((records) => {
+        for (const r of records) for (const n of r.addedNodes) window.stateTexts.push(n.textContent);
+      }).observe(document.getElementById('state'), { childList: true });
+    });
+
+    await setVisibility(page, 'hidden');
+    path.freeze();
+    // Stored, and sent by the node into the dead connection.
+    seqs.push(...(await publish(nats, user, run('h1', ['tool', 'tool_done']))));
+    await sleep(AWAY_MS);
+    assert.deepEqual(pings, []);
+    const shownAt = Date.now();
+    await setVisibility(page, 'visible');
+    await eventually('a ping after the page became visible', () => pings.length > 0, PAGE_TIMEOUT_MS);
+    assert.ok(pings[0] - shownAt < WAKE_WITHIN_MS, `the ping went ${pings[0] - shownAt} ms after the page became visible`);
+    // No answer within the probe time: stalled, and a new connection at once.
+    await eventually(
+      'the stall shown',
+      () => page.evaluate(() => window.stateTexts.some((t) => t.startsWith('stalled'))),
+      PAGE_TIMEOUT_MS,
+    );
+    const stalledAfter = Date.now() - shownAt;
+    assert.ok(stalledAfter < PROBE_TIMEOUT_MS + STALL_SLACK_MS, `the stall was found ${stalledAfter} ms after showing`);
+    await page.waitForFunction(() => document.getElementById('state').textContent === 'live', null, {
+      timeout: PAGE_TIMEOUT_MS,
+    });
+    seqs.push(...(await publish(nats, user, run('h1', ['completed']))));
+    assert.deepEqual(await waitForEvents(page, 5), seqs);
+    await sleep(500);
+    assert.equal((await seqsShown(page)).length, 5);
+    assert.equal(sockets, 2);
+    const texts = await page.evaluate(() => window.stateTexts);
+    const stalled = texts.findIndex((t) => /^stalled: nothing received for \d+ s$/.test(t));
+    assert.ok(stalled >= 0, JSON.stringify(texts));
+    assert.match(texts[stalled + 1], /^reconnecting… \(stalled: nothing received for \d+ s\)$/);
+    assert.equal(texts.at(-1), 'live');
     assert.deepEqual(page.problems, []);
   } finally {
     await page.context().close();
