@@ -22,6 +22,11 @@
 // line per message: each delta appends to it, whether a node merged several
 // into one frame or not, and the saved view keeps the text so far in that
 // line's entry, so a reload shows it and the live deltas go on appending.
+//
+// The header says in plain words how the connection is (live, connecting,
+// reconnecting, offline, stalled, closed: the client's states, see
+// clients/js/README.md "Dead connections") and how long ago the last event
+// came, so a reader can tell a quiet agent from a dead connection.
 
 import { AgentcastClient, TRANSPORTS, tokenSubject } from './agentcast.js';
 
@@ -31,6 +36,8 @@ const MAX_KEPT_EVENTS = 500;
 const MAX_KEPT_NOTICES = 50;
 /** Characters of an event's data shown in its line; the rest is in the tooltip. */
 const MAX_SUMMARY_CHARS = 160;
+/** "last event … ago" counts whole seconds: it is redrawn as each one passes. */
+const SINCE_REFRESH_MS = 1000;
 const TOKEN_KEY = 'agentcast-console:token';
 const TRANSPORT_KEY = 'agentcast-console:transport';
 /** Read before the token is taken out of the URL. */
@@ -174,21 +181,46 @@ function gapText(gap) {
   }
 }
 
-function stateText(state, info) {
+/** How long ago, `ms` milliseconds, in plain words: "12 s ago", "3 min ago". */
+function agoText(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  if (s < 60) return `${s} s ago`;
+  const min = Math.floor(s / 60);
+  return min < 60 ? `${min} min ago` : `${Math.floor(min / 60)} h ago`;
+}
+
+/**
+ * The connection's state in plain words. `opened`: a connection was live
+ * before (so a new one is a reconnect); `stall`: what the last stall said,
+ * shown while the reconnect that follows it runs (the client reports
+ * `stalled` and starts connecting in the same moment).
+ */
+function stateText(state, info, opened, stall) {
   switch (state) {
     case 'connecting':
-      return 'connecting…';
+      if (!opened && !info.attempt) return 'connecting…';
+      return stall ? `reconnecting… (${stall})` : 'reconnecting…';
     case 'open':
-      return 'connected';
+      return 'live';
     case 'waiting': {
       const why = info.reason || (info.code ? `closed with ${info.code}` : 'connection lost');
       return `reconnecting in ${(info.delay / 1000).toFixed(1)} s (${why})`;
     }
+    case 'stalled':
+      return `stalled: ${stallText(info)}`;
+    case 'offline':
+      return 'offline: waiting for the network';
     case 'closed':
-      return `stopped: ${info.reason || 'closed'}`;
+      return `closed: ${info.reason || 'closed'}`;
     default:
       return state;
   }
+}
+
+/** What a stall's info says: how long nothing came on the connection. */
+function stallText(info) {
+  if (typeof info.quiet !== 'number') return 'nothing received';
+  return `nothing received for ${Math.round(info.quiet / 1000)} s`;
 }
 
 class Console {
@@ -203,12 +235,20 @@ class Console {
     const saved = this.load();
     /** The stream epoch the shown events belong to (null: not known yet). */
     this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
+    /** When the last event arrived (Date.now(); null: none yet), kept across a reload. */
+    this.lastEventAt = typeof saved.lastEventAt === 'number' ? saved.lastEventAt : null;
+    /** Whether a connection was live yet: the next one is a reconnect. */
+    this.opened = false;
+    /** The last stall in words, until the reconnect after it is live. */
+    this.stall = null;
     // A streamed message's entry also holds the seq of its last delta.
     this.resumedFrom = saved.events.length ? Math.max(...saved.events.map((e) => e.last ?? e.seq)) : null;
     for (const e of saved.events) this.show(e.seq, e.event, e.last);
     for (const n of saved.notices) this.notice(n, false);
     $('user').textContent = this.user || '(unknown)';
     $('count').textContent = String(this.events.length);
+    this.sinceTimer = null;
+    this.since();
     if (this.resumedFrom !== null) {
       $('position').dataset.resumedFrom = String(this.resumedFrom);
       $('detail').textContent = `Resumed in this tab after event ${this.resumedFrom}.`;
@@ -244,6 +284,8 @@ class Console {
       $('detail').textContent = `Error: ${err.message}`;
     });
     this.client.on('*', (event, seq) => {
+      this.lastEventAt = Date.now();
+      this.since();
       this.show(seq, event);
       this.save();
       this.position();
@@ -264,7 +306,7 @@ class Console {
 
   save() {
     try {
-      const view = { epoch: this.epoch, events: this.events, notices: this.notices };
+      const view = { epoch: this.epoch, lastEventAt: this.lastEventAt, events: this.events, notices: this.notices };
       storage()?.setItem(this.viewKey, JSON.stringify(view));
     } catch {
       /* storage full or disabled: a reload starts with an empty view */
@@ -281,9 +323,14 @@ class Console {
   }
 
   state(state, info) {
+    if (state === 'stalled') this.stall = `stalled: ${stallText(info)}`;
     const el = $('state');
     el.dataset.state = state;
-    el.textContent = stateText(state, info);
+    el.textContent = stateText(state, info, this.opened, this.stall);
+    if (state === 'open') {
+      this.opened = true;
+      this.stall = null;
+    }
     // Which transport carries the page: `websocket` or `sse` (title and tests).
     if (info.transport) {
       el.dataset.transport = info.transport;
@@ -293,6 +340,21 @@ class Console {
       $('detail').textContent =
         'The node refused this token or the stream for good; open the page with a fresh token (#token=…).';
     }
+  }
+
+  /**
+   * Redraws how long ago the last event came, and again when the next whole
+   * second since it passes (a fixed interval would lag by up to a second).
+   */
+  since() {
+    clearTimeout(this.sinceTimer);
+    if (this.lastEventAt === null) {
+      $('since').textContent = 'none yet';
+      return;
+    }
+    const ago = Math.max(0, Date.now() - this.lastEventAt);
+    $('since').textContent = agoText(ago);
+    this.sinceTimer = setTimeout(() => this.since(), SINCE_REFRESH_MS - (ago % SINCE_REFRESH_MS));
   }
 
   position() {

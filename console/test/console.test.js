@@ -11,10 +11,13 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
+import { connect, createServer } from 'node:net';
 import { dirname, resolve } from 'node:path';
+import { Transform } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { NatsServer, Node, eventually, publish, token } from '../../clients/js/testlib/harness.js';
+import { NatsServer, Node, eventually, publish, sleep, token } from '../../clients/js/testlib/harness.js';
+import { PROBE_TIMEOUT_MS } from '../../clients/js/agentcast.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.AGENTCAST_TEST_CHROMIUM ?? '/usr/bin/chromium';
@@ -29,6 +32,25 @@ const SCREENSHOT =
 const PAGE_TIMEOUT_MS = 20000;
 /** `agentcast dev --demo` publishes a run every 5 s; two runs fit in this. */
 const DEMO_TIMEOUT_MS = 30000;
+/**
+ * Issue 22: after the browser says `online`, the reconnect starts within a
+ * second (no backoff was spent while offline); after the page becomes
+ * visible, the check (a `ping`) goes out within a second, not at the stall
+ * timeout (30 s by default).
+ */
+const WAKE_WITHIN_MS = 1000;
+/** How long the page stays offline or hidden: longer than a redraw of "last event … ago" (1 s). */
+const AWAY_MS = 1500;
+/** The stall timeout of the client on a slow link: short, so the backlog takes several of them. */
+const SLOW_STALL_MS = 1000;
+/** Events stored before the slow client connects, about 300 bytes each as frames. */
+const BACKLOG_EVENTS = 600;
+/** The slow link's rate from node to page: the backlog (~180 KB) takes about 4.5 s, over four stall timeouts. */
+const SLOW_BYTES_PER_S = 40000;
+/** What the slow link passes at a time: small, so frames trickle in as over a poor link, not in bursts. */
+const SLICE_BYTES = 512;
+/** Time allowed past the probe timeout for the stall to be reported. */
+const STALL_SLACK_MS = 1000;
 /** Chromium flags for this machine (no GPU, no sandbox as root, no network beyond loopback). */
 const CHROMIUM_ARGS = [
   '--headless',
@@ -98,6 +120,8 @@ test('the page shows published events grouped by run, with the node and position
   try {
     await page.goto(`http://${node.addr}/console/#token=${token('shows')}`);
     await waitForState(page, 'open');
+    assert.equal(await text(page, '#state'), 'live');
+    assert.equal(await text(page, '#since'), 'none yet');
     assert.equal(await text(page, '#node'), 'node-a');
     assert.equal(await text(page, '#user'), 'shows');
     assert.ok(!page.url().includes('token'), `the token stayed in the address bar: ${page.url()}`);
@@ -116,6 +140,7 @@ test('the page shows published events grouped by run, with the node and position
     assert.deepEqual(await page.$$eval('section.run', (els) => els.map((e) => e.dataset.run)), ['r2', 'r1']);
     assert.equal(await text(page, '#position'), String(seqs.at(-1)));
     assert.equal(await text(page, '#count'), '6');
+    assert.match(await text(page, '#since'), /^\d+ s ago$/);
     assert.match(await text(page, 'section.run[data-run="r1"] li[data-type="tool_executing"] .text'), /search\(\{"q":"r1"\}\)/);
     assert.deepEqual(page.problems, []);
   } finally {
@@ -178,7 +203,7 @@ for (const transport of ['auto', 'sse']) {
       assert.deepEqual(await seqsShown(page).then(sorted), seqs);
       assert.equal((await seqsShown(page)).length, 7);
       assert.equal(await page.$eval('section.run[data-run="t1"]', (e) => e.dataset.status), 'completed');
-      assert.equal(await text(page, '#state'), 'connected');
+      assert.equal(await text(page, '#state'), 'live');
       assert.equal(await page.$eval('#state', (e) => e.dataset.transport), carried);
       assert.deepEqual(page.problems, []);
     } finally {
@@ -188,6 +213,315 @@ for (const transport of ['auto', 'sse']) {
     }
   });
 }
+
+/** The number in "N s ago". */
+const secondsAgo = async (page) => Number(/^(\d+) s ago$/.exec(await text(page, '#since'))?.[1]);
+
+for (const transport of ['auto', 'sse']) {
+  test(`offline mid-stream, then online: the page says offline, reconnects within a second and shows every event once (${transport})`, async () => {
+    const node = await Node.start(nats, ['--console']);
+    const page = await newPage();
+    const user = `offline-${transport}`;
+    // When each connection attempt started (a WebSocket or an event-stream
+    // request), on this process's clock.
+    const attempts = [];
+    page.on('websocket', () => attempts.push(Date.now()));
+    page.on('request', (r) => {
+      if (new URL(r.url()).pathname === '/sse') attempts.push(Date.now());
+    });
+    try {
+      await page.goto(`http://${node.addr}/console/#token=${token(user)}&transport=${transport}`);
+      await waitForState(page, 'open');
+      const seqs = await publish(nats, user, run('o1', ['started', 'thinking']));
+      assert.deepEqual(await waitForEvents(page, 2), seqs);
+
+      // DevTools network emulation: the browser fires `offline` and no
+      // request or socket gets through.
+      await page.context().setOffline(true);
+      await waitForState(page, 'offline');
+      assert.equal(await text(page, '#state'), 'offline: waiting for the network');
+      const tried = attempts.length;
+      // Published while the page is offline: stored, read on resume.
+      seqs.push(...(await publish(nats, user, run('o1', ['tool', 'tool_done']))));
+      // The time since the last event goes on counting while nothing comes.
+      const ago = await secondsAgo(page);
+      await sleep(AWAY_MS);
+      assert.ok((await secondsAgo(page)) > ago, `"last event" stayed at ${ago} s`);
+      assert.equal(attempts.length, tried, 'attempts were made while offline');
+      assert.equal(await page.$eval('#state', (e) => e.dataset.state), 'offline');
+
+      const onlineAt = Date.now();
+      await page.context().setOffline(false);
+      await eventually('an attempt after online', () => attempts.length > tried, PAGE_TIMEOUT_MS);
+      const took = attempts[tried] - onlineAt;
+      assert.ok(took < WAKE_WITHIN_MS, `the reconnect started ${took} ms after online`);
+      await waitForState(page, 'open');
+      seqs.push(...(await publish(nats, user, run('o1', ['completed']))));
+      assert.deepEqual(await waitForEvents(page, 5), seqs);
+      // Nothing late: a repeat would arrive after the last event.
+      await sleep(500);
+      assert.deepEqual(await seqsShown(page).then(sorted), seqs);
+      assert.equal((await seqsShown(page)).length, 5);
+      assert.equal(await text(page, '#state'), 'live');
+      assert.deepEqual(page.problems, []);
+    } finally {
+      await page.context().close();
+      await node.kill();
+    }
+  });
+}
+
+/**
+ * Headless Chromium keeps every page visible (switching tabs does not hide
+ * one, and DevTools has no visibility override), so the page's
+ * document.visibilityState is overridden and `visibilitychange` dispatched,
+ * which is what the browser does when a tab is hidden or shown.
+ */
+async function setVisibility(page, state) {
+  await page.evaluate((v) => {
+    Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => v });
+    Object.defineProperty(document, 'hidden', { configurable: true, get: () => v === 'hidden' });
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, state);
+}
+
+test('a tab shown again checks its connection at once with a ping, and stays live when the node answers', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const page = await newPage();
+  const type = (payload) => {
+    try {
+      return JSON.parse(payload).type;
+    } catch {
+      return null;
+    }
+  };
+  const pings = [];
+  const pongs = [];
+  let sockets = 0;
+  page.on('websocket', (ws) => {
+    sockets += 1;
+    ws.on('framesent', (f) => type(f.payload) === 'ping' && pings.push(Date.now()));
+    ws.on('framereceived', (f) => type(f.payload) === 'pong' && pongs.push(Date.now()));
+  });
+  try {
+    await page.goto(`http://${node.addr}/console/#token=${token('visible')}`);
+    await waitForState(page, 'open');
+    const seqs = await publish(nats, 'visible', run('v1', ['started']));
+    assert.deepEqual(await waitForEvents(page, 1), seqs);
+
+    await setVisibility(page, 'hidden');
+    await sleep(AWAY_MS);
+    // Far from the stall timeout's ping (25 s of quiet), and hiding checks nothing.
+    assert.deepEqual(pings, []);
+    const shownAt = Date.now();
+    await setVisibility(page, 'visible');
+    await eventually('a ping after the page became visible', () => pings.length > 0, PAGE_TIMEOUT_MS);
+    const took = pings[0] - shownAt;
+    assert.ok(took < WAKE_WITHIN_MS, `the ping went ${took} ms after the page became visible`);
+    await eventually("the node's pong", () => pongs.length > 0, PAGE_TIMEOUT_MS);
+    // The connection passed the check: the same socket goes on.
+    seqs.push(...(await publish(nats, 'visible', run('v1', ['completed']))));
+    assert.deepEqual(await waitForEvents(page, 2), seqs);
+    assert.equal(await text(page, '#state'), 'live');
+    assert.equal(sockets, 1, 'the page reconnected');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    await node.kill();
+  }
+});
+
+/**
+ * A TCP relay to `target` (host:port). Connections made after `slow(rate)`
+ * get what the node sends at `rate` bytes a second (the page loaded before
+ * it comes at full speed); what the page sends passes as it is.
+ */
+async function relay(target) {
+  const at = target.lastIndexOf(':');
+  const [host, port] = [target.slice(0, at), Number(target.slice(at + 1))];
+  let rate = null;
+  const pairs = new Set();
+  const server = createServer((down) => {
+    const up = connect(port, host);
+    const pair = { down, up };
+    pairs.add(pair);
+    down.pipe(up);
+    if (rate === null) {
+      up.pipe(down);
+    } else {
+      // Backpressure does the rest: while a slice waits, the node's writes
+      // fill the socket buffers and then wait, as on a slow network.
+      const bytesPerS = rate;
+      up.pipe(
+        new Transform({
+          async transform(chunk, _enc, done) {
+            for (let i = 0; i < chunk.length; i += SLICE_BYTES) {
+              const slice = chunk.subarray(i, i + SLICE_BYTES);
+              await sleep((slice.length / bytesPerS) * 1000);
+              this.push(slice);
+            }
+            done();
+          },
+        }),
+      ).pipe(down);
+    }
+    const end = () => {
+      down.destroy();
+      up.destroy();
+      pairs.delete(pair);
+    };
+    down.on('error', end).on('close', end);
+    up.on('error', end).on('close', end);
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    addr: `127.0.0.1:${server.address().port}`,
+    slow(bytesPerS) {
+      rate = bytesPerS;
+    },
+    /**
+     * The connections open now go half-open: nothing passes either way and
+     * nothing is closed (no FIN, no RST), as for a sleeping laptop. New
+     * connections pass.
+     */
+    freeze() {
+      for (const { down, up } of pairs) {
+        down.unpipe();
+        up.unpipe();
+        down.pause();
+        up.pause();
+      }
+    },
+    close() {
+      for (const { down, up } of pairs) {
+        down.destroy();
+        up.destroy();
+      }
+      server.close();
+    },
+  };
+}
+
+test('a slow but live connection receiving a large backlog is not declared stalled', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const path = await relay(node.addr);
+  const page = await newPage();
+  const user = 'slow-backlog';
+  try {
+    const filler = 'x'.repeat(200);
+    const backlog = Array.from({ length: BACKLOG_EVENTS }, (_, i) => ({
+      type: 'agent_thinking',
+      run_id: 'b1',
+      data: { text: `${i} ${filler}` },
+    }));
+    const seqs = await publish(nats, user, backlog);
+    // The page through the relay, so its socket is same-origin (the CSP).
+    await page.goto(`http://${path.addr}/console/`);
+    path.slow(SLOW_BYTES_PER_S);
+    const started = Date.now();
+    await page.evaluate(
+      async ({ t, stallTimeout }) => {
+        const { AgentcastClient } = await import('/console/agentcast.js');
+        window.got = { seqs: [], states: [] };
+        const client = new AgentcastClient({
+          url: `ws://${location.host}/ws`,
+          token: t,
+          storage: null,
+          lastSeq: 0,
+          stallTimeout,
+        });
+        client.on('*', (_e, seq) => window.got.seqs.push(seq));
+        client.onState((s) => window.got.states.push(s));
+        client.connect();
+      },
+      { t: token(user), stallTimeout: SLOW_STALL_MS },
+    );
+    await eventually(
+      'the whole backlog',
+      () => page.evaluate((n) => window.got.seqs.length >= n, BACKLOG_EVENTS),
+      PAGE_TIMEOUT_MS,
+    ).catch(async (e) => {
+      throw new Error(`${e.message}: states ${JSON.stringify(await page.evaluate(() => window.got.states))}`);
+    });
+    const took = Date.now() - started;
+    assert.ok(took > 3 * SLOW_STALL_MS, `the backlog came in ${took} ms: not slow enough to show anything`);
+    // Quiet after the backlog: the client pings, the node answers, the socket stays.
+    await sleep(2 * SLOW_STALL_MS);
+    const got = await page.evaluate(() => window.got);
+    assert.deepEqual(got.seqs, seqs, 'every event once, in order');
+    assert.deepEqual(got.states, ['connecting', 'open'], 'a stall or a reconnect');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    path.close();
+    await node.kill();
+  }
+});
+
+test('a tab shown again after its connection went half-open says stalled and resumes at once, every event once', async () => {
+  const node = await Node.start(nats, ['--console']);
+  const path = await relay(node.addr);
+  const page = await newPage();
+  const user = 'half-open';
+  const pings = [];
+  let sockets = 0;
+  page.on('websocket', (ws) => {
+    sockets += 1;
+    ws.on('framesent', (f) => f.payload === '{"type":"ping"}' && pings.push(Date.now()));
+  });
+  try {
+    // Through the relay, so the page's socket can be made half-open.
+    await page.goto(`http://${path.addr}/console/#token=${token(user)}`);
+    await waitForState(page, 'open');
+    const seqs = await publish(nats, user, run('h1', ['started', 'thinking']));
+    assert.deepEqual(await waitForEvents(page, 2), seqs);
+    // Every text the state shows, each change as it is made (a stall is
+    // followed by the reconnect in the next task).
+    await page.evaluate(() => {
+      window.stateTexts = [];
+      new MutationObserver((records) => {
+        for (const r of records) for (const n of r.addedNodes) window.stateTexts.push(n.textContent);
+      }).observe(document.getElementById('state'), { childList: true });
+    });
+
+    await setVisibility(page, 'hidden');
+    path.freeze();
+    // Stored, and sent by the node into the dead connection.
+    seqs.push(...(await publish(nats, user, run('h1', ['tool', 'tool_done']))));
+    await sleep(AWAY_MS);
+    assert.deepEqual(pings, []);
+    const shownAt = Date.now();
+    await setVisibility(page, 'visible');
+    await eventually('a ping after the page became visible', () => pings.length > 0, PAGE_TIMEOUT_MS);
+    assert.ok(pings[0] - shownAt < WAKE_WITHIN_MS, `the ping went ${pings[0] - shownAt} ms after the page became visible`);
+    // No answer within the probe time: stalled, and a new connection at once.
+    await eventually(
+      'the stall shown',
+      () => page.evaluate(() => window.stateTexts.some((t) => t.startsWith('stalled'))),
+      PAGE_TIMEOUT_MS,
+    );
+    const stalledAfter = Date.now() - shownAt;
+    assert.ok(stalledAfter < PROBE_TIMEOUT_MS + STALL_SLACK_MS, `the stall was found ${stalledAfter} ms after showing`);
+    await page.waitForFunction(() => document.getElementById('state').textContent === 'live', null, {
+      timeout: PAGE_TIMEOUT_MS,
+    });
+    seqs.push(...(await publish(nats, user, run('h1', ['completed']))));
+    assert.deepEqual(await waitForEvents(page, 5), seqs);
+    await sleep(500);
+    assert.equal((await seqsShown(page)).length, 5);
+    assert.equal(sockets, 2);
+    const texts = await page.evaluate(() => window.stateTexts);
+    const stalled = texts.findIndex((t) => /^stalled: nothing received for \d+ s$/.test(t));
+    assert.ok(stalled >= 0, JSON.stringify(texts));
+    assert.match(texts[stalled + 1], /^reconnecting… \(stalled: nothing received for \d+ s\)$/);
+    assert.equal(texts.at(-1), 'live');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await page.context().close();
+    path.close();
+    await node.kill();
+  }
+});
 
 test("the browser's own EventSource resumes exactly across a node restart (Last-Event-ID)", async () => {
   const a = await Node.start(nats, ['--console', '--node-id', 'node-a']);
