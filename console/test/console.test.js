@@ -11,12 +11,10 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
 import { dirname, resolve } from 'node:path';
-import { Transform } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { NatsServer, Node, eventually, publish, sleep, token } from '../../clients/js/testlib/harness.js';
+import { NatsServer, Node, eventually, publish, relay, sleep, token } from '../../clients/js/testlib/harness.js';
 import { PROBE_TIMEOUT_MS } from '../../clients/js/agentcast.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -47,8 +45,6 @@ const SLOW_STALL_MS = 1000;
 const BACKLOG_EVENTS = 600;
 /** The slow link's rate from node to page: the backlog (~180 KB) takes about 4.5 s, over four stall timeouts. */
 const SLOW_BYTES_PER_S = 40000;
-/** What the slow link passes at a time: small, so frames trickle in as over a poor link, not in bursts. */
-const SLICE_BYTES = 512;
 /** Time allowed past the probe timeout for the stall to be reported. */
 const STALL_SLACK_MS = 1000;
 /** Chromium flags for this machine (no GPU, no sandbox as root, no network beyond loopback). */
@@ -330,77 +326,6 @@ test('a tab shown again checks its connection at once with a ping, and stays liv
     await node.kill();
   }
 });
-
-/**
- * A TCP relay to `target` (host:port). Connections made after `slow(rate)`
- * get what the node sends at `rate` bytes a second (the page loaded before
- * it comes at full speed); what the page sends passes as it is.
- */
-async function relay(target) {
-  const at = target.lastIndexOf(':');
-  const [host, port] = [target.slice(0, at), Number(target.slice(at + 1))];
-  let rate = null;
-  const pairs = new Set();
-  const server = createServer((down) => {
-    const up = connect(port, host);
-    const pair = { down, up };
-    pairs.add(pair);
-    down.pipe(up);
-    if (rate === null) {
-      up.pipe(down);
-    } else {
-      // Backpressure does the rest: while a slice waits, the node's writes
-      // fill the socket buffers and then wait, as on a slow network.
-      const bytesPerS = rate;
-      up.pipe(
-        new Transform({
-          async transform(chunk, _enc, done) {
-            for (let i = 0; i < chunk.length; i += SLICE_BYTES) {
-              const slice = chunk.subarray(i, i + SLICE_BYTES);
-              await sleep((slice.length / bytesPerS) * 1000);
-              this.push(slice);
-            }
-            done();
-          },
-        }),
-      ).pipe(down);
-    }
-    const end = () => {
-      down.destroy();
-      up.destroy();
-      pairs.delete(pair);
-    };
-    down.on('error', end).on('close', end);
-    up.on('error', end).on('close', end);
-  });
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return {
-    addr: `127.0.0.1:${server.address().port}`,
-    slow(bytesPerS) {
-      rate = bytesPerS;
-    },
-    /**
-     * The connections open now go half-open: nothing passes either way and
-     * nothing is closed (no FIN, no RST), as for a sleeping laptop. New
-     * connections pass.
-     */
-    freeze() {
-      for (const { down, up } of pairs) {
-        down.unpipe();
-        up.unpipe();
-        down.pause();
-        up.pause();
-      }
-    },
-    close() {
-      for (const { down, up } of pairs) {
-        down.destroy();
-        up.destroy();
-      }
-      server.close();
-    },
-  };
-}
 
 test('a slow but live connection receiving a large backlog is not declared stalled', async () => {
   const node = await Node.start(nats, ['--console']);

@@ -5,55 +5,14 @@
 // timeout and resumed on the other node with nothing lost or repeated.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createServer, connect } from 'node:net';
 
 import { AgentcastClient } from '../agentcast.js';
-import { NatsServer, Node, eventually, publish, sleep, thinking, token } from '../testlib/harness.js';
+import { NatsServer, Node, eventually, publish, relay, sleep, thinking, token } from '../testlib/harness.js';
 
 /** Short, so the test waits seconds: the client pings after 1 s of quiet. */
 const STALL_MS = 2000;
 /** Time allowed past the stall timeout for the close and the state report. */
 const DETECT_SLACK_MS = 1000;
-
-/** A TCP relay to `target` (host:port) that can stop forwarding, both ways, without closing. */
-async function relay(target) {
-  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
-  const pairs = new Set();
-  const server = createServer((down) => {
-    const up = connect(port, host);
-    const pair = { down, up };
-    pairs.add(pair);
-    down.pipe(up);
-    up.pipe(down);
-    const end = () => {
-      down.destroy();
-      up.destroy();
-      pairs.delete(pair);
-    };
-    down.on('error', end).on('close', end);
-    up.on('error', end).on('close', end);
-  });
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return {
-    addr: `127.0.0.1:${server.address().port}`,
-    /** Packets dropped from now on: what arrives stays unread on both sides. */
-    freeze() {
-      for (const { down, up } of pairs) {
-        down.unpipe(up);
-        up.unpipe(down);
-        down.pause();
-        up.pause();
-      }
-    },
-    close() {
-      for (const { down, up } of pairs) {
-        down.destroy();
-        up.destroy();
-      }
-      server.close();
-    },
-  };
-}
 
 test('real nodes: pongs keep an idle socket open; a half-open one is found within the stall timeout and resumed', async () => {
   const nats = await NatsServer.start();

@@ -9,7 +9,9 @@ import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
+import { Transform } from 'node:stream';
 
 export const SECRET = 'test-secret-test-secret-test-secret!';
 const START_TIMEOUT_MS = 15000;
@@ -250,4 +252,78 @@ export async function controlAgent(nats, subject, answer) {
     }
   });
   return ready;
+}
+
+/** What the slow link passes at a time: small, so frames trickle in as over a poor link, not in bursts. */
+const SLICE_BYTES = 512;
+
+/**
+ * A TCP relay to `target` (host:port). Connections made after `slow(rate)`
+ * get what the node sends at `rate` bytes a second (the page loaded before
+ * it comes at full speed); what the page sends passes as it is.
+ */
+export async function relay(target) {
+  const at = target.lastIndexOf(':');
+  const [host, port] = [target.slice(0, at), Number(target.slice(at + 1))];
+  let rate = null;
+  const pairs = new Set();
+  const server = createServer((down) => {
+    const up = connect(port, host);
+    const pair = { down, up };
+    pairs.add(pair);
+    down.pipe(up);
+    if (rate === null) {
+      up.pipe(down);
+    } else {
+      // Backpressure does the rest: while a slice waits, the node's writes
+      // fill the socket buffers and then wait, as on a slow network.
+      const bytesPerS = rate;
+      up.pipe(
+        new Transform({
+          async transform(chunk, _enc, done) {
+            for (let i = 0; i < chunk.length; i += SLICE_BYTES) {
+              const slice = chunk.subarray(i, i + SLICE_BYTES);
+              await sleep((slice.length / bytesPerS) * 1000);
+              this.push(slice);
+            }
+            done();
+          },
+        }),
+      ).pipe(down);
+    }
+    const end = () => {
+      down.destroy();
+      up.destroy();
+      pairs.delete(pair);
+    };
+    down.on('error', end).on('close', end);
+    up.on('error', end).on('close', end);
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    addr: `127.0.0.1:${server.address().port}`,
+    slow(bytesPerS) {
+      rate = bytesPerS;
+    },
+    /**
+     * The connections open now go half-open: nothing passes either way and
+     * nothing is closed (no FIN, no RST), as for a sleeping laptop. New
+     * connections pass.
+     */
+    freeze() {
+      for (const { down, up } of pairs) {
+        down.unpipe();
+        up.unpipe();
+        down.pause();
+        up.pause();
+      }
+    },
+    close() {
+      for (const { down, up } of pairs) {
+        down.destroy();
+        up.destroy();
+      }
+      server.close();
+    },
+  };
 }
