@@ -214,6 +214,19 @@ struct Frame<'a> {
     data: Option<&'a RawValue>,
 }
 
+impl BadFrame {
+    /// The frame that answers it, on a socket and over HTTP alike:
+    /// `control_error` `bad_frame` for its id, or, without a usable id, an
+    /// `error` frame with the code `bad_frame`.
+    fn answer(&self) -> Utf8Bytes {
+        let why = self.why.to_string();
+        match &self.id {
+            Some(id) => error_frame(id, Outcome::BadFrame, Some(&why)),
+            None => ServerFrame::Error { code: "bad_frame", message: &why }.to_text(),
+        }
+    }
+}
+
 /// Reads a client text frame as a control frame: `None` when it is not one
 /// (its `type` is not `control`, or it is no JSON object with a `type`), for
 /// the socket's other frames to handle.
@@ -342,14 +355,13 @@ impl Socket {
     pub fn handle(&mut self, frame: Result<Request, BadFrame>) {
         let req = match frame {
             Ok(req) => req,
-            Err(BadFrame { id: Some(id), why }) => {
-                return self.refuse(&id, Outcome::BadFrame, Some(&why.to_string()));
-            }
-            Err(BadFrame { id: None, why }) => {
+            Err(bad) => {
                 count(Outcome::BadFrame);
-                metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "bad_frame").increment(1);
-                let frame = ServerFrame::Error { code: "bad_frame", message: &why.to_string() }.to_text();
-                return enqueue(&self.queue, &self.kicker, self.budget, frame);
+                if bad.id.is_none() {
+                    // No request to answer: a bad client frame like any other.
+                    metrics::counter!(m::CLIENT_FRAMES_REJECTED, "reason" => "bad_frame").increment(1);
+                }
+                return enqueue(&self.queue, &self.kicker, self.budget, bad.answer());
             }
         };
         let s = &self.node.settings;
@@ -450,14 +462,9 @@ impl Http {
     pub async fn handle(&self, user: &UserId, body: &str) -> (Outcome, Utf8Bytes) {
         let req = match parse(body) {
             Some(Ok(req)) => req,
-            Some(Err(BadFrame { id: Some(id), why })) => {
+            Some(Err(bad)) => {
                 count(Outcome::BadFrame);
-                return (Outcome::BadFrame, error_frame(&id, Outcome::BadFrame, Some(&why.to_string())));
-            }
-            Some(Err(BadFrame { id: None, why })) => {
-                count(Outcome::BadFrame);
-                let frame = ServerFrame::Error { code: "bad_frame", message: &why.to_string() }.to_text();
-                return (Outcome::BadFrame, frame);
+                return (Outcome::BadFrame, bad.answer());
             }
             None => {
                 count(Outcome::BadFrame);
