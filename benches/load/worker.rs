@@ -398,6 +398,35 @@ impl SockCtx {
         Ok(ws)
     }
 
+    /// Checks one agentcast frame, a WebSocket text message or an event
+    /// stream's data: an event is recorded (and its `seq` kept for a
+    /// resume), a gap counted and reported. False for a `close` frame, with
+    /// which an event stream ends.
+    fn on_frame(&self, text: &str) -> bool {
+        match serde_json::from_str::<Frame>(text) {
+            Ok(f) if f.kind == "event" => {
+                if let Some(seq) = f.seq {
+                    self.sock.lock().unwrap().last_seq = seq;
+                }
+                match f.event {
+                    Some(ev) => self.shared.event(&self.sock, self.user, ev),
+                    None => self.shared.error(format!("event without fields: {text}")),
+                }
+            }
+            Ok(f) if f.kind == "gap" => {
+                self.sock.lock().unwrap().gaps += 1;
+                self.shared.error(format!("gap: {text}"));
+            }
+            Ok(f) if f.kind == "close" => {
+                self.shared.error(format!("closed: {text}"));
+                return false;
+            }
+            Ok(_) => {}
+            Err(e) => self.shared.error(format!("bad frame {e}: {text}")),
+        }
+        true
+    }
+
     /// The `agentcast-sse` socket: opens the stream, then checks every event
     /// as a WebSocket's, until the response ends.
     async fn run_sse(self) {
@@ -431,22 +460,11 @@ impl SockCtx {
         };
         loop {
             match stream.next().await {
-                Ok(Some(ev)) => match serde_json::from_str::<Frame>(&ev.data) {
-                    Ok(f) if f.kind == "event" => match f.event {
-                        Some(e) => self.shared.event(&self.sock, self.user, e),
-                        None => self.shared.error(format!("event without fields: {}", ev.data)),
-                    },
-                    Ok(f) if f.kind == "gap" => {
-                        self.sock.lock().unwrap().gaps += 1;
-                        self.shared.error(format!("gap: {}", ev.data));
-                    }
-                    Ok(f) if f.kind == "close" => {
-                        self.shared.error(format!("closed: {}", ev.data));
+                Ok(Some(ev)) => {
+                    if !self.on_frame(&ev.data) {
                         break;
                     }
-                    Ok(_) => {}
-                    Err(e) => self.shared.error(format!("bad frame {e}: {}", ev.data)),
-                },
+                }
                 Ok(None) => break,
                 Err(e) => {
                     self.shared.error(format!("socket {}: {e}", self.index));
@@ -526,23 +544,9 @@ impl SockCtx {
         }
         while let Some(msg) = ws.next().await {
             match msg {
-                Ok(Message::Text(t)) => match serde_json::from_str::<Frame>(t.as_str()) {
-                    Ok(f) if f.kind == "event" => {
-                        if let Some(seq) = f.seq {
-                            self.sock.lock().unwrap().last_seq = seq;
-                        }
-                        match f.event {
-                            Some(ev) => self.shared.event(&self.sock, self.user, ev),
-                            None => self.shared.error(format!("event without fields: {t}")),
-                        }
-                    }
-                    Ok(f) if f.kind == "gap" => {
-                        self.sock.lock().unwrap().gaps += 1;
-                        self.shared.error(format!("gap: {t}"));
-                    }
-                    Ok(_) => {}
-                    Err(e) => self.shared.error(format!("bad frame {e}: {t}")),
-                },
+                Ok(Message::Text(t)) => {
+                    self.on_frame(t.as_str());
+                }
                 Ok(Message::Binary(b)) => {
                     let (payloads, go_on) = self.nats_payloads(&mut ws, &mut nats, &b).await;
                     for payload in payloads {
