@@ -543,19 +543,29 @@ export class AgentcastClient {
    * waiting control requests rejected with `why`.
    */
   _drop(why) {
+    const ws = this._release(why);
+    if (!ws) return;
+    try {
+      ws.close(1000);
+    } catch {
+      /* already closing */
+    }
+  }
+
+  /**
+   * Lets go of the current socket, closed or about to be: its callbacks cut,
+   * its timers stopped, its waiting control requests rejected with `why`.
+   * Returns it (null when there was none).
+   */
+  _release(why) {
     const ws = this._ws;
     this._ws = null;
     this._unwatch();
     this._clock.clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
     this._rejectPending(why);
-    if (!ws) return;
-    detach(ws);
-    try {
-      ws.close(1000);
-    } catch {
-      /* already closing */
-    }
+    if (ws) detach(ws);
+    return ws;
   }
 
   /** Opens a socket after `delay` ms; `info` (null for the first connection) says why. */
@@ -902,12 +912,7 @@ export class AgentcastClient {
     const ended = (code, reason, status) => {
       this._clock.clearTimeout(timeout);
       if (this._ws !== ws) return;
-      detach(ws);
-      this._ws = null;
-      this._unwatch();
-      this._rejectPending(`the socket closed (${code})`);
-      this._clock.clearTimeout(this._refreshTimer);
-      this._refreshTimer = null;
+      this._release(`the socket closed (${code})`);
       if (!welcomed && !sse) this._wsFailed = true;
       if (!welcomed) {
         // On SSE only a 400 can be the node refusing the position; a node
