@@ -61,12 +61,9 @@ impl Run {
     /// `type` and `message_id`, and the merged frame stays within
     /// [`MAX_MERGED_FRAME`].
     pub fn accepts(&self, f: &EventFrame) -> bool {
-        let Some(d) = f.delta else { return false };
-        let (mine, theirs) = (self.last.text.as_str(), f.text.as_str());
         f.seq > self.last.seq
-            && d.message_id(theirs) == self.last_delta.message_id(mine)
-            && d.kind(theirs) == self.last_delta.kind(mine)
-            && theirs.len()
+            && same_message(&self.last, f)
+            && f.text.len()
                 + self.before.len()
                 + self.last_delta.text_range().len()
                 + extra(self.first_seq, self.count + 1)
@@ -90,6 +87,11 @@ impl Run {
     /// The seq of the newest event: the frame's `seq`.
     pub fn seq(&self) -> u64 {
         self.last.seq
+    }
+
+    /// The newest event.
+    pub fn last(&self) -> &EventFrame {
+        &self.last
     }
 
     pub fn first_origin(&self) -> Option<Origin> {
@@ -130,6 +132,14 @@ impl Run {
         out.push_str(&text[open..]);
         Utf8Bytes::from(out)
     }
+}
+
+/// Whether `a` and `b` are both delta events of one message: the same raw
+/// `type` and `message_id`.
+pub fn same_message(a: &EventFrame, b: &EventFrame) -> bool {
+    let (Some(da), Some(db)) = (a.delta, b.delta) else { return false };
+    let (ta, tb) = (a.text.as_str(), b.text.as_str());
+    da.message_id(ta) == db.message_id(tb) && da.kind(ta) == db.kind(tb)
 }
 
 /// Bytes a merged frame adds for `first_seq` and `merged`.

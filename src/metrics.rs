@@ -36,6 +36,7 @@ pub const RESUMES: &str = "agentcast_resumes_total";
 pub const RESUME_DURATION: &str = "agentcast_resume_duration_seconds";
 pub const REPLAYED_EVENTS: &str = "agentcast_replayed_events_total";
 pub const MERGED_EVENTS: &str = "agentcast_merged_events_total";
+pub const SOCKETS_BEHIND: &str = "agentcast_sockets_behind_total";
 pub const GAPS_DETECTED: &str = "agentcast_live_gaps_detected_total";
 pub const GAPS_REPAIRED: &str = "agentcast_live_gaps_repaired_total";
 pub const GAPS_ANNOUNCED: &str = "agentcast_live_gaps_announced_total";
@@ -75,6 +76,7 @@ pub const ALL: &[&str] = &[
     RESUME_DURATION,
     REPLAYED_EVENTS,
     MERGED_EVENTS,
+    SOCKETS_BEHIND,
     GAPS_DETECTED,
     GAPS_REPAIRED,
     GAPS_ANNOUNCED,
@@ -334,6 +336,11 @@ fn describe() {
         "Delta events sent inside merged frames (two or more to a frame), by path: live (a socket behind) or replay."
     );
     describe_counter!(
+        SOCKETS_BEHIND,
+        Unit::Count,
+        "Times a socket fell behind during a streamed message (its deltas waited while a write was pending); the rest of that message reached it in merged frames held up to 1 s."
+    );
+    describe_counter!(
         GAPS_DETECTED,
         Unit::Count,
         "Holes seen on the live path (Nats-Last-Sequence not the last delivered)."
@@ -395,6 +402,7 @@ fn register_known() {
     for path in ["live", "replay"] {
         metrics::counter!(MERGED_EVENTS, "path" => path).absolute(0);
     }
+    metrics::counter!(SOCKETS_BEHIND).absolute(0);
     for reason in ["not_json", "not_object", "not_utf8", "no_sequence"] {
         metrics::counter!(EVENTS_REJECTED, "reason" => reason).absolute(0);
     }

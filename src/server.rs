@@ -78,8 +78,13 @@ pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// merging ([`crate::merge`]) and of the byte bound, and writes would seem
 /// done long before the client could take them. Bytes already sent and
 /// waiting for the client's acknowledgement do not count, so a client that
-/// keeps up is not slowed. One write batch ([`crate::socket::WRITE_BUFFER`]).
-pub const NOTSENT_LOWAT: usize = WRITE_BUFFER;
+/// keeps up is not slowed. The smaller, the sooner a socket on a slow link
+/// is found behind and the less stale text waits in the kernel for it; the
+/// cost is a wake-up per this many bytes while a fast client's link is
+/// full (a long replay). In `--preset tokens` (slow sockets reading
+/// 1 KB/s, 2026-11-26): 16 KiB left their text 13 s old (p50) at 34 bytes
+/// a token, 4 KiB 3.3 s at 21, 1 KiB 1.0 s at 18.
+pub const NOTSENT_LOWAT: usize = 4 * 1024;
 
 /// After an accept fails (out of file descriptors despite [`FD_RESERVE`],
 /// or out of memory), the next attempt waits this long: the failure repeats

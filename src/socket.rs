@@ -50,6 +50,19 @@ pub const MAX_WRITE_BUFFER: usize = WRITE_BUFFER + crate::config::MAX_EVENT_BYTE
 /// none of its client's frames while a write waits.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a socket that fell behind during a streamed message holds the
+/// rest of that message's deltas, merging them, before it writes them as one
+/// frame. A socket falls behind when deltas wait while a write to its client
+/// is pending ([`Backlog::push`]). Merging only what waits would fill the
+/// link again at once: the client would take every byte its link carries,
+/// mostly frame envelopes, behind kernel buffers full of stale text. Held
+/// for a second, a 40 tokens/s answer of 4-byte tokens costs one frame of
+/// about 190 bytes of envelope plus 160 of text per second (about 9 bytes a
+/// token, against 58 as one frame per 50 ms delta, `--preset tokens`), so a
+/// slow link drains its buffers and shows current text once a second.
+/// Sockets that keep up never hold: they get every event at once.
+pub const BEHIND_ROLLUP: Duration = Duration::from_secs(1);
+
 /// Time given to deliver a close frame before the connection is dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -217,6 +230,7 @@ where
         // that floods frames delays only its own events, and is closed as
         // slow when its queue fills.
         loop {
+            let hold = backlog.held_until();
             tokio::select! {
                 biased;
                 why = s.kicker.kicked() => return on_kick(&mut ws, why).await,
@@ -281,13 +295,16 @@ where
                     continue;
                 }
                 // What a write left behind goes out first, in order.
-                () = std::future::ready(()), if !backlog.is_empty() => {}
+                () = std::future::ready(()), if backlog.writable() => {}
+                // The held deltas of a socket that fell behind are due.
+                () = until(hold), if hold.is_some() => {}
                 n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
                     if n == 0 {
                         // The hub dropped our sender: only on leave, which we own.
                         return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
                     }
-                    // Not merged: a socket that keeps up gets every event as
+                    // Not merged, unless the socket fell behind during this
+                    // message: a socket that keeps up gets every event as
                     // its own frame, at once.
                     for item in batch.drain(..) {
                         backlog.push(item, position, false, &s.kicker, s.queue_bytes);
@@ -340,6 +357,15 @@ where
     }
 }
 
+/// Waits until `deadline`; forever without one (the branch is then
+/// disabled, and this never polled).
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One entry of a socket's backlog: an item as queued, or deltas merged
 /// while the socket was behind.
 enum Entry {
@@ -351,46 +377,92 @@ enum Entry {
 /// Filled while a write is pending, so the deltas that wait for a slow
 /// client merge ([`crate::merge`]) instead of piling up; the kicker's count
 /// follows the merged size, so the byte bound applies after merging.
+///
+/// The one owner of when a live socket merges: while a write is pending,
+/// and, once deltas had to wait that way, for the rest of their message,
+/// whose deltas are then held up to [`BEHIND_ROLLUP`].
 #[derive(Default)]
 struct Backlog {
     entries: VecDeque<Entry>,
+    /// The newest delta of the message during which the socket fell behind,
+    /// until an event of any other kind or message (or a gap) arrives.
+    /// Boxed: most sockets never fall behind, and an idle one keeps this.
+    behind: Option<Box<crate::hub::EventFrame>>,
+    /// When the last entry, a delta of `behind`'s message, began to be held.
+    held_since: Option<tokio::time::Instant>,
 }
 
 impl Backlog {
-    fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// Adds `item`, taken from the queue with its bytes counted. An event
     /// at or below `position` is dropped (a replay covered it). With
-    /// `merge` (the socket is behind), a delta that continues the last
-    /// entry's run joins it, and the count drops by what that saves.
-    fn push(&mut self, item: Queued, position: u64, merge: bool, kicker: &Kicker, budget: usize) {
-        if let Item::Event(f) = &*item {
-            if f.seq <= position {
-                kicker.release(item.bytes());
-                return;
-            }
-            if merge
-                && f.delta.is_some()
-                && let Some(run) = self.run_for(f)
-            {
-                let was = run.bytes() + item.bytes();
-                run.push(f);
-                let now = run.bytes();
-                if now <= was {
-                    kicker.release(was - now);
-                } else if !kicker.charge(now - was, budget) {
-                    kicker.overflowed("bytes");
+    /// `writing` (a write is pending: the socket is behind), or during a
+    /// message it fell behind in, a delta that continues the last entry's
+    /// run joins it, and the count drops by what that saves.
+    fn push(&mut self, item: Queued, position: u64, writing: bool, kicker: &Kicker, budget: usize) {
+        match &*item {
+            Item::Event(f) => {
+                if f.seq <= position {
+                    kicker.release(item.bytes());
+                    return;
                 }
-                return;
+                if self.behind.as_ref().is_some_and(|b| !crate::merge::same_message(b, f)) {
+                    self.behind = None;
+                    self.held_since = None;
+                }
+                if (writing || self.behind.is_some())
+                    && f.delta.is_some()
+                    && let Some(run) = self.run_for(f)
+                {
+                    let was = run.bytes() + item.bytes();
+                    run.push(f);
+                    let now = run.bytes();
+                    if now <= was {
+                        kicker.release(was - now);
+                    } else if !kicker.charge(now - was, budget) {
+                        kicker.overflowed("bytes");
+                    }
+                    if self.behind.is_none() {
+                        metrics::counter!(m::SOCKETS_BEHIND).increment(1);
+                        self.held_since = Some(tokio::time::Instant::now());
+                    }
+                    self.behind = Some(Box::new(f.clone()));
+                    return;
+                }
+                if self.behind.is_some() {
+                    self.held_since = Some(tokio::time::Instant::now());
+                }
             }
+            Item::Gap(_) => {
+                self.behind = None;
+                self.held_since = None;
+            }
+            // Outside the user's sequence: ends the run before it, not the
+            // message's hold.
+            Item::Control(_) => self.held_since = None,
         }
         self.entries.push_back(Entry::Item(item));
+    }
+
+    /// Until when the last entry is held: the socket fell behind during its
+    /// message, and it has not waited [`BEHIND_ROLLUP`] yet.
+    fn held_until(&self) -> Option<tokio::time::Instant> {
+        let since = self.held_since?;
+        self.behind.as_ref()?;
+        let until = since + BEHIND_ROLLUP;
+        (until > tokio::time::Instant::now()).then_some(until)
+    }
+
+    /// Whether anything is ready to be written: an entry not held.
+    fn writable(&self) -> bool {
+        match self.entries.len() {
+            0 => false,
+            1 => self.held_until().is_none(),
+            _ => true,
+        }
     }
 
     /// The run at the end of the backlog that `f` continues, if any.
@@ -407,11 +479,17 @@ impl Backlog {
         }
     }
 
-    /// Renders up to `max` entries into `out`; returns the bytes they were
-    /// counted as and the origin of the oldest event among them.
+    /// Renders up to `max` entries into `out`, not a held last one; returns
+    /// the bytes they were counted as and the origin of the oldest event
+    /// among them.
     fn take(&mut self, max: usize, position: &mut u64, out: &mut Vec<Utf8Bytes>) -> (usize, Option<m::Origin>) {
         let (mut bytes, mut oldest) = (0, None);
-        for entry in self.entries.drain(..max.min(self.entries.len())) {
+        let ready = self.entries.len() - usize::from(self.held_until().is_some());
+        if ready == self.entries.len() {
+            // What follows starts a new hold.
+            self.held_since = None;
+        }
+        for entry in self.entries.drain(..max.min(ready)) {
             match entry {
                 Entry::Item(item) => {
                     bytes += item.bytes();
@@ -447,10 +525,10 @@ fn release_if_idle(
     out: &mut Vec<Utf8Bytes>,
     backlog: &mut Backlog,
 ) {
-    if rx.is_empty() && backlog.is_empty() {
+    if rx.is_empty() && backlog.entries.is_empty() {
         *batch = Vec::new();
         *out = Vec::new();
-        *backlog = Backlog::default();
+        backlog.entries = VecDeque::new();
     }
 }
 

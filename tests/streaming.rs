@@ -296,6 +296,64 @@ async fn a_resume_in_the_middle_of_a_message_gets_the_text_so_far_merged_then_li
     assert_eq!(frames.last().unwrap().get("merged"), None, "the live event is its own frame");
 }
 
+/// Once a socket has fallen behind during a message, the rest of that
+/// message reaches it in frames held up to a second (BEHIND_ROLLUP), even
+/// when it reads fast again; the next message comes frame by frame, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_fell_behind_gets_the_rest_of_that_message_once_a_second_then_the_next_frame_by_frame() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &[]).await;
+    let (mut slow, _) = small_buffer_client(&node, "u1", "").await;
+    // About 320 KB of frames while it reads nothing: more than the kernel
+    // holds for it, so deltas wait behind a pending write.
+    let burst = (0..200).map(|i| delta("message_delta", "m1", &format!("a{i} "))).collect();
+    let mut published = publish_all(&nats, "u1", burst).await;
+    eventually("the socket fell behind", || async { node.metric("agentcast_sockets_behind_total", "").await == 1.0 })
+        .await;
+    let burst_last = *published.keys().last().unwrap();
+
+    // It reads as fast as it can from now on, while m1 goes on at 20
+    // deltas a second, then ends, and m2 follows at the same pace.
+    let reader = async {
+        let mut frames: Vec<(std::time::Instant, Value)> = Vec::new();
+        while frames.last().is_none_or(|(_, f)| f["event"]["delta"].as_str().is_none_or(|d| !d.ends_with("b19 "))) {
+            let f = slow.next_json().await;
+            frames.push((std::time::Instant::now(), f));
+        }
+        frames
+    };
+    let writer = async {
+        let started = std::time::Instant::now();
+        let m1: Vec<Value> = (0..60).map(|i| delta("message_delta", "m1", &format!("p{i} "))).collect();
+        let mut out = publish_paced(&nats, "u1", m1, 1, Duration::from_millis(50)).await;
+        let m1_took = started.elapsed();
+        let done = vec![json!({"type": "agent_completed", "run_id": "r1"})];
+        out.extend(publish_all(&nats, "u1", done).await);
+        let m2: Vec<Value> = (0..20).map(|i| delta("message_delta", "m2", &format!("b{i} "))).collect();
+        out.extend(publish_paced(&nats, "u1", m2, 1, Duration::from_millis(50)).await);
+        (out, m1_took)
+    };
+    let (frames, (more, m1_took)) = tokio::join!(reader, writer);
+    published.extend(more);
+    let frames: Vec<Value> = frames.into_iter().map(|(_, f)| f).collect();
+    let (_, got) = check(&frames, &published, 0);
+    assert_eq!(got, texts(&published, 0), "the exact text of both messages");
+
+    let completed = published.iter().find(|(_, p)| p.kind == "agent_completed").map(|(s, _)| *s).unwrap();
+    let in_range =
+        |lo: u64, hi: u64| frames.iter().filter(move |f| f["seq"].as_u64().is_some_and(|s| s > lo && s < hi));
+    // m1's 60 paced deltas: about one frame a second, not one per delta.
+    let m1_frames = in_range(burst_last, completed).count();
+    eprintln!("m1's 60 paced deltas over {m1_took:?} came in {m1_frames} frames");
+    assert!(m1_frames as f64 <= m1_took.as_secs_f64() + 2.0, "{m1_frames} frames in {m1_took:?}");
+    // m2: every delta its own frame.
+    let m2: Vec<&Value> = in_range(completed, u64::MAX).collect();
+    assert_eq!(m2.len(), 20, "m2 frame by frame: {m2:?}");
+    assert!(m2.iter().all(|f| f.get("merged").is_none()));
+    assert_eq!(node.metric("agentcast_sockets_behind_total", "").await, 1.0);
+    assert_eq!(node.metric("agentcast_disconnects_total", r#"reason="slow""#).await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_cannot_carry_the_text_is_closed_by_bytes_and_resumes_exactly() {
     let nats = NatsServer::start();

@@ -1114,7 +1114,9 @@ fn metric_paths(preset: &str) -> &'static [(&'static str, &'static [&'static str
         }
         "tokens" => &[
             ("slow_bytes_per_token", &["slow", "bytes_per_token"]),
+            ("slow_second_half_bytes_per_token", &["slow", "second_half_bytes_per_token"]),
             ("slow_frames_per_token", &["slow", "frames_per_token"]),
+            ("slow_p50_ms", &["slow", "latency", "p50_ms"]),
             ("fast_p99_ms", &["fast", "latency", "p99_ms"]),
         ],
         _ => &[

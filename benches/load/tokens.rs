@@ -10,7 +10,10 @@
 //! Reported: for fast sockets, the time from a token's creation at the
 //! publisher (its scheduled time) to the socket, coalescing included; for
 //! slow sockets, how many were closed, how many texts are whole and exact,
-//! and the bytes and frames they read per token; JetStream messages and
+//! the bytes and frames they read per token (over the whole text and over
+//! its second half, once the buffers between socket and node are full),
+//! and the same time (how stale
+//! their text is, their reading pace included); JetStream messages and
 //! stored bytes per token.
 
 use std::sync::Mutex;
@@ -79,7 +82,8 @@ impl Plan {
 
 /// Worker side: waits until every socket's text is whole or it was closed
 /// (at most `wait`), then sums fast and slow sockets apart.
-pub async fn report(plan: &Plan, socks: &[SockRef], first: usize, wait: Duration, hist: &Mutex<Hist>) -> Value {
+/// `hists` are the fast and the slow sockets' token times.
+pub async fn report(plan: &Plan, socks: &[SockRef], first: usize, wait: Duration, hists: [&Mutex<Hist>; 2]) -> Value {
     let deadline = tokio::time::Instant::now() + wait;
     let want = plan.tokens as usize * TOKEN_BYTES;
     loop {
@@ -104,13 +108,18 @@ pub async fn report(plan: &Plan, socks: &[SockRef], first: usize, wait: Duration
         add(t, "tokens_read", (s.text.len() / TOKEN_BYTES) as u64);
         add(t, "bytes", s.bytes);
         add(t, "frames", s.frames);
+        add(t, "late_bytes", s.late_bytes);
+        add(t, "late_tokens", s.late_tokens);
         if let Some(c) = s.closed.filter(|c| *c != 1000) {
             t["close_codes"][c.to_string()] = json!(t["close_codes"][c.to_string()].as_u64().unwrap_or(0) + 1);
         }
     }
-    let mut h = hist.lock().unwrap_or_else(|e| e.into_inner());
-    let r = json!({"fast": sum[0], "slow": sum[1], "latency_us": h.sparse()});
-    *h = Hist::default();
+    let mut r = json!({"fast": sum[0], "slow": sum[1]});
+    for (side, hist) in ["fast", "slow"].into_iter().zip(hists) {
+        let mut h = hist.lock().unwrap_or_else(|e| e.into_inner());
+        r[side]["latency_us"] = h.sparse();
+        *h = Hist::default();
+    }
     r
 }
 
@@ -199,13 +208,13 @@ pub async fn run(target: Target, o: &Opts) -> Value {
     for w in &mut workers {
         w.send(&format!("treport {}", SETTLE.as_millis())).await;
     }
-    let mut lat = Latency::default();
+    let mut lat = [Latency::default(), Latency::default()];
     let mut sum = json!({"fast": {}, "slow": {}});
     for w in &mut workers {
         let r: Value = serde_json::from_str(&w.expect("tresult").await).expect("tresult json");
-        lat.merge(&r["latency_us"]);
-        for side in ["fast", "slow"] {
-            for (k, v) in r[side].as_object().into_iter().flatten() {
+        for (i, side) in ["fast", "slow"].into_iter().enumerate() {
+            lat[i].merge(&r[side]["latency_us"]);
+            for (k, v) in r[side].as_object().into_iter().flatten().filter(|(k, _)| *k != "latency_us") {
                 if let Some(n) = v.as_u64() {
                     sum[side][k] = json!(sum[side][k].as_u64().unwrap_or(0) + n);
                 } else {
@@ -222,7 +231,18 @@ pub async fn run(target: Target, o: &Opts) -> Value {
                 if read > 0.0 { json!((per * 100.0).round() / 100.0) } else { Value::Null };
         }
     }
-    sum["fast"]["latency"] = lat.summary();
+    // Once a slow socket has fallen behind (its first seconds fill the
+    // buffers between it and the node, unmerged), the text's second half.
+    for side in ["fast", "slow"] {
+        let (b, t) =
+            (sum[side]["late_bytes"].as_f64().unwrap_or(0.0), sum[side]["late_tokens"].as_f64().unwrap_or(0.0));
+        sum[side]["second_half_bytes_per_token"] =
+            if t > 0.0 { json!((b / t * 100.0).round() / 100.0) } else { Value::Null };
+    }
+    // For slow sockets: how stale the text they show is, their reading
+    // pace included.
+    sum["fast"]["latency"] = lat[0].summary();
+    sum["slow"]["latency"] = lat[1].summary();
     let stored = after.messages.saturating_sub(before.messages);
     let stored_bytes = after.bytes.saturating_sub(before.bytes);
     let v = json!({"connected": connected, "tokens": tokens, "deltas_acked": deltas,

@@ -109,11 +109,14 @@ pub struct Sock {
     epoch: String,
     last_new_ns: u64,
     ended: bool,
-    /// The tokens preset: the text so far, frames and bytes read, and the
-    /// close code if the server closed the socket.
+    /// The tokens preset: the text so far, frames and bytes read, the
+    /// bytes and tokens of the messages that began in the text's second
+    /// half, and the close code if the server closed the socket.
     pub text: String,
     pub frames: u64,
     pub bytes: u64,
+    pub late_bytes: u64,
+    pub late_tokens: u64,
     pub closed: Option<u16>,
 }
 
@@ -163,6 +166,9 @@ struct Frame<'a> {
 
 struct Shared {
     hist: Mutex<Hist>,
+    /// The tokens preset's slow sockets: how old each token is when it
+    /// arrives (the fast sockets' go to `hist`).
+    slow_hist: Mutex<Hist>,
     connected: AtomicUsize,
     failed: AtomicUsize,
     settled: Notify,
@@ -198,6 +204,7 @@ impl Shared {
 pub async fn run(spec: Spec) {
     let shared = Arc::new(Shared {
         hist: Mutex::new(Hist::default()),
+        slow_hist: Mutex::new(Hist::default()),
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         settled: Notify::new(),
@@ -288,7 +295,7 @@ pub async fn run(spec: Spec) {
             "treport" => {
                 let plan = spec.tokens.expect("treport needs --tokens");
                 let wait = Duration::from_millis(arg.parse().expect("wait ms"));
-                let r = crate::tokens::report(&plan, &socks, spec.first, wait, &shared.hist).await;
+                let r = crate::tokens::report(&plan, &socks, spec.first, wait, [&shared.hist, &shared.slow_hist]).await;
                 println!("tresult {r}");
             }
             other => panic!("worker: unknown command {other:?}"),
@@ -601,7 +608,7 @@ impl SockCtx {
     }
 
     /// The tokens preset's reader: appends each delta, times the tokens it
-    /// completes (fast sockets), and throttles slow sockets.
+    /// completes, and throttles slow sockets.
     async fn read_tokens(&self, mut ws: Ws, plan: crate::tokens::Plan, mut nats: NatsParser) {
         let slow = plan.is_slow(self.index);
         #[derive(Deserialize)]
@@ -662,12 +669,20 @@ impl SockCtx {
                 let mut s = self.sock.lock().unwrap();
                 s.bytes += size;
                 s.frames += deltas.len() as u64;
+                let starts = s.text.len() / crate::tokens::TOKEN_BYTES;
+                let late = starts as u64 >= plan.tokens / 2;
+                if late {
+                    s.late_bytes += size;
+                }
                 for d in deltas {
                     let before = s.text.len() / crate::tokens::TOKEN_BYTES;
                     s.text.push_str(&d);
                     let after = s.text.len() / crate::tokens::TOKEN_BYTES;
-                    if !slow && t0 > 0 {
-                        let mut hist = self.shared.hist.lock().unwrap();
+                    if late {
+                        s.late_tokens += (after - before) as u64;
+                    }
+                    if t0 > 0 {
+                        let mut hist = if slow { &self.shared.slow_hist } else { &self.shared.hist }.lock().unwrap();
                         for k in (before..after).filter(|k| *k as u64 >= plan.warm_tokens()) {
                             let created = plan.created_ns(t0, self.user, k as u64);
                             hist.add(now.saturating_sub(created) / 1000);
