@@ -204,7 +204,6 @@ where
         // Allocated by the first batch and freed whenever the queue runs dry:
         // kept for the life of the socket they would cost an idle socket 6.6 KB
         // (64 items and 64 frames), more than a quarter of its memory.
-        let mut batch: Vec<Queued> = Vec::new();
         let mut out: Vec<Utf8Bytes> = Vec::new();
         let mut backlog = Backlog::default();
         // The hub dropped our sender (only on leave, which we own): noticed
@@ -298,17 +297,16 @@ where
                 () = std::future::ready(()), if backlog.writable() => {}
                 // The held deltas of a socket that fell behind are due.
                 () = until(hold), if hold.is_some() => {}
-                n = rx.recv_many(&mut batch, MAX_WRITE_BATCH) => {
-                    if n == 0 {
+                item = rx.recv() => {
+                    let Some(item) = item else {
                         // The hub dropped our sender: only on leave, which we own.
                         return close_with(&mut ws, close::INTERNAL, "internal error", End::Error).await;
-                    }
+                    };
                     // Not merged, unless the socket fell behind during this
                     // message: a socket that keeps up gets every event as
                     // its own frame, at once.
-                    for item in batch.drain(..) {
-                        backlog.push(item, position, false, &s.kicker, s.queue_bytes);
-                    }
+                    backlog.push(item, position, false, &s.kicker, s.queue_bytes);
+                    take_waiting(&mut rx, &mut backlog, position, false, &s);
                 }
             }
             depth.record((backlog.len() + rx.len()) as f64);
@@ -316,7 +314,7 @@ where
             let (bytes, oldest) = backlog.take(MAX_WRITE_BATCH, &mut position, &mut out);
             if out.is_empty() {
                 s.kicker.release(bytes);
-                release_if_idle(&rx, &mut batch, &mut out, &mut backlog);
+                release_if_idle(&rx, &mut out, &mut backlog);
                 continue;
             }
             // A write waits for the client (up to WRITE_TIMEOUT): a kick or
@@ -333,19 +331,20 @@ where
                         biased;
                         _ = s.kicker.kicked() => break Err(WriteFail::Kicked),
                         r = &mut write => break r,
-                        n = rx.recv_many(&mut batch, MAX_WRITE_BATCH), if !queue_closed => {
-                            queue_closed = n == 0;
-                            for item in batch.drain(..) {
+                        item = rx.recv(), if !queue_closed => match item {
+                            Some(item) => {
                                 backlog.push(item, position, true, &s.kicker, s.queue_bytes);
+                                take_waiting(&mut rx, &mut backlog, position, true, &s);
                             }
-                        }
+                            None => queue_closed = true,
+                        },
                         () = &mut expired => break Err(WriteFail::Expired),
                     }
                 }
             };
             out.clear();
             s.kicker.release(bytes);
-            release_if_idle(&rx, &mut batch, &mut out, &mut backlog);
+            release_if_idle(&rx, &mut out, &mut backlog);
             match result {
                 Ok(()) => latency.record(oldest),
                 // The select above will see the kick or the expiry next turn.
@@ -370,7 +369,9 @@ async fn until(deadline: Option<tokio::time::Instant>) {
 /// while the socket was behind.
 enum Entry {
     Item(Queued),
-    Run(Run),
+    /// Boxed: an entry is then two words, and a socket that keeps up
+    /// allocates a small backlog per event rather than one sized for runs.
+    Run(Box<Run>),
 }
 
 /// What the socket took from its queue and has not written yet, in order.
@@ -471,7 +472,7 @@ impl Backlog {
         if let Entry::Item(q) = tail {
             let Item::Event(prev) = &**q else { return None };
             let run = Run::start(prev).filter(|r| r.accepts(f))?;
-            *tail = Entry::Run(run);
+            *tail = Entry::Run(Box::new(run));
         }
         match tail {
             Entry::Run(r) if r.accepts(f) => Some(r),
@@ -517,16 +518,27 @@ impl Backlog {
     }
 }
 
+/// Moves what else waits in the queue into the backlog, up to a batch: the
+/// item received before it is one. `try_recv` rather than `recv_many`,
+/// whose vector would be allocated and freed for every event of a socket
+/// that keeps up.
+fn take_waiting(
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
+    backlog: &mut Backlog,
+    position: u64,
+    writing: bool,
+    s: &Session,
+) {
+    for _ in 1..MAX_WRITE_BATCH {
+        let Ok(item) = rx.try_recv() else { return };
+        backlog.push(item, position, writing, &s.kicker, s.queue_bytes);
+    }
+}
+
 /// Frees the batch buffers once the queue is empty: a socket that goes idle
 /// holds none, and a busy one keeps them from batch to batch.
-fn release_if_idle(
-    rx: &mpsc::UnboundedReceiver<Queued>,
-    batch: &mut Vec<Queued>,
-    out: &mut Vec<Utf8Bytes>,
-    backlog: &mut Backlog,
-) {
+fn release_if_idle(rx: &mpsc::UnboundedReceiver<Queued>, out: &mut Vec<Utf8Bytes>, backlog: &mut Backlog) {
     if rx.is_empty() && backlog.entries.is_empty() {
-        *batch = Vec::new();
         *out = Vec::new();
         backlog.entries = VecDeque::new();
     }
