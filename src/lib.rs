@@ -12,6 +12,8 @@
 //! - [`nats`]: the node's NATS connection and its events.
 //! - [`stream`]: the JetStream stream: create and check it.
 //! - [`history`]: reads of a user's stored events and of the stream's state.
+//! - [`partition`]: which partition a user belongs to, as NATS's subject
+//!   mapping computes it (groundwork for partitioned streams).
 //! - [`resume`]: the continuity rule, positions, and the replay a resuming
 //!   socket is sent.
 //! - [`scan`]: one sequential read of the stream serving a storm of resumes.
@@ -41,6 +43,7 @@ pub mod hub;
 pub mod merge;
 pub mod metrics;
 pub mod nats;
+pub mod partition;
 pub mod protocol;
 pub mod publisher;
 pub mod resume;
