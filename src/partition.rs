@@ -36,7 +36,7 @@ mod tests {
     fn the_hash_is_fnv_1a_32() {
         // Published FNV-1a test vectors, read through a remainder that
         // keeps the whole hash.
-        assert_eq!(of_token("", u32::MAX), 0x811c_9dc5 % u32::MAX);
+        assert_eq!(of_token("", u32::MAX), 0x811c_9dc5);
         assert_eq!(of_token("a", u32::MAX), 0xe40c_292c);
         assert_eq!(of_token("foobar", u32::MAX), 0xbf9c_f968);
     }
