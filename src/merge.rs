@@ -136,10 +136,24 @@ impl Run {
 
 /// Whether `a` and `b` are both delta events of one message: the same raw
 /// `type` and `message_id`.
-pub fn same_message(a: &EventFrame, b: &EventFrame) -> bool {
+fn same_message(a: &EventFrame, b: &EventFrame) -> bool {
     let (Some(da), Some(db)) = (a.delta, b.delta) else { return false };
     let (ta, tb) = (a.text.as_str(), b.text.as_str());
     da.message_id(ta) == db.message_id(tb) && da.kind(ta) == db.kind(tb)
+}
+
+/// A hash of the message a delta event belongs to (its raw `type` and
+/// `message_id`), `None` for any other event: what a socket that fell
+/// behind remembers of the message ([`crate::socket`]), in 8 bytes rather
+/// than a frame kept alive. Two messages that hash alike only keep a socket
+/// holding its deltas; merging itself compares the fields ([`Run::accepts`]).
+pub fn message_hash(f: &EventFrame) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let d = f.delta?;
+    let text = f.text.as_str();
+    let mut h = std::hash::DefaultHasher::new();
+    (d.kind(text), d.message_id(text)).hash(&mut h);
+    Some(h.finish())
 }
 
 /// Bytes a merged frame adds for `first_seq` and `merged`.
@@ -221,6 +235,17 @@ mod tests {
         }
         m.flush();
         m.out.iter().map(|f| f.as_str().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_message_hash_is_its_type_and_id_whatever_the_delta() {
+        let h = |seq, p: &str| message_hash(&frame(seq, p));
+        let m1 = h(1, r#"{"type":"message_delta","message_id":"m1","delta":"a"}"#);
+        assert!(m1.is_some());
+        assert_eq!(m1, h(2, r#"{"delta":"bc","message_id":"m1","type":"message_delta","n":2}"#));
+        assert_ne!(m1, h(3, r#"{"type":"message_delta","message_id":"m2","delta":"a"}"#));
+        assert_ne!(m1, h(4, r#"{"type":"agent_thinking","message_id":"m1","delta":"a"}"#));
+        assert_eq!(h(5, r#"{"type":"tool_call","message_id":"m1"}"#), None);
     }
 
     #[test]

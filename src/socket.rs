@@ -385,10 +385,10 @@ enum Entry {
 #[derive(Default)]
 struct Backlog {
     entries: VecDeque<Entry>,
-    /// The newest delta of the message during which the socket fell behind,
-    /// until an event of any other kind or message (or a gap) arrives.
-    /// Boxed: most sockets never fall behind, and an idle one keeps this.
-    behind: Option<Box<crate::hub::EventFrame>>,
+    /// The message during which the socket fell behind
+    /// ([`crate::merge::message_hash`]), until an event of any other kind or
+    /// message (or a gap) arrives.
+    behind: Option<u64>,
     /// When the last entry, a delta of `behind`'s message, began to be held.
     held_since: Option<tokio::time::Instant>,
 }
@@ -410,7 +410,8 @@ impl Backlog {
                     kicker.release(item.bytes());
                     return;
                 }
-                if self.behind.as_ref().is_some_and(|b| !crate::merge::same_message(b, f)) {
+                let message = if self.behind.is_some() { crate::merge::message_hash(f) } else { None };
+                if self.behind.is_some() && message != self.behind {
                     self.behind = None;
                     self.held_since = None;
                 }
@@ -429,8 +430,8 @@ impl Backlog {
                     if self.behind.is_none() {
                         metrics::counter!(m::SOCKETS_BEHIND).increment(1);
                         self.held_since = Some(tokio::time::Instant::now());
+                        self.behind = crate::merge::message_hash(f);
                     }
-                    self.behind = Some(Box::new(f.clone()));
                     return;
                 }
                 if self.behind.is_some() {
