@@ -11,6 +11,7 @@
 //! series from the first scrape rather than "no data" until the first event.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -225,6 +226,112 @@ pub fn hot() -> &'static Hot {
     })
 }
 
+/// Shards of a [`Bucketed`] histogram. A thread records into one of its own
+/// (threads are dealt shards in turn), so a node's worker threads do not
+/// fight over one cache line per sample.
+const SHARDS: usize = 8;
+
+/// A histogram recorded at every socket write: fixed buckets of atomic
+/// counts in per-thread shards, rendered by [`render_bucketed`] beside the
+/// exporter's output in the same text format.
+///
+/// The exporter's own histograms keep every sample in one list shared by
+/// all sockets, with a generation count bumped per sample, and fold them
+/// into buckets later: the two recorded per write (delivery latency, queue
+/// depth) cost about 7% of the node's CPU under `--preset chat`
+/// (bench/results/ab-2026-11-26-hotpath/README.txt). Histograms recorded
+/// rarely (resume duration, control reply time) stay with the exporter.
+pub struct Bucketed<const N: usize> {
+    /// Upper bounds (`le`) of the first `N - 1` buckets; the last is `+Inf`.
+    bounds: &'static [f64],
+    /// The sum is kept as an integer: value times this.
+    scale: f64,
+    shards: [Shard<N>; SHARDS],
+}
+
+#[repr(align(128))]
+struct Shard<const N: usize> {
+    counts: [AtomicU64; N],
+    sum: AtomicU64,
+}
+
+impl<const N: usize> Bucketed<N> {
+    const fn new(bounds: &'static [f64], scale: f64) -> Self {
+        assert!(bounds.len() + 1 == N, "one more slot than bounds, for +Inf");
+        Bucketed {
+            bounds,
+            scale,
+            shards: [const { Shard { counts: [const { AtomicU64::new(0) }; N], sum: AtomicU64::new(0) } }; SHARDS],
+        }
+    }
+
+    pub fn record(&self, value: f64) {
+        thread_local! {
+            static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        }
+        let shard = &self.shards[SHARD.with(|s| *s)];
+        // The first bucket whose bound is at or above the value (`le`).
+        let i = self.bounds.partition_point(|b| *b < value);
+        shard.counts[i].fetch_add(1, Ordering::Relaxed);
+        shard.sum.fetch_add((value.max(0.0) * self.scale) as u64, Ordering::Relaxed);
+    }
+
+    /// Appends the series of one label set (`labels` as `k="v"`, or empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        use std::fmt::Write;
+        let mut cumulative = 0u64;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, slot) in (0..N).enumerate() {
+            cumulative += self.shards.iter().map(|s| s.counts[slot].load(Ordering::Relaxed)).sum::<u64>();
+            let le = self.bounds.get(i).map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.shards.iter().map(|s| s.sum.load(Ordering::Relaxed)).sum::<u64>() as f64 / self.scale;
+        let braces = |l: &str| if l.is_empty() { String::new() } else { format!("{{{l}}}") };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {cumulative}", braces(labels));
+    }
+}
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+const LATENCY_SLOTS: usize = LATENCY_BUCKETS.len() + 1;
+const QUEUE_SLOTS: usize = QUEUE_BUCKETS.len() + 1;
+
+/// [`DELIVERY_LATENCY`] by origin clock, in seconds (the sum kept in ns).
+static LATENCY_STREAM: Bucketed<LATENCY_SLOTS> = Bucketed::new(LATENCY_BUCKETS, 1e9);
+static LATENCY_ENVELOPE: Bucketed<LATENCY_SLOTS> = Bucketed::new(LATENCY_BUCKETS, 1e9);
+/// [`QUEUE_DEPTH`].
+pub static QUEUE_DEPTH_HISTOGRAM: Bucketed<QUEUE_SLOTS> = Bucketed::new(QUEUE_BUCKETS, 1.0);
+
+/// The [`DELIVERY_LATENCY`] histogram of one origin clock.
+pub fn delivery_latency(clock: Clock) -> &'static Bucketed<LATENCY_SLOTS> {
+    match clock {
+        Clock::Stream => &LATENCY_STREAM,
+        Clock::Envelope => &LATENCY_ENVELOPE,
+    }
+}
+
+/// Appends the [`Bucketed`] histograms to the exporter's `text`.
+pub fn render_bucketed(text: &mut String) {
+    use std::fmt::Write;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let _ = writeln!(
+        text,
+        "# HELP {DELIVERY_LATENCY} From the event's origin time (clock: stream = Nats-Time-Stamp, envelope = the event's timestamp) to its socket write; one sample per write batch, for its oldest event."
+    );
+    let _ = writeln!(text, "# TYPE {DELIVERY_LATENCY} histogram");
+    for clock in [Clock::Stream, Clock::Envelope] {
+        delivery_latency(clock).render(text, DELIVERY_LATENCY, &format!("clock=\"{}\"", clock.label()));
+    }
+    let _ =
+        writeln!(text, "# HELP {QUEUE_DEPTH} Items waiting in a socket's outbound queue, sampled at each write batch.");
+    let _ = writeln!(text, "# TYPE {QUEUE_DEPTH} histogram");
+    QUEUE_DEPTH_HISTOGRAM.render(text, QUEUE_DEPTH, "");
+}
+
 /// How often histogram buckets are folded; the exporter needs it to be called.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -236,10 +343,6 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
-                .expect("non-empty bucket list")
-                .set_buckets_for_metric(Matcher::Full(QUEUE_DEPTH.into()), QUEUE_BUCKETS)
-                .expect("non-empty bucket list")
                 .set_buckets_for_metric(Matcher::Full(RESUME_DURATION.into()), LATENCY_BUCKETS)
                 .expect("non-empty bucket list")
                 .set_buckets_for_metric(Matcher::Full(CONTROL_REPLY_TIME.into()), LATENCY_BUCKETS)
@@ -300,16 +403,6 @@ fn describe() {
         WRITE_BATCHES,
         Unit::Count,
         "Socket flushes (write batches); frames sent over this is the mean batch."
-    );
-    describe_histogram!(
-        DELIVERY_LATENCY,
-        Unit::Seconds,
-        "From the event's origin time (clock: stream = Nats-Time-Stamp, envelope = the event's timestamp) to its socket write; one sample per write batch, for its oldest event."
-    );
-    describe_histogram!(
-        QUEUE_DEPTH,
-        Unit::Count,
-        "Items waiting in a socket's outbound queue, sampled at each write batch."
     );
     describe_counter!(
         JETSTREAM_ERRORS,
@@ -449,10 +542,44 @@ fn register_known() {
     for outcome in crate::control::OUTCOMES {
         metrics::counter!(CONTROL_REQUESTS, "outcome" => outcome.label()).absolute(0);
     }
-    for name in [QUEUE_DEPTH, RESUME_DURATION, CONTROL_REPLY_TIME] {
+    for name in [RESUME_DURATION, CONTROL_REPLY_TIME] {
         let _ = metrics::histogram!(name);
     }
-    for clock in [Clock::Stream, Clock::Envelope] {
-        let _ = metrics::histogram!(DELIVERY_LATENCY, "clock" => clock.label());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucketed_histogram_renders_cumulative_buckets_sum_and_count_across_threads() {
+        static H: Bucketed<4> = Bucketed::new(&[0.5, 1.0, 2.5], 1e9);
+        // From several threads, so several shards hold samples.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for v in [0.25, 0.5, 0.75, 2.0, 7.0, -1.0] {
+                        H.record(v);
+                    }
+                });
+            }
+        });
+        let mut out = String::new();
+        H.render(&mut out, "x_seconds", r#"clock="stream""#);
+        // Per thread: -1.0, 0.25 and 0.5 are at or below 0.5; 0.75 below 1;
+        // 2.0 below 2.5; 7.0 only in +Inf. Negative values count as zero.
+        let want = [
+            r#"x_seconds_bucket{clock="stream",le="0.5"} 12"#,
+            r#"x_seconds_bucket{clock="stream",le="1"} 16"#,
+            r#"x_seconds_bucket{clock="stream",le="2.5"} 20"#,
+            r#"x_seconds_bucket{clock="stream",le="+Inf"} 24"#,
+            r#"x_seconds_sum{clock="stream"} 42"#,
+            r#"x_seconds_count{clock="stream"} 24"#,
+        ];
+        assert_eq!(out.lines().collect::<Vec<_>>(), want, "{out}");
+        let mut bare = String::new();
+        QUEUE_DEPTH_HISTOGRAM.render(&mut bare, "q", "");
+        assert!(bare.starts_with("q_bucket{le=\"1\"} "), "{bare}");
+        assert!(bare.contains("\nq_count "), "{bare}");
     }
 }

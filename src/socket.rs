@@ -211,14 +211,6 @@ where
         let mut queue_closed = false;
         // Made by the first control frame: most sockets never send one.
         let mut requests: Option<Box<control::Socket>> = None;
-        // Resolved once per socket: recording through a handle skips the
-        // registry lookup. Sampled once per batch, not per frame, so sockets do
-        // not all contend on the histograms' shared buckets for every event.
-        let depth = metrics::histogram!(m::QUEUE_DEPTH);
-        let latency = Latency {
-            stream: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Stream.label()),
-            envelope: metrics::histogram!(m::DELIVERY_LATENCY, "clock" => m::Clock::Envelope.label()),
-        };
 
         // Polled in this order, each branch only when those before it are
         // not ready: a kick (drain, slow) first; then the timer and the
@@ -309,7 +301,8 @@ where
                     take_waiting(&mut rx, &mut backlog, position, false, &s);
                 }
             }
-            depth.record((backlog.len() + rx.len()) as f64);
+            // Sampled once per batch, not per frame.
+            m::QUEUE_DEPTH_HISTOGRAM.record((backlog.len() + rx.len()) as f64);
             // Counted against the byte budget until written or dropped.
             let (bytes, oldest) = backlog.take(MAX_WRITE_BATCH, &mut position, &mut out);
             if out.is_empty() {
@@ -346,7 +339,7 @@ where
             s.kicker.release(bytes);
             release_if_idle(&rx, &mut out, &mut backlog);
             match result {
-                Ok(()) => latency.record(oldest),
+                Ok(()) => record_latency(oldest),
                 // The select above will see the kick or the expiry next turn.
                 Err(WriteFail::Kicked | WriteFail::Expired) => continue,
                 Err(WriteFail::Timeout) => return End::Slow,
@@ -545,23 +538,13 @@ fn release_if_idle(rx: &mpsc::UnboundedReceiver<Queued>, out: &mut Vec<Utf8Bytes
     }
 }
 
-/// The delivery latency histograms of one socket, by origin clock.
-struct Latency {
-    stream: metrics::Histogram,
-    envelope: metrics::Histogram,
-}
-
-impl Latency {
-    /// Records the time from `origin` to now. A clock behind the origin (the
-    /// publisher's clock ahead of ours) counts as zero rather than vanishing.
-    fn record(&self, origin: Option<m::Origin>) {
-        let Some(o) = origin else { return };
-        let secs = std::time::SystemTime::now().duration_since(o.at).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        match o.clock {
-            m::Clock::Stream => self.stream.record(secs),
-            m::Clock::Envelope => self.envelope.record(secs),
-        }
-    }
+/// Records the time from `origin` to now in the delivery latency of its
+/// clock. A clock behind the origin (the publisher's clock ahead of ours)
+/// counts as zero rather than vanishing.
+fn record_latency(origin: Option<m::Origin>) {
+    let Some(o) = origin else { return };
+    let secs = std::time::SystemTime::now().duration_since(o.at).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    m::delivery_latency(o.clock).record(secs);
 }
 
 /// The frame for a queued item, unless this socket already covered it.
