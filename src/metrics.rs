@@ -281,9 +281,9 @@ impl<const N: usize> Bucketed<N> {
         use std::fmt::Write;
         let mut cumulative = 0u64;
         let sep = if labels.is_empty() { "" } else { "," };
-        for (i, slot) in (0..N).enumerate() {
+        for slot in 0..N {
             cumulative += self.shards.iter().map(|s| s.counts[slot].load(Ordering::Relaxed)).sum::<u64>();
-            let le = self.bounds.get(i).map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+            let le = self.bounds.get(slot).map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
         }
         let sum = self.shards.iter().map(|s| s.sum.load(Ordering::Relaxed)).sum::<u64>() as f64 / self.scale;
@@ -298,9 +298,11 @@ static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 const LATENCY_SLOTS: usize = LATENCY_BUCKETS.len() + 1;
 const QUEUE_SLOTS: usize = QUEUE_BUCKETS.len() + 1;
 
-/// [`DELIVERY_LATENCY`] by origin clock, in seconds (the sum kept in ns).
-static LATENCY_STREAM: Bucketed<LATENCY_SLOTS> = Bucketed::new(LATENCY_BUCKETS, 1e9);
-static LATENCY_ENVELOPE: Bucketed<LATENCY_SLOTS> = Bucketed::new(LATENCY_BUCKETS, 1e9);
+/// [`DELIVERY_LATENCY`] by origin clock, in seconds. The sum is kept in
+/// microseconds: 40,000 samples a second of 100 ms each take 146 years to
+/// wrap it; in nanoseconds it would wrap within two months.
+static LATENCY_STREAM: Bucketed<LATENCY_SLOTS> = Bucketed::new(LATENCY_BUCKETS, 1e6);
+static LATENCY_ENVELOPE: Bucketed<LATENCY_SLOTS> = Bucketed::new(LATENCY_BUCKETS, 1e6);
 /// [`QUEUE_DEPTH`].
 pub static QUEUE_DEPTH_HISTOGRAM: Bucketed<QUEUE_SLOTS> = Bucketed::new(QUEUE_BUCKETS, 1.0);
 
