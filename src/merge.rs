@@ -89,11 +89,6 @@ impl Run {
         self.last.seq
     }
 
-    /// The newest event.
-    pub fn last(&self) -> &EventFrame {
-        &self.last
-    }
-
     pub fn first_origin(&self) -> Option<Origin> {
         self.first_origin
     }
@@ -118,7 +113,7 @@ impl Run {
         let open = self.last_delta.text_range().start;
         let mut out = String::with_capacity(self.bytes());
         let mut num = itoa::Buffer::new();
-        out.push_str(r#"{"type":"event","seq":"#);
+        out.push_str(crate::protocol::EVENT_HEAD);
         out.push_str(num.format(self.last.seq));
         out.push_str(r#","first_seq":"#);
         out.push_str(num.format(self.first_seq));

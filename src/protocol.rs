@@ -206,12 +206,13 @@ pub struct Framed<'a> {
     pub delta: Option<Delta>,
 }
 
-const HEAD: &str = r#"{"type":"event","seq":"#;
+/// How every event frame begins, merged or not: its `seq` follows.
+pub const EVENT_HEAD: &str = r#"{"type":"event","seq":"#;
 const MID: &str = r#","event":"#;
 
 /// Where the event object starts in the frame of event `seq`.
 fn payload_offset(seq: u64) -> usize {
-    HEAD.len() + itoa::Buffer::new().format(seq).len() + MID.len()
+    EVENT_HEAD.len() + itoa::Buffer::new().format(seq).len() + MID.len()
 }
 
 /// [`event_frame`], plus the envelope's `timestamp` and delta fields.
@@ -236,8 +237,8 @@ pub fn event_frame_timed(seq: u64, payload: &[u8]) -> Result<Framed<'_>, Payload
             (None, None)
         }
     };
-    let mut out = String::with_capacity(HEAD.len() + 20 + MID.len() + text.len() + 1);
-    out.push_str(HEAD);
+    let mut out = String::with_capacity(EVENT_HEAD.len() + 20 + MID.len() + text.len() + 1);
+    out.push_str(EVENT_HEAD);
     out.push_str(itoa::Buffer::new().format(seq));
     out.push_str(MID);
     out.push_str(text);

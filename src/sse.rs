@@ -172,16 +172,12 @@ struct Head {
     epoch: Option<String>,
 }
 
-/// How every event frame the node writes begins ([`crate::protocol`],
-/// [`crate::merge`]): its `seq` follows.
-const EVENT_PREFIX: &str = r#"{"type":"event","seq":"#;
-
 impl Head {
     /// An event frame's head is read from its prefix, without a pass over
     /// its event (the most frames, and the largest); any other frame is
     /// parsed.
     fn of(frame: &str) -> Self {
-        if let Some(rest) = frame.strip_prefix(EVENT_PREFIX) {
+        if let Some(rest) = frame.strip_prefix(crate::protocol::EVENT_HEAD) {
             let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
             if let Ok(seq) = rest[..digits].parse() {
                 return Head { kind: "event".to_owned(), seq: Some(seq), to: None, epoch: None };
