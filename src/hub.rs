@@ -290,15 +290,7 @@ impl Kicker {
     /// Resolves once the socket is asked to close. Awaited by the socket's
     /// own task only (one waiter at a time).
     pub fn kicked(&self) -> impl Future<Output = Kick> + '_ {
-        std::future::poll_fn(|cx| {
-            if let Some(why) = self.reason() {
-                return std::task::Poll::Ready(why);
-            }
-            // Read again once registered, so a kick in between still wakes
-            // this waiter.
-            self.waker.register(cx.waker());
-            self.reason().map_or(std::task::Poll::Pending, std::task::Poll::Ready)
-        })
+        wait_for(&self.waker, || self.reason())
     }
 
     fn reason(&self) -> Option<Kick> {
@@ -404,25 +396,32 @@ impl UserSignal {
 
     /// The next signal: a stop first, then a wake.
     fn next(&self) -> impl Future<Output = Signalled> + '_ {
-        std::future::poll_fn(|cx| {
-            let taken = || {
-                if self.is_stopped() {
-                    Some(Signalled::Stop)
-                } else if self.woken.swap(false, Ordering::AcqRel) {
-                    Some(Signalled::Wake)
-                } else {
-                    None
-                }
-            };
-            if let Some(s) = taken() {
-                return std::task::Poll::Ready(s);
+        wait_for(&self.waker, || {
+            if self.is_stopped() {
+                Some(Signalled::Stop)
+            } else if self.woken.swap(false, Ordering::AcqRel) {
+                Some(Signalled::Wake)
+            } else {
+                None
             }
-            // Looked at again once registered, so a signal in between
-            // still wakes the task.
-            self.waker.register(cx.waker());
-            taken().map_or(std::task::Poll::Pending, std::task::Poll::Ready)
         })
     }
+}
+
+/// The wait of a signal with one waiter ([`Kicker`], [`UserSignal`]):
+/// resolves with what `check` finds, registering the waiter's waker
+/// between two looks, so a signal set in between still wakes it.
+fn wait_for<'a, T>(
+    waker: &'a futures_util::task::AtomicWaker,
+    mut check: impl FnMut() -> Option<T> + 'a,
+) -> impl Future<Output = T> + 'a {
+    std::future::poll_fn(move |cx| {
+        if let Some(v) = check() {
+            return std::task::Poll::Ready(v);
+        }
+        waker.register(cx.waker());
+        check().map_or(std::task::Poll::Pending, std::task::Poll::Ready)
+    })
 }
 
 pub struct Hub {
