@@ -403,8 +403,9 @@ impl Backlog {
                     kicker.release(item.bytes());
                     return;
                 }
-                let message = if self.behind.is_some() { crate::merge::message_hash(f) } else { None };
-                if self.behind.is_some() && message != self.behind {
+                if let Some(message) = self.behind
+                    && crate::merge::message_hash(f) != Some(message)
+                {
                     self.behind = None;
                     self.held_since = None;
                 }

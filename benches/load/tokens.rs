@@ -12,9 +12,8 @@
 //! slow sockets, how many were closed, how many texts are whole and exact,
 //! the bytes and frames they read per token (over the whole text and over
 //! its second half, once the buffers between socket and node are full),
-//! and the same time (how stale
-//! their text is, their reading pace included); JetStream messages and
-//! stored bytes per token.
+//! and the same time (how stale their text is, their reading pace
+//! included); JetStream messages and stored bytes per token.
 
 use std::sync::Mutex;
 use std::time::Duration;
