@@ -87,6 +87,7 @@ async fn main() {
     let version = client.server_info().version;
     let settings = agentcast::config::StreamSettings {
         name: "AGENTCAST".into(),
+        partitions: 1,
         subject_prefix: "agentcast.events".into(),
         live_prefix: "agentcast.live".into(),
         external: false,
@@ -98,7 +99,7 @@ async fn main() {
         duplicate_window: Duration::from_secs(120),
     };
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(agentcast::stream::desired(&settings)).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&settings, 0)).await.unwrap();
     let payload = format!(r#"{{"type":"agent_completed","data":{{"text":"{}"}}}}"#, "x".repeat(200));
     let mut acks = futures_util::stream::FuturesUnordered::new();
     for u in 0..users {

@@ -312,6 +312,11 @@ pub struct NodeArgs {
     /// JetStream stream name.
     #[arg(long, env = "AGENTCAST_STREAM", default_value = "AGENTCAST")]
     pub stream: String,
+    /// Streams the users are spread over: 1 is one stream named --stream;
+    /// N > 1 is streams <stream>-0 .. <stream>-(N-1), each storing the users
+    /// NATS's account mapping `{{partition(N,1)}}` assigns it (docs/operations.md).
+    #[arg(long, env = "AGENTCAST_STREAM_PARTITIONS", default_value_t = 1)]
+    pub stream_partitions: u32,
     /// The operator manages the stream: only check it and report differences.
     #[arg(long, env = "AGENTCAST_STREAM_EXTERNAL")]
     pub stream_external: bool,
@@ -485,7 +490,11 @@ pub struct NatsSettings {
 
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
+    /// The stream's name; with partitions, the prefix of each one's
+    /// ([`StreamSettings::stream_name`]).
     pub name: String,
+    /// Streams the users are spread over (`--stream-partitions`), at least 1.
+    pub partitions: u32,
     pub subject_prefix: String,
     pub live_prefix: String,
     pub external: bool,
@@ -506,6 +515,36 @@ impl StreamSettings {
     /// The subject a user's stored events are republished to.
     pub fn live_subject(&self, user: &str) -> String {
         format!("{}.{user}", self.live_prefix)
+    }
+
+    /// The partition that stores `user`'s events, `0..partitions`
+    /// ([`crate::partition::of_token`]).
+    pub fn partition_of(&self, user: &str) -> u32 {
+        crate::partition::of_token(user, self.partitions)
+    }
+
+    /// The name of partition `k`'s stream: `--stream` itself with one
+    /// partition, `<stream>-<k>` with more.
+    pub fn stream_name(&self, k: u32) -> String {
+        if self.partitions == 1 { self.name.clone() } else { format!("{}-{k}", self.name) }
+    }
+
+    /// The prefix of the subjects partition `k`'s stream stores events
+    /// under, one subject per user: the event subjects themselves with one
+    /// partition; with more, the subjects the account mapping sends them to,
+    /// `<subject-prefix>.<k>.<user>`.
+    pub fn stored_prefix(&self, k: u32) -> String {
+        if self.partitions == 1 { self.subject_prefix.clone() } else { format!("{}.{k}", self.subject_prefix) }
+    }
+
+    /// The account mapping NATS needs with more than one partition, as a
+    /// line of nats-server's configuration (`mappings = { ... }`).
+    pub fn mapping(&self) -> String {
+        format!(
+            "\"{p}.*\": \"{p}.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\"",
+            p = self.subject_prefix,
+            n = self.partitions
+        )
     }
 }
 
@@ -577,6 +616,11 @@ impl NodeArgs {
         {
             return Err(ConfigError::StreamName(s.clone()));
         }
+        range("--stream-partitions", self.stream_partitions as u128, 1, crate::partition::MAX_PARTITIONS as u128)?;
+        // "-<k>" is added to the name of each partition's stream.
+        if self.stream_partitions > 1 && s.len() + 1 + (self.stream_partitions - 1).to_string().len() > 64 {
+            return Err(ConfigError::StreamName(s.clone()));
+        }
         range("--stream-replicas", self.stream_replicas as u128, 1, 5)?;
         range("--nats-subscription-capacity", self.nats_subscription_capacity as u128, 1, 1 << 20)?;
         range("--nats-subscription-bytes", self.nats_subscription_bytes as u128, 1 << 20, 1 << 40)?;
@@ -631,6 +675,7 @@ impl NodeArgs {
             },
             stream: StreamSettings {
                 name: self.stream,
+                partitions: self.stream_partitions,
                 subject_prefix: self.subject_prefix,
                 live_prefix: self.live_prefix,
                 external: self.stream_external,

@@ -340,6 +340,8 @@ pub struct SharedReplay {
 
 struct UserEntry {
     user: UserId,
+    /// The partition that stores the user's events ([`Hub::part`]).
+    part: u32,
     shared: Mutex<Shared>,
     /// Serialises the replays of this user's sockets and keeps the last one.
     replay: Arc<tokio::sync::Mutex<Option<SharedReplay>>>,
@@ -427,7 +429,8 @@ fn wait_for<'a, T>(
 pub struct Hub {
     client: Client,
     settings: StreamSettings,
-    history: History,
+    /// One per stream (`--stream-partitions`), in partition order.
+    parts: Box<[Part]>,
     users: Mutex<HashMap<UserId, Arc<UserEntry>>>,
     bad_subjects: Mutex<HashSet<String>>,
     /// Starts an audit now (after a NATS reconnect).
@@ -440,10 +443,8 @@ pub struct Hub {
     live_slots: Semaphore,
     /// [`REPLAY_BYTES`], one permit a byte.
     replay_bytes: Semaphore,
-    scanner: Arc<Scanner>,
-    /// Stops the scanner's and the audit's tasks when the hub is dropped.
+    /// Stops the scanners' and the audit's tasks when the hub is dropped.
     stop_tasks: CancellationToken,
-    stream_state: Mutex<StreamState>,
 }
 
 impl Drop for Hub {
@@ -452,7 +453,39 @@ impl Drop for Hub {
     }
 }
 
-/// What the node last learned of the stream (refreshed by the readiness loop).
+/// One of the streams the users are partitioned over (the only one without
+/// partitions): its reads, its shared scans, and what the node last learned
+/// of it. Positions, epochs and the resume rule are per stream: each user's
+/// events are all in one ([`Hub::part`]).
+pub struct Part {
+    /// The stream's name.
+    name: String,
+    history: History,
+    scanner: Arc<Scanner>,
+    state: Mutex<StreamState>,
+}
+
+impl Part {
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    pub fn scanner(&self) -> &Scanner {
+        &self.scanner
+    }
+
+    /// The stream's epoch, empty until the stream was first checked.
+    pub fn epoch(&self) -> String {
+        lock(&self.state).epoch.clone()
+    }
+
+    /// The stream's last sequence when last checked.
+    pub fn stream_last(&self) -> u64 {
+        lock(&self.state).last_seq
+    }
+}
+
+/// What the node last learned of a stream (refreshed by the readiness loop).
 #[derive(Debug, Clone, Default)]
 struct StreamState {
     epoch: String,
@@ -502,20 +535,26 @@ impl Hub {
     /// `client` carries the live subscriptions; `readers` (at least one)
     /// carry history reads and scans.
     pub fn new(client: Client, readers: Vec<Client>, settings: StreamSettings) -> Arc<Self> {
-        let history = History::new(&client, readers, &settings.name, settings.subject_prefix.clone())
-            .expect("stream name validated by config");
-        // Scans run one at a time, on one of the read connections, away
-        // from the live subscriptions.
-        let scanner = Arc::new(Scanner::new(history.stream().clone()));
         let stop_tasks = CancellationToken::new();
-        tokio::spawn({
-            let (scanner, stop) = (scanner.clone(), stop_tasks.clone());
-            async move { scanner.run(stop).await }
-        });
+        let parts = (0..settings.partitions)
+            .map(|k| {
+                let name = settings.stream_name(k);
+                let history = History::new(&client, readers.clone(), &name, settings.stored_prefix(k))
+                    .expect("stream name validated by config");
+                // Scans of a stream run one at a time, on one of the read
+                // connections, away from the live subscriptions.
+                let scanner = Arc::new(Scanner::new(history.stream().clone()));
+                tokio::spawn({
+                    let (scanner, stop) = (scanner.clone(), stop_tasks.clone());
+                    async move { scanner.run(stop).await }
+                });
+                Part { name, history, scanner, state: Mutex::default() }
+            })
+            .collect();
         let hub = Arc::new(Self {
             client,
             settings,
-            history,
+            parts,
             users: Mutex::default(),
             bad_subjects: Mutex::default(),
             audit_now: Arc::default(),
@@ -523,42 +562,36 @@ impl Hub {
             resume_slots: Semaphore::new(RESUME_READ_CONCURRENCY),
             live_slots: Semaphore::new(LIVE_READ_CONCURRENCY),
             replay_bytes: Semaphore::new(REPLAY_BYTES),
-            scanner,
             stop_tasks: stop_tasks.clone(),
-            stream_state: Mutex::default(),
         });
         // Holds only a weak reference, so dropping the hub stops it.
         tokio::spawn(audit_loop(Arc::downgrade(&hub), hub.audit_now.clone(), stop_tasks));
         hub
     }
 
-    /// Records the stream's epoch and last sequence. When the epoch changed
-    /// from a known one, the stream was recreated: every socket is closed
-    /// with [`Kick::StreamReset`] and `true` is returned.
-    pub fn observe_stream(&self, epoch: String, last_seq: u64) -> bool {
-        let mut st = lock(&self.stream_state);
+    /// Records partition `k`'s stream's epoch and last sequence. When the
+    /// epoch changed from a known one, the stream was recreated: every socket
+    /// of its users is closed with [`Kick::StreamReset`] and `true` is returned.
+    pub fn observe_stream(&self, k: u32, epoch: String, last_seq: u64) -> bool {
+        let mut st = lock(&self.parts[k as usize].state);
         let reset = !st.epoch.is_empty() && st.epoch != epoch;
         st.epoch = epoch;
         st.last_seq = last_seq;
         drop(st);
         if reset {
-            self.reset();
+            self.reset(k);
         }
         reset
     }
 
-    /// The stream's epoch, empty until the stream was first checked.
-    pub fn epoch(&self) -> String {
-        lock(&self.stream_state).epoch.clone()
+    /// The stream that stores `user`'s events, its reads and what is known of it.
+    pub fn part(&self, user: &str) -> &Part {
+        &self.parts[self.settings.partition_of(user) as usize]
     }
 
-    /// The stream's last sequence when last checked.
-    pub fn stream_last(&self) -> u64 {
-        lock(&self.stream_state).last_seq
-    }
-
-    pub fn history(&self) -> &History {
-        &self.history
+    /// Every partition's stream, in partition order.
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
     }
 
     /// The slots of resume reads ([`RESUME_READ_CONCURRENCY`]).
@@ -574,10 +607,6 @@ impl Hub {
     /// The largest event the stream takes (`--max-event-bytes`).
     pub fn max_event_bytes(&self) -> usize {
         self.settings.max_event_bytes
-    }
-
-    pub fn scanner(&self) -> &Scanner {
-        &self.scanner
     }
 
     /// Starts an audit of every user now: after a NATS reconnect, anything
@@ -606,6 +635,7 @@ impl Hub {
                 .or_insert_with(|| {
                     Arc::new(UserEntry {
                         user: user.clone(),
+                        part: self.settings.partition_of(user.as_str()),
                         shared: Mutex::new(Shared { sockets: HashMap::new(), position: Position::Horizon(0) }),
                         replay: Arc::default(),
                         ready: OnceCell::new(),
@@ -652,9 +682,9 @@ impl Hub {
         let sub = self.client.subscribe(self.settings.live_subject(entry.user.as_str())).await?;
         let position = {
             let _permit = acquire(&self.live_slots).await;
-            let user = entry.user.as_str();
-            match self.history.last(user).await.inspect_err(|_| m::jetstream_error("join"))? {
-                0 => Position::Horizon(self.history.stream_last().await.inspect_err(|_| m::jetstream_error("join"))?),
+            let (user, history) = (entry.user.as_str(), &self.parts[entry.part as usize].history);
+            match history.last(user).await.inspect_err(|_| m::jetstream_error("join"))? {
+                0 => Position::Horizon(history.stream_last().await.inspect_err(|_| m::jetstream_error("join"))?),
                 last => Position::Event(last),
             }
         };
@@ -678,12 +708,17 @@ impl Hub {
         }
     }
 
-    /// The stream was recreated: close every socket (they resume and learn of
-    /// the reset) and forget every user, whose positions are now meaningless.
-    pub fn reset(&self) {
+    /// Partition `k`'s stream was recreated: close every socket of its users
+    /// (they resume and learn of the reset) and forget those users, whose
+    /// positions are now meaningless.
+    fn reset(&self, k: u32) {
         // Taken out first: the users' lock is not held while every socket is kicked.
-        let users = std::mem::take(&mut *lock(&self.users));
-        for entry in users.values() {
+        let users: Vec<Arc<UserEntry>> = {
+            let mut all = lock(&self.users);
+            let gone: Vec<UserId> = all.values().filter(|e| e.part == k).map(|e| e.user.clone()).collect();
+            gone.iter().filter_map(|u| all.remove(u)).collect()
+        };
+        for entry in &users {
             entry.signal.stop();
             for s in lock(&entry.shared).sockets.values() {
                 s.kicker.kick(Kick::StreamReset);
@@ -736,11 +771,16 @@ impl Hub {
         m::hot().events_received.increment(1);
         let headers = msg.headers.as_ref();
         let stream = stamped(headers, "Nats-Stream").map(|v| v.as_str());
-        let Some(seq) = stamped_u64(headers, "Nats-Sequence").filter(|_| stream == Some(self.settings.name.as_str()))
-        else {
-            // Not a republished message of our stream: someone published to
-            // the live subject directly, or another stream republishes there.
-            // It has no place in the user's history.
+        let ours = self.parts[entry.part as usize].name.as_str();
+        if let Some(other) = stream.filter(|s| *s != ours && self.parts.iter().any(|p| p.name == *s)) {
+            self.misplaced(entry, other, ours);
+            return;
+        }
+        let Some(seq) = stamped_u64(headers, "Nats-Sequence").filter(|_| stream == Some(ours)) else {
+            // Not a republished message of the user's stream: someone
+            // published to the live subject directly, or another stream (or
+            // another partition's, under a mapping that disagrees with the
+            // node's) republishes there. It has no place in the user's history.
             metrics::counter!(m::EVENTS_REJECTED, "reason" => "no_sequence").increment(1);
             self.log_bad_once(
                 &entry.user,
@@ -795,6 +835,27 @@ impl Hub {
         self.deliver(entry, Stored { seq, payload: msg.payload }, stored_at);
     }
 
+    /// An event of the user stored by another partition's stream than the
+    /// one the node reads the user from: the account's mapping no longer
+    /// agrees with the node's (the readiness check turns the node not ready
+    /// within [`crate::server::READY_CHECK_INTERVAL`]). The event has no
+    /// sequence in the user's stream, and a resume would never find it: the
+    /// sockets are told now, with a gap that has no end, rather than never.
+    fn misplaced(&self, entry: &UserEntry, stored_in: &str, ours: &str) {
+        metrics::counter!(m::EVENTS_REJECTED, "reason" => "wrong_partition").increment(1);
+        self.log_bad_once(
+            &entry.user,
+            &self.settings.live_subject(entry.user.as_str()),
+            &format!(
+                "an event of this user was stored in {stored_in}, this node reads the user from {ours}: the account's subject mapping disagrees with --stream-partitions {}; announced as a gap",
+                self.settings.partitions
+            ),
+        );
+        let from = lock(&entry.shared).position.seq() + 1;
+        let gap = Gap { reason: GapReason::Unavailable, from: Some(from), to: None, earliest: None };
+        self.announce(entry, gap, 0);
+    }
+
     /// Reads the user's stored events after its position and below
     /// `before`, and delivers them. `expect` is the user's event the read
     /// must reach (the live message's `Nats-Last-Sequence`, or the leader's
@@ -810,7 +871,8 @@ impl Hub {
                 return;
             }
             let max = read_count(READ_CHUNK, self.settings.max_event_bytes);
-            let e = match crate::resume::read(&self.history, user, after, Some(before), max).await {
+            let history = &self.parts[entry.part as usize].history;
+            let e = match crate::resume::read(history, user, after, Some(before), max).await {
                 Ok(read) => {
                     if let Some(gap) = read.gap {
                         self.announce(entry, gap, gap.to.unwrap_or(after));
@@ -902,6 +964,9 @@ impl Hub {
     /// ([`History::newest_many`]), one batch in flight, at most
     /// [`AUDIT_BATCHED_RATE`] users a second; before 2.11 one leader request
     /// each, at most [`AUDIT_RATE`] a second.
+    ///
+    /// With partitions, each stream's users are checked against that
+    /// stream, one stream after another, within the same rates.
     async fn audit(&self) {
         if lock(&self.users).is_empty() {
             return;
@@ -909,33 +974,47 @@ impl Hub {
         // Asked before the users' newest events: any event of a user up to
         // it is then at or below the newest the answer reports, if the
         // server that answers has stored that far.
-        let through = match self.history.stream_last().await {
-            Ok(last) => last,
-            Err(e) => {
-                m::jetstream_error("audit");
-                tracing::debug!(error = %e, "audit skipped: the stream's last sequence is unknown");
-                return;
+        let throughs: Vec<Option<u64>> =
+            futures_util::future::join_all(self.parts.iter().map(|p| p.history.stream_last()))
+                .await
+                .into_iter()
+                .zip(&self.parts)
+                .map(|(r, p)| {
+                    r.inspect_err(|e| {
+                        m::jetstream_error("audit");
+                        tracing::debug!(error = %e, stream = p.name, "audit of the stream's users skipped: its last sequence is unknown");
+                    })
+                    .ok()
+                })
+                .collect();
+        let mut due: Vec<Vec<Arc<UserEntry>>> = vec![Vec::new(); self.parts.len()];
+        for e in lock(&self.users).values() {
+            let Some(through) = throughs[e.part as usize] else { continue };
+            if !e.ready.initialized() || e.audited.load(Ordering::Acquire) >= through {
+                continue;
             }
-        };
-        let due: Vec<Arc<UserEntry>> = lock(&self.users)
-            .values()
-            .filter(|e| {
-                if !e.ready.initialized() || e.audited.load(Ordering::Acquire) >= through {
-                    return false;
-                }
-                let now = lock(&e.shared).position.seq();
-                let before = e.seen.swap(now, Ordering::AcqRel);
-                before == NOT_AUDITED || now <= before
-            })
-            .cloned()
-            .collect();
-        let mut rest: &[Arc<UserEntry>] = &due;
+            let now = lock(&e.shared).position.seq();
+            let before = e.seen.swap(now, Ordering::AcqRel);
+            if before == NOT_AUDITED || now <= before {
+                due[e.part as usize].push(e.clone());
+            }
+        }
+        for ((part, due), through) in self.parts.iter().zip(&due).zip(throughs) {
+            if let Some(through) = through.filter(|_| !due.is_empty()) {
+                self.audit_part(part, due, through).await;
+            }
+        }
+    }
+
+    /// Checks `due`, users of `part`, against its stream ([`Hub::audit`]).
+    async fn audit_part(&self, part: &Part, due: &[Arc<UserEntry>], through: u64) {
+        let mut rest = due;
         if !self.unbatched.load(Ordering::Relaxed) {
             let mut step = tokio::time::interval(AUDIT_BATCH_STEP);
             while !rest.is_empty() {
                 step.tick().await;
                 let (batch, after) = rest.split_at(rest.len().min(NEWEST_BATCH));
-                if !self.audit_batch(batch, through).await {
+                if !self.audit_batch(part, batch, through).await {
                     break;
                 }
                 rest = after;
@@ -945,15 +1024,15 @@ impl Hub {
         let mut step = tokio::time::interval(AUDIT_STEP);
         for batch in rest.chunks(per_step) {
             step.tick().await;
-            futures_util::future::join_all(batch.iter().map(|e| self.audit_user(e, through))).await;
+            futures_util::future::join_all(batch.iter().map(|e| self.audit_user(part, e, through))).await;
         }
     }
 
     /// Checks `batch` in one batched read; false when the server does not
     /// answer those, so the rest is asked per user.
-    async fn audit_batch(&self, batch: &[Arc<UserEntry>], through: u64) -> bool {
+    async fn audit_batch(&self, part: &Part, batch: &[Arc<UserEntry>], through: u64) -> bool {
         let users: Vec<&str> = batch.iter().map(|e| e.user.as_str()).collect();
-        match self.history.newest_many(&users).await {
+        match part.history.newest_many(&users).await {
             Ok(Batched::Read(newest)) => {
                 // A replica (or mirror) that answered may not have stored
                 // all the leader had: the check then reaches only as far.
@@ -980,12 +1059,12 @@ impl Hub {
         }
     }
 
-    async fn audit_user(&self, entry: &UserEntry, through: u64) {
+    async fn audit_user(&self, part: &Part, entry: &UserEntry, through: u64) {
         if entry.signal.is_stopped() {
             return;
         }
         metrics::counter!(m::AUDIT_CHECKS).increment(1);
-        match self.history.newest(entry.user.as_str()).await {
+        match part.history.newest(entry.user.as_str()).await {
             // The leader answered: it has stored everything up to `through`.
             Ok(newest) => self.audited(entry, newest, through),
             Err(e) => {

@@ -500,7 +500,7 @@ fn register_known() {
         metrics::counter!(MERGED_EVENTS, "path" => path).absolute(0);
     }
     metrics::counter!(SOCKETS_BEHIND).absolute(0);
-    for reason in ["not_json", "not_object", "not_utf8", "no_sequence"] {
+    for reason in ["not_json", "not_object", "not_utf8", "no_sequence", "wrong_partition"] {
         metrics::counter!(EVENTS_REJECTED, "reason" => reason).absolute(0);
     }
     for reason in ["late_resume", "bad_frame", "binary", "too_big", "not_utf8", "refresh_refused"] {

@@ -12,6 +12,12 @@
 
 use crate::user::UserId;
 
+/// Partitions a node takes at most (`--stream-partitions`). Each is a
+/// stream the node checks every readiness interval, a scan task and a
+/// position check; 64 streams spread the busiest deployment we size for
+/// (docs/operations.md) over more servers than a JetStream cluster has.
+pub const MAX_PARTITIONS: u32 = 64;
+
 /// FNV-1a, 32 bits: the offset basis and prime of the published algorithm.
 const FNV_OFFSET: u32 = 0x811c_9dc5;
 const FNV_PRIME: u32 = 0x0100_0193;
@@ -19,8 +25,42 @@ const FNV_PRIME: u32 = 0x0100_0193;
 /// The partition, `0..partitions`, that `{{partition(partitions,1)}}` maps
 /// the subject token `token` to. `partitions` is at least 1.
 pub fn of_token(token: &str, partitions: u32) -> u32 {
-    let hash = token.bytes().fold(FNV_OFFSET, |h, b| (h ^ u32::from(b)).wrapping_mul(FNV_PRIME));
-    hash % partitions.max(1)
+    hash(token) % partitions.max(1)
+}
+
+fn hash(token: &str) -> u32 {
+    token.bytes().fold(FNV_OFFSET, |h, b| (h ^ u32::from(b)).wrapping_mul(FNV_PRIME))
+}
+
+/// Subject tokens to check a mapping into `partitions` with, each with its
+/// partition: at least one for every partition, and, for every other count
+/// up to [`MAX_PARTITIONS`], one that count's mapping would send elsewhere.
+/// A mapping that stores each of them in its partition's stream is the
+/// node's, or one that agrees with it on every user within the counts
+/// allowed ([`crate::stream::check_mapping`]). `%` is no character of a
+/// user id ([`crate::user::UserId::parse`]): no user's subject is among them.
+pub fn check_tokens(partitions: u32) -> Vec<(String, u32)> {
+    let n = partitions.max(1);
+    let mut reached = vec![false; n as usize];
+    let mut told_apart: Vec<u32> = (1..=MAX_PARTITIONS).filter(|&m| m != n).collect();
+    let mut tokens = Vec::new();
+    // A bound no search needs (about 2n + 10 tokens are enough): the
+    // hash spreads consecutive tokens evenly.
+    for i in 0..100_000 {
+        if told_apart.is_empty() && reached.iter().all(|&r| r) {
+            break;
+        }
+        let token = format!("%partition-check-{i}");
+        let h = hash(&token);
+        let k = h % n;
+        let before = told_apart.len();
+        told_apart.retain(|&m| h % m == k);
+        if told_apart.len() < before || !reached[k as usize] {
+            reached[k as usize] = true;
+            tokens.push((token, k));
+        }
+    }
+    tokens
 }
 
 /// The partition of `user`, whose id is its subject token ([`crate::user`]).
@@ -39,6 +79,23 @@ mod tests {
         assert_eq!(of_token("", u32::MAX), 0x811c_9dc5);
         assert_eq!(of_token("a", u32::MAX), 0xe40c_292c);
         assert_eq!(of_token("foobar", u32::MAX), 0xbf9c_f968);
+    }
+
+    #[test]
+    fn the_check_tokens_reach_every_partition_and_tell_every_other_count_apart() {
+        for n in [1, 2, 3, 4, 8, 16, MAX_PARTITIONS] {
+            let tokens = check_tokens(n);
+            for k in 0..n {
+                assert!(tokens.iter().any(|(_, p)| *p == k), "n {n}: partition {k} reached");
+            }
+            for (t, p) in &tokens {
+                assert_eq!(of_token(t, n), *p);
+            }
+            for m in (1..=MAX_PARTITIONS).filter(|&m| m != n) {
+                assert!(tokens.iter().any(|(t, p)| of_token(t, m) != *p), "n {n}: a mapping into {m} is told apart");
+            }
+            assert!(tokens.len() <= 2 * n as usize + 40, "n {n}: {} tokens", tokens.len());
+        }
     }
 
     #[test]

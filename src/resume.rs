@@ -292,11 +292,12 @@ impl<'a> Replay<'a> {
     ) -> Result<Replay<'a>, ResumeError> {
         let user = membership.user();
         let joined = membership.position;
-        let history = hub.history();
+        let part = hub.part(user);
+        let history = part.history();
         // A position from another stream: the epoch says so, or the position
         // lies beyond anything this stream has stored.
         let mut reset = client_epoch.is_some_and(|e| !epoch.is_empty() && e != epoch);
-        if !reset && last_seq > joined.seq() && last_seq > hub.stream_last() {
+        if !reset && last_seq > joined.seq() && last_seq > part.stream_last() {
             reset = last_seq > history.stream_last().await?;
         }
         let mut replay = Replay {
@@ -437,9 +438,13 @@ impl<'a> Replay<'a> {
         let joined = self.joined.seq();
         let missing = match self.joined {
             Position::Event(_) => Some(joined),
-            Position::Horizon(_) | Position::GapEnd(_) => {
-                self.hub.history().leader_next(self.user, self.position + 1).await?.filter(|&s| s <= joined)
-            }
+            Position::Horizon(_) | Position::GapEnd(_) => self
+                .hub
+                .part(self.user)
+                .history()
+                .leader_next(self.user, self.position + 1)
+                .await?
+                .filter(|&s| s <= joined),
         };
         let Some(missing) = missing else {
             self.position = joined;
@@ -494,17 +499,18 @@ pub async fn read_for_resume<'h>(
     before: u64,
     max: usize,
 ) -> Result<(Read, SemaphorePermit<'h>), StreamError> {
-    let history = hub.history();
+    let part = hub.part(user);
+    let history = part.history();
     let mut slot = hub.resume_slots().try_acquire().ok();
-    if hub.scanner().busy() {
+    if part.scanner().busy() {
         slot = None;
     }
     // Only ranges near the stream's end: a round reads from its oldest
     // request to the end, so one old position would make every request of
     // the round wait for a long read.
-    let near_end = after.saturating_add(1 + MAX_SCAN_SPAN) >= hub.stream_last().max(before.saturating_sub(1));
+    let near_end = after.saturating_add(1 + MAX_SCAN_SPAN) >= part.stream_last().max(before.saturating_sub(1));
     if slot.is_none() && near_end {
-        match hub.scanner().read(history.subject(user), after, before, max).await {
+        match part.scanner().read(history.subject(user), after, before, max).await {
             Ok(found) => {
                 let _slot = acquire(hub.resume_slots()).await;
                 let round = found.round;

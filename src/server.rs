@@ -959,37 +959,38 @@ async fn run_connection(serving: Serving, conn: HttpConn, stop: CancellationToke
 async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), StreamError> {
     let js = async_nats::jetstream::new(st.client.clone());
     let mut first = true;
-    let mut last_line = String::new();
+    let mut last_lines = vec![String::new(); st.config.stream.partitions as usize];
     // When checks began to fail while the node was ready.
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         if st.nats_connected() {
             // A failing check is dated from its start: a timeout takes 5 s.
             let checked_at = tokio::time::Instant::now();
-            let checked = match stream::ensure(&js, &st.config.stream).await {
-                Ok(ensured) => position_check(&st).await.map(|()| ensured),
-                Err(e) => Err(e),
-            };
+            let checked = check_streams(&js, &st).await;
             match checked {
-                Ok(ensured) => {
-                    if first || (!ensured.as_configured && ensured.line != last_line) {
-                        tracing::info!("{}", ensured.line);
-                    }
-                    if first {
-                        for w in stream::warnings(&ensured.info.config) {
-                            tracing::warn!("{w}");
+                Ok(streams) => {
+                    for (k, ensured) in streams.into_iter().enumerate() {
+                        let stream = ensured.info.config.name.as_str();
+                        if first || (!ensured.as_configured && ensured.line != last_lines[k]) {
+                            tracing::info!("{}", ensured.line);
                         }
+                        if first {
+                            for w in stream::warnings(&ensured.info.config) {
+                                tracing::warn!(stream, "{w}");
+                            }
+                        }
+                        let epoch = crate::history::epoch(&ensured.info);
+                        if st.hub.observe_stream(k as u32, epoch.clone(), ensured.info.state.last_sequence) {
+                            metrics::counter!(m::STREAM_RESETS).increment(1);
+                            tracing::warn!(
+                                stream,
+                                epoch,
+                                "the stream was recreated; closing its users' sockets so their clients resume against it"
+                            );
+                        }
+                        last_lines[k] = ensured.line;
                     }
                     first = false;
-                    last_line = ensured.line;
-                    let epoch = crate::history::epoch(&ensured.info);
-                    if st.hub.observe_stream(epoch.clone(), ensured.info.state.last_sequence) {
-                        metrics::counter!(m::STREAM_RESETS).increment(1);
-                        tracing::warn!(
-                            epoch,
-                            "the stream was recreated; closing every socket so clients resume against it"
-                        );
-                    }
                     st.stream_ok.store(true, Ordering::Release);
                     failing_since = None;
                 }
@@ -998,7 +999,10 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                     m::jetstream_error("stream_check");
                     let was_ok = st.stream_ok.load(Ordering::Acquire);
                     let since = *failing_since.get_or_insert(checked_at);
-                    if was_ok && since.elapsed() < STREAM_CHECK_GRACE {
+                    // A mapping that disagrees is not a passing election: events
+                    // are stored where this node does not read them.
+                    let mapping = matches!(e, StreamError::Mapping(_));
+                    if was_ok && !mapping && since.elapsed() < STREAM_CHECK_GRACE {
                         if since == checked_at {
                             tracing::warn!(error = %e, grace = ?STREAM_CHECK_GRACE, "stream check failed; still ready for now");
                         }
@@ -1019,18 +1023,33 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
     }
 }
 
+/// Every partition's stream ensured ([`stream::ensure`]) and its position
+/// check passed, in partition order; then the account's mapping checked
+/// ([`stream::check_mapping`]).
+async fn check_streams(
+    js: &async_nats::jetstream::Context,
+    st: &AppState,
+) -> Result<Vec<stream::Ensured>, StreamError> {
+    let mut streams = Vec::with_capacity(st.hub.parts().len());
+    for (k, part) in st.hub.parts().iter().enumerate() {
+        streams.push(stream::ensure(js, &st.config.stream, k as u32).await?);
+        position_check(part.history(), &st.config.stream.stream_name(k as u32)).await?;
+    }
+    stream::check_mapping(&st.client, &st.config.stream).await?;
+    Ok(streams)
+}
+
 /// A user's position is asked of the stream's leader
 /// ([`crate::history::History::last`]), a request the node's NATS user may
 /// not be allowed to make (deployments whose permissions predate it). Every
 /// first socket of a user would then fail after a timeout, so the node is
 /// not ready instead, and says what to grant. The subject asked for is one
 /// no user id can name.
-async fn position_check(st: &AppState) -> Result<(), StreamError> {
-    match st.hub.history().last(POSITION_CHECK_USER).await {
+async fn position_check(history: &crate::history::History, name: &str) -> Result<(), StreamError> {
+    match history.last(POSITION_CHECK_USER).await {
         Ok(_) => Ok(()),
         Err(StreamError::Nats(e)) => Err(StreamError::Nats(format!(
-            "{e}; a user's position is asked of the stream leader, so the node's NATS user must be allowed to publish to $JS.API.STREAM.MSG.GET.{}",
-            st.config.stream.name
+            "{e}; a user's position is asked of the stream leader, so the node's NATS user must be allowed to publish to $JS.API.STREAM.MSG.GET.{name}"
         ))),
         Err(e) => Err(e),
     }

@@ -170,7 +170,7 @@ where
                 return close_with(&mut ws, close::INTERNAL, "subscribe failed", End::Error).await;
             }
         };
-        let epoch = hub.epoch();
+        let epoch = hub.part(s.user.as_str()).epoch();
         let welcome = ServerFrame::Welcome {
             node: &s.node_id,
             user: s.user.as_str(),
@@ -558,13 +558,15 @@ fn render(item: &Item, position: &mut u64) -> Option<Utf8Bytes> {
         Item::Event(_) => None,
         Item::Control(text) => Some(text.clone()),
         Item::Gap(g) => {
-            let to = g.to?;
-            if to <= *position {
-                return None;
-            }
             // Only the part this socket has not already covered.
             let from = g.from.map(|f| f.max(*position + 1));
-            *position = to;
+            match g.to {
+                Some(to) if to <= *position => return None,
+                Some(to) => *position = to,
+                // No end: an event of the user stored outside its stream
+                // ([`crate::hub`]'s `misplaced`); the position stays.
+                None => {}
+            }
             metrics::counter!(m::GAPS_SENT, "reason" => g.reason.label()).increment(1);
             Some(Gap { from, ..*g }.frame())
         }

@@ -5,6 +5,12 @@
 //! `Nats-Sequence` and `Nats-Last-Sequence` headers (since nats-server 2.9.0),
 //! so a node needs only a plain core subscription per user to receive every
 //! event with its stream sequence and the previous sequence of that user.
+//!
+//! With `--stream-partitions N` (N > 1) there are N such streams,
+//! `<stream>-k` storing `<prefix>.k.*`: the account's subject mapping sends
+//! each user's events there ([`StreamSettings::mapping`]), and every
+//! partition republishes to the same live subjects. [`check_mapping`] proves
+//! the mapping in force stores each user where the node reads it.
 
 use std::fmt::Write as _;
 
@@ -32,20 +38,27 @@ pub enum StreamError {
     /// [`crate::history::Span::Contradicted`]): the read is made again.
     #[error("JetStream answers disagree: {0}")]
     Inconsistent(String),
+    /// NATS stores some user's events in another partition's stream than
+    /// the one the node reads them from ([`check_mapping`]). Not a reason
+    /// to exit: the account's mapping can be mended while the node runs,
+    /// and it stays not ready until then.
+    #[error("partition mapping: {0}")]
+    Mapping(String),
 }
 
 impl StreamError {
     /// True when retrying cannot help and the operator must act.
     pub fn is_config(&self) -> bool {
-        !matches!(self, StreamError::Nats(_) | StreamError::Inconsistent(_))
+        !matches!(self, StreamError::Nats(_) | StreamError::Inconsistent(_) | StreamError::Mapping(_))
     }
 }
 
-/// The configuration agentcast creates the stream with.
-pub fn desired(s: &StreamSettings) -> Config {
-    let events = format!("{}.*", s.subject_prefix);
+/// The configuration agentcast creates partition `k`'s stream with (the
+/// only one, `k` = 0, without partitions).
+pub fn desired(s: &StreamSettings, k: u32) -> Config {
+    let events = format!("{}.*", s.stored_prefix(k));
     Config {
-        name: s.name.clone(),
+        name: s.stream_name(k),
         description: Some("agentcast: per-user AI-agent events".into()),
         subjects: vec![events.clone()],
         storage: StorageType::File,
@@ -171,21 +184,23 @@ pub struct Ensured {
     pub info: Info,
 }
 
-/// Creates the stream if it is missing; checks it otherwise, and updates its
-/// limits unless `external`.
-pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<Ensured, StreamError> {
-    let nats = |what: &str, e: &dyn std::fmt::Display| StreamError::Nats(format!("{what} {}: {e}", s.name));
-    let want = desired(s);
-    let mut existing = match js.get_stream(&s.name).await {
+/// Creates partition `k`'s stream (the only one, `k` = 0, without
+/// partitions) if it is missing; checks it otherwise, and updates its limits
+/// unless `external`.
+pub async fn ensure(js: &jetstream::Context, s: &StreamSettings, k: u32) -> Result<Ensured, StreamError> {
+    let name = s.stream_name(k);
+    let nats = |what: &str, e: &dyn std::fmt::Display| StreamError::Nats(format!("{what} {name}: {e}"));
+    let want = desired(s, k);
+    let mut existing = match js.get_stream(&name).await {
         Ok(stream) => stream,
         Err(e) => match e.kind() {
             GetStreamErrorKind::JetStream(je) if je.error_code() == ErrorCode::STREAM_NOT_FOUND => {
                 if s.external {
-                    return Err(StreamError::Missing(s.name.clone()));
+                    return Err(StreamError::Missing(name));
                 }
                 let created = js.create_stream(want).await.map_err(|e| nats("creating stream", &e))?;
                 let info = created.cached_info().clone();
-                return Ok(Ensured { line: format!("created stream {}", s.name), as_configured: false, info });
+                return Ok(Ensured { line: format!("created stream {name}"), as_configured: false, info });
             }
             _ => return Err(nats("looking up stream", &e)),
         },
@@ -194,19 +209,19 @@ pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<Ensur
     let have = info.config.clone();
     let structural = structural_diff(&have, &want);
     if !structural.is_empty() {
-        return Err(StreamError::Mismatch { name: s.name.clone(), diff: structural });
+        return Err(StreamError::Mismatch { name, diff: structural });
     }
     let limits = limits_diff(&have, &want);
     if limits.is_empty() {
-        return Ok(Ensured { line: format!("stream {} is as configured", s.name), as_configured: true, info });
+        return Ok(Ensured { line: format!("stream {name} is as configured"), as_configured: true, info });
     }
     if s.external {
-        let line = format!("stream {} is managed externally and differs from this node's flags: {limits}", s.name);
+        let line = format!("stream {name} is managed externally and differs from this node's flags: {limits}");
         return Ok(Ensured { line, as_configured: false, info });
     }
     if have.storage != want.storage {
         let diff = format!("storage is {:?}, need {:?} (cannot be changed in place)", have.storage, want.storage);
-        return Err(StreamError::Mismatch { name: s.name.clone(), diff });
+        return Err(StreamError::Mismatch { name, diff });
     }
     let mut update = have;
     update.max_age = want.max_age;
@@ -217,7 +232,80 @@ pub async fn ensure(js: &jetstream::Context, s: &StreamSettings) -> Result<Ensur
     update.duplicate_window = want.duplicate_window;
     update.discard = want.discard;
     let info = js.update_stream(update).await.map_err(|e| nats("updating stream", &e))?;
-    Ok(Ensured { line: format!("updated stream {} limits: {limits}", s.name), as_configured: false, info })
+    Ok(Ensured { line: format!("updated stream {name} limits: {limits}"), as_configured: false, info })
+}
+
+/// Checks that NATS stores each user's events in the partition stream the
+/// node computes for it ([`crate::partition`]): with more than one
+/// partition, publishers' subjects are spread by the account's mapping,
+/// which the node cannot read, so it publishes to the event subject of each
+/// of [`crate::partition::check_tokens`] and sees which stream takes it.
+/// Nothing is stored: each check expects one stream (`Nats-Expected-Stream`)
+/// and a last sequence no stream has, so the stream it reaches refuses it,
+/// saying which refusal. The node's NATS user must be allowed to publish to
+/// the event subjects. One partition needs no mapping and is not checked.
+pub async fn check_mapping(client: &async_nats::Client, s: &StreamSettings) -> Result<(), StreamError> {
+    if s.partitions == 1 {
+        return Ok(());
+    }
+    for (token, k) in crate::partition::check_tokens(s.partitions) {
+        if lands_in(client, s, &token, k).await? {
+            continue;
+        }
+        let mut found = None;
+        for j in (0..s.partitions).filter(|&j| j != k) {
+            if lands_in(client, s, &token, j).await? {
+                found = Some(j);
+                break;
+            }
+        }
+        let subject = s.event_subject(&token);
+        let (n, want) = (s.partitions, s.mapping());
+        return Err(StreamError::Mapping(match found {
+            Some(j) => format!(
+                "NATS stores {subject} in {} (partition {j}), this node reads it from {} (partition {k} of {n}, FNV-1a as nats-server's partition()): set the account mapping {want}",
+                s.stream_name(j),
+                s.stream_name(k)
+            ),
+            None => format!(
+                "NATS stores {subject} in a stream other than {}..{}: set the account mapping {want}",
+                s.stream_name(0),
+                s.stream_name(n - 1)
+            ),
+        }));
+    }
+    Ok(())
+}
+
+/// Whether a publish to `token`'s event subject reaches partition `k`'s
+/// stream, which then refuses it ([`check_mapping`]).
+async fn lands_in(client: &async_nats::Client, s: &StreamSettings, token: &str, k: u32) -> Result<bool, StreamError> {
+    let subject = s.event_subject(token);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Stream", s.stream_name(k).as_str());
+    // No stream reaches this sequence (JetStream's are below 2^63).
+    headers.insert("Nats-Expected-Last-Sequence", i64::MAX.to_string().as_str());
+    let answer = match client.request_with_headers(subject.clone(), headers, bytes::Bytes::new()).await {
+        Ok(answer) => answer,
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            return Err(StreamError::Mapping(format!(
+                "no stream stores {subject}: set the account mapping {} (docs/operations.md)",
+                s.mapping()
+            )));
+        }
+        Err(e) => return Err(StreamError::Nats(format!("partition check on {subject}: {e}"))),
+    };
+    let reply: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap_or_default();
+    match reply.pointer("/error/err_code").and_then(|c| c.as_u64()) {
+        // Wrong last sequence: the expected stream took it, and refused it.
+        Some(10071) => Ok(true),
+        // Another stream took it (and refused it, as not the one expected).
+        Some(10060) => Ok(false),
+        _ => Err(StreamError::Nats(format!(
+            "partition check on {subject}: unexpected answer {}",
+            String::from_utf8_lossy(&answer.payload)
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -228,6 +316,7 @@ mod tests {
     fn settings() -> StreamSettings {
         StreamSettings {
             name: "S".into(),
+            partitions: 1,
             subject_prefix: "ev".into(),
             live_prefix: "live".into(),
             external: false,
@@ -242,7 +331,7 @@ mod tests {
 
     #[test]
     fn desired_config_republishes_each_user_subject() {
-        let c = desired(&settings());
+        let c = desired(&settings(), 0);
         assert_eq!(c.subjects, vec!["ev.*".to_string()]);
         let r = c.republish.unwrap();
         assert_eq!((r.source.as_str(), r.destination.as_str()), ("ev.*", "live.{{wildcard(1)}}"));
@@ -251,7 +340,7 @@ mod tests {
 
     #[test]
     fn diffs_name_each_field() {
-        let want = desired(&settings());
+        let want = desired(&settings(), 0);
         let mut have = want.clone();
         assert_eq!(structural_diff(&have, &want), "");
         assert_eq!(limits_diff(&have, &want), "");
@@ -266,7 +355,7 @@ mod tests {
 
     #[test]
     fn settings_that_remove_events_out_of_order_are_named() {
-        let want = desired(&settings());
+        let want = desired(&settings(), 0);
         assert!(warnings(&want)[0].contains("deny_delete is false"));
         let mut have = want.clone();
         have.allow_rollup = true;

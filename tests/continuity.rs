@@ -103,7 +103,7 @@ async fn oldest_events_deleted_by_hand_are_announced_as_a_gap() {
     let nats = NatsServer::start();
     let js = async_nats::jetstream::new(nats.client().await);
     let settings = StreamSettings { external: true, ..stream_settings(-1) };
-    js.create_stream(agentcast::stream::desired(&settings)).await.expect("create the stream");
+    js.create_stream(agentcast::stream::desired(&settings, 0)).await.expect("create the stream");
     let node = Node::start(&nats, &["--stream-external"]).await;
     let mut p = Published::default();
     let epoch = alice_sees_up_to_6(&node, &js, &mut p).await;
@@ -386,7 +386,7 @@ async fn property(external: bool) {
     let js = async_nats::jetstream::new(nats.client().await);
     if external {
         let settings = StreamSettings { external: true, ..stream_settings(20) };
-        js.create_stream(agentcast::stream::desired(&settings)).await.expect("create the stream");
+        js.create_stream(agentcast::stream::desired(&settings, 0)).await.expect("create the stream");
     }
     let mut w = World {
         nats,

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 /// read to be split), and a History over four connections.
 async fn setup(nats: &NatsServer, users_events: usize, noise: usize) -> (History, Vec<u64>) {
     let js = async_nats::jetstream::new(nats.client().await);
-    js.create_stream(agentcast::stream::desired(&stream_settings(10_000))).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&stream_settings(10_000), 0)).await.unwrap();
     let x = fill(&js, users_events, noise).await;
     let mut readers = Vec::new();
     for _ in 0..4 {
@@ -82,7 +82,7 @@ async fn a_resume_from_just_before_the_oldest_stored_event_is_complete() {
     let nats = NatsServer::start();
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(agentcast::stream::desired(&stream_settings(5))).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&stream_settings(5), 0)).await.unwrap();
     let mut seqs = Vec::new();
     for i in 0..8 {
         seqs.push(publish(&js, "lim", format!(r#"{{"i":{i}}}"#)).await);
@@ -111,7 +111,7 @@ async fn a_users_event_inside_a_stretch_said_to_hold_none_is_a_contradiction_not
     let nats = NatsServer::start();
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(agentcast::stream::desired(&stream_settings(2))).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&stream_settings(2), 0)).await.unwrap();
     // 1 o, 2 a, 3 a, 4 x, 5 a: a's limit of 2 removes 2, an interior delete,
     // so the look reads the stretch rather than trusting the stream's state.
     let mut seqs = Vec::new();
@@ -189,7 +189,7 @@ async fn newest_many_reads_each_users_newest_event_or_says_it_cannot() {
     let nats = NatsServer::start();
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(agentcast::stream::desired(&stream_settings(100))).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&stream_settings(100), 0)).await.unwrap();
     let history = History::new(&client, vec![client.clone()], "AGENTCAST", "agentcast.events".into()).unwrap();
     let a1 = publish(&js, "a", r#"{"i":1}"#).await;
     let b1 = publish(&js, "b", r#"{"i":2}"#).await;
@@ -220,7 +220,7 @@ async fn newest_many_asks_again_for_the_users_past_the_byte_limit() {
         return;
     }
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(agentcast::stream::desired(&stream_settings(100))).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&stream_settings(100), 0)).await.unwrap();
     let history = History::new(&client, vec![client.clone()], "AGENTCAST", "agentcast.events".into()).unwrap();
     let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(200 * 1024));
     let users: Vec<String> = (0..3 * NEWEST_BATCH_BYTES / big.len()).map(|i| format!("u{i}")).collect();

@@ -27,7 +27,7 @@ fn settings(max_per_user: i64) -> StreamSettings {
 async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::Client, Arc<Hub>) {
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(agentcast::stream::desired(&settings(max_per_user))).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&settings(max_per_user), 0)).await.unwrap();
     let hub_settings = StreamSettings { live_prefix: "shadow".into(), ..settings(max_per_user) };
     (client.clone(), Hub::new(client.clone(), vec![client], hub_settings))
 }

@@ -156,7 +156,7 @@ async fn an_external_stream_is_only_checked_and_differences_are_named() {
     js.delete_stream("AGENTCAST").await.unwrap();
     let settings =
         agentcast::config::StreamSettings { external: true, max_age: Duration::from_secs(7200), ..stream_settings(42) };
-    js.create_stream(agentcast::stream::desired(&settings)).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&settings, 0)).await.unwrap();
     let node = Node::start(&nats, &["--stream-external"]).await;
     let log = node.log_text();
     assert!(
@@ -242,7 +242,7 @@ async fn stream_settings_that_break_continuity_are_refused_by_name() {
     let nats = NatsServer::start();
     let js = async_nats::jetstream::new(nats.client().await);
     let settings = agentcast::config::StreamSettings { external: true, ..stream_settings(10_000) };
-    let want = agentcast::stream::desired(&settings);
+    let want = agentcast::stream::desired(&settings, 0);
     // A setting, how to set it, and whether the server kept it.
     type Case = (&'static str, fn(&mut Config), fn(&Config) -> bool);
     let cases: Vec<Case> = vec![

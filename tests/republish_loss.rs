@@ -28,7 +28,7 @@ async fn setup() -> (NatsCluster, async_nats::jetstream::Context, Node) {
     let cluster = NatsCluster::start().await;
     let js = async_nats::jetstream::new(cluster.client(0).await);
     let settings = StreamSettings { external: true, ..stream_settings(10_000) };
-    let mut config = agentcast::stream::desired(&settings);
+    let mut config = agentcast::stream::desired(&settings, 0);
     config.placement = Some(Placement { cluster: None, tags: vec!["leader".into()] });
     js.create_stream(config).await.expect("create the stream");
     assert_eq!(cluster.stream_leader(&js, "AGENTCAST").await.as_deref(), Some("n3"), "the stream lives on n3");

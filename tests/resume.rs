@@ -477,7 +477,7 @@ async fn the_streams_own_per_user_limit_decides_not_the_nodes_flag() {
     let nats = NatsServer::start();
     let js = async_nats::jetstream::new(nats.client().await);
     let settings = StreamSettings { external: true, ..stream_settings(5) };
-    js.create_stream(agentcast::stream::desired(&settings)).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&settings, 0)).await.unwrap();
     // The node's flag says 10000 per user; the stream keeps 5. Another
     // user's event keeps the stream's first sequence at 1, so only the
     // per-user limit tells that events were removed.

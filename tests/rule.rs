@@ -12,7 +12,7 @@ use common::*;
 
 async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::jetstream::Context, History) {
     let js = async_nats::jetstream::new(nats.client().await);
-    js.create_stream(agentcast::stream::desired(&stream_settings(max_per_user))).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&stream_settings(max_per_user), 0)).await.unwrap();
     let client = js.client();
     (js, History::new(&client, vec![client.clone()], "AGENTCAST", "agentcast.events".into()).unwrap())
 }

@@ -17,7 +17,7 @@ use common::*;
 async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::jetstream::Context, Arc<Hub>) {
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(agentcast::stream::desired(&stream_settings(max_per_user))).await.unwrap();
+    js.create_stream(agentcast::stream::desired(&stream_settings(max_per_user), 0)).await.unwrap();
     (js, Hub::new(client.clone(), vec![client], stream_settings(max_per_user)))
 }
 

@@ -411,6 +411,7 @@ async fn start_nats() -> Nats {
 fn stream_settings() -> agentcast::config::StreamSettings {
     agentcast::config::StreamSettings {
         name: "AGENTCAST".into(),
+        partitions: 1,
         subject_prefix: "agentcast.events".into(),
         live_prefix: "agentcast.live".into(),
         external: false,
@@ -659,7 +660,7 @@ async fn setup(target: Target, sockets: usize, idle: bool) -> Setup {
     let mut s = Setup { nats: vec![start_nats().await], servers: vec![], addrs: vec![], measured: vec![] };
     let client = async_nats::connect(&s.nats[0].url).await.expect("connect to nats-server");
     let js = async_nats::jetstream::new(client);
-    agentcast::stream::ensure(&js, &stream_settings()).await.expect("create the stream");
+    agentcast::stream::ensure(&js, &stream_settings(), 0).await.expect("create the stream");
     match target {
         Target::Agentcast | Target::Sse => {
             for _ in 0..processes {

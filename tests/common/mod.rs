@@ -311,6 +311,7 @@ impl Drop for Node {
 pub fn stream_settings(max_per_user: i64) -> agentcast::config::StreamSettings {
     agentcast::config::StreamSettings {
         name: "AGENTCAST".into(),
+        partitions: 1,
         subject_prefix: "agentcast.events".into(),
         live_prefix: "agentcast.live".into(),
         external: false,

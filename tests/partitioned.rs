@@ -1,0 +1,206 @@
+//! Users partitioned over several streams (`--stream-partitions`): the
+//! account's subject mapping spreads publishers' subjects, each partition's
+//! stream stores its users, and a node reads each user from the stream the
+//! mapping stores it in; a mapping that disagrees keeps the node not ready.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agentcast::partition;
+use common::*;
+
+const PARTITIONS: u32 = 4;
+
+/// A nats-server whose account maps the event subjects into `partitions`
+/// (none when 0).
+fn server_mapping(partitions: u32) -> (NatsServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("mapping.conf");
+    let text = if partitions == 0 {
+        String::new()
+    } else {
+        format!(
+            "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
+        )
+    };
+    std::fs::write(&conf, text).unwrap();
+    (NatsServer::start_with(&["-c", conf.to_str().unwrap()]), dir)
+}
+
+fn stream_of(user: &str) -> String {
+    format!("AGENTCAST-{}", partition::of_token(user, PARTITIONS))
+}
+
+#[tokio::test]
+async fn users_spread_over_four_streams_get_exactly_their_events_live_and_on_resume() {
+    let (nats, _conf) = server_mapping(PARTITIONS);
+    let node = Node::start(&nats, &["--stream-partitions", "4"]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+
+    // Users in every partition.
+    let users: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    let mut per_partition = [0; PARTITIONS as usize];
+    for u in &users {
+        per_partition[partition::of_token(u, PARTITIONS) as usize] += 1;
+    }
+    assert!(per_partition.iter().all(|n| *n > 0), "{per_partition:?}");
+
+    // Two sockets per user; each welcome carries its user's stream's epoch.
+    let mut clients = Vec::new();
+    let mut epochs = BTreeMap::new();
+    for u in &users {
+        let (a, wa) = Client::join(&node, u).await;
+        let (b, wb) = Client::join(&node, u).await;
+        assert_eq!(wa["epoch"], wb["epoch"]);
+        let mut stream = js.get_stream(stream_of(u)).await.expect("the user's partition stream");
+        let created = stream.info().await.unwrap().created.unix_timestamp_nanos().to_string();
+        assert_eq!(wa["epoch"].as_str(), Some(created.as_str()), "user {u}: the epoch of {}", stream_of(u));
+        epochs.insert(u.clone(), created);
+        clients.push((u.clone(), a, b));
+    }
+
+    // Published to the unchanged event subjects, interleaved; each ack
+    // names the user's partition stream, whose sequences each user gets.
+    let mut published: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for i in 0..6 {
+        for u in &users {
+            let ack = js
+                .publish(format!("agentcast.events.{u}"), format!(r#"{{"type":"n","user":"{u}","i":{i}}}"#).into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert_eq!(ack.stream, stream_of(u), "user {u}");
+            published.entry(u.clone()).or_default().push(ack.sequence);
+        }
+    }
+    for (u, a, b) in &mut clients {
+        for c in [a, b] {
+            let got = c.events(6).await;
+            let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+            assert_eq!(&seqs, &published[u.as_str()], "user {u}");
+            assert!(got.iter().all(|(_, e)| e["user"] == u.as_str()), "user {u} got another's event: {got:?}");
+            c.quiet_for(Duration::from_millis(100)).await;
+        }
+    }
+
+    // One socket per user leaves; more events; it resumes from its last
+    // sequence and epoch and gets exactly the missed ones.
+    let mut resuming = Vec::new();
+    for (u, a, b) in clients {
+        drop(a);
+        let last = *published[&u].last().unwrap();
+        resuming.push((u, b, last));
+    }
+    let mut missed: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for i in 6..9 {
+        for u in &users {
+            let seq = publish(&js, u, format!(r#"{{"type":"n","user":"{u}","i":{i}}}"#)).await;
+            missed.entry(u.clone()).or_default().push(seq);
+        }
+    }
+    for (u, mut stayed, last) in resuming {
+        let url = format!("{}&last_seq={last}&epoch={}", node.ws_url(&token(&u)), epochs[&u]);
+        let (mut back, _) = Client::join_url(&url).await;
+        for c in [&mut back, &mut stayed] {
+            let got: Vec<u64> = c.events(3).await.into_iter().map(|(s, _)| s).collect();
+            assert_eq!(got, missed[&u], "user {u}");
+            c.quiet_for(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(node.metric("agentcast_events_rejected_total", "").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_mapping_that_disagrees_keeps_the_node_not_ready_and_says_what_differs() {
+    // Three partitions in the account, four on the node.
+    let (nats, _conf) = server_mapping(3);
+    let node = Node::spawn(&nats.url, &["--stream-partitions", "4"]);
+    eventually("the mismatch logged", || async {
+        node.log_text().contains("partition mapping: NATS stores agentcast.events.%partition-check-")
+    })
+    .await;
+    let log = node.log_text();
+    assert!(log.contains("this node reads it from AGENTCAST-"), "{log}");
+    assert!(
+        log.contains(
+            r#"set the account mapping "agentcast.events.*": "agentcast.events.{{partition(4,1)}}.{{wildcard(1)}}""#
+        ),
+        "{log}"
+    );
+    // Checked again and again: not ready all along.
+    for _ in 0..5 {
+        assert_eq!(node.get("/readyz").await.0, 503);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Nothing the checks published was stored.
+    let js = async_nats::jetstream::new(nats.client().await);
+    for k in 0..PARTITIONS {
+        let mut s = js.get_stream(format!("AGENTCAST-{k}")).await.unwrap();
+        assert_eq!(s.info().await.unwrap().state.messages, 0, "AGENTCAST-{k}");
+    }
+
+    // No mapping at all: the partitions' subjects catch nothing.
+    let (bare, _conf) = server_mapping(0);
+    let node = Node::spawn(&bare.url, &["--stream-partitions", "4"]);
+    eventually("the missing mapping logged", || async {
+        node.log_text().contains("partition mapping: no stream stores agentcast.events.%partition-check-")
+    })
+    .await;
+    assert_eq!(node.get("/readyz").await.0, 503);
+}
+
+#[tokio::test]
+async fn one_partition_needs_no_mapping_and_names_the_stream_as_before() {
+    let nats = NatsServer::start();
+    let node = Node::start(&nats, &["--stream-partitions", "1"]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    assert!(js.get_stream("AGENTCAST").await.is_ok());
+    assert!(js.get_stream("AGENTCAST-0").await.is_err());
+    let (mut c, _) = Client::join(&node, "u1").await;
+    let seq = publish(&js, "u1", r#"{"type":"n"}"#).await;
+    assert_eq!(c.events(1).await[0].0, seq);
+}
+
+#[tokio::test]
+async fn a_mapping_changed_under_a_running_node_turns_it_not_ready_and_its_sockets_are_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("mapping.conf");
+    let mapping = |n: u32| {
+        format!(
+            "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
+        )
+    };
+    std::fs::write(&conf, mapping(PARTITIONS)).unwrap();
+    let mut nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let node = Node::start(&nats, &["--stream-partitions", "4"]).await;
+    // A user that a mapping into three partitions stores elsewhere.
+    let user = (0..)
+        .map(|i| format!("user-{i}"))
+        .find(|u| partition::of_token(u, 3) != partition::of_token(u, PARTITIONS))
+        .unwrap();
+    let (mut c, _) = Client::join(&node, &user).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let seq = publish(&js, &user, r#"{"type":"n"}"#).await;
+    assert_eq!(c.events(1).await[0].0, seq);
+
+    // The operator changes the mapping (a restart with the new file).
+    std::fs::write(&conf, mapping(3)).unwrap();
+    nats.restart();
+    eventually("the node not ready", || async { node.get("/readyz").await.0 == 503 }).await;
+    assert!(node.log_text().contains("partition mapping: NATS stores"), "{}", node.log_text());
+
+    // An event now stored in another partition's stream: the socket is
+    // told that what follows its position may be missing.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let ack = js.publish(format!("agentcast.events.{user}"), r#"{"type":"n"}"#.into()).await.unwrap().await.unwrap();
+    assert_ne!(ack.stream, stream_of(&user));
+    let gap = c.next_json().await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    assert_eq!(gap["reason"], "unavailable", "{gap}");
+    assert_eq!(gap["from"].as_u64(), Some(seq + 1), "{gap}");
+    assert!(gap.get("to").is_none_or(|t| t.is_null()), "{gap}");
+    assert_eq!(node.metric("agentcast_events_rejected_total", r#"reason="wrong_partition""#).await, 1.0);
+}
