@@ -523,18 +523,14 @@ impl StreamSettings {
         crate::partition::of_token(user, self.partitions)
     }
 
-    /// The name of partition `k`'s stream: `--stream` itself with one
-    /// partition, `<stream>-<k>` with more.
+    /// The name of partition `k`'s stream ([`crate::partition::stream_name`]).
     pub fn stream_name(&self, k: u32) -> String {
-        if self.partitions == 1 { self.name.clone() } else { format!("{}-{k}", self.name) }
+        crate::partition::stream_name(&self.name, self.partitions, k)
     }
 
-    /// The prefix of the subjects partition `k`'s stream stores events
-    /// under, one subject per user: the event subjects themselves with one
-    /// partition; with more, the subjects the account mapping sends them to,
-    /// `<subject-prefix>.<k>.<user>`.
+    /// Where partition `k`'s stream stores events ([`crate::partition::stored_prefix`]).
     pub fn stored_prefix(&self, k: u32) -> String {
-        if self.partitions == 1 { self.subject_prefix.clone() } else { format!("{}.{k}", self.subject_prefix) }
+        crate::partition::stored_prefix(&self.subject_prefix, self.partitions, k)
     }
 
     /// The account mapping NATS needs with more than one partition, as a

@@ -32,6 +32,20 @@ fn hash(token: &str) -> u32 {
     token.bytes().fold(FNV_OFFSET, |h, b| (h ^ u32::from(b)).wrapping_mul(FNV_PRIME))
 }
 
+/// The name of partition `k`'s stream of `partitions`: `stream` itself
+/// with one partition, `<stream>-<k>` with more.
+pub fn stream_name(stream: &str, partitions: u32, k: u32) -> String {
+    if partitions == 1 { stream.to_owned() } else { format!("{stream}-{k}") }
+}
+
+/// The prefix of the subjects partition `k`'s stream stores events under,
+/// one subject per user: the event subjects themselves with one partition;
+/// with more, the subjects the account mapping sends them to,
+/// `<subject-prefix>.<k>.<user>`.
+pub fn stored_prefix(subject_prefix: &str, partitions: u32, k: u32) -> String {
+    if partitions == 1 { subject_prefix.to_owned() } else { format!("{subject_prefix}.{k}") }
+}
+
 /// Subject tokens to check a mapping into `partitions` with, each with its
 /// partition: at least one for every partition, and, for every other count
 /// up to [`MAX_PARTITIONS`], one that count's mapping would send elsewhere.

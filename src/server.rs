@@ -1168,7 +1168,7 @@ pub async fn start(
             "no --allowed-origins: browser pages from any origin may open sockets (tokens are still required)"
         );
     }
-    tracing::info!(node = %config.node_id, nats = %config.nats.login.shown, stream = %config.stream.name, "listening on {addr}");
+    tracing::info!(node = %config.node_id, nats = %config.nats.login.shown, stream = %config.stream.name, partitions = config.stream.partitions, "listening on {addr}");
     on_listen(addr);
     let st = AppState::new(config, client, readers, metrics);
     let audits = tokio::spawn(audit_on_reconnect(st.hub.clone(), signals));

@@ -119,6 +119,10 @@ pub struct StreamArgs {
     pub stream: String,
     #[arg(long, env = "AGENTCAST_SUBJECT_PREFIX", default_value = crate::publisher::DEFAULT_SUBJECT_PREFIX)]
     pub subject_prefix: String,
+    /// Streams the users are spread over (the nodes' --stream-partitions):
+    /// with more than one, each partition's stream is shown, and the user's.
+    #[arg(long, env = "AGENTCAST_STREAM_PARTITIONS", default_value_t = 1)]
+    pub stream_partitions: u32,
     /// Also show this user's position: event count, first and last seq.
     #[arg(long)]
     pub user: Option<String>,
@@ -379,27 +383,101 @@ pub async fn stream(a: StreamArgs) -> i32 {
 
 async fn stream_inner(a: StreamArgs) -> Result<(), Failure> {
     let user = a.user.as_deref().map(|u| parse_user("--user", u)).transpose()?;
+    let n = a.stream_partitions;
+    if !(1..=crate::partition::MAX_PARTITIONS).contains(&n) {
+        return Err(usage(anyhow::anyhow!(
+            "--stream-partitions must be between 1 and {}, got {n}",
+            crate::partition::MAX_PARTITIONS
+        )));
+    }
     let client = connect(&a.nats).await?;
     let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream(&a.stream).await.map_err(|e| {
+    let layout = |k: u32| {
+        (crate::partition::stream_name(&a.stream, n, k), crate::partition::stored_prefix(&a.subject_prefix, n, k))
+    };
+    let mut streams = Vec::new();
+    for k in 0..n {
+        streams.push(describe(&js, &layout(k).0, &a.nats.nats_url).await?);
+    }
+    let Some(user) = user else {
+        let out =
+            if n == 1 { streams.remove(0).0 } else { json!({ "partitions": n, "streams": streams_json(streams) }) };
+        return print_json(&out);
+    };
+    let k = crate::partition::of(&user, n);
+    let (name, prefix) = layout(k);
+    let nats = |e: crate::stream::StreamError| runtime(anyhow::anyhow!("{e}"));
+    let client = js.client();
+    let history = History::new(&client, vec![client.clone()], &name, prefix.clone()).map_err(nats)?;
+    let last = history.last(user.as_str()).await.map_err(nats)?;
+    let first = history.first(user.as_str()).await.map_err(nats)?;
+    let subject = format!("{prefix}.{user}");
+    let mut subjects = streams[k as usize]
+        .1
+        .info_with_subjects(subject.as_str())
+        .await
+        .map_err(|e| runtime(anyhow::anyhow!("stream info for {subject}: {e}")))?;
+    let mut events = 0usize;
+    use futures_util::TryStreamExt;
+    while let Some((s, count)) =
+        subjects.try_next().await.map_err(|e| runtime(anyhow::anyhow!("stream info for {subject}: {e}")))?
+    {
+        if s == subject {
+            events = count;
+        }
+    }
+    let mut about = json!({
+        "id": user.as_str(),
+        "subject": subject,
+        "events": events,
+        "first_seq": first,
+        "last_seq": last,
+    });
+    let mut out = if n == 1 {
+        streams.remove(0).0
+    } else {
+        about["partition"] = k.into();
+        about["stream"] = name.into();
+        json!({ "partitions": n, "streams": streams_json(streams) })
+    };
+    out["user"] = about;
+    print_json(&out)
+}
+
+fn streams_json(streams: Vec<(serde_json::Value, async_nats::jetstream::stream::Stream)>) -> serde_json::Value {
+    serde_json::Value::Array(streams.into_iter().map(|(v, _)| v).collect())
+}
+
+fn print_json(v: &serde_json::Value) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(v).map_err(runtime)?;
+    println!("{text}");
+    Ok(())
+}
+
+/// One stream's config and state as JSON, and its handle.
+async fn describe(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    urls: &str,
+) -> Result<(serde_json::Value, async_nats::jetstream::stream::Stream), Failure> {
+    let mut stream = js.get_stream(name).await.map_err(|e| {
         use async_nats::jetstream::context::GetStreamErrorKind;
         match e.kind() {
             GetStreamErrorKind::JetStream(je)
                 if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
             {
                 runtime(anyhow::anyhow!(
-                    "stream {} does not exist on {}: a node (agentcast serve) creates it",
-                    a.stream,
-                    crate::config::redact_urls(&a.nats.nats_url)
+                    "stream {name} does not exist on {}: a node (agentcast serve) creates it",
+                    crate::config::redact_urls(urls)
                 ))
             }
-            _ => runtime(anyhow::anyhow!("stream {}: {e}", a.stream)),
+            _ => runtime(anyhow::anyhow!("stream {name}: {e}")),
         }
     })?;
-    let info = stream.info().await.map_err(|e| runtime(anyhow::anyhow!("stream {} info: {e}", a.stream)))?.clone();
+    let info = stream.info().await.map_err(|e| runtime(anyhow::anyhow!("stream {name} info: {e}")))?.clone();
     let c = &info.config;
     let s = &info.state;
-    let mut out = json!({
+    let out = json!({
         "stream": c.name,
         "epoch": crate::history::epoch(&info),
         "config": {
@@ -422,35 +500,5 @@ async fn stream_inner(a: StreamArgs) -> Result<(), Failure> {
             "users": s.subjects_count,
         },
     });
-    if let Some(user) = user {
-        let nats = |e: crate::stream::StreamError| runtime(anyhow::anyhow!("{e}"));
-        let client = js.client();
-        let history = History::new(&client, vec![client.clone()], &a.stream, a.subject_prefix.clone()).map_err(nats)?;
-        let last = history.last(user.as_str()).await.map_err(nats)?;
-        let first = history.first(user.as_str()).await.map_err(nats)?;
-        let subject = format!("{}.{user}", a.subject_prefix);
-        let mut subjects = stream
-            .info_with_subjects(subject.as_str())
-            .await
-            .map_err(|e| runtime(anyhow::anyhow!("stream info for {subject}: {e}")))?;
-        let mut events = 0usize;
-        use futures_util::TryStreamExt;
-        while let Some((s, n)) =
-            subjects.try_next().await.map_err(|e| runtime(anyhow::anyhow!("stream info for {subject}: {e}")))?
-        {
-            if s == subject {
-                events = n;
-            }
-        }
-        out["user"] = json!({
-            "id": user.as_str(),
-            "subject": subject,
-            "events": events,
-            "first_seq": first,
-            "last_seq": last,
-        });
-    }
-    let text = serde_json::to_string_pretty(&out).map_err(runtime)?;
-    println!("{text}");
-    Ok(())
+    Ok((out, stream))
 }

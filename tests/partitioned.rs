@@ -111,6 +111,25 @@ async fn users_spread_over_four_streams_get_exactly_their_events_live_and_on_res
         }
     }
     assert_eq!(node.metric("agentcast_events_rejected_total", "").await, 0.0);
+
+    // `agentcast stream` shows every partition's stream and the user's.
+    let u = &users[0];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentcast"))
+        .args(["stream", "--nats-url", &nats.url, "--stream-partitions", "4", "--user", u])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["partitions"], 4);
+    let names: Vec<&str> = v["streams"].as_array().unwrap().iter().map(|s| s["stream"].as_str().unwrap()).collect();
+    assert_eq!(names, ["AGENTCAST-0", "AGENTCAST-1", "AGENTCAST-2", "AGENTCAST-3"]);
+    let total: u64 = v["streams"].as_array().unwrap().iter().map(|s| s["state"]["messages"].as_u64().unwrap()).sum();
+    assert_eq!(total, 9 * users.len() as u64);
+    assert_eq!(v["user"]["stream"], stream_of(u).as_str());
+    assert_eq!(v["user"]["partition"], partition::of_token(u, PARTITIONS));
+    assert_eq!(v["user"]["events"], 9);
+    assert_eq!(v["user"]["last_seq"].as_u64(), missed[u].last().copied());
+    assert_eq!(v["user"]["subject"], format!("agentcast.events.{}.{u}", partition::of_token(u, PARTITIONS)));
 }
 
 #[tokio::test]
