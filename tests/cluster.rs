@@ -8,7 +8,8 @@
 //! node is killed (and restarted), and every node is rolled (drained with
 //! SIGTERM, restarted). Every client of every user must end with exactly
 //! the published sequence list of its user: nothing lost, nothing twice,
-//! in order, and no gap announced.
+//! in order, and no gap announced. Run twice: with one stream, and with the
+//! users partitioned over four (`--partitions 4`, the account's mapping).
 
 mod common;
 
@@ -55,17 +56,21 @@ fn cluster(dir: &Path, args: &[&str]) -> String {
 struct Cluster {
     dir: tempfile::TempDir,
     env: HashMap<String, String>,
+    partitions: u32,
 }
 
 impl Cluster {
-    fn up(nodes: usize) -> Self {
+    fn up(nodes: usize, partitions: u32) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let nats = nats_server_bin();
         let n = nodes.to_string();
+        let p = partitions.to_string();
         let args = [
             "up",
             "--nodes",
             &n,
+            "--partitions",
+            &p,
             "--nats-server",
             nats.to_str().expect("utf-8 path"),
             "--agentcast",
@@ -74,7 +79,7 @@ impl Cluster {
             "2s",
         ];
         // Constructed before `up` so a failed start is cleaned up too.
-        let mut c = Self { dir, env: HashMap::new() };
+        let mut c = Self { dir, env: HashMap::new(), partitions };
         cluster(c.dir.path(), &args);
         let text = std::fs::read_to_string(c.dir.path().join("cluster.env")).expect("cluster.env");
         c.env = text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
@@ -103,6 +108,13 @@ impl Cluster {
 
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name).join("log")).unwrap_or_default()
+    }
+
+    /// The stream that stores `user`'s events, and the subject it stores them under.
+    fn stream_of(&self, user: &str) -> (String, String) {
+        let k = agentcast::partition::of_token(user, self.partitions);
+        let prefix = agentcast::partition::stored_prefix("agentcast.events", self.partitions, k);
+        (agentcast::partition::stream_name("AGENTCAST", self.partitions, k), format!("{prefix}.{user}"))
     }
 }
 
@@ -156,13 +168,14 @@ async fn leader_first(c: &Cluster, user: &str) -> Option<u64> {
         .connect(urls)
         .await
         .expect("node user connects");
-    let stream = async_nats::jetstream::new(client).get_stream_no_info("AGENTCAST").await.expect("stream handle");
-    let m = stream.get_first_raw_message_by_subject(format!("agentcast.events.{user}"), 1).await;
+    let (name, subject) = c.stream_of(user);
+    let stream = async_nats::jetstream::new(client).get_stream_no_info(name).await.expect("stream handle");
+    let m = stream.get_first_raw_message_by_subject(subject, 1).await;
     Some(m.expect("the leader answers").sequence)
 }
 
-/// The stream leader's server number (1 to 3), from a server's /jsz.
-async fn stream_leader(c: &Cluster) -> Option<u16> {
+/// The leader's server number (1 to 3) of the stream `name`, from a server's /jsz.
+async fn stream_leader(c: &Cluster, name: &str) -> Option<u16> {
     for i in 1..=3 {
         let (code, body) = http_get(&format!("{}/jsz?accounts=1&streams=1", c.nats_monitor(i))).await;
         if code != 200 {
@@ -171,7 +184,7 @@ async fn stream_leader(c: &Cluster) -> Option<u16> {
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
         for acc in v["account_details"].as_array().into_iter().flatten() {
             for s in acc["stream_detail"].as_array().into_iter().flatten() {
-                if s["name"] == "AGENTCAST"
+                if s["name"] == name
                     && let Some(l) = s["cluster"]["leader"].as_str()
                 {
                     return l.strip_prefix("nats-")?.parse().ok();
@@ -222,6 +235,7 @@ async fn node_account_covers_a_shared_scan(c: &Cluster) {
         .expect("node user connects");
     let mut settings = common::stream_settings(10_000);
     settings.replicas = 3;
+    settings.partitions = c.partitions;
     let hub = Hub::new(client.clone(), vec![client.clone()], settings);
     let agent = Publisher::new(agent_connect(c, None).await);
     let users: Vec<String> = (0..20).map(|u| format!("scan{u}")).collect();
@@ -262,13 +276,19 @@ async fn node_account_covers_a_shared_scan(c: &Cluster) {
     }
     assert!(scans() > before, "the resumes were read by a shared scan");
 
-    // A node cannot publish events nor read them other than through the stream.
-    client.publish("agentcast.events.u0", "forged".into()).await.expect("send");
+    // A node cannot read events other than through the stream, nor, with
+    // one stream, publish them (with partitions it may publish to the
+    // mapped subjects, for its mapping check: docs/operations.md).
+    let forge = c.partitions == 1;
+    if forge {
+        client.publish("agentcast.events.u0", "forged".into()).await.expect("send");
+    }
     let _sub = client.subscribe("agentcast.events.>").await.expect("send sub");
     client.flush().await.expect("flush");
+    let refusals = 1 + usize::from(forge);
     common::eventually("the node user is refused", || {
         let d = denied.clone();
-        async move { d.lock().unwrap().iter().filter(|e| e.contains("Permissions Violation")).count() >= 2 }
+        async move { d.lock().unwrap().iter().filter(|e| e.contains("Permissions Violation")).count() >= refusals }
     })
     .await;
 }
@@ -285,8 +305,17 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_survives_nats_kill_node_kill_and_roll_without_losing_an_event() {
+    survives(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_cluster_survives_nats_kill_node_kill_and_roll_without_losing_an_event() {
+    survives(4).await;
+}
+
+async fn survives(partitions: u32) {
     let started = Instant::now();
-    let c = Cluster::up(3);
+    let c = Cluster::up(3, partitions);
     let ws_url = c.var("WS_URL").to_owned();
 
     // The agent account may publish events and nothing else.
@@ -311,6 +340,12 @@ async fn cluster_survives_nats_kill_node_kill_and_roll_without_losing_an_event()
     // Clients first, from the start of every user's history, so each must
     // see everything that is published.
     let users: Vec<String> = (0..USERS).map(|u| format!("u{u}")).collect();
+    if partitions > 1 {
+        let mut used: Vec<u32> = users.iter().map(|u| agentcast::partition::of_token(u, partitions)).collect();
+        used.sort();
+        used.dedup();
+        assert_eq!(used.len(), partitions as usize, "every partition has users");
+    }
     let done = Arc::new(tokio::sync::watch::channel(BTreeMap::<String, u64>::new()).0);
     let mut clients = Vec::new();
     for user in &users {
@@ -413,8 +448,15 @@ async fn cluster_survives_nats_kill_node_kill_and_roll_without_losing_an_event()
         }
     };
     flowing(Duration::from_secs(2)).await;
-    let leader = stream_leader(&c).await.unwrap_or(2);
-    mark(&format!("kill -9 nats-{leader} (stream leader)"));
+    let mut leaders = Vec::new();
+    for k in 0..partitions {
+        let name = agentcast::partition::stream_name("AGENTCAST", partitions, k);
+        leaders.push(format!("{name} on nats-{:?}", stream_leader(&c, &name).await));
+    }
+    mark(&format!("stream leaders: {}", leaders.join(", ")));
+    // The leader of u0's stream.
+    let leader = stream_leader(&c, &c.stream_of("u0").0).await.unwrap_or(2);
+    mark(&format!("kill -9 nats-{leader} (the leader of {})", c.stream_of("u0").0));
     c.run_async(&["kill", &format!("nats-{leader}")]).await;
     flowing(Duration::from_secs(1)).await;
     mark(&format!("start nats-{leader}"));
