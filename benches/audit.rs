@@ -88,6 +88,7 @@ async fn main() {
     let settings = agentcast::config::StreamSettings {
         name: "AGENTCAST".into(),
         partitions: 1,
+        previous: None,
         subject_prefix: "agentcast.events".into(),
         live_prefix: "agentcast.live".into(),
         external: false,

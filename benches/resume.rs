@@ -19,6 +19,9 @@
 //! --burst N (1): each user's events are written N in a row before the next
 //! user's, as agent runs emit theirs; 1 is round-robin, the worst case for
 //! reads by subject.
+//! --partitions N (1): the users spread over N streams (the node's
+//! `--stream-partitions`, the server's account mapping); the reads of part
+//! 1 go to each user's stream, and the scan reads partition 0's.
 
 #[path = "common/mod.rs"]
 #[allow(dead_code)] // the CPU helpers are the other targets'
@@ -46,6 +49,7 @@ struct Opts {
     storm: usize,
     missed: usize,
     burst: usize,
+    partitions: u32,
     out: Option<PathBuf>,
 }
 
@@ -58,6 +62,7 @@ fn opts() -> Opts {
         storm: 10_000,
         missed: 20,
         burst: 1,
+        partitions: 1,
         out: None,
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
@@ -73,6 +78,7 @@ fn opts() -> Opts {
             "--storm" => o.storm = num(),
             "--missed" => o.missed = num(),
             "--burst" => o.burst = num().max(1),
+            "--partitions" => o.partitions = (num() as u32).clamp(1, agentcast::partition::MAX_PARTITIONS),
             "--out" => o.out = Some(PathBuf::from(val)),
             other => panic!("unknown option {other}"),
         }
@@ -88,9 +94,10 @@ impl Drop for Proc {
     }
 }
 
-fn start_node(nats_url: &str, max_per_user: usize) -> (Proc, std::net::SocketAddr) {
+fn start_node(nats_url: &str, max_per_user: usize, partitions: u32) -> (Proc, std::net::SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
         .args(["serve", "--listen", "127.0.0.1:0", "--nats-url", nats_url, "--jwt-secret", SECRET])
+        .args(["--stream-partitions", &partitions.to_string()])
         .args(["--stream-max-per-user", &max_per_user.to_string(), "--stream-max-bytes", &(8u64 << 30).to_string()])
         .args(["--max-connections", "200000"])
         .env("AGENTCAST_LOG", "warn,agentcast=info")
@@ -183,11 +190,11 @@ fn server_at_least(client: &async_nats::Client, major: u64, minor: u64) -> bool 
 
 /// Batch direct get (nats-server 2.11+): up to `n` messages of `subject`
 /// from `from` in one request; answers end with a 204 status.
-async fn batch_next(client: &async_nats::Client, subject: &str, from: u64, n: usize) -> Vec<u64> {
+async fn batch_next(client: &async_nats::Client, stream: &str, subject: &str, from: u64, n: usize) -> Vec<u64> {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.unwrap();
     let req = json!({"seq": from, "next_by_subj": subject, "batch": n});
-    client.publish_with_reply("$JS.API.DIRECT.GET.AGENTCAST", inbox, req.to_string().into()).await.unwrap();
+    client.publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, req.to_string().into()).await.unwrap();
     let mut seqs = Vec::new();
     while let Some(m) = sub.next().await {
         if m.status.is_some() {
@@ -225,19 +232,32 @@ async fn main() {
     let o = opts();
     let dir = tempfile::tempdir().unwrap();
     let nats_bin = std::env::var("AGENTCAST_BENCH_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-    let (nats_proc, nats_url) = agentcast::dev::start_nats(std::path::Path::new(&nats_bin), dir.path()).await.unwrap();
+    let n = o.partitions;
+    let conf = dir.path().join("mapping.conf");
+    let mapping = if n > 1 {
+        format!(
+            "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
+        )
+    } else {
+        String::new()
+    };
+    std::fs::write(&conf, mapping).unwrap();
+    let (nats_proc, nats_url) =
+        agentcast::dev::start_nats(std::path::Path::new(&nats_bin), dir.path(), &["-c", conf.to_str().unwrap()])
+            .await
+            .unwrap();
     let nats_version = Command::new(&nats_bin)
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     let per_user = o.events.div_ceil(o.users);
-    let (node_proc, addr) = start_node(&nats_url, per_user * 2);
+    let (node_proc, addr) = start_node(&nats_url, per_user * 2, n);
     while http_status(addr, "/readyz").await != 200 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
-        "agentcast resume benchmark: {nats_version}, {} events over {} users (~{per_user} each, in bursts of {})",
+        "agentcast resume benchmark: {nats_version}, {} events over {} users (~{per_user} each, in bursts of {}), {n} partition(s)",
         o.events, o.users, o.burst
     );
 
@@ -266,9 +286,18 @@ async fn main() {
     let fill = start.elapsed();
     println!("  filled in {fill:.1?} ({:.0} events/s)", o.events as f64 / fill.as_secs_f64());
 
-    let mut stream = js.get_stream("AGENTCAST").await.unwrap();
-    let info = stream.info().await.unwrap().clone();
-    let epoch = agentcast::history::epoch(&info);
+    // Each user's stream, and the prefix of the subjects it stores events under.
+    let part = |u: usize| agentcast::partition::of_token(&user(u), n) as usize;
+    let names: Vec<String> = (0..n).map(|k| agentcast::partition::stream_name("AGENTCAST", n, k)).collect();
+    let prefixes: Vec<String> = (0..n).map(|k| agentcast::partition::stored_prefix("agentcast.events", n, k)).collect();
+    let mut streams = Vec::new();
+    let mut infos = Vec::new();
+    for name in &names {
+        let mut s = js.get_stream(name).await.unwrap();
+        infos.push(s.info().await.unwrap().clone());
+        streams.push(s);
+    }
+    let epochs: Vec<String> = infos.iter().map(agentcast::history::epoch).collect();
     let mut results = Vec::new();
 
     // 1. The reads a resume can use, alone.
@@ -289,11 +318,15 @@ async fn main() {
     for _ in 0..agentcast::nats::READ_CONNECTIONS {
         readers.push(async_nats::connect(&nats_url).await.unwrap());
     }
-    let history =
-        agentcast::history::History::new(&js.client(), readers, "AGENTCAST", "agentcast.events".into()).unwrap();
+    let histories: Vec<agentcast::history::History> = (0..n as usize)
+        .map(|k| {
+            agentcast::history::History::new(&js.client(), readers.clone(), &names[k], prefixes[k].clone()).unwrap()
+        })
+        .collect();
     let batch_supported = server_at_least(&client, 2, 11);
     for &u in &sample_users {
-        let subject = format!("agentcast.events.{}", user(u));
+        let (stream, history) = (&streams[part(u)], &histories[part(u)]);
+        let subject = format!("{}.{}", prefixes[part(u)], user(u));
         let s = &seqs[&u];
         let from = s[s.len() - k];
         let t = Instant::now();
@@ -335,14 +368,13 @@ async fn main() {
         }
         ordered_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let read = agentcast::resume::read(&history, &user(u), s[s.len() - k - 1], Some(s[s.len() - 1] + 1), 64)
-            .await
-            .unwrap();
+        let read =
+            agentcast::resume::read(history, &user(u), s[s.len() - k - 1], Some(s[s.len() - 1] + 1), 64).await.unwrap();
         history_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(read.gap.is_none() && read.done && read.events.len() == k, "history read of {subject}");
         if batch_supported {
             let t = Instant::now();
-            let got = batch_next(&client, &subject, from, k).await;
+            let got = batch_next(&client, &names[part(u)], &subject, from, k).await;
             batch_ms.push(t.elapsed().as_secs_f64() * 1e3);
             assert_eq!(got, s[s.len() - k..], "batch direct get of {subject}");
         }
@@ -359,17 +391,17 @@ async fn main() {
         results.push(summary(&format!("batch direct get: {k} next in one request"), batch_ms));
     }
 
-    // The range a storm of the first `storm_users` users reads, scanned once
-    // with an unfiltered ordered consumer.
+    // The range a storm of the first `storm_users` users reads in partition
+    // 0's stream, scanned once with an unfiltered ordered consumer.
     let storm_users = (o.storm / 2).min(o.users);
-    let scan_from = (0..storm_users).map(|u| seqs[&u][seqs[&u].len() - k]).min().unwrap_or(1);
-    let scan_to = info.state.last_sequence;
+    let scan_from = (0..storm_users).filter(|&u| part(u) == 0).map(|u| seqs[&u][seqs[&u].len() - k]).min().unwrap_or(1);
+    let scan_to = infos[0].state.last_sequence;
     let mut scan_ms = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let n = scan(&stream, scan_from, scan_to).await;
+        let read = scan(&streams[0], scan_from, scan_to).await;
         scan_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(n, scan_to - scan_from + 1, "scan read every message");
+        assert_eq!(read, scan_to - scan_from + 1, "scan read every message");
     }
     let scan_summary = summary(&format!("ordered consumer: scan {} messages", scan_to - scan_from + 1), scan_ms);
     results.push(scan_summary);
@@ -382,7 +414,7 @@ async fn main() {
             let s = &seqs[&u];
             let last_seq = s[s.len() - missed - 1];
             let want = &s[s.len() - missed..];
-            ms.push(resume(addr, &user(u), last_seq, &epoch, want).await.unwrap().as_secs_f64() * 1e3);
+            ms.push(resume(addr, &user(u), last_seq, &epochs[part(u)], want).await.unwrap().as_secs_f64() * 1e3);
         }
         results.push(summary(&format!("resume missing {missed}"), ms));
     }
@@ -396,7 +428,7 @@ async fn main() {
     for u in 0..storm_users {
         for _ in 0..2 {
             let s = seqs[&u].clone();
-            let epoch = epoch.clone();
+            let epoch = epochs[part(u)].clone();
             tasks.push(tokio::spawn(async move {
                 let last_seq = s[s.len() - k - 1];
                 resume(addr, &user(u), last_seq, &epoch, &s[s.len() - k..]).await
@@ -440,6 +472,7 @@ async fn main() {
         "bench": "resume",
         "nats_server": nats_version,
         "events": o.events, "users": o.users, "payload_bytes": o.payload, "missed": k, "burst": o.burst,
+        "partitions": n,
         "fill_events_per_s": o.events as f64 / fill.as_secs_f64(),
         "reads": results,
         "storm": {"sockets": sockets, "whole": whole, "failed": failures.len(), "seconds": all.as_secs_f64(),

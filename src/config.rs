@@ -317,6 +317,16 @@ pub struct NodeArgs {
     /// NATS's account mapping `{{partition(N,1)}}` assigns it (docs/operations.md).
     #[arg(long, env = "AGENTCAST_STREAM_PARTITIONS", default_value_t = 1)]
     pub stream_partitions: u32,
+    /// The stream (with --stream-previous-partitions, the prefix of the
+    /// streams) of the layout before this one: a client that resumes from a
+    /// position in it gets the rest of its events there, then everything of
+    /// the new layout, with nothing lost or repeated. Used only once sealed
+    /// (docs/operations.md, changing the number of partitions).
+    #[arg(long, env = "AGENTCAST_STREAM_PREVIOUS")]
+    pub stream_previous: Option<String>,
+    /// Partitions of the previous layout (--stream-previous).
+    #[arg(long, env = "AGENTCAST_STREAM_PREVIOUS_PARTITIONS", default_value_t = 1)]
+    pub stream_previous_partitions: u32,
     /// The operator manages the stream: only check it and report differences.
     #[arg(long, env = "AGENTCAST_STREAM_EXTERNAL")]
     pub stream_external: bool,
@@ -414,6 +424,10 @@ pub enum ConfigError {
         "--stream {0:?} is not a valid stream name (no whitespace, '.', '*', '>', '/' or '\\', at most 64 characters)"
     )]
     StreamName(String),
+    #[error(
+        "--stream-previous {0:?} names a stream of this layout: a new layout needs new stream names (docs/operations.md)"
+    )]
+    PreviousOverlap(String),
     #[error("{flag} must be between {min} and {max}, got {value}")]
     Range { flag: &'static str, value: u128, min: u128, max: u128 },
     #[error(
@@ -495,6 +509,9 @@ pub struct StreamSettings {
     pub name: String,
     /// Streams the users are spread over (`--stream-partitions`), at least 1.
     pub partitions: u32,
+    /// The layout before this one (`--stream-previous`, its partitions),
+    /// whose positions resuming clients may still hold.
+    pub previous: Option<(String, u32)>,
     pub subject_prefix: String,
     pub live_prefix: String,
     pub external: bool,
@@ -542,6 +559,12 @@ impl StreamSettings {
             n = self.partitions
         )
     }
+}
+
+/// A JetStream stream name: no whitespace, '.', '*', '>', '/' or '\\', at
+/// most 64 characters.
+fn valid_stream_name(s: &str) -> bool {
+    !(s.is_empty() || s.len() > 64 || s.contains(['.', '*', '>', '/', '\\']) || s.chars().any(char::is_whitespace))
 }
 
 fn range(flag: &'static str, value: u128, min: u128, max: u128) -> Result<(), ConfigError> {
@@ -608,14 +631,32 @@ impl NodeArgs {
             return Err(ConfigError::Overlap(a.clone(), b.clone()));
         }
         let s = &self.stream;
-        if s.is_empty() || s.len() > 64 || s.contains(['.', '*', '>', '/', '\\']) || s.chars().any(char::is_whitespace)
-        {
+        if !valid_stream_name(s) {
             return Err(ConfigError::StreamName(s.clone()));
         }
         range("--stream-partitions", self.stream_partitions as u128, 1, crate::partition::MAX_PARTITIONS as u128)?;
         // "-<k>" is added to the name of each partition's stream.
-        if self.stream_partitions > 1 && s.len() + 1 + (self.stream_partitions - 1).to_string().len() > 64 {
+        let n = self.stream_partitions;
+        if !(0..n).all(|k| valid_stream_name(&crate::partition::stream_name(s, n, k))) {
             return Err(ConfigError::StreamName(s.clone()));
+        }
+        range(
+            "--stream-previous-partitions",
+            self.stream_previous_partitions as u128,
+            1,
+            crate::partition::MAX_PARTITIONS as u128,
+        )?;
+        if let Some(p) = &self.stream_previous {
+            let names = |base: &str, n: u32| -> Vec<String> {
+                (0..n).map(|k| crate::partition::stream_name(base, n, k)).collect()
+            };
+            let previous = names(p, self.stream_previous_partitions);
+            if previous.iter().any(|name| !valid_stream_name(name)) {
+                return Err(ConfigError::StreamName(p.clone()));
+            }
+            if names(s, self.stream_partitions).iter().any(|name| previous.contains(name)) {
+                return Err(ConfigError::PreviousOverlap(p.clone()));
+            }
         }
         range("--stream-replicas", self.stream_replicas as u128, 1, 5)?;
         range("--nats-subscription-capacity", self.nats_subscription_capacity as u128, 1, 1 << 20)?;
@@ -672,6 +713,7 @@ impl NodeArgs {
             stream: StreamSettings {
                 name: self.stream,
                 partitions: self.stream_partitions,
+                previous: self.stream_previous.map(|name| (name, self.stream_previous_partitions)),
                 subject_prefix: self.subject_prefix,
                 live_prefix: self.live_prefix,
                 external: self.stream_external,

@@ -73,7 +73,7 @@ pub async fn run(mut args: DevArgs) -> i32 {
                 return 1;
             }
         };
-        match start_nats(&args.nats_server_bin, dir.path()).await {
+        match start_nats(&args.nats_server_bin, dir.path(), &[]).await {
             Ok((child, url)) => {
                 eprintln!(
                     "agentcast dev: no NATS at {}; started {} at {url}",
@@ -192,12 +192,13 @@ async fn nats_answers(login: &NatsLogin) -> bool {
 
 /// Starts nats-server with JetStream in `dir` on a random loopback port;
 /// returns the process (killed when dropped) and its client URL.
-pub async fn start_nats(bin: &Path, dir: &Path) -> anyhow::Result<(Child, String)> {
+pub async fn start_nats(bin: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(bin)
         .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
         .arg(dir.join("jetstream"))
         .arg("--ports_file_dir")
         .arg(dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

@@ -431,6 +431,8 @@ pub struct Hub {
     settings: StreamSettings,
     /// One per stream (`--stream-partitions`), in partition order.
     parts: Box<[Part]>,
+    /// The previous layout's streams (`--stream-previous`), in partition order.
+    previous: Box<[Previous]>,
     users: Mutex<HashMap<UserId, Arc<UserEntry>>>,
     bad_subjects: Mutex<HashSet<String>>,
     /// Starts an audit now (after a NATS reconnect).
@@ -482,6 +484,31 @@ impl Part {
     /// The stream's last sequence when last checked.
     pub fn stream_last(&self) -> u64 {
         lock(&self.state).last_seq
+    }
+}
+
+/// A stream of the layout before this one (`--stream-previous`): clients
+/// may resume from positions in it ([`Hub::previous_for`]).
+pub struct Previous {
+    name: String,
+    history: History,
+    /// Set by the readiness loop once the stream is found sealed
+    /// ([`crate::server`]): a sealed stream stores nothing more, so its
+    /// tail, once sent, is the whole of it, and its epoch never changes.
+    epoch: Mutex<Option<String>>,
+}
+
+impl Previous {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn known(&self) -> bool {
+        lock(&self.epoch).is_some()
+    }
+
+    pub fn set_epoch(&self, epoch: String) {
+        *lock(&self.epoch) = Some(epoch);
     }
 }
 
@@ -551,10 +578,23 @@ impl Hub {
                 Part { name, history, scanner, state: Mutex::default() }
             })
             .collect();
+        let previous = match &settings.previous {
+            None => Box::default(),
+            Some((base, n)) => (0..*n)
+                .map(|k| {
+                    let name = crate::partition::stream_name(base, *n, k);
+                    let prefix = crate::partition::stored_prefix(&settings.subject_prefix, *n, k);
+                    let history =
+                        History::new(&client, readers.clone(), &name, prefix).expect("stream name validated by config");
+                    Previous { name, history, epoch: Mutex::default() }
+                })
+                .collect(),
+        };
         let hub = Arc::new(Self {
             client,
             settings,
             parts,
+            previous,
             users: Mutex::default(),
             bad_subjects: Mutex::default(),
             audit_now: Arc::default(),
@@ -592,6 +632,19 @@ impl Hub {
     /// Every partition's stream, in partition order.
     pub fn parts(&self) -> &[Part] {
         &self.parts
+    }
+
+    /// The previous layout's streams (`--stream-previous`), in partition order.
+    pub fn previous(&self) -> &[Previous] {
+        &self.previous
+    }
+
+    /// The previous layout's stream of `user`, when `epoch` is its epoch
+    /// and it is sealed: a position the client holds in it.
+    pub fn previous_for(&self, user: &str, epoch: &str) -> Option<&History> {
+        let (_, n) = self.settings.previous.as_ref()?;
+        let p = self.previous.get(crate::partition::of_token(user, *n) as usize)?;
+        (lock(&p.epoch).as_deref() == Some(epoch)).then_some(&p.history)
     }
 
     /// The slots of resume reads ([`RESUME_READ_CONCURRENCY`]).

@@ -278,6 +278,9 @@ pub struct Replay<'a> {
     /// holds: released when the next chunk is asked for (the socket has
     /// written this one by then) or the replay is dropped.
     held: Option<SemaphorePermit<'a>>,
+    /// Set for the tail of a position in the previous layout's stream
+    /// ([`Replay::previous`]): read there, with direct gets.
+    previous: Option<&'a History>,
 }
 
 impl<'a> Replay<'a> {
@@ -315,6 +318,7 @@ impl<'a> Replay<'a> {
             finished: false,
             carry: None,
             held: None,
+            previous: None,
         };
         if reset {
             let earliest = history.first(user).await?;
@@ -345,6 +349,31 @@ impl<'a> Replay<'a> {
         }
         replay.shared = Some(shared);
         Ok(replay)
+    }
+
+    /// The replay of the user's events after `last_seq` in `history`, the
+    /// previous layout's sealed stream (`--stream-previous`), up to its
+    /// last event of the user, `last`: proven by the same rule as any
+    /// replay, in that stream's sequences. Not shared with the user's other
+    /// sockets, whose positions are in the current layout.
+    pub fn previous(hub: &'a Hub, user: &'a str, history: &'a History, last_seq: u64, last: u64) -> Replay<'a> {
+        Replay {
+            hub,
+            user,
+            joined: Position::Event(last),
+            after: last_seq,
+            position: last_seq,
+            gapped: false,
+            first: None,
+            kept: None,
+            shared: None,
+            short_reads: 0,
+            kept_events: 0,
+            finished: last_seq >= last,
+            carry: None,
+            held: None,
+            previous: Some(history),
+        }
     }
 
     /// The next frames to write, or `None` when the socket has everything up
@@ -472,7 +501,13 @@ impl<'a> Replay<'a> {
     }
 
     async fn read(&self, before: u64, max: usize) -> Result<(Read, SemaphorePermit<'a>), StreamError> {
-        read_for_resume(self.hub, self.user, self.position, before, max).await
+        let Some(history) = self.previous else {
+            return read_for_resume(self.hub, self.user, self.position, before, max).await;
+        };
+        let _slot = acquire(self.hub.resume_slots()).await;
+        let read = read(history, self.user, self.position, Some(before), max).await?;
+        let permit = hold(self.hub, &read).await;
+        Ok((read, permit))
     }
 }
 

@@ -960,6 +960,7 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
     let js = async_nats::jetstream::new(st.client.clone());
     let mut first = true;
     let mut last_lines = vec![String::new(); st.config.stream.partitions as usize];
+    let mut previous_said = vec![String::new(); st.hub.previous().len()];
     // When checks began to fail while the node was ready.
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
@@ -991,6 +992,7 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                         last_lines[k] = ensured.line;
                     }
                     first = false;
+                    learn_previous(&js, &st, &mut previous_said).await;
                     st.stream_ok.store(true, Ordering::Release);
                     failing_since = None;
                 }
@@ -1019,6 +1021,46 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(if st.ready() { READY_CHECK_INTERVAL } else { NOT_READY_RETRY }) => {}
+        }
+    }
+}
+
+/// Learns the epoch of each stream of the previous layout (`--stream-previous`)
+/// once it is sealed, so that clients resuming from it are continued into
+/// this layout ([`crate::hub::Hub::previous_for`]). Until then, or when it is
+/// missing, such clients are told of a `stream_reset` as before. Does not
+/// affect readiness; each state is logged once.
+async fn learn_previous(js: &async_nats::jetstream::Context, st: &AppState, said: &mut [String]) {
+    for (p, said) in st.hub.previous().iter().zip(said.iter_mut()) {
+        if p.known() {
+            continue;
+        }
+        let name = p.name();
+        let (line, epoch) = match js.get_stream(name).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) if info.config.sealed => (String::new(), Some(crate::history::epoch(info))),
+                Ok(_) => (
+                    format!(
+                        "previous stream {name} is not sealed: clients resuming from it are told of a stream_reset until it is (docs/operations.md)"
+                    ),
+                    None,
+                ),
+                Err(e) => (format!("previous stream {name}: {e}"), None),
+            },
+            Err(e) => {
+                (format!("previous stream {name}: {e}; clients resuming from it are told of a stream_reset"), None)
+            }
+        };
+        if let Some(epoch) = epoch {
+            tracing::info!(
+                stream = name,
+                epoch,
+                "previous stream is sealed: clients resuming from it get its rest, then this layout"
+            );
+            p.set_epoch(epoch);
+        } else if line != *said {
+            tracing::warn!("{line}");
+            *said = line;
         }
     }
 }

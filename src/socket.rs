@@ -12,7 +12,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::control;
-use crate::hub::{Hub, Item, Kick, Kicker, Membership, Queued};
+use crate::hub::{Hub, Item, Kick, Kicker, Queued};
 use crate::merge::Run;
 use crate::metrics as m;
 use crate::protocol::{BAD_POSITION, ClientFrame, MAX_CLIENT_FRAME, ServerFrame, close};
@@ -170,25 +170,46 @@ where
                 return close_with(&mut ws, close::INTERNAL, "subscribe failed", End::Error).await;
             }
         };
-        let epoch = hub.part(s.user.as_str()).epoch();
-        let welcome = ServerFrame::Welcome {
-            node: &s.node_id,
-            user: s.user.as_str(),
-            position: membership.position.seq(),
-            epoch: &epoch,
-            exp: s.exp,
+        // A position in the previous layout's stream (`--stream-previous`):
+        // this socket gets the rest of the user's events there, under that
+        // stream's epoch, and closes with 4003; the client resumes, and its
+        // next socket starts the current layout from its beginning, under
+        // the new epoch (a client takes a new epoch as position 0).
+        let mut previous = None;
+        if let Start::After { last_seq, epoch: Some(e) } = &s.start
+            && let Some(history) = hub.previous_for(s.user.as_str(), e)
+        {
+            match history.newest(s.user.as_str()).await {
+                Ok(last) if *last_seq < last => previous = Some((history, *last_seq, last, e.clone())),
+                Ok(_) => s.start = Start::After { last_seq: 0, epoch: None },
+                Err(e) => return resume_failed(&mut ws, &e).await,
+            }
         }
-        .to_text();
+        let (epoch, position) = match &previous {
+            Some((_, _, last, old)) => (old.clone(), *last),
+            None => (hub.part(s.user.as_str()).epoch(), membership.position.seq()),
+        };
+        let welcome =
+            ServerFrame::Welcome { node: &s.node_id, user: s.user.as_str(), position, epoch: &epoch, exp: s.exp }
+                .to_text();
         if send(&mut ws, Message::Text(welcome)).await.is_err() {
             return End::Client;
+        }
+        if let Some((history, last_seq, last, _)) = previous {
+            let begin = async { Ok(Replay::previous(&hub, s.user.as_str(), history, last_seq, last)) };
+            if let Err(end) = Box::pin(replay(&mut ws, &s.kicker, expiry, begin)).await {
+                return end;
+            }
+            metrics::histogram!(m::RESUME_DURATION).record(joining.elapsed().as_secs_f64());
+            return close_with(&mut ws, close::STREAM_RESET, "stream reset: reconnect and resume", End::StreamReset)
+                .await;
         }
         // Everything at or below `position` has been sent or was before this
         // socket's time; queued items at or below it are dropped.
         let mut position = membership.position.seq();
         if let Start::After { last_seq, epoch: client_epoch } = &s.start {
-            let replayed =
-                replay(&mut ws, &hub, &s.kicker, expiry, &membership, *last_seq, client_epoch.as_deref(), &epoch);
-            match Box::pin(replayed).await {
+            let begin = Replay::begin(&hub, &membership, *last_seq, client_epoch.as_deref(), &epoch);
+            match Box::pin(replay(&mut ws, &s.kicker, expiry, begin)).await {
                 Ok(p) => position = p,
                 Err(end) => return end,
             }
@@ -573,27 +594,22 @@ fn render(item: &Item, position: &mut u64) -> Option<Utf8Bytes> {
     }
 }
 
-/// Writes the replay of a resuming socket ([`crate::resume::Replay`]) and
-/// returns the position it reached. A kick (the node drains, the queue
-/// overflowed) ends it at once with its close code, also mid-read, and so
-/// does the token's `expiry`: a long replay to a slow client does not
-/// outlive its token.
-#[allow(clippy::too_many_arguments)] // each is one thing the replay needs
-async fn replay<S, E>(
+/// Writes the replay of a resuming socket ([`crate::resume::Replay`]),
+/// once `begin` has set it up, and returns the position it reached. A kick
+/// (the node drains, the queue overflowed) ends it at once with its close
+/// code, also mid-read, and so does the token's `expiry`: a long replay to
+/// a slow client does not outlive its token.
+async fn replay<'h, S, E>(
     ws: &mut S,
-    hub: &Hub,
     kicker: &Kicker,
     expiry: tokio::time::Instant,
-    membership: &Membership,
-    last_seq: u64,
-    client_epoch: Option<&str>,
-    epoch: &str,
+    begin: impl Future<Output = Result<Replay<'h>, crate::resume::ResumeError>>,
 ) -> Result<u64, End>
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
 {
     let begun = tokio::select! {
-        r = Replay::begin(hub, membership, last_seq, client_epoch, epoch) => r,
+        r = begin => r,
         why = kicker.kicked() => return Err(on_kick(ws, why).await),
         _ = tokio::time::sleep_until(expiry) => return Err(token_expired(ws).await),
     };

@@ -243,9 +243,12 @@ pub async fn ensure(js: &jetstream::Context, s: &StreamSettings, k: u32) -> Resu
 /// Nothing is stored: each check expects one stream (`Nats-Expected-Stream`)
 /// and a last sequence no stream has, so the stream it reaches refuses it,
 /// saying which refusal. The node's NATS user must be allowed to publish to
-/// the event subjects. One partition needs no mapping and is not checked.
+/// the event subjects (as mapped). One partition needs no mapping and is
+/// not checked, unless a previous layout is named (`--stream-previous`):
+/// going back from partitions to one stream, the node must not be ready
+/// while the account still maps users to the partitions.
 pub async fn check_mapping(client: &async_nats::Client, s: &StreamSettings) -> Result<(), StreamError> {
-    if s.partitions == 1 {
+    if s.partitions == 1 && s.previous.is_none() {
         return Ok(());
     }
     for (token, k) in crate::partition::check_tokens(s.partitions) {
@@ -260,21 +263,31 @@ pub async fn check_mapping(client: &async_nats::Client, s: &StreamSettings) -> R
             }
         }
         let subject = s.event_subject(&token);
-        let (n, want) = (s.partitions, s.mapping());
+        let (n, want) = (s.partitions, mapping_advice(s));
         return Err(StreamError::Mapping(match found {
             Some(j) => format!(
-                "NATS stores {subject} in {} (partition {j}), this node reads it from {} (partition {k} of {n}, FNV-1a as nats-server's partition()): set the account mapping {want}",
+                "NATS stores {subject} in {} (partition {j}), this node reads it from {} (partition {k} of {n}, FNV-1a as nats-server's partition()): {want}",
                 s.stream_name(j),
                 s.stream_name(k)
             ),
+            None if n == 1 => format!("NATS stores {subject} in a stream other than {}: {want}", s.stream_name(0)),
             None => format!(
-                "NATS stores {subject} in a stream other than {}..{}: set the account mapping {want}",
+                "NATS stores {subject} in a stream other than {}..{}: {want}",
                 s.stream_name(0),
                 s.stream_name(n - 1)
             ),
         }));
     }
     Ok(())
+}
+
+/// What the account's mapping must be for this node's layout.
+fn mapping_advice(s: &StreamSettings) -> String {
+    if s.partitions == 1 {
+        format!("remove the account's mapping of {}.* (one stream needs none)", s.subject_prefix)
+    } else {
+        format!("set the account mapping {}", s.mapping())
+    }
 }
 
 /// Whether a publish to `token`'s event subject reaches partition `k`'s
@@ -289,8 +302,8 @@ async fn lands_in(client: &async_nats::Client, s: &StreamSettings, token: &str, 
         Ok(answer) => answer,
         Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
             return Err(StreamError::Mapping(format!(
-                "no stream stores {subject}: set the account mapping {} (docs/operations.md)",
-                s.mapping()
+                "no stream stores {subject}: {} (docs/operations.md)",
+                mapping_advice(s)
             )));
         }
         Err(e) => return Err(StreamError::Nats(format!("partition check on {subject}: {e}"))),
@@ -317,6 +330,7 @@ mod tests {
         StreamSettings {
             name: "S".into(),
             partitions: 1,
+            previous: None,
             subject_prefix: "ev".into(),
             live_prefix: "live".into(),
             external: false,

@@ -126,6 +126,10 @@ pub struct StreamArgs {
     /// Also show this user's position: event count, first and last seq.
     #[arg(long)]
     pub user: Option<String>,
+    /// Seal the stream(s) first: they store nothing more, for good (the
+    /// first step of changing the number of partitions, docs/operations.md).
+    #[arg(long)]
+    pub seal: bool,
 }
 
 /// A failure with its exit code; printed as one line.
@@ -397,7 +401,11 @@ async fn stream_inner(a: StreamArgs) -> Result<(), Failure> {
     };
     let mut streams = Vec::new();
     for k in 0..n {
-        streams.push(describe(&js, &layout(k).0, &a.nats.nats_url).await?);
+        let name = layout(k).0;
+        if a.seal {
+            seal(&js, &name, &a.nats.nats_url).await?;
+        }
+        streams.push(describe(&js, &name, &a.nats.nats_url).await?);
     }
     let Some(user) = user else {
         let out =
@@ -454,6 +462,20 @@ fn print_json(v: &serde_json::Value) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Seals the stream `name`: it stores nothing more, and nothing in it is
+/// removed but by its age and size limits.
+async fn seal(js: &async_nats::jetstream::Context, name: &str, urls: &str) -> Result<(), Failure> {
+    let (_, mut stream) = describe(js, name, urls).await?;
+    let mut config =
+        stream.info().await.map_err(|e| runtime(anyhow::anyhow!("stream {name} info: {e}")))?.config.clone();
+    if !config.sealed {
+        config.sealed = true;
+        js.update_stream(config).await.map_err(|e| runtime(anyhow::anyhow!("sealing stream {name}: {e}")))?;
+        eprintln!("agentcast stream: sealed {name}");
+    }
+    Ok(())
+}
+
 /// One stream's config and state as JSON, and its handle.
 async fn describe(
     js: &async_nats::jetstream::Context,
@@ -491,6 +513,7 @@ async fn describe(
             "max_msg_size": c.max_message_size,
             "duplicate_window": humantime::format_duration(c.duplicate_window).to_string(),
             "allow_direct": c.allow_direct,
+            "sealed": c.sealed,
         },
         "state": {
             "messages": s.messages,

@@ -223,3 +223,154 @@ async fn a_mapping_changed_under_a_running_node_turns_it_not_ready_and_its_socke
     assert!(gap.get("to").is_none_or(|t| t.is_null()), "{gap}");
     assert_eq!(node.metric("agentcast_events_rejected_total", r#"reason="wrong_partition""#).await, 1.0);
 }
+
+/// Publishes the user's `i`th event, retrying while no stream takes it (the
+/// old stream sealed, the mapping not yet in force), as publishers do.
+async fn publish_until_stored(js: &async_nats::jetstream::Context, user: &str, i: usize) -> (String, u64) {
+    let payload = format!(r#"{{"type":"n","i":{i}}}"#);
+    loop {
+        if let Ok(ack) = js.publish(format!("agentcast.events.{user}"), payload.clone().into()).await
+            && let Ok(ack) = ack.await
+        {
+            return (ack.stream, ack.sequence);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn going_from_one_stream_to_four_loses_and_repeats_nothing() {
+    migrate(1, &["--stream-partitions", "4", "--stream-previous", "AGENTCAST"], 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn going_back_from_four_streams_to_one_loses_and_repeats_nothing() {
+    let new = ["--stream", "AGENTCAST2", "--stream-previous", "AGENTCAST", "--stream-previous-partitions", "4"];
+    migrate(4, &new, 1).await;
+}
+
+/// The account's mapping into `n` partitions, none for one.
+fn mapping(n: u32) -> String {
+    if n == 1 {
+        String::new()
+    } else {
+        format!(
+            "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
+        )
+    }
+}
+
+/// Changes a deployment from `from` partitions (stream names from
+/// `AGENTCAST`) to the layout of a node started with `to_args`, which has
+/// `to` partitions, as docs/operations.md says, while clients read.
+async fn migrate(from: u32, to_args: &[&str], to: u32) {
+    use agentcast::client::{Client as Resuming, Delivery};
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, mapping(from)).unwrap();
+    let mut nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let from_arg = from.to_string();
+    let old = Node::start(&nats, &["--stream-partitions", &from_arg]).await;
+    // The new layout's node, told of the old one: not ready until the
+    // account's mapping is the new layout's.
+    let new = Node::spawn(&nats.url, to_args);
+    let js = async_nats::jetstream::new(nats.client().await);
+    let users: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
+
+    // Reads events until it has the user's `until`th; returns their `i`s.
+    async fn read(c: &mut Resuming, who: &str, until: u64) -> (Vec<u64>, usize) {
+        let (mut got, mut gaps) = (Vec::new(), 0);
+        while got.last() != Some(&until) {
+            match tokio::time::timeout(Duration::from_secs(20), c.next()).await {
+                Ok(Ok(Delivery::Event { event, .. })) => {
+                    let v: serde_json::Value = serde_json::from_str(&event).unwrap();
+                    got.push(v["i"].as_u64().unwrap());
+                }
+                Ok(Ok(Delivery::Gap { .. })) => gaps += 1,
+                Ok(Ok(Delivery::Welcome { .. })) => {}
+                Ok(Err(e)) => panic!("{who}: {e}"),
+                Err(_) => panic!("{who}: nothing within 20 s after {got:?}"),
+            }
+        }
+        (got, gaps)
+    }
+    let publish_round = |i: usize| {
+        let (js, users) = (js.clone(), users.clone());
+        async move {
+            for u in &users {
+                publish_until_stored(&js, u, i).await;
+            }
+        }
+    };
+
+    // Each user has a client that stays throughout (it moves to the new
+    // node when the old one drains) and one that leaves after event 2 and
+    // comes back after the migration with its position in the old stream.
+    let mut stays = Vec::new();
+    for u in &users {
+        let t = token(u);
+        stays.push(Resuming::new(vec![old.ws_url(&t), new.ws_url(&t)], move || t.clone()).resume_from(0, None));
+    }
+    for i in 0..3 {
+        publish_round(i).await;
+    }
+    let mut left = Vec::new();
+    for u in &users {
+        let (_, w) = Client::join(&old, u).await;
+        left.push((w["position"].as_u64().unwrap(), w["epoch"].as_str().unwrap().to_owned()));
+    }
+    for i in 3..6 {
+        publish_round(i).await;
+    }
+    for (c, u) in stays.iter_mut().zip(&users) {
+        let (got, gaps) = read(c, &format!("the client of {u} that stays"), 5).await;
+        assert_eq!((got, gaps), ((0..6).collect(), 0), "{u} before the migration");
+    }
+
+    // The migration (docs/operations.md): the old stream sealed (publishes
+    // fail and are retried), the mapping in force, events flow into the
+    // partitions, the old node drained.
+    // The new node has made its streams and waits for the mapping.
+    eventually("the new layout's node checked the mapping", || async {
+        new.log_text().contains("partition mapping: ")
+    })
+    .await;
+    assert_eq!(new.get("/readyz").await.0, 503, "{}", new.log_text());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentcast"))
+        .args(["stream", "--nats-url", &nats.url, "--stream-partitions", &from_arg, "--seal"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sealed: Vec<bool> = match v["streams"].as_array() {
+        Some(all) => all.iter().map(|s| s["config"]["sealed"] == true).collect(),
+        None => vec![v["config"]["sealed"] == true],
+    };
+    assert_eq!(sealed, vec![true; from as usize], "{v}");
+    std::fs::write(&conf, mapping(to)).unwrap();
+    nats.restart();
+    let js = async_nats::jetstream::new(nats.client().await);
+    new.wait_ready().await;
+    for i in 6..9 {
+        for u in &users {
+            let (stream, _) = publish_until_stored(&js, u, i).await;
+            let base = if to == 1 { "AGENTCAST2" } else { "AGENTCAST" };
+            assert_eq!(stream, agentcast::partition::stream_name(base, to, partition::of_token(u, to)));
+        }
+    }
+    old.signal("TERM");
+
+    // Every client ends with every event of its user once, in order, and
+    // was told of no gap.
+    for ((u, mut stayed), (last, epoch)) in users.iter().zip(stays).zip(left) {
+        let (got, gaps) = read(&mut stayed, &format!("the client of {u} that stayed"), 8).await;
+        assert_eq!((got, gaps), ((6..9).collect(), 0), "the client of {u} that stayed");
+        assert_eq!(stayed.duplicates, 0);
+        let t = token(u);
+        let mut back = Resuming::new(vec![new.ws_url(&t)], move || t.clone()).resume_from(last, Some(epoch));
+        let (got, gaps) = read(&mut back, &format!("the client of {u} that came back"), 8).await;
+        assert_eq!((got, gaps), ((3..9).collect(), 0), "the client of {u} that came back");
+        assert_eq!(back.duplicates, 0);
+    }
+    assert!(new.log_text().contains("previous stream is sealed"), "{}", new.log_text());
+}

@@ -412,6 +412,7 @@ fn stream_settings() -> agentcast::config::StreamSettings {
     agentcast::config::StreamSettings {
         name: "AGENTCAST".into(),
         partitions: 1,
+        previous: None,
         subject_prefix: "agentcast.events".into(),
         live_prefix: "agentcast.live".into(),
         external: false,

@@ -312,6 +312,7 @@ pub fn stream_settings(max_per_user: i64) -> agentcast::config::StreamSettings {
     agentcast::config::StreamSettings {
         name: "AGENTCAST".into(),
         partitions: 1,
+        previous: None,
         subject_prefix: "agentcast.events".into(),
         live_prefix: "agentcast.live".into(),
         external: false,
