@@ -335,7 +335,8 @@ pub struct NodeArgs {
     /// How long events are kept.
     #[arg(long, env = "AGENTCAST_STREAM_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub stream_max_age: Duration,
-    /// Total stream size limit in bytes; oldest events go first.
+    /// Total stream size limit in bytes; oldest events go first. With
+    /// partitions, of all of them together: each stream gets its share.
     #[arg(long, env = "AGENTCAST_STREAM_MAX_BYTES", default_value_t = 1 << 30)]
     pub stream_max_bytes: i64,
     /// Events kept per user; oldest go first.

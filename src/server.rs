@@ -961,6 +961,8 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
     let mut first = true;
     let mut last_lines = vec![String::new(); st.config.stream.partitions as usize];
     let mut previous_said = vec![String::new(); st.hub.previous().len()];
+    // The last failure logged while not ready.
+    let mut last_failure = String::new();
     // When checks began to fail while the node was ready.
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
@@ -995,6 +997,7 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                     learn_previous(&js, &st, &mut previous_said).await;
                     st.stream_ok.store(true, Ordering::Release);
                     failing_since = None;
+                    last_failure.clear();
                 }
                 Err(e) if e.is_config() => return Err(e),
                 Err(e) => {
@@ -1008,8 +1011,13 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                         if since == checked_at {
                             tracing::warn!(error = %e, grace = ?STREAM_CHECK_GRACE, "stream check failed; still ready for now");
                         }
-                    } else if st.stream_ok.swap(false, Ordering::AcqRel) || first {
-                        tracing::warn!(error = %e, "stream check failed; not ready");
+                    } else {
+                        // Once per failure, not every retry (NOT_READY_RETRY).
+                        let said = e.to_string();
+                        if st.stream_ok.swap(false, Ordering::AcqRel) || said != last_failure {
+                            tracing::warn!(error = %e, "stream check failed; not ready");
+                            last_failure = said;
+                        }
                     }
                 }
             }

@@ -65,7 +65,9 @@ pub fn desired(s: &StreamSettings, k: u32) -> Config {
         retention: RetentionPolicy::Limits,
         discard: DiscardPolicy::Old,
         max_age: s.max_age,
-        max_bytes: s.max_bytes,
+        // The flag bounds all partitions together: each stream takes its
+        // share (users spread evenly over them).
+        max_bytes: (s.max_bytes as u64).div_ceil(u64::from(s.partitions)) as i64,
         max_messages: -1,
         max_messages_per_subject: s.max_per_user,
         max_message_size: s.max_event_bytes as i32,

@@ -125,6 +125,10 @@ async fn users_spread_over_four_streams_get_exactly_their_events_live_and_on_res
     assert_eq!(names, ["AGENTCAST-0", "AGENTCAST-1", "AGENTCAST-2", "AGENTCAST-3"]);
     let total: u64 = v["streams"].as_array().unwrap().iter().map(|s| s["state"]["messages"].as_u64().unwrap()).sum();
     assert_eq!(total, 9 * users.len() as u64);
+    // --stream-max-bytes (1 GiB by default) bounds the four together.
+    for st in v["streams"].as_array().unwrap() {
+        assert_eq!(st["config"]["max_bytes"], (1u64 << 30) / 4, "{st}");
+    }
     assert_eq!(v["user"]["stream"], stream_of(u).as_str());
     assert_eq!(v["user"]["partition"], partition::of_token(u, PARTITIONS));
     assert_eq!(v["user"]["events"], 9);

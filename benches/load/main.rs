@@ -41,7 +41,10 @@
 //!
 //! Options: --targets agentcast,agentcast-sse,nats-ws,raw --sockets N --users N --rate N
 //! --size BYTES --duration SECS --missed N --stalled N --flood-rate N
-//! --coalesce-ms MS --slow-every N --slow-bps N --runs N --out FILE.json.
+//! --coalesce-ms MS --slow-every N --slow-bps N --runs N --out FILE.json
+//! --nats-servers N (1; 3 is a cluster of three, the stream with three
+//! replicas) --partitions N (1: the users spread over N streams, the nodes'
+//! `--stream-partitions` and the servers' account mapping).
 //! Every preset runs `--runs` times (3; the smoke run once), each run on
 //! fresh processes; the report gives each figure's median, min and max over
 //! the runs, and the ratios computed within each run, summarised the same
@@ -244,6 +247,24 @@ struct Opts {
     /// gives every figure's median, min and max over them.
     runs: usize,
     out: Option<PathBuf>,
+    /// nats-servers in one cluster (1 or 3), and the stream partitions.
+    layout: Layout,
+}
+
+/// The NATS side of a run: `servers` nats-servers in one cluster (each
+/// stream with as many replicas, up to three) and the users spread over
+/// `partitions` streams. Set once from the options ([`LAYOUT`]).
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    servers: usize,
+    partitions: u32,
+}
+
+/// The run's [`Layout`], read where nats-servers, streams and nodes start.
+static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
+
+fn layout() -> Layout {
+    *LAYOUT.get().unwrap_or(&Layout { servers: 1, partitions: 1 })
 }
 
 fn opts(args: &[String], smoke: bool) -> Opts {
@@ -269,6 +290,7 @@ fn opts(args: &[String], smoke: bool) -> Opts {
         slow_bps: 1024,
         runs: if smoke { 1 } else { DEFAULT_RUNS },
         out: None,
+        layout: Layout { servers: 1, partitions: 1 },
     };
     match preset.as_str() {
         "chat" | "max" => {}
@@ -312,6 +334,8 @@ fn opts(args: &[String], smoke: bool) -> Opts {
             "--slow-every" => o.slow_every = num() as usize,
             "--slow-bps" => o.slow_bps = num(),
             "--runs" => o.runs = (num() as usize).max(1),
+            "--nats-servers" => o.layout.servers = num().clamp(1, 3) as usize,
+            "--partitions" => o.layout.partitions = (num() as u32).clamp(1, agentcast::partition::MAX_PARTITIONS),
             "--out" => o.out = Some(PathBuf::from(val)),
             other => panic!("unknown option {other}"),
         }
@@ -356,6 +380,54 @@ fn nats_version() -> String {
         .unwrap_or_default()
 }
 
+/// The account mapping that spreads users over `partitions` streams, as a
+/// line of nats-server's configuration; none for one.
+fn mapping_conf(partitions: u32) -> String {
+    if partitions == 1 {
+        return String::new();
+    }
+    format!(
+        "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
+    )
+}
+
+/// The layout's nats-servers ([`Layout`]): one, or a cluster whose
+/// JetStream has a meta leader.
+async fn start_layout() -> Vec<Nats> {
+    let l = layout();
+    let mapping = mapping_conf(l.partitions);
+    if l.servers == 1 {
+        return vec![start_nats_with(&mapping).await];
+    }
+    let ports: Vec<u16> = (0..l.servers)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port").port())
+        .collect();
+    let routes = ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
+    let mut servers = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let conf = format!(
+            "server_name: n{i}\ncluster {{ name: bench, listen: \"127.0.0.1:{p}\", routes: [{routes}] }}\n{mapping}"
+        );
+        servers.push(start_nats_with(&conf).await);
+    }
+    let client = async_nats::connect(&servers[0].url).await.expect("connect to the cluster");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = client.request("$JS.API.INFO", "".into()).await;
+        let text = answer.map(|m| String::from_utf8_lossy(&m.payload).into_owned()).unwrap_or_default();
+        if text.contains("\"memory\"") && !text.contains("\"error\"") {
+            return servers;
+        }
+        assert!(Instant::now() < deadline, "the cluster's JetStream did not start: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The URLs a node or publisher connects to: every server of the layout.
+fn layout_urls(nats: &[Nats]) -> String {
+    nats.iter().take(layout().servers).map(|n| n.url.as_str()).collect::<Vec<_>>().join(",")
+}
+
 /// A nats-server with JetStream and a WebSocket listener, on random ports.
 struct Nats {
     proc: Proc,
@@ -365,6 +437,11 @@ struct Nats {
 }
 
 async fn start_nats() -> Nats {
+    start_nats_with("").await
+}
+
+/// [`start_nats`], with `extra` lines of configuration.
+async fn start_nats_with(extra: &str) -> Nats {
     let dir = tempfile::tempdir().expect("temp dir");
     let conf = dir.path().join("nats.conf");
     let store = dir.path().join("js");
@@ -372,7 +449,7 @@ async fn start_nats() -> Nats {
         &conf,
         format!(
             "host: 127.0.0.1\nport: -1\njetstream {{ store_dir: {:?} }}\n\
-             websocket {{ host: 127.0.0.1, port: -1, no_tls: true }}\n",
+             websocket {{ host: 127.0.0.1, port: -1, no_tls: true }}\n{extra}",
             store.display().to_string()
         ),
     )
@@ -411,12 +488,12 @@ async fn start_nats() -> Nats {
 fn stream_settings() -> agentcast::config::StreamSettings {
     agentcast::config::StreamSettings {
         name: "AGENTCAST".into(),
-        partitions: 1,
+        partitions: layout().partitions,
         previous: None,
         subject_prefix: "agentcast.events".into(),
         live_prefix: "agentcast.live".into(),
         external: false,
-        replicas: 1,
+        replicas: layout().servers.min(3),
         max_age: Duration::from_secs(24 * 3600),
         max_bytes: 8 << 30,
         max_per_user: 100_000,
@@ -431,6 +508,7 @@ async fn start_node(nats_url: &str) -> (Proc, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
         .args(["serve", "--listen", "127.0.0.1:0", "--nats-url", nats_url, "--jwt-secret", SECRET])
         .args(["--stream-max-per-user", &s.max_per_user.to_string(), "--stream-max-bytes", &s.max_bytes.to_string()])
+        .args(["--stream-partitions", &s.partitions.to_string(), "--stream-replicas", &s.replicas.to_string()])
         .args(["--max-connections", "200000"])
         .env("AGENTCAST_LOG", "warn,agentcast=info")
         .stdout(Stdio::null())
@@ -658,14 +736,16 @@ struct Setup {
 
 async fn setup(target: Target, sockets: usize, idle: bool) -> Setup {
     let processes = sockets.div_ceil(SOCKETS_PER_PROCESS).max(1);
-    let mut s = Setup { nats: vec![start_nats().await], servers: vec![], addrs: vec![], measured: vec![] };
+    let mut s = Setup { nats: start_layout().await, servers: vec![], addrs: vec![], measured: vec![] };
     let client = async_nats::connect(&s.nats[0].url).await.expect("connect to nats-server");
     let js = async_nats::jetstream::new(client);
-    agentcast::stream::ensure(&js, &stream_settings(), 0).await.expect("create the stream");
+    for k in 0..layout().partitions {
+        agentcast::stream::ensure(&js, &stream_settings(), k).await.expect("create the stream");
+    }
     match target {
         Target::Agentcast | Target::Sse => {
             for _ in 0..processes {
-                let (p, a) = start_node(&s.nats[0].url).await;
+                let (p, a) = start_node(&layout_urls(&s.nats)).await;
                 s.measured.push(p.pid());
                 s.servers.push(p);
                 s.addrs.push(a);
@@ -681,6 +761,7 @@ async fn setup(target: Target, sockets: usize, idle: bool) -> Setup {
         }
         Target::NatsWs => {
             assert!(processes == 1 || idle, "more than {SOCKETS_PER_PROCESS} nats-ws sockets only for idle");
+            assert!(layout().servers == 1, "nats-ws runs on one nats-server");
             for _ in 1..processes {
                 s.nats.push(start_nats().await);
             }
@@ -735,7 +816,7 @@ async fn publisher(target: Target, s: &Setup) -> Publisher {
             Publisher::Raw(ws.expect("raw publish socket").0)
         }
         _ => Publisher::Js(async_nats::jetstream::new(
-            async_nats::connect(&s.nats[0].url).await.expect("publisher connects"),
+            async_nats::connect(layout_urls(&s.nats)).await.expect("publisher connects"),
         )),
     }
 }
@@ -751,12 +832,13 @@ async fn step(
     rate: u64,
 ) -> Value {
     let hz = common::clock_ticks_per_s();
-    let nats_pid = s.nats[0].proc.pid();
-    let (t0, n0) = (total_ticks(&s.measured), cpu_ticks(nats_pid));
+    // Every nats-server of the layout (nats-ws: its one server).
+    let nats_pids: Vec<u32> = s.nats.iter().take(layout().servers).map(|n| n.proc.pid()).collect();
+    let (t0, n0) = (total_ticks(&s.measured), total_ticks(&nats_pids));
     let before: u64 = next.iter().sum();
     let published = pubr.run(next, rate, o.duration, o.size).await;
     let (sum, lat) = report(workers, next).await;
-    let (t1, n1) = (total_ticks(&s.measured), cpu_ticks(nats_pid));
+    let (t1, n1) = (total_ticks(&s.measured), total_ticks(&nats_pids));
     let events = next.iter().sum::<u64>() - before;
     let fanout = o.sockets as f64 / o.users as f64;
     let deliveries = events as f64 * fanout;
@@ -880,7 +962,7 @@ async fn run_idle(target: Target, o: &Opts) -> Value {
 /// users get `missed` events each; every socket resumes on node B.
 async fn run_storm(o: &Opts) -> Value {
     let mut s = setup(Target::Agentcast, o.sockets, false).await;
-    let b = start_node(&s.nats[0].url).await;
+    let b = start_node(&layout_urls(&s.nats)).await;
     let a_addrs = s.addrs.clone();
     let (mut workers, conn) = start_workers(Target::Agentcast, &a_addrs, o.sockets, o.users).await;
     let mut pubr = publisher(Target::Agentcast, &s).await;
@@ -1224,6 +1306,7 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test` runs this target bare.
     let smoke = !args.iter().any(|a| a == "--bench");
     let o = opts(&args, smoke);
+    LAYOUT.set(o.layout).expect("the layout is set once");
     rt.block_on(coordinate(o, smoke));
 }
 
@@ -1261,7 +1344,11 @@ async fn coordinate(o: Opts, smoke: bool) {
             o.sockets, o.users, o.rate, o.size, o.duration
         ),
     };
-    println!("agentcast load benchmark, preset {}: {workload}; {version}; {cores} cores ({cpu})", o.preset);
+    let l = o.layout;
+    println!(
+        "agentcast load benchmark, preset {}: {workload}; {version} x{} ({} partition(s)); {cores} cores ({cpu})",
+        o.preset, l.servers, l.partitions
+    );
     let mut runs: Vec<Vec<(Target, Value)>> = Vec::new();
     let mut failures = Vec::new();
     for run in 1..=o.runs {
@@ -1326,6 +1413,7 @@ async fn coordinate(o: Opts, smoke: bool) {
                             slow_bps: o.slow_bps,
                             runs: 1,
                             out: None,
+                            layout: o.layout,
                         };
                         let c = control::run(&short).await;
                         if let Err(e) = check_control(&c) {
@@ -1379,6 +1467,8 @@ async fn coordinate(o: Opts, smoke: bool) {
         "preset": o.preset,
         "date": time_now(),
         "nats_server": version,
+        "nats_servers": o.layout.servers,
+        "partitions": o.layout.partitions,
         "machine": {"cores": cores, "cpu": cpu},
         "workload": {"sockets": o.sockets, "users": o.users, "rate": o.rate, "size": o.size,
                      "duration_s": o.duration.as_secs(), "missed": o.missed,
