@@ -815,9 +815,11 @@ async fn publisher(target: Target, s: &Setup) -> Publisher {
             let ws = tokio_tungstenite::connect_async_with_config(url, None, true).await;
             Publisher::Raw(ws.expect("raw publish socket").0)
         }
-        _ => Publisher::Js(async_nats::jetstream::new(
-            async_nats::connect(layout_urls(&s.nats)).await.expect("publisher connects"),
-        )),
+        _ => {
+            let urls: Vec<async_nats::ServerAddr> =
+                layout_urls(&s.nats).split(',').map(|u| u.parse().expect("nats url")).collect();
+            Publisher::Js(async_nats::jetstream::new(async_nats::connect(urls).await.expect("publisher connects")))
+        }
     }
 }
 
