@@ -43,6 +43,7 @@ pub const GAPS_REPAIRED: &str = "agentcast_live_gaps_repaired_total";
 pub const GAPS_ANNOUNCED: &str = "agentcast_live_gaps_announced_total";
 pub const GAPS_SENT: &str = "agentcast_gap_frames_sent_total";
 pub const STREAM_RESETS: &str = "agentcast_stream_resets_total";
+pub const STREAM_LAST_SEQUENCE: &str = "agentcast_stream_last_sequence";
 pub const SHARED_REPLAYS: &str = "agentcast_shared_replays_total";
 pub const HISTORY_SCANS: &str = "agentcast_history_scans_total";
 pub const HISTORY_SCAN_MESSAGES: &str = "agentcast_history_scan_messages_total";
@@ -83,6 +84,7 @@ pub const ALL: &[&str] = &[
     GAPS_ANNOUNCED,
     GAPS_SENT,
     STREAM_RESETS,
+    STREAM_LAST_SEQUENCE,
     SHARED_REPLAYS,
     DELIVERY_LATENCY,
     QUEUE_DEPTH,
@@ -454,6 +456,11 @@ fn describe() {
     );
     describe_counter!(GAPS_SENT, Unit::Count, "Gap frames written to sockets, by reason.");
     describe_counter!(STREAM_RESETS, Unit::Count, "Times the stream was seen recreated (a new epoch).");
+    describe_gauge!(
+        STREAM_LAST_SEQUENCE,
+        Unit::Count,
+        "Each stream's last sequence at the node's last readiness check, by stream (one per partition): its rate is the events the stream stores per second."
+    );
     describe_counter!(
         SHARED_REPLAYS,
         Unit::Count,

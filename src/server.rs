@@ -983,7 +983,10 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                             }
                         }
                         let epoch = crate::history::epoch(&ensured.info);
-                        if st.hub.observe_stream(k as u32, epoch.clone(), ensured.info.state.last_sequence) {
+                        let last = ensured.info.state.last_sequence;
+                        // One series per stream: as many as partitions.
+                        metrics::gauge!(m::STREAM_LAST_SEQUENCE, "stream" => stream.to_owned()).set(last as f64);
+                        if st.hub.observe_stream(k as u32, epoch.clone(), last) {
                             metrics::counter!(m::STREAM_RESETS).increment(1);
                             tracing::warn!(
                                 stream,
