@@ -235,9 +235,7 @@ async fn main() {
     let n = o.partitions;
     let conf = dir.path().join("mapping.conf");
     let mapping = if n > 1 {
-        format!(
-            "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
-        )
+        format!("mappings = {{ {} }}\n", agentcast::partition::mapping("agentcast.events", n))
     } else {
         String::new()
     };

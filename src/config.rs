@@ -429,6 +429,10 @@ pub enum ConfigError {
         "--stream-previous {0:?} names a stream of this layout: a new layout needs new stream names (docs/operations.md)"
     )]
     PreviousOverlap(String),
+    #[error(
+        "--stream-previous-partitions and --stream-partitions are both {0}: the two layouts would store the same subjects; a new layout has another number of partitions (docs/operations.md)"
+    )]
+    PreviousSameCount(u32),
     #[error("{flag} must be between {min} and {max}, got {value}")]
     Range { flag: &'static str, value: u128, min: u128, max: u128 },
     #[error(
@@ -554,11 +558,7 @@ impl StreamSettings {
     /// The account mapping NATS needs with more than one partition, as a
     /// line of nats-server's configuration (`mappings = { ... }`).
     pub fn mapping(&self) -> String {
-        format!(
-            "\"{p}.*\": \"{p}.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\"",
-            p = self.subject_prefix,
-            n = self.partitions
-        )
+        crate::partition::mapping(&self.subject_prefix, self.partitions)
     }
 }
 
@@ -657,6 +657,9 @@ impl NodeArgs {
             }
             if names(s, self.stream_partitions).iter().any(|name| previous.contains(name)) {
                 return Err(ConfigError::PreviousOverlap(p.clone()));
+            }
+            if self.stream_previous_partitions == self.stream_partitions {
+                return Err(ConfigError::PreviousSameCount(self.stream_partitions));
             }
         }
         range("--stream-replicas", self.stream_replicas as u128, 1, 5)?;

@@ -492,9 +492,9 @@ impl Part {
 pub struct Previous {
     name: String,
     history: History,
-    /// Set by the readiness loop once the stream is found sealed
+    /// Set by the readiness loop while the stream is found sealed
     /// ([`crate::server`]): a sealed stream stores nothing more, so its
-    /// tail, once sent, is the whole of it, and its epoch never changes.
+    /// tail, once sent, is the whole of it.
     epoch: Mutex<Option<String>>,
 }
 
@@ -503,12 +503,13 @@ impl Previous {
         &self.name
     }
 
-    pub fn known(&self) -> bool {
-        lock(&self.epoch).is_some()
-    }
-
     pub fn set_epoch(&self, epoch: String) {
         *lock(&self.epoch) = Some(epoch);
+    }
+
+    /// No longer continued from: missing, or (unexpectedly) not sealed.
+    pub fn forget(&self) {
+        *lock(&self.epoch) = None;
     }
 }
 

@@ -1,10 +1,12 @@
 //! Which partition a user belongs to, as NATS's subject mapping computes it.
 //!
-//! Groundwork for partitioned streams (issue 21): with `--stream-partitions
-//! N`, an account mapping such as
-//! `"agentcast.events.*": "agentcast.events.{{partition(N,1)}}.{{wildcard(1)}}"`
+//! With `--stream-partitions N`, the account mapping [`mapping`],
+//! `"agentcast.events.*": "agentcast.events.N.{{partition(N,1)}}.{{wildcard(1)}}"`,
 //! has nats-server assign each user's events to one of N partitions, and a
-//! node must find the same one for the user's history. nats-server (2.8 and
+//! node must find the same one for the user's history. The stored subjects
+//! carry N, so two layouts with different counts never store the same
+//! subjects and can exist side by side while a deployment moves from one to
+//! the other. nats-server (2.8 and
 //! later) hashes the mapped tokens, concatenated, with 32-bit FNV-1a and
 //! takes the remainder by N (`getHashPartition` in its
 //! `server/subject_transform.go`); tests/partition.rs checks this against
@@ -41,9 +43,16 @@ pub fn stream_name(stream: &str, partitions: u32, k: u32) -> String {
 /// The prefix of the subjects partition `k`'s stream stores events under,
 /// one subject per user: the event subjects themselves with one partition;
 /// with more, the subjects the account mapping sends them to,
-/// `<subject-prefix>.<k>.<user>`.
+/// `<subject-prefix>.<partitions>.<k>.<user>`.
 pub fn stored_prefix(subject_prefix: &str, partitions: u32, k: u32) -> String {
-    if partitions == 1 { subject_prefix.to_owned() } else { format!("{subject_prefix}.{k}") }
+    if partitions == 1 { subject_prefix.to_owned() } else { format!("{subject_prefix}.{partitions}.{k}") }
+}
+
+/// The account mapping that spreads the event subjects `<subject_prefix>.*`
+/// over `partitions` streams, as nats-server's configuration writes it
+/// inside `mappings = { ... }`.
+pub fn mapping(subject_prefix: &str, partitions: u32) -> String {
+    format!("\"{p}.*\": \"{p}.{n}.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\"", p = subject_prefix, n = partitions)
 }
 
 /// Subject tokens to check a mapping into `partitions` with, each with its

@@ -969,7 +969,7 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
         if st.nats_connected() {
             // A failing check is dated from its start: a timeout takes 5 s.
             let checked_at = tokio::time::Instant::now();
-            let checked = check_streams(&js, &st).await;
+            let checked = check_streams(&js, &st, &mut previous_said).await;
             match checked {
                 Ok(streams) => {
                     for (k, ensured) in streams.into_iter().enumerate() {
@@ -997,7 +997,6 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                         last_lines[k] = ensured.line;
                     }
                     first = false;
-                    learn_previous(&js, &st, &mut previous_said).await;
                     st.stream_ok.store(true, Ordering::Release);
                     failing_since = None;
                     last_failure.clear();
@@ -1007,10 +1006,9 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
                     m::jetstream_error("stream_check");
                     let was_ok = st.stream_ok.load(Ordering::Acquire);
                     let since = *failing_since.get_or_insert(checked_at);
-                    // A mapping that disagrees is not a passing election: events
-                    // are stored where this node does not read them.
-                    let mapping = matches!(e, StreamError::Mapping(_));
-                    if was_ok && !mapping && since.elapsed() < STREAM_CHECK_GRACE {
+                    // A mapping that disagrees or a sealed stream is not a
+                    // passing election: it lasts until an operator acts.
+                    if was_ok && !e.is_layout() && since.elapsed() < STREAM_CHECK_GRACE {
                         if since == checked_at {
                             tracing::warn!(error = %e, grace = ?STREAM_CHECK_GRACE, "stream check failed; still ready for now");
                         }
@@ -1036,52 +1034,66 @@ async fn watch_stream(st: Arc<AppState>, stop: CancellationToken) -> Result<(), 
     }
 }
 
-/// Learns the epoch of each stream of the previous layout (`--stream-previous`)
-/// once it is sealed, so that clients resuming from it are continued into
-/// this layout ([`crate::hub::Hub::previous_for`]). Until then, or when it is
-/// missing, such clients are told of a `stream_reset` as before. Does not
-/// affect readiness; each state is logged once.
-async fn learn_previous(js: &async_nats::jetstream::Context, st: &AppState, said: &mut [String]) {
+/// Checks each stream of the previous layout (`--stream-previous`) at
+/// every readiness check: a sealed one's epoch is learned, so that clients
+/// resuming from it are continued into this layout
+/// ([`crate::hub::Hub::previous_for`]); one that is not sealed keeps the
+/// node not ready (events could still land there after a client moved on);
+/// a missing one (deleted once no position in it could be resumed) is
+/// forgotten, and such clients are told of a `stream_reset` as before. Each
+/// change is logged once.
+async fn learn_previous(
+    js: &async_nats::jetstream::Context,
+    st: &AppState,
+    said: &mut [String],
+) -> Result<(), StreamError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
     for (p, said) in st.hub.previous().iter().zip(said.iter_mut()) {
-        if p.known() {
-            continue;
-        }
         let name = p.name();
-        let (line, epoch) = match js.get_stream(name).await {
-            Ok(mut stream) => match stream.info().await {
-                Ok(info) if info.config.sealed => (String::new(), Some(crate::history::epoch(info))),
-                Ok(_) => (
-                    format!(
-                        "previous stream {name} is not sealed: clients resuming from it are told of a stream_reset until it is (docs/operations.md)"
-                    ),
-                    None,
-                ),
-                Err(e) => (format!("previous stream {name}: {e}"), None),
-            },
-            Err(e) => {
-                (format!("previous stream {name}: {e}; clients resuming from it are told of a stream_reset"), None)
+        let epoch = match js.get_stream(name).await {
+            Ok(mut stream) => {
+                let info = stream.info().await.map_err(|e| StreamError::Nats(format!("stream info {name}: {e}")))?;
+                if !info.config.sealed {
+                    p.forget();
+                    return Err(StreamError::PreviousUnsealed(name.to_owned()));
+                }
+                Some(crate::history::epoch(info))
             }
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(je)
+                    if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    None
+                }
+                _ => return Err(StreamError::Nats(format!("looking up previous stream {name}: {e}"))),
+            },
         };
-        if let Some(epoch) = epoch {
-            tracing::info!(
-                stream = name,
-                epoch,
-                "previous stream is sealed: clients resuming from it get its rest, then this layout"
-            );
-            p.set_epoch(epoch);
-        } else if line != *said {
-            tracing::warn!("{line}");
+        let line = match &epoch {
+            Some(epoch) => format!(
+                "previous stream {name} is sealed (epoch {epoch}): clients resuming from it get its rest, then this layout"
+            ),
+            None => format!("previous stream {name} not found: clients resuming from it are told of a stream_reset"),
+        };
+        match epoch {
+            Some(epoch) => p.set_epoch(epoch),
+            None => p.forget(),
+        }
+        if line != *said {
+            tracing::info!("{line}");
             *said = line;
         }
     }
+    Ok(())
 }
 
 /// Every partition's stream ensured ([`stream::ensure`]) and its position
 /// check passed, in partition order; then the account's mapping checked
-/// ([`stream::check_mapping`]).
+/// ([`stream::check_mapping`]) and the previous layout's streams
+/// ([`learn_previous`]).
 async fn check_streams(
     js: &async_nats::jetstream::Context,
     st: &AppState,
+    previous_said: &mut [String],
 ) -> Result<Vec<stream::Ensured>, StreamError> {
     let mut streams = Vec::with_capacity(st.hub.parts().len());
     for (k, part) in st.hub.parts().iter().enumerate() {
@@ -1089,6 +1101,7 @@ async fn check_streams(
         position_check(part.history(), &st.config.stream.stream_name(k as u32)).await?;
     }
     stream::check_mapping(&st.client, &st.config.stream).await?;
+    learn_previous(js, st, previous_said).await?;
     Ok(streams)
 }
 

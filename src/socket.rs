@@ -179,9 +179,11 @@ where
         if let Start::After { last_seq, epoch: Some(e) } = &s.start
             && let Some(history) = hub.previous_for(s.user.as_str(), e)
         {
-            match history.newest(s.user.as_str()).await {
-                Ok(last) if *last_seq < last => previous = Some((history, *last_seq, last, e.clone())),
-                Ok(_) => s.start = Start::After { last_seq: 0, epoch: None },
+            match previous_rest(history, s.user.as_str(), *last_seq).await {
+                Ok(Rest::Tail(last)) => previous = Some((history, *last_seq, last, e.clone())),
+                Ok(Rest::None) => s.start = Start::After { last_seq: 0, epoch: None },
+                // Told as before: a stream_reset, then all of the new layout.
+                Ok(Rest::Unproven) => {}
                 Err(e) => return resume_failed(&mut ws, &e).await,
             }
         }
@@ -368,6 +370,41 @@ where
             }
         }
     }
+}
+
+/// What the previous layout's sealed stream holds for a client resuming
+/// from `last_seq` in it ([`previous_rest`]).
+enum Rest {
+    /// The user's events after the position, up to this one, its last there.
+    Tail(u64),
+    /// Nothing after the position, and nothing removed after it.
+    None,
+    /// Nothing after the position now, and no proof that nothing was
+    /// removed (the stream's limits took events since).
+    Unproven,
+}
+
+/// Events leave a stream oldest first (per user, or as the stream's prefix:
+/// [`crate::stream`]'s settings), so a user event still stored at or before
+/// the position proves nothing after it was removed; without one, every
+/// sequence after the position must still be stored ([`History::span`]).
+async fn previous_rest(
+    history: &crate::history::History,
+    user: &str,
+    last_seq: u64,
+) -> Result<Rest, crate::stream::StreamError> {
+    let last = history.newest(user).await?;
+    if last > last_seq {
+        return Ok(Rest::Tail(last));
+    }
+    if last > 0 {
+        return Ok(Rest::None);
+    }
+    let end = history.stream_last().await? + 1;
+    Ok(match history.span(user, last_seq + 1, end).await? {
+        crate::history::Span::Whole => Rest::None,
+        _ => Rest::Unproven,
+    })
 }
 
 /// Waits until `deadline`; forever without one (the branch is then

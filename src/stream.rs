@@ -7,7 +7,7 @@
 //! event with its stream sequence and the previous sequence of that user.
 //!
 //! With `--stream-partitions N` (N > 1) there are N such streams,
-//! `<stream>-k` storing `<prefix>.k.*`: the account's subject mapping sends
+//! `<stream>-k` storing `<prefix>.N.k.*`: the account's subject mapping sends
 //! each user's events there ([`StreamSettings::mapping`]), and every
 //! partition republishes to the same live subjects. [`check_mapping`] proves
 //! the mapping in force stores each user where the node reads it.
@@ -44,12 +44,37 @@ pub enum StreamError {
     /// and it stays not ready until then.
     #[error("partition mapping: {0}")]
     Mapping(String),
+    /// The stream is sealed (`agentcast stream --seal`): it stores nothing
+    /// more, because a new layout replaced this node's (docs/operations.md).
+    /// The node stays up, not ready, until it is drained.
+    #[error(
+        "stream {0} is sealed: a new layout replaced this node's (docs/operations.md, changing the number of partitions); drain this node"
+    )]
+    Sealed(String),
+    /// A stream of the previous layout (`--stream-previous`) that is not
+    /// sealed: events could still be stored there after a client moved on.
+    #[error("previous stream {0} is not sealed: seal it first (agentcast stream --seal, docs/operations.md)")]
+    PreviousUnsealed(String),
 }
 
 impl StreamError {
     /// True when retrying cannot help and the operator must act.
     pub fn is_config(&self) -> bool {
-        !matches!(self, StreamError::Nats(_) | StreamError::Inconsistent(_) | StreamError::Mapping(_))
+        !matches!(
+            self,
+            StreamError::Nats(_)
+                | StreamError::Inconsistent(_)
+                | StreamError::Mapping(_)
+                | StreamError::Sealed(_)
+                | StreamError::PreviousUnsealed(_)
+        )
+    }
+
+    /// True when the stream is usable again only after an operator acts,
+    /// though the node keeps running: not ready at once, without the grace
+    /// a failing check gets while a stream elects a leader.
+    pub fn is_layout(&self) -> bool {
+        matches!(self, StreamError::Mapping(_) | StreamError::Sealed(_) | StreamError::PreviousUnsealed(_))
     }
 }
 
@@ -209,6 +234,9 @@ pub async fn ensure(js: &jetstream::Context, s: &StreamSettings, k: u32) -> Resu
     };
     let info = existing.info().await.map_err(|e| nats("stream info", &e))?.clone();
     let have = info.config.clone();
+    if have.sealed {
+        return Err(StreamError::Sealed(name));
+    }
     let structural = structural_diff(&have, &want);
     if !structural.is_empty() {
         return Err(StreamError::Mismatch { name, diff: structural });

@@ -13,21 +13,26 @@ use common::*;
 
 const PARTITIONS: u32 = 4;
 
-/// A nats-server whose account maps the event subjects into `partitions`
-/// (none when 0).
-fn server_mapping(partitions: u32) -> (NatsServer, tempfile::TempDir) {
+/// A nats-server whose account maps the event subjects as `text` says.
+fn server_mapping(text: &str) -> (NatsServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("mapping.conf");
-    let text = if partitions == 0 {
-        String::new()
-    } else {
-        format!(
-            "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
-        )
-    };
     std::fs::write(&conf, text).unwrap();
     (NatsServer::start_with(&["-c", conf.to_str().unwrap()]), dir)
 }
+
+/// The account's mapping into `n` partitions, none for one.
+fn mapping_into(n: u32) -> String {
+    if n == 1 {
+        return String::new();
+    }
+    format!("mappings = {{ {} }}\n", agentcast::partition::mapping("agentcast.events", n))
+}
+
+/// A mapping onto the node's four partitions' subjects that spreads users
+/// by another count: three of the four streams get users, not the node's.
+const DISAGREEING: &str =
+    "mappings = { \"agentcast.events.*\": \"agentcast.events.4.{{partition(3,1)}}.{{wildcard(1)}}\" }\n";
 
 fn stream_of(user: &str) -> String {
     format!("AGENTCAST-{}", partition::of_token(user, PARTITIONS))
@@ -35,7 +40,7 @@ fn stream_of(user: &str) -> String {
 
 #[tokio::test]
 async fn users_spread_over_four_streams_get_exactly_their_events_live_and_on_resume() {
-    let (nats, _conf) = server_mapping(PARTITIONS);
+    let (nats, _conf) = server_mapping(&mapping_into(PARTITIONS));
     let node = Node::start(&nats, &["--stream-partitions", "4"]).await;
     let js = async_nats::jetstream::new(nats.client().await);
 
@@ -133,13 +138,13 @@ async fn users_spread_over_four_streams_get_exactly_their_events_live_and_on_res
     assert_eq!(v["user"]["partition"], partition::of_token(u, PARTITIONS));
     assert_eq!(v["user"]["events"], 9);
     assert_eq!(v["user"]["last_seq"].as_u64(), missed[u].last().copied());
-    assert_eq!(v["user"]["subject"], format!("agentcast.events.{}.{u}", partition::of_token(u, PARTITIONS)));
+    assert_eq!(v["user"]["subject"], format!("agentcast.events.4.{}.{u}", partition::of_token(u, PARTITIONS)));
 }
 
 #[tokio::test]
 async fn a_mapping_that_disagrees_keeps_the_node_not_ready_and_says_what_differs() {
-    // Three partitions in the account, four on the node.
-    let (nats, _conf) = server_mapping(3);
+    // Users spread by three in the account, by four on the node.
+    let (nats, _conf) = server_mapping(DISAGREEING);
     let node = Node::spawn(&nats.url, &["--stream-partitions", "4"]);
     eventually("the mismatch logged", || async {
         node.log_text().contains("partition mapping: NATS stores agentcast.events.%partition-check-")
@@ -149,7 +154,7 @@ async fn a_mapping_that_disagrees_keeps_the_node_not_ready_and_says_what_differs
     assert!(log.contains("this node reads it from AGENTCAST-"), "{log}");
     assert!(
         log.contains(
-            r#"set the account mapping "agentcast.events.*": "agentcast.events.{{partition(4,1)}}.{{wildcard(1)}}""#
+            r#"set the account mapping "agentcast.events.*": "agentcast.events.4.{{partition(4,1)}}.{{wildcard(1)}}""#
         ),
         "{log}"
     );
@@ -166,7 +171,7 @@ async fn a_mapping_that_disagrees_keeps_the_node_not_ready_and_says_what_differs
     }
 
     // No mapping at all: the partitions' subjects catch nothing.
-    let (bare, _conf) = server_mapping(0);
+    let (bare, _conf) = server_mapping("");
     let node = Node::spawn(&bare.url, &["--stream-partitions", "4"]);
     eventually("the missing mapping logged", || async {
         node.log_text().contains("partition mapping: no stream stores agentcast.events.%partition-check-")
@@ -191,12 +196,7 @@ async fn one_partition_needs_no_mapping_and_names_the_stream_as_before() {
 async fn a_mapping_changed_under_a_running_node_turns_it_not_ready_and_its_sockets_are_told() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("mapping.conf");
-    let mapping = |n: u32| {
-        format!(
-            "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
-        )
-    };
-    std::fs::write(&conf, mapping(PARTITIONS)).unwrap();
+    std::fs::write(&conf, mapping_into(PARTITIONS)).unwrap();
     let mut nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
     let node = Node::start(&nats, &["--stream-partitions", "4"]).await;
     // A user that a mapping into three partitions stores elsewhere.
@@ -210,7 +210,7 @@ async fn a_mapping_changed_under_a_running_node_turns_it_not_ready_and_its_socke
     assert_eq!(c.events(1).await[0].0, seq);
 
     // The operator changes the mapping (a restart with the new file).
-    std::fs::write(&conf, mapping(3)).unwrap();
+    std::fs::write(&conf, DISAGREEING).unwrap();
     nats.restart();
     eventually("the node not ready", || async { node.get("/readyz").await.0 == 503 }).await;
     assert!(node.log_text().contains("partition mapping: NATS stores"), "{}", node.log_text());
@@ -253,17 +253,6 @@ async fn going_back_from_four_streams_to_one_loses_and_repeats_nothing() {
     migrate(4, &new, 1).await;
 }
 
-/// The account's mapping into `n` partitions, none for one.
-fn mapping(n: u32) -> String {
-    if n == 1 {
-        String::new()
-    } else {
-        format!(
-            "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
-        )
-    }
-}
-
 /// Changes a deployment from `from` partitions (stream names from
 /// `AGENTCAST`) to the layout of a node started with `to_args`, which has
 /// `to` partitions, as docs/operations.md says, while clients read.
@@ -271,7 +260,7 @@ async fn migrate(from: u32, to_args: &[&str], to: u32) {
     use agentcast::client::{Client as Resuming, Delivery};
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("nats.conf");
-    std::fs::write(&conf, mapping(from)).unwrap();
+    std::fs::write(&conf, mapping_into(from)).unwrap();
     let mut nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
     let from_arg = from.to_string();
     let old = Node::start(&nats, &["--stream-partitions", &from_arg]).await;
@@ -351,7 +340,11 @@ async fn migrate(from: u32, to_args: &[&str], to: u32) {
         None => vec![v["config"]["sealed"] == true],
     };
     assert_eq!(sealed, vec![true; from as usize], "{v}");
-    std::fs::write(&conf, mapping(to)).unwrap();
+    // A node of the old layout takes no new sockets once its streams are
+    // sealed; its open sockets stay until it is drained.
+    eventually("the old node not ready", || async { old.get("/readyz").await.0 == 503 }).await;
+    assert!(old.log_text().contains("is sealed: a new layout replaced this node's"), "{}", old.log_text());
+    std::fs::write(&conf, mapping_into(to)).unwrap();
     nats.restart();
     let js = async_nats::jetstream::new(nats.client().await);
     new.wait_ready().await;
@@ -376,5 +369,42 @@ async fn migrate(from: u32, to_args: &[&str], to: u32) {
         assert_eq!((got, gaps), ((3..9).collect(), 0), "the client of {u} that came back");
         assert_eq!(back.duplicates, 0);
     }
-    assert!(new.log_text().contains("previous stream is sealed"), "{}", new.log_text());
+    assert!(new.log_text().contains(" is sealed (epoch "), "{}", new.log_text());
+}
+
+/// A client whose position in the old stream is not one of its user's
+/// events, where messages after it were removed: nothing proves that none
+/// of the user's was among them, so it is told of a `stream_reset`, not
+/// continued in silence.
+#[tokio::test]
+async fn a_position_the_old_stream_cannot_prove_whole_gets_a_stream_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "").unwrap();
+    let mut nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    // One event kept per user: a user's older events leave the stream.
+    let old = Node::start(&nats, &["--stream-max-per-user", "1"]).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    publish(&js, "other", r#"{"type":"n"}"#).await;
+    // A user with nothing stored: welcomed at the stream's horizon.
+    let (_, w) = Client::join(&old, "quiet").await;
+    let (horizon, epoch) = (w["position"].as_u64().unwrap(), w["epoch"].as_str().unwrap().to_owned());
+    assert!(horizon >= 1);
+    // Messages after the horizon, then removed (another user's, here).
+    for _ in 0..3 {
+        publish(&js, "other", r#"{"type":"n"}"#).await;
+    }
+    let new = Node::spawn(&nats.url, &["--stream-partitions", "4", "--stream-previous", "AGENTCAST"]);
+    let mut stream = js.get_stream("AGENTCAST").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.sealed = true;
+    js.update_stream(config).await.expect("seal");
+    std::fs::write(&conf, mapping_into(4)).unwrap();
+    nats.restart();
+    new.wait_ready().await;
+    let url = format!("{}&last_seq={horizon}&epoch={epoch}", new.ws_url(&token("quiet")));
+    let (mut c, w) = Client::join_url(&url).await;
+    assert_ne!(w["epoch"].as_str(), Some(epoch.as_str()), "{w}");
+    let gap = c.next_json().await;
+    assert_eq!((gap["type"].as_str(), gap["reason"].as_str()), (Some("gap"), Some("stream_reset")), "{gap}");
 }

@@ -386,9 +386,7 @@ fn mapping_conf(partitions: u32) -> String {
     if partitions == 1 {
         return String::new();
     }
-    format!(
-        "mappings = {{ \"agentcast.events.*\": \"agentcast.events.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}\" }}\n"
-    )
+    format!("mappings = {{ {} }}\n", agentcast::partition::mapping("agentcast.events", partitions))
 }
 
 /// The layout's nats-servers ([`Layout`]): one, or a cluster whose
