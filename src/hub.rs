@@ -892,16 +892,17 @@ impl Hub {
     /// An event of the user stored by another partition's stream than the
     /// one the node reads the user from: the account's mapping no longer
     /// agrees with the node's (the readiness check turns the node not ready
-    /// within [`crate::server::READY_CHECK_INTERVAL`]). The event has no
-    /// sequence in the user's stream, and a resume would never find it: the
-    /// sockets are told now, with a gap that has no end, rather than never.
+    /// within [`crate::server::READY_CHECK_INTERVAL`]), or a publisher wrote
+    /// to a partition's subject directly. The event has no sequence in the
+    /// user's stream, and a resume would never find it: the sockets are told
+    /// now, with a gap that has no end, rather than never.
     fn misplaced(&self, entry: &UserEntry, stored_in: &str, ours: &str) {
         metrics::counter!(m::EVENTS_REJECTED, "reason" => "wrong_partition").increment(1);
         self.log_bad_once(
             &entry.user,
             &self.settings.live_subject(entry.user.as_str()),
             &format!(
-                "an event of this user was stored in {stored_in}, this node reads the user from {ours}: the account's subject mapping disagrees with --stream-partitions {}; announced as a gap",
+                "an event of this user was stored in {stored_in}, this node reads the user from {ours}: the account's subject mapping disagrees with this node's (--stream-partitions {}), or a publisher wrote to a partition's subject directly; announced as a gap",
                 self.settings.partitions
             ),
         );

@@ -467,13 +467,10 @@ impl<'a> Replay<'a> {
         let joined = self.joined.seq();
         let missing = match self.joined {
             Position::Event(_) => Some(joined),
-            Position::Horizon(_) | Position::GapEnd(_) => self
-                .hub
-                .part(self.user)
-                .history()
-                .leader_next(self.user, self.position + 1)
-                .await?
-                .filter(|&s| s <= joined),
+            Position::Horizon(_) | Position::GapEnd(_) => {
+                let history = self.previous.unwrap_or_else(|| self.hub.part(self.user).history());
+                history.leader_next(self.user, self.position + 1).await?.filter(|&s| s <= joined)
+            }
         };
         let Some(missing) = missing else {
             self.position = joined;
