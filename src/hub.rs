@@ -468,6 +468,11 @@ pub struct Part {
 }
 
 impl Part {
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn history(&self) -> &History {
         &self.history
     }

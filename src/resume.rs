@@ -303,23 +303,8 @@ impl<'a> Replay<'a> {
         if !reset && last_seq > joined.seq() && last_seq > part.stream_last() {
             reset = last_seq > history.stream_last().await?;
         }
-        let mut replay = Replay {
-            hub,
-            user,
-            joined,
-            after: last_seq,
-            position: last_seq,
-            gapped: reset,
-            first: None,
-            kept: Some(Vec::new()),
-            shared: None,
-            short_reads: 0,
-            kept_events: 0,
-            finished: false,
-            carry: None,
-            held: None,
-            previous: None,
-        };
+        let mut replay = Replay::new(hub, user, joined, last_seq, None);
+        replay.gapped = reset;
         if reset {
             let earliest = history.first(user).await?;
             let gap = Gap { reason: GapReason::StreamReset, from: None, to: None, earliest };
@@ -357,22 +342,30 @@ impl<'a> Replay<'a> {
     /// replay, in that stream's sequences. Not shared with the user's other
     /// sockets, whose positions are in the current layout.
     pub fn previous(hub: &'a Hub, user: &'a str, history: &'a History, last_seq: u64, last: u64) -> Replay<'a> {
+        let mut replay = Replay::new(hub, user, Position::Event(last), last_seq, Some(history));
+        replay.finished = last_seq >= last;
+        replay
+    }
+
+    /// A replay from `last_seq` up to `joined`, read from `previous` when
+    /// given (not kept for other sockets then), else from the user's stream.
+    fn new(hub: &'a Hub, user: &'a str, joined: Position, last_seq: u64, previous: Option<&'a History>) -> Replay<'a> {
         Replay {
             hub,
             user,
-            joined: Position::Event(last),
+            joined,
             after: last_seq,
             position: last_seq,
             gapped: false,
             first: None,
-            kept: None,
+            kept: previous.is_none().then(Vec::new),
             shared: None,
             short_reads: 0,
             kept_events: 0,
-            finished: last_seq >= last,
+            finished: false,
             carry: None,
             held: None,
-            previous: Some(history),
+            previous,
         }
     }
 

@@ -1098,7 +1098,7 @@ async fn check_streams(
     let mut streams = Vec::with_capacity(st.hub.parts().len());
     for (k, part) in st.hub.parts().iter().enumerate() {
         streams.push(stream::ensure(js, &st.config.stream, k as u32).await?);
-        position_check(part.history(), &st.config.stream.stream_name(k as u32)).await?;
+        position_check(part.history(), part.name()).await?;
     }
     stream::check_mapping(&st.client, &st.config.stream).await?;
     learn_previous(js, st, previous_said).await?;

@@ -402,10 +402,13 @@ async fn stream_inner(a: StreamArgs) -> Result<(), Failure> {
     let mut streams = Vec::new();
     for k in 0..n {
         let name = layout(k).0;
-        if a.seal {
-            seal(&js, &name, &a.nats.nats_url).await?;
+        let mut described = describe(&js, &name, &a.nats.nats_url).await?;
+        if a.seal && !described.1.cached_info().config.sealed {
+            seal(&js, &described.1).await?;
+            // Shown as it is now.
+            described = describe(&js, &name, &a.nats.nats_url).await?;
         }
-        streams.push(describe(&js, &name, &a.nats.nats_url).await?);
+        streams.push(described);
     }
     let Some(user) = user else {
         let out =
@@ -462,17 +465,17 @@ fn print_json(v: &serde_json::Value) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Seals the stream `name`: it stores nothing more, and nothing in it is
-/// removed but by its age and size limits.
-async fn seal(js: &async_nats::jetstream::Context, name: &str, urls: &str) -> Result<(), Failure> {
-    let (_, mut stream) = describe(js, name, urls).await?;
-    let mut config =
-        stream.info().await.map_err(|e| runtime(anyhow::anyhow!("stream {name} info: {e}")))?.config.clone();
-    if !config.sealed {
-        config.sealed = true;
-        js.update_stream(config).await.map_err(|e| runtime(anyhow::anyhow!("sealing stream {name}: {e}")))?;
-        eprintln!("agentcast stream: sealed {name}");
-    }
+/// Seals `stream` (its config as last read): it stores nothing more, and
+/// nothing in it is removed but by its age and size limits.
+async fn seal(
+    js: &async_nats::jetstream::Context,
+    stream: &async_nats::jetstream::stream::Stream,
+) -> Result<(), Failure> {
+    let mut config = stream.cached_info().config.clone();
+    let name = config.name.clone();
+    config.sealed = true;
+    js.update_stream(config).await.map_err(|e| runtime(anyhow::anyhow!("sealing stream {name}: {e}")))?;
+    eprintln!("agentcast stream: sealed {name}");
     Ok(())
 }
 
