@@ -156,7 +156,7 @@ async fn an_external_stream_is_only_checked_and_differences_are_named() {
     js.delete_stream("AGENTCAST").await.unwrap();
     let settings =
         agentcast::config::StreamSettings { external: true, max_age: Duration::from_secs(7200), ..stream_settings(42) };
-    js.create_stream(agentcast::stream::desired(&settings, 0)).await.unwrap();
+    create_after_delete(&js, agentcast::stream::desired(&settings, 0), "external").await;
     let node = Node::start(&nats, &["--stream-external"]).await;
     let log = node.log_text();
     assert!(
@@ -272,7 +272,7 @@ async fn stream_settings_that_break_continuity_are_refused_by_name() {
     for (name, set, kept) in &cases {
         let mut config = want.clone();
         set(&mut config);
-        js.create_stream(config).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        create_after_delete(&js, config, name).await;
         let info = js.get_stream("AGENTCAST").await.unwrap().info().await.unwrap().config.clone();
         if kept(&info) {
             let mut node = Node::spawn(&nats.url, &["--stream-external"]);
@@ -314,4 +314,30 @@ async fn a_stream_that_allows_deletes_is_named_in_a_warning() {
     js.update_stream(config).await.unwrap();
     let node = Node::start(&nats, &[]).await;
     assert_eq!(warned(&node.log_text()), 0, "{}", node.log_text());
+}
+
+/// Creates a stream whose namesake was just deleted. nats-server (2.15.1,
+/// under load in CI) may still be removing the old one's store and answer
+/// "error creating store for stream" (10049): that answer is retried, for
+/// at most 5 s; any other error fails the test.
+async fn create_after_delete(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+    what: &str,
+) {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match js.create_stream(config.clone()).await {
+            Ok(_) => return,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && matches!(e.kind(), CreateStreamErrorKind::JetStream(je)
+                    if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_CREATE) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: creating stream {}: {e}", config.name),
+        }
+    }
 }
