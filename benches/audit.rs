@@ -118,7 +118,8 @@ async fn main() {
     for _ in 0..agentcast::nats::READ_CONNECTIONS {
         readers.push(async_nats::connect(&url).await.unwrap());
     }
-    let hub = Hub::new(async_nats::connect(&url).await.unwrap(), readers, settings);
+    let live = agentcast::live::Live::plain(&url).await.unwrap();
+    let hub = Hub::new(async_nats::connect(&url).await.unwrap(), live, readers, settings);
 
     let stop = tokio_util::sync::CancellationToken::new();
     let trickle = tokio::spawn({

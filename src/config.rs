@@ -484,6 +484,26 @@ pub struct NatsLogin {
     pub tls_required: bool,
 }
 
+impl NatsLogin {
+    /// One server with no login and no TLS: for tests and benchmarks.
+    pub fn plain(url: &str) -> Result<Self, ConfigError> {
+        let (addr, login) = split_login(url).map_err(ConfigError::NatsUrl)?;
+        if login.is_some() {
+            return Err(ConfigError::NatsUrl("a plain login has no credentials in its URL".into()));
+        }
+        Ok(Self {
+            urls: vec![addr],
+            shown: redact_urls(url),
+            user: None,
+            token: None,
+            creds: None,
+            tls_ca: None,
+            tls_client: None,
+            tls_required: false,
+        })
+    }
+}
+
 impl std::fmt::Debug for NatsLogin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsLogin")

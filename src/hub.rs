@@ -47,9 +47,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::{Client, HeaderMap, Message, Subscriber};
+use async_nats::Client;
 use axum::extract::ws::Utf8Bytes;
-use futures_util::StreamExt;
 use tokio::sync::{Notify, OnceCell, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -427,7 +426,8 @@ fn wait_for<'a, T>(
 }
 
 pub struct Hub {
-    client: Client,
+    /// The users' live subscriptions.
+    live: crate::live::Live,
     settings: StreamSettings,
     /// One per stream (`--stream-partitions`), in partition order.
     parts: Box<[Part]>,
@@ -549,25 +549,16 @@ impl Drop for Membership {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section is a push, retain, lookup or a loop of
     // try_send: a panic inside one leaves the data consistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Why a socket could not join.
-#[derive(Debug, thiserror::Error)]
-pub enum JoinError {
-    #[error("subscribing: {0}")]
-    Subscribe(#[from] async_nats::SubscribeError),
-    #[error(transparent)]
-    Stream(#[from] StreamError),
-}
-
 impl Hub {
-    /// `client` carries the live subscriptions; `readers` (at least one)
-    /// carry history reads and scans.
-    pub fn new(client: Client, readers: Vec<Client>, settings: StreamSettings) -> Arc<Self> {
+    /// `live` carries the users' subscriptions; `client` the rest of what
+    /// the hub asks of NATS, `readers` (at least one) history reads and scans.
+    pub fn new(client: Client, live: crate::live::Live, readers: Vec<Client>, settings: StreamSettings) -> Arc<Self> {
         let stop_tasks = CancellationToken::new();
         let parts = (0..settings.partitions)
             .map(|k| {
@@ -597,7 +588,7 @@ impl Hub {
                 .collect(),
         };
         let hub = Arc::new(Self {
-            client,
+            live,
             settings,
             parts,
             previous,
@@ -628,6 +619,11 @@ impl Hub {
             self.reset(k);
         }
         reset
+    }
+
+    /// Whether the live connection is up ([`crate::live::Live::is_connected`]).
+    pub fn live_connected(&self) -> bool {
+        self.live.is_connected()
     }
 
     /// The stream that stores `user`'s events, its reads and what is known of it.
@@ -686,7 +682,7 @@ impl Hub {
         tx: mpsc::UnboundedSender<Queued>,
         kicker: Arc<Kicker>,
         budget: usize,
-    ) -> Result<Membership, JoinError> {
+    ) -> Result<Membership, StreamError> {
         let entry = {
             let mut users = lock(&self.users);
             let entry = users
@@ -720,10 +716,10 @@ impl Hub {
         Ok(membership)
     }
 
-    /// Subscribes, then reads the user's position on the same connection
-    /// ([`History::last`]): commands on one connection are handled in order,
-    /// so the read is answered after the SUB took effect and no event falls
-    /// between the two.
+    /// Subscribes, then reads the user's position ([`History::last`]): the
+    /// subscription returns once the server answered a PING sent after the
+    /// SUB ([`crate::live::Live::subscribe`]), so the read is made after the
+    /// SUB took effect and no event falls between the two.
     ///
     /// A user with nothing stored starts at the stream's last sequence, asked
     /// of the leader once the SUB took effect ([`Position::Horizon`]): every
@@ -737,8 +733,8 @@ impl Hub {
     /// later, through a route: an event stored meanwhile is after the
     /// position and is not republished here. The audit finds it: a new user
     /// is audited at its first sweep.
-    async fn start_user(self: &Arc<Self>, entry: Arc<UserEntry>) -> Result<(), JoinError> {
-        let sub = self.client.subscribe(self.settings.live_subject(entry.user.as_str())).await?;
+    async fn start_user(self: &Arc<Self>, entry: Arc<UserEntry>) -> Result<(), StreamError> {
+        let sub = self.live.subscribe(self.settings.live_subject(entry.user.as_str())).await;
         let position = {
             let _permit = acquire(&self.live_slots).await;
             let (user, history) = (entry.user.as_str(), &self.parts[entry.part as usize].history);
@@ -785,7 +781,7 @@ impl Hub {
         }
     }
 
-    async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, mut sub: Subscriber) {
+    async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, sub: crate::live::Subscription) {
         loop {
             tokio::select! {
                 biased;
@@ -802,40 +798,23 @@ impl Hub {
                     })
                     .await;
                 }
-                msg = sub.next() => match msg {
-                    Some(msg) => self.on_message(&entry, msg).await,
-                    None => {
-                        // The client closed: these sockets would get nothing more.
-                        tracing::error!(user = %entry.user.for_log(), "live subscription ended; closing the user's sockets");
-                        for s in lock(&entry.shared).sockets.values() {
-                            s.kicker.kick(Kick::Error);
-                        }
-                        // Later sockets of the user must not join a dead entry.
-                        let mut users = lock(&self.users);
-                        if users.get(&entry.user).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
-                            users.remove(&entry.user);
-                        }
-                        break;
-                    }
-                },
+                msg = sub.next() => self.on_message(&entry, msg).await,
             }
         }
-        if let Err(e) = sub.unsubscribe().await {
-            tracing::debug!(error = %e, "unsubscribe after the last socket left");
-        }
+        // Dropping the subscription unsubscribes.
+        drop(sub);
         metrics::gauge!(m::USERS_SUBSCRIBED).decrement(1.0);
     }
 
-    async fn on_message(&self, entry: &UserEntry, msg: Message) {
+    async fn on_message(&self, entry: &UserEntry, msg: crate::live::LiveMsg) {
         m::hot().events_received.increment(1);
-        let headers = msg.headers.as_ref();
-        let stream = stamped(headers, "Nats-Stream").map(|v| v.as_str());
+        let stream = msg.stream();
         let ours = self.parts[entry.part as usize].name.as_str();
         if let Some(other) = stream.filter(|s| *s != ours && self.parts.iter().any(|p| p.name == *s)) {
             self.misplaced(entry, other, ours);
             return;
         }
-        let Some(seq) = stamped_u64(headers, "Nats-Sequence").filter(|_| stream == Some(ours)) else {
+        let Some(seq) = msg.seq.filter(|_| stream == Some(ours)) else {
             // Not a republished message of the user's stream: someone
             // published to the live subject directly, or another stream (or
             // another partition's, under a mapping that disagrees with the
@@ -843,7 +822,7 @@ impl Hub {
             metrics::counter!(m::EVENTS_REJECTED, "reason" => "no_sequence").increment(1);
             self.log_bad_once(
                 &entry.user,
-                msg.subject.as_str(),
+                &self.settings.live_subject(entry.user.as_str()),
                 "message on a live subject without this stream's Nats-Stream and Nats-Sequence (publish to the event subject instead)",
             );
             return;
@@ -852,10 +831,14 @@ impl Hub {
             // A JSON number past 2^53 loses precision in a browser; the
             // stream would need 2^53 messages to get here.
             metrics::counter!(m::EVENTS_REJECTED, "reason" => "no_sequence").increment(1);
-            self.log_bad_once(&entry.user, msg.subject.as_str(), &format!("stream sequence {seq} is above 2^53-1"));
+            self.log_bad_once(
+                &entry.user,
+                &self.settings.live_subject(entry.user.as_str()),
+                &format!("stream sequence {seq} is above 2^53-1"),
+            );
             return;
         }
-        if RESERVED_STAMPS.iter().any(|name| headers.is_some_and(|h| h.get_all(*name).nth(1).is_some())) {
+        if msg.repeated {
             // The publisher set headers the stream stamps; the stream's own
             // values (the last ones) were taken above, the publisher's ignored.
             metrics::counter!(m::RESERVED_HEADERS).increment(1);
@@ -865,7 +848,7 @@ impl Hub {
                 &subject,
                 &format!(
                     "publisher set headers the stream stamps ({}); ignored, the event is delivered with the stream's seq {seq}",
-                    RESERVED_STAMPS.join(", ")
+                    crate::live::STAMPS.join(", ")
                 ),
             );
         }
@@ -874,7 +857,7 @@ impl Hub {
             // Already delivered by a repair read.
             return;
         }
-        if let Some(prev) = stamped_u64(headers, "Nats-Last-Sequence")
+        if let Some(prev) = msg.last_seq
             && prev > last
             && prev < seq
         {
@@ -889,8 +872,7 @@ impl Hub {
         // 2.10+ stamp the republished message; 2.9 does not (the envelope's
         // timestamp is used then, and a publisher's own Nats-Time-Stamp is
         // the only value: it moves this metric and nothing else).
-        let stored_at =
-            stamped(headers, "Nats-Time-Stamp").and_then(|v| m::Origin::parse(v.as_str(), m::Clock::Stream));
+        let stored_at = msg.time().and_then(|v| m::Origin::parse(v, m::Clock::Stream));
         self.deliver(entry, Stored { seq, payload: msg.payload }, stored_at);
     }
 
@@ -1201,22 +1183,6 @@ async fn audit_loop(hub: std::sync::Weak<Hub>, now: Arc<Notify>, stop: Cancellat
         let Some(hub) = hub.upgrade() else { return };
         hub.audit().await;
     }
-}
-
-/// Headers the stream stamps on each republished message. nats-server keeps
-/// the publisher's headers and appends its own after them (seen on 2.9.10
-/// and 2.15.1, tests/trust.rs), so a publisher that set one of these makes
-/// the message carry two values: the stream's is the last.
-const RESERVED_STAMPS: [&str; 5] =
-    ["Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Last-Sequence", "Nats-Time-Stamp"];
-
-/// The value the stream stamped: the last one (see [`RESERVED_STAMPS`]).
-fn stamped<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a async_nats::HeaderValue> {
-    headers?.get_last(name)
-}
-
-fn stamped_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
-    stamped(headers, name)?.as_str().parse().ok()
 }
 
 #[cfg(test)]

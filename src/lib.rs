@@ -9,7 +9,8 @@
 //! - [`config`]: flags and environment, validated; bad values exit with 64.
 //! - [`auth`]: JWT checks before the upgrade, one pinned algorithm.
 //! - [`user`]: user ids and the single subject token each maps to.
-//! - [`nats`]: the node's NATS connection and its events.
+//! - [`nats`]: the node's NATS connections (async-nats) and their events.
+//! - [`live`]: the users' live subscriptions, on a connection of the node's own.
 //! - [`stream`]: the JetStream stream: create and check it.
 //! - [`history`]: reads of a user's stored events and of the stream's state.
 //! - [`partition`]: which partition a user belongs to, as NATS's subject
@@ -40,6 +41,7 @@ pub mod control;
 pub mod dev;
 pub mod history;
 pub mod hub;
+pub mod live;
 pub mod merge;
 pub mod metrics;
 pub mod nats;

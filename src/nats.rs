@@ -1,13 +1,13 @@
-//! The node's NATS connections: options from the configuration, and the
-//! client events turned into logs and metrics.
+//! The node's async-nats connections: options from the configuration, and
+//! the client events turned into logs and metrics.
 //!
-//! A node has one connection for its live subscriptions and
-//! [`READ_CONNECTIONS`] for history reads. nats-server answers the requests
+//! A node has one connection for requests and publishes (control requests,
+//! stream checks, positions), [`READ_CONNECTIONS`] for history reads, and
+//! its live subscriptions on a connection of its own ([`crate::live`]). nats-server answers the requests
 //! of one connection one after another, so reads on separate connections
 //! run at once (see [`crate::history`]), and a storm of reads never queues
 //! in front of live events.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
@@ -15,9 +15,10 @@ use async_nats::{Client, ConnectOptions, Event};
 use crate::config::{NatsLogin, NatsSettings};
 use crate::metrics as m;
 
-/// Default for the messages buffered per subscription inside async-nats
-/// before it drops and reports `SlowConsumer` (the hub reads the dropped
-/// events from JetStream: at the user's next event, or at the next audit).
+/// Default for the messages buffered per live subscription before one is
+/// dropped and counted as `slow_consumer` ([`crate::live::Inbox`]; the hub
+/// reads the dropped events from JetStream: at the user's next event, or at
+/// the next audit).
 /// A user's subscription is drained by one task that copies references into
 /// socket queues, and that stops draining while it reads a hole from
 /// JetStream (waiting for a live-read slot, apart from the resumes' slots:
@@ -35,23 +36,12 @@ pub const CLIENT_CAPACITY: usize = 2048;
 /// Time allowed for one JetStream API request (stream info, direct get).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Client events the hub acts on. `Notify` keeps one pending signal when
-/// nobody waits, so none is lost and bursts collapse into one.
-#[derive(Debug, Default)]
-pub struct Signals {
-    /// The connection came (back) up: messages may have been missed.
-    pub connected: tokio::sync::Notify,
-    /// Set at the first connect, so later ones count as reconnects.
-    pub was_connected: std::sync::atomic::AtomicBool,
-}
-
 /// Connects without waiting for the server: the client retries in the
-/// background, and /readyz says not-ready until it is connected.
-pub async fn connect(s: &NatsSettings, name: &str, signals: Arc<Signals>) -> anyhow::Result<Client> {
-    let opts = options(s, name).await?.subscription_capacity(s.subscription_capacity).event_callback(move |event| {
-        let signals = signals.clone();
-        async move { on_event(event, &signals) }
-    });
+/// background, and /readyz says not-ready until it is connected. Its events
+/// are logged and counted; the live connection's are what the hub acts on
+/// ([`crate::live::Signals`]).
+pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<Client> {
+    let opts = options(s, name).await?.event_callback(|event| async move { on_event(event) });
     Ok(opts.connect(s.login.urls.clone()).await?)
 }
 
@@ -63,8 +53,7 @@ pub async fn connect(s: &NatsSettings, name: &str, signals: Arc<Signals>) -> any
 pub const READ_CONNECTIONS: usize = 4;
 
 /// Opens [`READ_CONNECTIONS`] connections for history reads, without waiting
-/// for the server, like [`connect`]. Their state is not tracked: the live
-/// connection's events stand for the node's link to NATS, and a read that
+/// for the server, like [`connect`]. Their state is not tracked: a read that
 /// fails on a reconnecting reader is retried or reported like any other.
 pub async fn connect_readers(s: &NatsSettings, name: &str) -> anyhow::Result<Vec<Client>> {
     let mut readers = Vec::with_capacity(READ_CONNECTIONS);
@@ -112,7 +101,7 @@ pub async fn with_login(mut opts: ConnectOptions, l: &NatsLogin) -> anyhow::Resu
     Ok(opts)
 }
 
-fn on_event(event: Event, signals: &Signals) {
+fn on_event(event: Event) {
     let name = match &event {
         Event::Connected => "connected",
         Event::Disconnected => "disconnected",
@@ -125,21 +114,7 @@ fn on_event(event: Event, signals: &Signals) {
     };
     metrics::counter!(m::NATS_EVENTS, "event" => name).increment(1);
     match event {
-        Event::Connected => {
-            metrics::gauge!(m::NATS_CONNECTED).set(1.0);
-            if signals.was_connected.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                metrics::counter!(m::NATS_RECONNECTS).increment(1);
-            }
-            tracing::info!("NATS connected");
-            signals.connected.notify_one();
-        }
-        Event::Disconnected | Event::Closed => {
-            metrics::gauge!(m::NATS_CONNECTED).set(0.0);
-            tracing::warn!("NATS {name}");
-        }
-        Event::SlowConsumer(sid) => {
-            tracing::warn!(sid, "NATS subscription fell behind; messages were dropped and will be read from JetStream");
-        }
+        Event::Connected => tracing::info!("NATS connected"),
         other => tracing::warn!("NATS event: {other}"),
     }
 }

@@ -51,10 +51,11 @@ use crate::user::UserId;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// File descriptors kept for everything but client connections: stdio, the
-/// runtime's epoll and wakers, the listener, the NATS connections (one plus
-/// [`crate::nats::READ_CONNECTIONS`]), and what libraries open (DNS, TLS
-/// files, a NATS reconnect's second socket). An idle node uses 15 (measured:
-/// 3 stdio, 3 for the runtime, 9 sockets); the rest is headroom.
+/// runtime's epoll and wakers, the listener, the NATS connections (the live
+/// one, one for requests, [`crate::nats::READ_CONNECTIONS`]), and what
+/// libraries open (DNS, TLS files, a NATS reconnect's second socket). An idle
+/// node used 15 with one NATS connection fewer (measured: 3 stdio, 3 for the
+/// runtime, 9 sockets); the rest is headroom.
 /// Connections are bounded to the process's
 /// RLIMIT_NOFILE minus this, so an accept never fails with EMFILE (which
 /// made `/healthz` and `/ws` unanswerable).
@@ -238,14 +239,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AppState {
-    /// `readers`: the connections for history reads ([`crate::nats::connect_readers`]).
+    /// `live`: the users' subscriptions ([`crate::live`]); `readers`: the
+    /// connections for history reads ([`crate::nats::connect_readers`]).
     pub fn new(
         config: Config,
         client: async_nats::Client,
+        live: crate::live::Live,
         readers: Vec<async_nats::Client>,
         metrics: PrometheusHandle,
     ) -> Arc<Self> {
-        let hub = Hub::new(client.clone(), readers, config.stream.clone());
+        let hub = Hub::new(client.clone(), live, readers, config.stream.clone());
         let (limits, lowered) = Limits::new(config.max_connections, open_file_limit());
         if let Some(why) = lowered {
             tracing::warn!("{why}");
@@ -358,8 +361,9 @@ impl AppState {
         self.http_freed.notify_one();
     }
 
+    /// Both the live connection and the one for everything else.
     fn nats_connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        self.hub.live_connected() && self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// NATS connected, the stream checked, and not draining.
@@ -1225,9 +1229,16 @@ pub async fn start(
     let listener =
         TcpListener::bind(config.listen).await.map_err(|err| StartError::Bind { addr: config.listen, err })?;
     let addr = listener.local_addr().map_err(|err| StartError::Bind { addr: config.listen, err })?;
-    let signals = Arc::new(crate::nats::Signals::default());
-    let client =
-        crate::nats::connect(&config.nats, &config.node_id, signals.clone()).await.map_err(StartError::Nats)?;
+    let signals = Arc::new(crate::live::Signals::default());
+    let client = crate::nats::connect(&config.nats, &config.node_id).await.map_err(StartError::Nats)?;
+    let live = crate::live::Live::start(
+        &config.nats.login,
+        &format!("{}-live", config.node_id),
+        config.nats.subscription_capacity,
+        signals.clone(),
+    )
+    .await
+    .map_err(StartError::Nats)?;
     let readers = crate::nats::connect_readers(&config.nats, &config.node_id).await.map_err(StartError::Nats)?;
     if config.allowed_origins.is_none() {
         tracing::warn!(
@@ -1236,7 +1247,7 @@ pub async fn start(
     }
     tracing::info!(node = %config.node_id, nats = %config.nats.login.shown, stream = %config.stream.name, partitions = config.stream.partitions, "listening on {addr}");
     on_listen(addr);
-    let st = AppState::new(config, client, readers, metrics);
+    let st = AppState::new(config, client, live, readers, metrics);
     let audits = tokio::spawn(audit_on_reconnect(st.hub.clone(), signals));
     let result = run(listener, st, shutdown).await;
     audits.abort();
@@ -1244,11 +1255,11 @@ pub async fn start(
     Ok(())
 }
 
-/// Audits every user at once after a NATS (re)connect: events stored while
-/// the connection was down were not received. (Messages async-nats dropped
-/// for a slow subscription show as a hole at the user's next event, and the
+/// Audits every user at once after the live connection (re)connects: events
+/// stored while it was down were not received. (Messages dropped for a slow
+/// subscription show as a hole at the user's next event, and the
 /// periodic audit finds a dropped last one: neither needs every user asked.)
-async fn audit_on_reconnect(hub: Arc<Hub>, signals: Arc<crate::nats::Signals>) {
+async fn audit_on_reconnect(hub: Arc<Hub>, signals: Arc<crate::live::Signals>) {
     loop {
         signals.connected.notified().await;
         hub.audit_all_now();

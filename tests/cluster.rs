@@ -230,13 +230,27 @@ async fn node_account_covers_a_shared_scan(c: &Cluster) {
             let d = d.clone();
             async move { d.lock().unwrap().push(e.to_string()) }
         })
-        .connect(urls)
+        .connect(urls.clone())
         .await
         .expect("node user connects");
     let mut settings = common::stream_settings(10_000);
     settings.replicas = 3;
     settings.partitions = c.partitions;
-    let hub = Hub::new(client.clone(), vec![client.clone()], settings);
+    let login = agentcast::config::NatsLogin {
+        urls,
+        shown: String::new(),
+        user: Some(("node".into(), c.var("AGENTCAST_NODE_PASSWORD").into())),
+        token: None,
+        creds: None,
+        tls_ca: None,
+        tls_client: None,
+        tls_required: false,
+    };
+    let live =
+        agentcast::live::Live::start(&login, "test-live", agentcast::nats::SUBSCRIPTION_CAPACITY, Arc::default())
+            .await
+            .expect("live connection");
+    let hub = Hub::new(client.clone(), live, vec![client.clone()], settings);
     let agent = Publisher::new(agent_connect(c, None).await);
     let users: Vec<String> = (0..20).map(|u| format!("scan{u}")).collect();
     let mut seqs: Vec<Vec<u64>> = vec![Vec::new(); users.len()];

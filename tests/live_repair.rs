@@ -29,7 +29,8 @@ async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::Client, Arc
     let js = async_nats::jetstream::new(client.clone());
     js.create_stream(agentcast::stream::desired(&settings(max_per_user), 0)).await.unwrap();
     let hub_settings = StreamSettings { live_prefix: "shadow".into(), ..settings(max_per_user) };
-    (client.clone(), Hub::new(client.clone(), vec![client], hub_settings))
+    let live = agentcast::live::Live::plain(&nats.url).await.expect("live connection");
+    (client.clone(), Hub::new(client.clone(), live, vec![client], hub_settings))
 }
 
 /// Plays the republish of stored event `seq` (previous of the user: `prev`).
