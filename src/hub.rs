@@ -5,12 +5,14 @@
 //! one to leave unsubscribes, so a node's NATS interest is exactly the users
 //! it serves.
 //!
-//! One task per user drains that subscription and keeps the user's events
-//! continuous: every republished event carries `Nats-Last-Sequence`, the
-//! previous sequence of the same user. When it is not the user's position
-//! here (a message lost while NATS reconnected, dropped as a slow consumer,
-//! or a republish lost on a route), the task reads the missing events from
-//! JetStream and delivers them first ([`crate::resume::read`]).
+//! The user's events are kept continuous: every republished event carries
+//! `Nats-Last-Sequence`, the previous sequence of the same user. While it
+//! is the user's position here, the live connection's task delivers the
+//! event as it reads it ([`crate::live::Inbox`]). When it is not (a message
+//! lost while NATS reconnected, dropped from a full queue, or a republish
+//! lost on a route), the message goes to the user's own task, which reads
+//! the missing events from JetStream and delivers them first
+//! ([`crate::resume::read`]); what comes meanwhile waits for it, in order.
 //!
 //! A republish lost with nothing after it (the last event of a run) shows no
 //! hole. So an audit checks the users here that are quiet against the
@@ -734,7 +736,20 @@ impl Hub {
     /// position and is not republished here. The audit finds it: a new user
     /// is audited at its first sweep.
     async fn start_user(self: &Arc<Self>, entry: Arc<UserEntry>) -> Result<(), StreamError> {
-        let sub = self.live.subscribe(self.settings.live_subject(entry.user.as_str())).await;
+        // Most messages are handled on the live connection's task as they
+        // come: one task wake-up fewer per event. One that reveals a hole
+        // goes to the user's task, which reads it from JetStream.
+        let handler: crate::live::Handler = {
+            let (hub, entry) = (Arc::downgrade(self), entry.clone());
+            Box::new(move |msg| match hub.upgrade() {
+                Some(hub) if hub.hole(&entry, msg).is_none() => {
+                    hub.accept(&entry, msg);
+                    true
+                }
+                _ => false,
+            })
+        };
+        let sub = self.live.subscribe(self.settings.live_subject(entry.user.as_str()), handler).await;
         let position = {
             let _permit = acquire(&self.live_slots).await;
             let (user, history) = (entry.user.as_str(), &self.parts[entry.part as usize].history);
@@ -781,7 +796,14 @@ impl Hub {
         }
     }
 
+    /// The user's task: takes the messages the live connection's task
+    /// gave back (a hole to read first, or messages queued behind one) and
+    /// the audit's findings. While it works, the subscription is busy and
+    /// later messages queue for it, in order ([`crate::live::Inbox`]).
     async fn run_user(self: Arc<Self>, entry: Arc<UserEntry>, sub: crate::live::Subscription) {
+        // The position is set: what came since the SUB is queued, and is
+        // taken first.
+        sub.release();
         loop {
             tokio::select! {
                 biased;
@@ -789,6 +811,7 @@ impl Hub {
                     if let Signalled::Stop = signal {
                         break;
                     }
+                    sub.claim();
                     let expect = entry.behind.load(Ordering::Acquire);
                     // Boxed here and below: a read from JetStream is rare
                     // and would otherwise size every user's task (3.5 KB).
@@ -797,8 +820,12 @@ impl Hub {
                         self.fill(&entry, expect + 1, expect, "audit").await;
                     })
                     .await;
+                    sub.release();
                 }
-                msg = sub.next() => self.on_message(&entry, msg).await,
+                msg = sub.next() => {
+                    self.on_message(&entry, msg).await;
+                    sub.release();
+                }
             }
         }
         // Dropping the subscription unsubscribes.
@@ -806,7 +833,39 @@ impl Hub {
         metrics::gauge!(m::USERS_SUBSCRIBED).decrement(1.0);
     }
 
+    /// A message the live connection's task gave back: a hole is read from
+    /// JetStream first, then the message is taken as any other.
     async fn on_message(&self, entry: &UserEntry, msg: crate::live::LiveMsg) {
+        if let Some((seq, prev)) = self.hole(entry, &msg) {
+            let last = lock(&entry.shared).position.seq();
+            metrics::counter!(m::GAPS_DETECTED).increment(1);
+            tracing::debug!(user = %entry.user.for_log(), last, prev, seq, "hole on the live path; reading it from JetStream");
+            Box::pin(async {
+                let _permit = acquire(&self.live_slots).await;
+                self.fill(entry, seq, prev, "sequence").await;
+            })
+            .await;
+        }
+        self.accept(entry, &msg);
+    }
+
+    /// `(seq, prev)` when the message is the user's stream's event `seq`,
+    /// after the user's position, and its `Nats-Last-Sequence` (`prev`) says
+    /// events lie between the two: only the user's task may read them
+    /// ([`Hub::on_message`]). Counts and logs nothing: [`Hub::accept`] does.
+    fn hole(&self, entry: &UserEntry, msg: &crate::live::LiveMsg) -> Option<(u64, u64)> {
+        if msg.stream() != Some(self.parts[entry.part as usize].name.as_str()) {
+            return None;
+        }
+        let seq = msg.seq.filter(|s| *s <= MAX_SEQ)?;
+        let prev = msg.last_seq?;
+        let last = lock(&entry.shared).position.seq();
+        (seq > last && prev > last && prev < seq).then_some((seq, prev))
+    }
+
+    /// Checks a live message and delivers it, or skips it (counted, logged
+    /// once per subject); with no hole before it ([`Hub::hole`]).
+    fn accept(&self, entry: &UserEntry, msg: &crate::live::LiveMsg) {
         m::hot().events_received.increment(1);
         let stream = msg.stream();
         let ours = self.parts[entry.part as usize].name.as_str();
@@ -857,23 +916,11 @@ impl Hub {
             // Already delivered by a repair read.
             return;
         }
-        if let Some(prev) = msg.last_seq
-            && prev > last
-            && prev < seq
-        {
-            metrics::counter!(m::GAPS_DETECTED).increment(1);
-            tracing::debug!(user = %entry.user.for_log(), last, prev, seq, "hole on the live path; reading it from JetStream");
-            Box::pin(async {
-                let _permit = acquire(&self.live_slots).await;
-                self.fill(entry, seq, prev, "sequence").await;
-            })
-            .await;
-        }
         // 2.10+ stamp the republished message; 2.9 does not (the envelope's
         // timestamp is used then, and a publisher's own Nats-Time-Stamp is
         // the only value: it moves this metric and nothing else).
         let stored_at = msg.time().and_then(|v| m::Origin::parse(v, m::Clock::Stream));
-        self.deliver(entry, Stored { seq, payload: msg.payload }, stored_at);
+        self.deliver(entry, Stored { seq, payload: msg.payload.clone() }, stored_at);
     }
 
     /// An event of the user stored by another partition's stream than the

@@ -156,20 +156,44 @@ impl LiveMsg {
     }
 }
 
-/// The messages of one subscription waiting for its user's task: a queue
-/// that allocates on its first message and holds at most `capacity`
+/// Handles a message at once, on the connection's task (`true`), or leaves
+/// it to the subscriber's own task (`false`: a message that needs what only
+/// that task can do, such as waiting for a read from JetStream).
+pub type Handler = Box<dyn Fn(&LiveMsg) -> bool + Send + Sync>;
+
+/// The messages of one subscription: handed to its [`Handler`] as they come
+/// while the subscriber's task is idle and nothing waits, else queued for
+/// the task in arrival order. So a message is never handled while an
+/// earlier one, or the task's own work ([`Subscription::claim`]), is under
+/// way: the handler runs under the same lock that the task takes to pop.
+///
+/// The queue allocates on its first message and holds at most `capacity`
 /// (`--nats-subscription-capacity` as lowered by `--nats-subscription-bytes`,
 /// [`crate::nats::SUBSCRIPTION_CAPACITY`]). When full, a message is dropped
 /// and counted as `slow_consumer` ([`m::NATS_EVENTS`]): the user's task finds
 /// the hole at the user's next event or audit and reads it from JetStream,
 /// as it does for a message lost while the connection was down.
-#[derive(Debug)]
 pub struct Inbox {
-    queue: Mutex<VecDeque<LiveMsg>>,
+    state: Mutex<InboxState>,
     waker: AtomicWaker,
     capacity: usize,
+    handler: Handler,
     /// A drop was reported and nothing was taken since: reported once.
     dropping: AtomicBool,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").field("capacity", &self.capacity).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct InboxState {
+    queue: VecDeque<LiveMsg>,
+    /// The subscriber's task holds a message or works for itself; set from
+    /// the start until its first [`Subscription::release`].
+    busy: bool,
 }
 
 /// What a queue that grew for a burst keeps once drained: past this many
@@ -177,14 +201,23 @@ pub struct Inbox {
 const INBOX_KEEP: usize = 16;
 
 impl Inbox {
-    fn new(capacity: usize) -> Self {
-        Self { queue: Mutex::default(), waker: AtomicWaker::new(), capacity, dropping: AtomicBool::new(false) }
+    fn new(capacity: usize, handler: Handler) -> Self {
+        Self {
+            state: Mutex::new(InboxState { queue: VecDeque::new(), busy: true }),
+            waker: AtomicWaker::new(),
+            capacity,
+            handler,
+            dropping: AtomicBool::new(false),
+        }
     }
 
-    fn push(&self, msg: LiveMsg) {
-        let mut q = crate::hub::lock(&self.queue);
-        if q.len() >= self.capacity {
-            drop(q);
+    fn offer(&self, msg: LiveMsg) {
+        let mut st = crate::hub::lock(&self.state);
+        if st.queue.is_empty() && !st.busy && (self.handler)(&msg) {
+            return;
+        }
+        if st.queue.len() >= self.capacity {
+            drop(st);
             metrics::counter!(m::NATS_EVENTS, "event" => "slow_consumer").increment(1);
             if !self.dropping.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
@@ -194,36 +227,28 @@ impl Inbox {
             }
             return;
         }
-        q.push_back(msg);
-        drop(q);
+        st.queue.push_back(msg);
+        drop(st);
         self.waker.wake();
     }
 
-    /// The next message, once there is one. Awaited by one task at a time.
-    pub async fn next(&self) -> LiveMsg {
-        std::future::poll_fn(|cx| {
-            if let Some(msg) = self.pop() {
-                return std::task::Poll::Ready(msg);
-            }
-            self.waker.register(cx.waker());
-            self.pop().map_or(std::task::Poll::Pending, std::task::Poll::Ready)
-        })
-        .await
-    }
-
+    /// Takes the oldest queued message, and the inbox with it (busy).
     fn pop(&self) -> Option<LiveMsg> {
-        let mut q = crate::hub::lock(&self.queue);
-        let msg = q.pop_front()?;
-        if q.is_empty() && q.capacity() > INBOX_KEEP {
-            *q = VecDeque::new();
+        let mut st = crate::hub::lock(&self.state);
+        let msg = st.queue.pop_front()?;
+        st.busy = true;
+        if st.queue.is_empty() && st.queue.capacity() > INBOX_KEEP {
+            st.queue = VecDeque::new();
         }
-        drop(q);
+        drop(st);
         self.dropping.store(false, Ordering::Relaxed);
         Some(msg)
     }
 }
 
-/// A subscription to one subject; unsubscribes when dropped.
+/// A subscription to one subject; unsubscribes when dropped. Its task takes
+/// the messages its handler gave back ([`Subscription::next`]) and tells
+/// when it is done with each ([`Subscription::release`]).
 #[derive(Debug)]
 pub struct Subscription {
     sid: u64,
@@ -232,8 +257,29 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The next queued message, once there is one. The subscription is busy
+    /// from then until [`Subscription::release`]: later messages queue.
     pub async fn next(&self) -> LiveMsg {
-        self.inbox.next().await
+        std::future::poll_fn(|cx| {
+            if let Some(msg) = self.inbox.pop() {
+                return std::task::Poll::Ready(msg);
+            }
+            self.inbox.waker.register(cx.waker());
+            self.inbox.pop().map_or(std::task::Poll::Pending, std::task::Poll::Ready)
+        })
+        .await
+    }
+
+    /// Marks the subscription busy for the task's own work: messages queue
+    /// until [`Subscription::release`].
+    pub fn claim(&self) {
+        crate::hub::lock(&self.inbox.state).busy = true;
+    }
+
+    /// The task is done for now: messages go to the handler again once the
+    /// queue is empty (the task takes those queued first).
+    pub fn release(&self) {
+        crate::hub::lock(&self.inbox.state).busy = false;
     }
 }
 
@@ -260,7 +306,12 @@ impl std::fmt::Debug for Sub {
     }
 }
 
-type Writer = WriteHalf<Box<dyn Io>>;
+/// The connected server's write side, and the token that tells the
+/// connection's reader a write to it failed.
+struct Writer {
+    half: WriteHalf<Box<dyn Io>>,
+    broken: tokio_util::sync::CancellationToken,
+}
 
 /// A byte stream: TCP, or TLS over TCP.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -273,8 +324,6 @@ struct Shared {
     /// across a subscription's SUB, so a subject is subscribed either here
     /// or by the resubscription after a reconnect, never both nor neither.
     writer: tokio::sync::Mutex<Option<Writer>>,
-    /// A write failed: the reader task reconnects.
-    broken: Notify,
     /// One entry per PING written on this connection, oldest first: whom
     /// its PONG tells that everything before it took effect (`None`: a
     /// keepalive). Cleared with the connection.
@@ -294,7 +343,7 @@ impl Shared {
     /// not needed (UNSUB, PONG: a new connection has no state).
     async fn write(&self, bytes: Vec<u8>) {
         let mut w = self.writer.lock().await;
-        write_locked(&mut w, &bytes, &self.broken).await;
+        write_locked(&mut w, &bytes).await;
     }
 
     /// Writes a keepalive PING, if connected.
@@ -302,21 +351,25 @@ impl Shared {
         let mut w = self.writer.lock().await;
         if w.is_some() {
             crate::hub::lock(&self.pongs).push_back(None);
-            write_locked(&mut w, b"PING\r\n", &self.broken).await;
+            write_locked(&mut w, b"PING\r\n").await;
         }
     }
 }
 
-async fn write_locked(w: &mut Option<Writer>, bytes: &[u8], broken: &Notify) {
+/// Writes to the connected server, if any. A write that fails or takes
+/// longer than [`WRITE_TIMEOUT`] ends the connection: its reader is told,
+/// and later writes go nowhere until the reconnect.
+async fn write_locked(w: &mut Option<Writer>, bytes: &[u8]) {
     let Some(writer) = w.as_mut() else { return };
     let done = tokio::time::timeout(WRITE_TIMEOUT, async {
-        writer.write_all(bytes).await?;
-        writer.flush().await
+        writer.half.write_all(bytes).await?;
+        writer.half.flush().await
     })
     .await;
-    if !matches!(done, Ok(Ok(()))) {
-        *w = None;
-        broken.notify_one();
+    if !matches!(done, Ok(Ok(())))
+        && let Some(gone) = w.take()
+    {
+        gone.broken.cancel();
     }
 }
 
@@ -345,7 +398,6 @@ impl Live {
             subs: Mutex::default(),
             next_sid: AtomicU64::new(1),
             writer: tokio::sync::Mutex::new(None),
-            broken: Notify::new(),
             pongs: Mutex::default(),
             connected: AtomicBool::new(false),
         });
@@ -370,9 +422,12 @@ impl Live {
     /// at once (the SUB goes out at the reconnect, and the hub's audit after
     /// it reads what came meanwhile); a server that does not answer within
     /// [`WRITE_TIMEOUT`] is not waited for longer (the audit, again).
-    pub async fn subscribe(&self, subject: String) -> Subscription {
+    ///
+    /// The subscription starts busy: messages queue until the task's first
+    /// [`Subscription::release`].
+    pub async fn subscribe(&self, subject: String, handler: Handler) -> Subscription {
         let sid = self.shared.next_sid.fetch_add(1, Ordering::Relaxed);
-        let inbox = Arc::new(Inbox::new(self.capacity));
+        let inbox = Arc::new(Inbox::new(self.capacity, handler));
         let mut line = format!("SUB {subject} {sid}\r\n").into_bytes();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut w = self.shared.writer.lock().await;
@@ -383,7 +438,7 @@ impl Live {
         }
         crate::hub::lock(&self.shared.pongs).push_back(Some(tx));
         line.extend_from_slice(b"PING\r\n");
-        write_locked(&mut w, &line, &self.shared.broken).await;
+        write_locked(&mut w, &line).await;
         drop(w);
         let _ = tokio::time::timeout(WRITE_TIMEOUT, rx).await;
         sub
@@ -428,17 +483,10 @@ impl Connector {
             }
         };
         let tls_wanted = login.tls_required || login.urls.iter().any(|u| u.tls_required());
-        // Built even when no TLS is asked for: a server may require it (its INFO says so).
-        let tls = tls_config(login).await.map_err(|e| {
-            if tls_wanted {
-                anyhow::anyhow!("NATS TLS: {e}")
-            } else {
-                anyhow::anyhow!("NATS TLS (the server may ask for it): {e}")
-            }
-        });
-        let tls = match tls {
+        let tls = match tls_config(login).await {
             Ok(c) => Some(Arc::new(c)),
-            Err(e) if tls_wanted => return Err(e),
+            Err(e) if tls_wanted => anyhow::bail!("NATS TLS: {e}"),
+            // Kept for a server whose INFO asks for TLS; `open` says so then.
             Err(_) => None,
         };
         Ok(Self {
@@ -617,37 +665,49 @@ fn parse(buf: &mut BytesMut) -> io::Result<Option<Op>> {
     let line = std::str::from_utf8(&buf[..end]).map_err(|_| bad("a protocol line that is not UTF-8".into()))?;
     let line = line.strip_suffix('\r').unwrap_or(line);
     let (verb, rest) = line.split_once([' ', '\t']).unwrap_or((line, ""));
-    let op = match verb.to_ascii_uppercase().as_str() {
-        "MSG" | "HMSG" => {
-            let headed = verb.len() == 4;
-            let args: Vec<&str> = rest.split_ascii_whitespace().collect();
-            // MSG <subject> <sid> [reply] <size>; HMSG <subject> <sid> [reply] <headers> <size>
-            let numbers = if headed { 2 } else { 1 };
-            if args.len() < 2 + numbers || args.len() > 3 + numbers {
-                return Err(bad(format!("a malformed {verb} line")));
-            }
-            let num = |s: &str| s.parse::<usize>().map_err(|_| bad(format!("a malformed {verb} line")));
-            let sid = args[1].parse::<u64>().map_err(|_| bad(format!("a malformed {verb} line")))?;
-            let size = num(args[args.len() - 1])?;
-            let headers = if headed { num(args[args.len() - 2])? } else { 0 };
-            if size > MAX_MESSAGE || headers > size {
-                return Err(bad(format!("a {verb} of {size} bytes")));
-            }
-            let whole = end + 1 + size + 2;
-            if buf.len() < whole {
-                buf.reserve(whole - buf.len());
-                return Ok(None);
-            }
-            let data = Bytes::copy_from_slice(&buf[end + 1..end + 1 + size]);
-            buf.advance(whole);
-            return Ok(Some(Op::Msg { sid, data, headers }));
+    let is = |name: &str| verb.eq_ignore_ascii_case(name);
+    if is("MSG") || is("HMSG") {
+        // MSG <subject> <sid> [reply] <size>; HMSG <subject> <sid> [reply] <headers> <size>
+        let headed = verb.len() == 4;
+        let malformed = || bad(format!("a malformed {verb} line"));
+        let mut args = [""; 5];
+        let mut n = 0;
+        for arg in rest.split_ascii_whitespace() {
+            *args.get_mut(n).ok_or_else(malformed)? = arg;
+            n += 1;
         }
-        "PING" => Op::Ping,
-        "PONG" => Op::Pong,
-        "+OK" => Op::Ok,
-        "-ERR" => Op::Err(rest.trim().trim_matches('\'').to_owned()),
-        "INFO" => Op::Info(serde_json::from_str(rest).map_err(|e| bad(format!("an INFO the node cannot read: {e}")))?),
-        _ => return Err(bad(format!("an unknown operation {:?}", verb.chars().take(16).collect::<String>()))),
+        let numbers = if headed { 2 } else { 1 };
+        if n < 2 + numbers || n > 3 + numbers {
+            return Err(malformed());
+        }
+        let num = |s: &str| s.parse::<usize>().map_err(|_| malformed());
+        let sid = args[1].parse::<u64>().map_err(|_| malformed())?;
+        let size = num(args[n - 1])?;
+        let headers = if headed { num(args[n - 2])? } else { 0 };
+        if size > MAX_MESSAGE || headers > size {
+            return Err(bad(format!("a {verb} of {size} bytes")));
+        }
+        let whole = end + 1 + size + 2;
+        if buf.len() < whole {
+            buf.reserve(whole - buf.len());
+            return Ok(None);
+        }
+        let data = Bytes::copy_from_slice(&buf[end + 1..end + 1 + size]);
+        buf.advance(whole);
+        return Ok(Some(Op::Msg { sid, data, headers }));
+    }
+    let op = if is("PING") {
+        Op::Ping
+    } else if is("PONG") {
+        Op::Pong
+    } else if is("+OK") {
+        Op::Ok
+    } else if is("-ERR") {
+        Op::Err(rest.trim().trim_matches('\'').to_owned())
+    } else if is("INFO") {
+        Op::Info(serde_json::from_str(rest).map_err(|e| bad(format!("an INFO the node cannot read: {e}")))?)
+    } else {
+        return Err(bad(format!("an unknown operation {:?}", verb.chars().take(16).collect::<String>())));
     };
     buf.advance(end + 1);
     Ok(Some(op))
@@ -684,17 +744,18 @@ async fn run(connector: Connector, shared: Arc<Shared>, signals: Arc<Signals>) {
         round = 0;
         last_error.clear();
         learn(&info, &connector, &mut discovered);
-        let (reader, writer) = tokio::io::split(io);
+        let (reader, half) = tokio::io::split(io);
+        let broken = tokio_util::sync::CancellationToken::new();
         {
             let mut w = shared.writer.lock().await;
             // The old connection's PINGs will never be answered.
             crate::hub::lock(&shared.pongs).clear();
-            *w = Some(writer);
+            *w = Some(Writer { half, broken: broken.clone() });
             let subs: String = crate::hub::lock(&shared.subs)
                 .iter()
                 .map(|(sid, sub)| format!("SUB {} {sid}\r\n", sub.subject))
                 .collect();
-            write_locked(&mut w, subs.as_bytes(), &shared.broken).await;
+            write_locked(&mut w, subs.as_bytes()).await;
             if w.is_none() {
                 continue;
             }
@@ -710,7 +771,7 @@ async fn run(connector: Connector, shared: Arc<Shared>, signals: Arc<Signals>) {
             tracing::debug!(server = %addr.host(), "NATS live connection up");
         }
         signals.connected.notify_one();
-        let why = read(reader, buf, &shared, &connector, &mut discovered).await;
+        let why = read(reader, buf, &shared, &broken, &connector, &mut discovered).await;
         shared.connected.store(false, Ordering::Release);
         *shared.writer.lock().await = None;
         crate::hub::lock(&shared.pongs).clear();
@@ -745,6 +806,7 @@ async fn read(
     mut reader: ReadHalf<Box<dyn Io>>,
     mut buf: BytesMut,
     shared: &Shared,
+    broken: &tokio_util::sync::CancellationToken,
     connector: &Connector,
     discovered: &mut Vec<async_nats::ServerAddr>,
 ) -> String {
@@ -763,7 +825,7 @@ async fn read(
                     let inbox = crate::hub::lock(&shared.subs).get(&sid).map(|s| s.inbox.clone());
                     // No inbox: unsubscribed meanwhile.
                     if let Some(inbox) = inbox {
-                        inbox.push(LiveMsg::parse(data, headers));
+                        inbox.offer(LiveMsg::parse(data, headers));
                     }
                 }
                 Op::Ping => shared.write(b"PONG\r\n".to_vec()).await,
@@ -804,7 +866,7 @@ async fn read(
                 pings_out += 1;
                 shared.ping().await;
             }
-            () = shared.broken.notified() => return "a write failed".into(),
+            () = broken.cancelled() => return "a write failed".into(),
         }
     }
 }
@@ -886,20 +948,59 @@ mod tests {
         }
     }
 
+    fn seqs(inbox: &Inbox) -> Vec<u64> {
+        std::iter::from_fn(|| inbox.pop()).map(|m| m.seq.unwrap()).collect()
+    }
+
     #[test]
     fn a_full_inbox_drops_and_a_drained_one_gives_its_memory_back() {
-        let inbox = Inbox::new(3);
+        let inbox = Inbox::new(3, Box::new(|_| false));
         for seq in 1..=5 {
-            inbox.push(LiveMsg { seq: Some(seq), ..Default::default() });
+            inbox.offer(LiveMsg { seq: Some(seq), ..Default::default() });
         }
-        let got: Vec<_> = std::iter::from_fn(|| inbox.pop()).map(|m| m.seq.unwrap()).collect();
-        assert_eq!(got, [1, 2, 3]);
-        let big = Inbox::new(1000);
+        assert_eq!(seqs(&inbox), [1, 2, 3]);
+        let big = Inbox::new(1000, Box::new(|_| false));
         for _ in 0..100 {
-            big.push(LiveMsg::default());
+            big.offer(LiveMsg::default());
         }
         while big.pop().is_some() {}
-        assert_eq!(crate::hub::lock(&big.queue).capacity(), 0);
+        assert_eq!(crate::hub::lock(&big.state).queue.capacity(), 0);
+    }
+
+    #[test]
+    fn the_handler_runs_only_while_the_task_is_idle_and_nothing_waits() {
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let h = handled.clone();
+        // Handles even sequences, leaves odd ones to the task.
+        let inbox = Inbox::new(
+            100,
+            Box::new(move |m: &LiveMsg| {
+                let even = m.seq.is_some_and(|s| s % 2 == 0);
+                if even {
+                    h.lock().unwrap().extend(m.seq);
+                }
+                even
+            }),
+        );
+        let offer = |s| inbox.offer(LiveMsg { seq: Some(s), ..Default::default() });
+        // Busy from the start: everything queues.
+        offer(2);
+        assert!(handled.lock().unwrap().is_empty());
+        crate::hub::lock(&inbox.state).busy = false;
+        // 2 still waits: 4 queues behind it, not past it.
+        offer(4);
+        assert_eq!(seqs(&inbox), [2, 4]);
+        // Taken by the task: busy until it releases.
+        offer(6);
+        assert_eq!(seqs(&inbox), [6]);
+        crate::hub::lock(&inbox.state).busy = false;
+        offer(8);
+        assert_eq!(*handled.lock().unwrap(), [8]);
+        // Given back: queued for the task, and what follows waits behind it.
+        offer(9);
+        offer(10);
+        assert_eq!(seqs(&inbox), [9, 10]);
+        assert_eq!(*handled.lock().unwrap(), [8]);
     }
 
     #[test]

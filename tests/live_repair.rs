@@ -25,11 +25,18 @@ fn settings(max_per_user: i64) -> StreamSettings {
 /// A stream as a node creates it, and a hub that hears only what the test
 /// publishes to `shadow.<user>`.
 async fn setup(nats: &NatsServer, max_per_user: i64) -> (async_nats::Client, Arc<Hub>) {
+    setup_holding(nats, max_per_user, agentcast::nats::SUBSCRIPTION_CAPACITY).await
+}
+
+/// [`setup`] with a live subscription that holds `capacity` messages.
+async fn setup_holding(nats: &NatsServer, max_per_user: i64, capacity: usize) -> (async_nats::Client, Arc<Hub>) {
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     js.create_stream(agentcast::stream::desired(&settings(max_per_user), 0)).await.unwrap();
     let hub_settings = StreamSettings { live_prefix: "shadow".into(), ..settings(max_per_user) };
-    let live = agentcast::live::Live::plain(&nats.url).await.expect("live connection");
+    let login = agentcast::config::NatsLogin::plain(&nats.url).unwrap();
+    let live =
+        agentcast::live::Live::start(&login, "test-live", capacity, Arc::default()).await.expect("live connection");
     (client.clone(), Hub::new(client.clone(), live, vec![client], hub_settings))
 }
 
@@ -79,6 +86,54 @@ async fn a_hole_revealed_by_nats_last_sequence_is_read_from_jetstream() {
         Item::Event(f) => assert_eq!(f.seq, s5),
         other => panic!("{other:?}"),
     }
+}
+
+/// Messages that come while the user's task reads a hole wait in the
+/// user's live queue; past its capacity they are dropped (`slow_consumer`)
+/// and read from JetStream like any other hole.
+#[tokio::test]
+async fn messages_dropped_while_the_users_task_reads_a_hole_are_read_too() {
+    let metrics = agentcast::metrics::install();
+    let nats = NatsServer::start();
+    let (client, hub) = setup_holding(&nats, 1000, 1).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let user = UserId::parse("u1").unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _m = hub.join(&user, 1, tx, Arc::new(Kicker::default()), NO_BYTE_BOUND).await.unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..40 {
+        seqs.push(publish(&js, "u1", format!(r#"{{"i":{i}}}"#)).await);
+    }
+    // The first republish heard is the 20th event's: a hole of 19 that the
+    // user's task reads. The rest follow in one write, while it reads: one
+    // is queued, the others dropped.
+    for i in 19..39 {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Stream", "AGENTCAST");
+        h.insert("Nats-Sequence", seqs[i].to_string().as_str());
+        h.insert("Nats-Last-Sequence", seqs[i - 1].to_string().as_str());
+        client.publish_with_headers("shadow.u1", h, format!(r#"{{"i":{i}}}"#).into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The last one reveals what was dropped.
+    republish(&client, "u1", seqs[39], seqs[38], r#"{"i":39}"#).await;
+    for (i, want) in seqs.iter().enumerate() {
+        match next_item(&mut rx).await {
+            Item::Event(f) => {
+                assert_eq!(f.seq, *want);
+                assert!(f.text.as_str().ends_with(&format!(r#""event":{{"i":{i}}}}}"#)), "{}", f.text.as_str());
+            }
+            other => panic!("expected event {want}, got {other:?}"),
+        }
+    }
+    let text = metrics.render();
+    let dropped: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"agentcast_nats_events_total{event="slow_consumer"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the slow_consumer series");
+    assert!(dropped >= 1.0, "messages were dropped from the full queue (slow_consumer {dropped})");
 }
 
 #[tokio::test]
