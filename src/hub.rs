@@ -220,10 +220,8 @@ pub enum Kick {
     Slow = 1,
     /// The node is draining.
     Drain = 2,
-    /// The user's subscription ended unexpectedly.
-    Error = 3,
     /// The stream was recreated; positions from before mean nothing now.
-    StreamReset = 4,
+    StreamReset = 3,
 }
 
 /// What the hub and the server share with one socket: its close request
@@ -299,8 +297,7 @@ impl Kicker {
             0 => None,
             1 => Some(Kick::Slow),
             2 => Some(Kick::Drain),
-            4 => Some(Kick::StreamReset),
-            _ => Some(Kick::Error),
+            _ => Some(Kick::StreamReset),
         }
     }
 }

@@ -15,14 +15,16 @@
 //! This module speaks the part of the NATS client protocol a subscriber
 //! needs (INFO, CONNECT with the node's login and TLS, SUB, UNSUB, MSG,
 //! HMSG, PING, PONG), takes the stamps the hub reads ([`LiveMsg`]) in one
-//! pass over the headers, and queues each message in its subscription's
-//! [`Inbox`], which holds nothing until a message comes.
+//! pass over the headers, and hands each message to its subscription's
+//! [`Inbox`]: to the hub's handler at once while the user's task is idle,
+//! else into a queue for that task, which holds nothing until a message
+//! waits.
 //!
 //! The connection is kept up by one task: it connects to the configured
 //! servers and those the servers announce, in turn, retrying forever; after
 //! each (re)connect it subscribes again to every subject it holds and tells
-//! the hub ([`Signals`]), whose audit then reads what the
-//! connection missed meanwhile. A connection that answers no PING within
+//! the hub ([`Signals`]), whose audit then reads what the connection missed
+//! meanwhile. A connection that answers no PING within
 //! [`PING_INTERVAL`] × [`MAX_PINGS_OUT`] is taken for dead.
 
 use std::collections::{HashMap, VecDeque};
@@ -121,8 +123,9 @@ impl LiveMsg {
 
     /// Reads the NATS header block (`NATS/1.0 …\r\n`, lines `Name: value`,
     /// an empty line) of a message whose bytes are `data`, the first
-    /// `headers` of them the block. Names match as nats-server's own do not,
-    /// ignoring case, so a publisher's `nats-sequence` counts as repeated.
+    /// `headers` of them the block. Names are matched ignoring case (as
+    /// nats-server's own lookups do not), so a publisher's `nats-sequence`
+    /// counts as repeated.
     fn parse(data: Bytes, headers: usize) -> Self {
         let mut msg = LiveMsg { payload: data.slice(headers..), ..Default::default() };
         let mut seen = [false; STAMPS.len()];

@@ -739,7 +739,6 @@ where
 {
     match why {
         Kick::Slow => close_with(ws, close::SLOW, "slow: reconnect and resume", End::Slow).await,
-        Kick::Error => close_with(ws, close::INTERNAL, "internal error: reconnect and resume", End::Error).await,
         Kick::StreamReset => {
             close_with(ws, close::STREAM_RESET, "stream reset: reconnect and resume", End::StreamReset).await
         }
