@@ -42,12 +42,31 @@ async fn setup_holding(nats: &NatsServer, max_per_user: i64, capacity: usize) ->
 
 /// Plays the republish of stored event `seq` (previous of the user: `prev`).
 async fn republish(client: &async_nats::Client, user: &str, seq: u64, prev: u64, payload: &str) {
+    republish_unflushed(client, user, seq, prev, payload).await;
+    client.flush().await.unwrap();
+}
+
+/// [`republish`], left in the client's buffer with what follows it.
+async fn republish_unflushed(client: &async_nats::Client, user: &str, seq: u64, prev: u64, payload: &str) {
     let mut h = async_nats::HeaderMap::new();
     h.insert("Nats-Stream", "AGENTCAST");
     h.insert("Nats-Sequence", seq.to_string().as_str());
     h.insert("Nats-Last-Sequence", prev.to_string().as_str());
     client.publish_with_headers(format!("shadow.{user}"), h, payload.to_owned().into()).await.unwrap();
-    client.flush().await.unwrap();
+}
+
+/// The next items are the events `seqs`, in order, the i-th with the
+/// payload `{"i":i}`.
+async fn expect_events(rx: &mut mpsc::UnboundedReceiver<Queued>, seqs: &[u64]) {
+    for (i, want) in seqs.iter().enumerate() {
+        match next_item(rx).await {
+            Item::Event(f) => {
+                assert_eq!(f.seq, *want);
+                assert!(f.text.as_str().ends_with(&format!(r#""event":{{"i":{i}}}}}"#)), "{}", f.text.as_str());
+            }
+            other => panic!("expected event {want}, got {other:?}"),
+        }
+    }
 }
 
 async fn next_item(rx: &mut mpsc::UnboundedReceiver<Queued>) -> Item {
@@ -69,15 +88,7 @@ async fn a_hole_revealed_by_nats_last_sequence_is_read_from_jetstream() {
     }
     // Only the last one's republish arrives: the first three were "lost".
     republish(&client, "u1", seqs[3], seqs[2], r#"{"i":3}"#).await;
-    for (i, want) in seqs.iter().enumerate() {
-        match next_item(&mut rx).await {
-            Item::Event(f) => {
-                assert_eq!(f.seq, *want);
-                assert!(f.text.as_str().ends_with(&format!(r#""event":{{"i":{i}}}}}"#)), "{}", f.text.as_str());
-            }
-            other => panic!("expected event {want}, got {other:?}"),
-        }
-    }
+    expect_events(&mut rx, &seqs).await;
     // A duplicate of something already delivered is dropped.
     republish(&client, "u1", seqs[1], seqs[0], r#"{"i":1}"#).await;
     let s5 = publish(&js, "u1", r#"{"i":4}"#).await;
@@ -108,25 +119,13 @@ async fn messages_dropped_while_the_users_task_reads_a_hole_are_read_too() {
     // user's task reads. The rest follow in one write, while it reads: one
     // is queued, the others dropped.
     for i in 19..39 {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Stream", "AGENTCAST");
-        h.insert("Nats-Sequence", seqs[i].to_string().as_str());
-        h.insert("Nats-Last-Sequence", seqs[i - 1].to_string().as_str());
-        client.publish_with_headers("shadow.u1", h, format!(r#"{{"i":{i}}}"#).into()).await.unwrap();
+        republish_unflushed(&client, "u1", seqs[i], seqs[i - 1], &format!(r#"{{"i":{i}}}"#)).await;
     }
     client.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The last one reveals what was dropped.
     republish(&client, "u1", seqs[39], seqs[38], r#"{"i":39}"#).await;
-    for (i, want) in seqs.iter().enumerate() {
-        match next_item(&mut rx).await {
-            Item::Event(f) => {
-                assert_eq!(f.seq, *want);
-                assert!(f.text.as_str().ends_with(&format!(r#""event":{{"i":{i}}}}}"#)), "{}", f.text.as_str());
-            }
-            other => panic!("expected event {want}, got {other:?}"),
-        }
-    }
+    expect_events(&mut rx, &seqs).await;
     let text = metrics.render();
     let dropped: f64 = text
         .lines()
