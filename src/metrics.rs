@@ -419,7 +419,7 @@ fn describe() {
         Unit::Count,
         "Client frames answered with an error or a close, by reason."
     );
-    describe_gauge!(NATS_CONNECTED, Unit::Count, "1 while the NATS connection is up.");
+    describe_gauge!(NATS_CONNECTED, Unit::Count, "1 while the live NATS connection (the users' subscriptions) is up.");
     describe_counter!(NATS_EVENTS, Unit::Count, "NATS client events (connected, disconnected, slow_consumer, ...).");
     describe_gauge!(READY, Unit::Count, "1 while /readyz answers 200.");
     describe_counter!(RESUMES, Unit::Count, "Resumes from a last_seq, by outcome (complete, gap, failed).");

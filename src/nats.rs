@@ -3,10 +3,10 @@
 //!
 //! A node has one connection for requests and publishes (control requests,
 //! stream checks, positions), [`READ_CONNECTIONS`] for history reads, and
-//! its live subscriptions on a connection of its own ([`crate::live`]). nats-server answers the requests
-//! of one connection one after another, so reads on separate connections
-//! run at once (see [`crate::history`]), and a storm of reads never queues
-//! in front of live events.
+//! its live subscriptions on a connection of its own ([`crate::live`]).
+//! nats-server answers the requests of one connection one after another, so
+//! reads on separate connections run at once (see [`crate::history`]), and
+//! a storm of reads never queues in front of live events.
 
 use std::time::Duration;
 
@@ -15,16 +15,14 @@ use async_nats::{Client, ConnectOptions, Event};
 use crate::config::{NatsLogin, NatsSettings};
 use crate::metrics as m;
 
-/// Default for the messages buffered per live subscription before one is
+/// Default for the messages queued per live subscription before one is
 /// dropped and counted as `slow_consumer` ([`crate::live::Inbox`]; the hub
 /// reads the dropped events from JetStream: at the user's next event, or at
-/// the next audit).
-/// A user's subscription is drained by one task that copies references into
-/// socket queues, and that stops draining while it reads a hole from
-/// JetStream (waiting for a live-read slot, apart from the resumes' slots:
-/// [`crate::hub::LIVE_READ_CONCURRENCY`]) or when the node is out of CPU;
-/// 8192 absorbs a burst of several seconds of a busy user (the default,
-/// 65,536, would let one user pin ~20 MB of small events). In bytes the
+/// the next audit). Messages queue only while the user's task reads a hole
+/// or the audit's finding from JetStream (waiting for a live-read slot,
+/// apart from the resumes' slots: [`crate::hub::LIVE_READ_CONCURRENCY`]);
+/// 8192 absorbs several seconds of a busy user meanwhile (async-nats's
+/// default, 65,536, would let one user pin ~20 MB of small events). In bytes the
 /// subscription is bounded by `--nats-subscription-bytes`, which lowers this
 /// count when events may be large ([`crate::config::subscription_capacity`]).
 pub const SUBSCRIPTION_CAPACITY: usize = 8192;
