@@ -751,8 +751,6 @@ async fn run(connector: Connector, shared: Arc<Shared>, signals: Arc<Signals>) {
         let broken = tokio_util::sync::CancellationToken::new();
         {
             let mut w = shared.writer.lock().await;
-            // The old connection's PINGs will never be answered.
-            crate::hub::lock(&shared.pongs).clear();
             *w = Some(Writer { half, broken: broken.clone() });
             let subs: String = crate::hub::lock(&shared.subs)
                 .iter()
@@ -777,6 +775,8 @@ async fn run(connector: Connector, shared: Arc<Shared>, signals: Arc<Signals>) {
         let why = read(reader, buf, &shared, &broken, &connector, &mut discovered).await;
         shared.connected.store(false, Ordering::Release);
         *shared.writer.lock().await = None;
+        // This connection's PINGs will never be answered: their waiters go
+        // on now. Nothing is added while the writer is gone.
         crate::hub::lock(&shared.pongs).clear();
         metrics::counter!(m::NATS_EVENTS, "event" => "disconnected").increment(1);
         metrics::gauge!(m::NATS_CONNECTED).set(0.0);
