@@ -148,8 +148,12 @@ where
 {
     async move {
         let mut expiry = token_deadline(s.token_exp);
+        // Every future awaited once before the loop is boxed: the socket's
+        // future is as large as its largest await, and an idle socket keeps
+        // it whole for its life. Inline, `previous_rest` (three JetStream
+        // reads) made it 6.1 KB, against 1.4 KB for the loop's awaits.
         if s.start == Start::Frame {
-            s.start = match wait_resume_frame(&mut ws, &s.kicker, expiry).await {
+            s.start = match Box::pin(wait_resume_frame(&mut ws, &s.kicker, expiry)).await {
                 Ok(start) => start,
                 Err(end) => return end,
             };
@@ -161,8 +165,6 @@ where
         // For the answers of control requests: weak, so the queue still
         // closes when the hub drops its sender.
         let own_tx = tx.downgrade();
-        // Boxed, as is the replay below: both are awaited once and would
-        // otherwise size the socket's future, which an idle socket keeps whole.
         let membership = match Box::pin(hub.join(&s.user, s.conn_id, tx, s.kicker.clone(), s.queue_bytes)).await {
             Ok(m) => m,
             Err(e) => {
@@ -179,7 +181,7 @@ where
         if let Start::After { last_seq, epoch: Some(e) } = &s.start
             && let Some(history) = hub.previous_for(s.user.as_str(), e)
         {
-            match previous_rest(history, s.user.as_str(), *last_seq).await {
+            match Box::pin(previous_rest(history, s.user.as_str(), *last_seq)).await {
                 Ok(Rest::Tail(last)) => previous = Some((history, *last_seq, last, e.clone())),
                 Ok(Rest::None) => s.start = Start::After { last_seq: 0, epoch: None },
                 // Told as before: a stream_reset, then all of the new layout.
@@ -959,4 +961,27 @@ fn read_failure<E: std::error::Error + 'static>(e: &E) -> Option<ReadFailure> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    /// What a socket's future may take. An idle socket keeps it whole for
+    /// its life (in its task, with the task's header), so every byte here is
+    /// a byte per idle socket. It is as large as its largest await: the
+    /// loop's are about 1.4 KB, and an await of three JetStream reads left
+    /// inline once made it 6.1 KB (docs/benchmarks.md).
+    const MAX_SOCKET_FUTURE: usize = 2048;
+
+    /// The size of what `f` returns, read off its type without calling it.
+    fn returned_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn a_socket_future_stays_small() {
+        let ws = returned_size(super::run::<axum::extract::ws::WebSocket, axum::Error>);
+        let sse = returned_size(super::run::<crate::sse::Transport, crate::sse::Closed>);
+        assert!(ws <= MAX_SOCKET_FUTURE, "a WebSocket's future is {ws} bytes: box what is awaited once");
+        assert!(sse <= MAX_SOCKET_FUTURE, "an event stream's future is {sse} bytes: box what is awaited once");
+    }
 }
