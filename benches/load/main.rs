@@ -835,10 +835,14 @@ async fn step(
     // Every nats-server of the layout (nats-ws: its one server).
     let nats_pids: Vec<u32> = s.nats.iter().take(layout().servers).map(|n| n.proc.pid()).collect();
     let (t0, n0) = (total_ticks(&s.measured), total_ticks(&nats_pids));
+    let node = matches!(target, Target::Agentcast | Target::Sse);
+    let h0 = if node { node_latency_buckets(&s.addrs).await } else { vec![] };
     let before: u64 = next.iter().sum();
     let published = pubr.run(next, rate, o.duration, o.size).await;
     let (sum, lat) = report(workers, next).await;
     let (t1, n1) = (total_ticks(&s.measured), total_ticks(&nats_pids));
+    // The nodes' own view of the same deliveries, for where a tail comes from.
+    let node_latency = if node { node_latency(&h0, &node_latency_buckets(&s.addrs).await) } else { json!(null) };
     let events = next.iter().sum::<u64>() - before;
     let fanout = o.sockets as f64 / o.users as f64;
     let deliveries = events as f64 * fanout;
@@ -854,6 +858,7 @@ async fn step(
         "deliveries_per_s": deliveries / published.seconds,
         "delivery": sum,
         "latency": l,
+        "node_latency": node_latency,
         "cpu_ms_per_10k_deliveries": {"target": per10k(target_cpu), "with_nats_server": per10k(system_cpu)},
         "rss_kb": total_rss_kb(&s.measured),
     });
@@ -873,6 +878,10 @@ async fn step(
         per10k(target_cpu),
         per10k(system_cpu),
     );
+    if let Some(p99) = v["node_latency"]["p99_ms"].as_f64() {
+        let p50 = v["node_latency"]["p50_ms"].as_f64().unwrap_or(f64::NAN);
+        println!("  {:<10} the node's own view, stream stored to frame written: p50 {p50:.2} p99 {p99:.2} ms", "");
+    }
     v
 }
 
@@ -1019,6 +1028,69 @@ async fn node_metric(addr: SocketAddr, name: &str, labels: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The nodes' `agentcast_delivery_latency_seconds` histogram (clock
+/// `stream`: from the stream storing an event to its frame written to the
+/// socket), as (bucket bound in seconds, cumulative count) summed over the
+/// nodes.
+async fn node_latency_buckets(addrs: &[SocketAddr]) -> Vec<(f64, f64)> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for addr in addrs {
+        let text = common::http_get(*addr, "/metrics").await;
+        let lines = text.lines().filter(|l| {
+            l.starts_with(&format!("{}_bucket{{", agentcast::metrics::DELIVERY_LATENCY))
+                && l.contains("clock=\"stream\"")
+        });
+        for line in lines {
+            let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+            let le = match le {
+                Some("+Inf") => f64::INFINITY,
+                Some(v) => v.parse().unwrap_or(f64::NAN),
+                None => continue,
+            };
+            let count: f64 = line.rsplit(' ').next().and_then(|c| c.parse().ok()).unwrap_or(0.0);
+            match buckets.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, c)) => *c += count,
+                None => buckets.push((le, count)),
+            }
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// p50 and p99 of the deliveries between two readings of
+/// [`node_latency_buckets`], interpolated inside a bucket as Prometheus's
+/// `histogram_quantile` does: only as fine as the buckets
+/// (`agentcast::metrics::LATENCY_BUCKETS`). Empty when the node records
+/// none (nats-server 2.9 has no `Nats-Time-Stamp`).
+fn node_latency(before: &[(f64, f64)], after: &[(f64, f64)]) -> Value {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| (*le, c - before.iter().find(|(b, _)| b == le).map_or(0.0, |(_, c0)| *c0)))
+        .collect();
+    let total = counts.last().map_or(0.0, |(_, c)| *c);
+    if total <= 0.0 {
+        return json!(null);
+    }
+    let quantile = |q: f64| {
+        let rank = q * total;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for (le, c) in &counts {
+            if *c >= rank {
+                if le.is_infinite() {
+                    return lower * 1000.0;
+                }
+                let within = if c > &below { (rank - below) / (c - below) } else { 1.0 };
+                return (lower + (le - lower) * within) * 1000.0;
+            }
+            (lower, below) = (*le, *c);
+        }
+        f64::NAN
+    };
+    json!({"deliveries": total, "p50_ms": quantile(0.5), "p99_ms": quantile(0.99),
+           "clock": "stream stored to frame written"})
 }
 
 /// Publishes `rate` events/s of [`FLOOD_EVENT_BYTES`] for `duration`, in
