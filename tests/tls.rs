@@ -65,3 +65,65 @@ async fn node_and_tools_reach_a_tls_only_nats_server_with_the_ca_and_fail_clearl
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("--nats-tls-ca"), "{stderr}");
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, both
+/// signed by the CA, written as PEM into `dir`: (ca, server cert, server
+/// key, client cert, client key).
+fn write_mutual_tls(dir: &Path) -> [String; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = Issuer::new(ca_params, ca_key);
+    let signed = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        (params.signed_by(&key, &ca).unwrap(), key)
+    };
+    let (server, server_key) = signed(vec!["127.0.0.1".to_owned()], ExtendedKeyUsagePurpose::ServerAuth);
+    let (client, client_key) = signed(vec!["agentcast-node".to_owned()], ExtendedKeyUsagePurpose::ClientAuth);
+    let files = [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", server.pem()),
+        ("server-key.pem", server_key.serialize_pem()),
+        ("client.pem", client.pem()),
+        ("client-key.pem", client_key.serialize_pem()),
+    ];
+    files.map(|(name, pem)| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    })
+}
+
+/// The live connection (src/live.rs) presents the client certificate too:
+/// the event reaches the socket only through it.
+#[tokio::test]
+async fn node_and_tools_reach_a_server_that_verifies_client_certificates_and_fail_clearly_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, server, server_key, client, client_key] = write_mutual_tls(dir.path());
+    let nats =
+        NatsServer::start_with(&["--tlsverify", "--tlscert", &server, "--tlskey", &server_key, "--tlscacert", &ca]);
+    let tls = ["--nats-tls-ca", ca.as_str(), "--nats-tls-cert", client.as_str(), "--nats-tls-key", client_key.as_str()];
+
+    let node = Node::start(&nats, &tls).await;
+    let (mut socket, _) = Client::join(&node, "u1").await;
+    let publish = |tls: &[&str]| {
+        let mut args = vec!["publish", "--nats-url", &nats.url, "--user", "u1", "--type", "agent_started"];
+        args.extend(tls);
+        agentcast(&args)
+    };
+    let out = publish(&tls);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = socket.events(1).await;
+    assert_eq!(got[0].1["type"], "agent_started");
+
+    // The CA alone is not enough: the server refuses a client without a
+    // certificate, a runtime failure (exit 1) that names the server.
+    let out = publish(&tls[..2]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot connect to NATS at"), "{stderr}");
+}
