@@ -44,14 +44,7 @@ fn creds(dir: &Path, file: &str, account: &nkeys::KeyPair, user: &nkeys::KeyPair
     let claims = json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1});
     let user_jwt = jwt(account, &user.public_key(), "node", claims);
     let path = dir.join(file);
-    std::fs::write(
-        &path,
-        format!(
-            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
-             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
-        ),
-    )
-    .unwrap();
+    write_creds(&path, &user_jwt, seed);
     path.display().to_string()
 }
 

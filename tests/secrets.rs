@@ -218,14 +218,7 @@ async fn a_nats_token_and_a_credentials_file_are_never_logged() {
     // ignores the JWT and signature): the node connects and logs neither.
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("user.creds");
-    std::fs::write(
-        &creds,
-        format!(
-            "-----BEGIN NATS USER JWT-----\n{CREDS_JWT}\n------END NATS USER JWT------\n\n\
-             -----BEGIN USER NKEY SEED-----\n{CREDS_SEED}\n------END USER NKEY SEED------\n"
-        ),
-    )
-    .unwrap();
+    write_creds(&creds, CREDS_JWT, CREDS_SEED);
     let open = NatsServer::start();
     let node = LoggedNode::start(&["--nats-url", &open.url, "--nats-creds", creds.to_str().unwrap()], &[]);
     node.wait_ready().await;

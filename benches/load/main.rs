@@ -1035,13 +1035,11 @@ async fn node_metric(addr: SocketAddr, name: &str, labels: &str) -> f64 {
 /// socket), as (bucket bound in seconds, cumulative count) summed over the
 /// nodes.
 async fn node_latency_buckets(addrs: &[SocketAddr]) -> Vec<(f64, f64)> {
+    let prefix = format!("{}_bucket{{", agentcast::metrics::DELIVERY_LATENCY);
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for addr in addrs {
         let text = common::http_get(*addr, "/metrics").await;
-        let lines = text.lines().filter(|l| {
-            l.starts_with(&format!("{}_bucket{{", agentcast::metrics::DELIVERY_LATENCY))
-                && l.contains("clock=\"stream\"")
-        });
+        let lines = text.lines().filter(|l| l.starts_with(&prefix) && l.contains("clock=\"stream\""));
         for line in lines {
             let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next());
             let le = match le {

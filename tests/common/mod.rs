@@ -325,6 +325,19 @@ pub fn stream_settings(max_per_user: i64) -> agentcast::config::StreamSettings {
     }
 }
 
+/// Writes a NATS credentials file (a user JWT and its nkey seed, as `nsc`
+/// writes them) to `path`.
+pub fn write_creds(path: &Path, jwt: &str, seed: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .unwrap();
+}
+
 pub fn token(user: &str) -> String {
     agentcast::auth::mint_hs256(SECRET.as_bytes(), user, Duration::from_secs(600)).unwrap()
 }
