@@ -119,6 +119,8 @@ pub enum Target {
     Sse,
     NatsWs,
     Raw,
+    /// The raw fan-out fed by the stream's republish (`raw.rs`).
+    RawJs,
 }
 
 impl Target {
@@ -128,7 +130,8 @@ impl Target {
             "agentcast-sse" => Target::Sse,
             "nats-ws" => Target::NatsWs,
             "raw" => Target::Raw,
-            other => panic!("unknown target {other:?} (agentcast, agentcast-sse, nats-ws, raw)"),
+            "raw-js" => Target::RawJs,
+            other => panic!("unknown target {other:?} (agentcast, agentcast-sse, nats-ws, raw, raw-js)"),
         }
     }
 
@@ -138,6 +141,7 @@ impl Target {
             Target::Sse => "agentcast-sse",
             Target::NatsWs => "nats-ws",
             Target::Raw => "raw",
+            Target::RawJs => "raw-js",
         }
     }
 }
@@ -273,7 +277,7 @@ fn opts(args: &[String], smoke: bool) -> Opts {
     } else {
         args.iter().position(|a| a == "--preset").and_then(|i| args.get(i + 1)).cloned().unwrap_or("chat".into())
     };
-    let all = vec![Target::Agentcast, Target::Sse, Target::NatsWs, Target::Raw];
+    let all = vec![Target::Agentcast, Target::Sse, Target::NatsWs, Target::Raw, Target::RawJs];
     let mut o = Opts {
         preset: preset.clone(),
         targets: all,
@@ -538,10 +542,12 @@ async fn start_node(nats_url: &str) -> (Proc, SocketAddr) {
     (Proc(child), addr)
 }
 
-/// This binary again, as a raw fan-out server.
-async fn start_raw() -> (Proc, SocketAddr) {
+/// This binary again, as a raw fan-out server: fed by the publisher over a
+/// WebSocket, or with `nats` (`raw-js`) by the stream's republish.
+async fn start_raw(nats: Option<&str>) -> (Proc, SocketAddr) {
     let mut child = Command::new(std::env::current_exe().expect("own path"))
         .args(["--role", "raw"])
+        .args(nats.map(|url| ["--nats", url]).into_iter().flatten())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -749,9 +755,13 @@ async fn setup(target: Target, sockets: usize, idle: bool) -> Setup {
                 s.addrs.push(a);
             }
         }
-        Target::Raw => {
+        Target::Raw | Target::RawJs => {
+            // One connection to the first server: a subscription there gets
+            // every republish of the layout.
+            let url = s.nats[0].url.clone();
+            let nats = (target == Target::RawJs).then_some(url.as_str());
             for _ in 0..processes {
-                let (p, a) = start_raw().await;
+                let (p, a) = start_raw(nats).await;
                 s.measured.push(p.pid());
                 s.servers.push(p);
                 s.addrs.push(a);
@@ -848,7 +858,11 @@ async fn step(
     let deliveries = events as f64 * fanout;
     let per10k = |ticks: u64| ticks as f64 / hz * 1000.0 / (deliveries / 10_000.0);
     let target_cpu = if target == Target::NatsWs { n1 - n0 } else { t1 - t0 };
-    let system_cpu = if matches!(target, Target::Agentcast | Target::Sse) { (t1 - t0) + (n1 - n0) } else { target_cpu };
+    let system_cpu = if matches!(target, Target::Agentcast | Target::Sse | Target::RawJs) {
+        (t1 - t0) + (n1 - n0)
+    } else {
+        target_cpu
+    };
     let l = lat.summary();
     let v = json!({
         "rate_offered": rate,
@@ -1324,6 +1338,7 @@ fn ratios(preset: &str, results: &[(Target, Value)]) -> Value {
     let pairs = [
         (Target::Agentcast, Target::NatsWs, "agentcast_over_nats-ws"),
         (Target::Agentcast, Target::Raw, "agentcast_over_raw"),
+        (Target::Agentcast, Target::RawJs, "agentcast_over_raw-js"),
         (Target::Sse, Target::Agentcast, "agentcast_sse_over_agentcast"),
     ];
     for (a, b, name) in pairs.into_iter().filter(|(a, b, _)| ran(*a) && ran(*b)) {
@@ -1369,7 +1384,10 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     match args.iter().position(|a| a == "--role").and_then(|i| args.get(i + 1)).map(String::as_str) {
         Some("worker") => return rt.block_on(worker::run(worker::Spec::parse(&args))),
-        Some("raw") => return rt.block_on(raw::run()),
+        Some("raw") => {
+            let nats = args.iter().position(|a| a == "--nats").and_then(|i| args.get(i + 1)).cloned();
+            return rt.block_on(raw::run(nats));
+        }
         Some(other) => panic!("unknown role {other}"),
         None => {}
     }
@@ -1446,7 +1464,7 @@ async fn coordinate(o: Opts, smoke: bool) {
                 }
                 "control" => control::run(&o).await,
                 "tokens" => {
-                    if matches!(t, Target::Raw | Target::Sse) {
+                    if matches!(t, Target::Raw | Target::RawJs | Target::Sse) {
                         println!("  {}: tokens is agentcast and nats-ws", t.name());
                         continue;
                     }

@@ -6,6 +6,13 @@
 //!
 //! It uses the same per-socket buffer sizes and queue bound as an agentcast
 //! node, so memory and throughput compare like with like.
+//!
+//! With `--nats <url>` (the `raw-js` target) its input is the stream's
+//! republish instead: one async-nats subscription to `agentcast.live.>`,
+//! each message fanned out to the sockets of the user its subject names.
+//! That is the same fan-out behind the same JetStream hop as an agentcast
+//! node, with no per-user subscriptions, checks, history or auth: the floor
+//! for a fan-out fed by the stream on this machine.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,10 +36,24 @@ struct User {
 
 type Users = Arc<Mutex<HashMap<String, User>>>;
 
-pub async fn run() {
+pub async fn run(nats: Option<String>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("raw server binds");
-    println!("listening on {}", listener.local_addr().unwrap());
     let users: Users = Arc::default();
+    if let Some(url) = nats {
+        let client = async_nats::connect(url).await.expect("raw-js connects to nats-server");
+        let mut sub = client.subscribe("agentcast.live.>").await.expect("raw-js subscribes");
+        // A round trip, so the subscription is in place before "listening".
+        client.flush().await.expect("raw-js flush");
+        let users = users.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(user) = msg.subject.as_str().rsplit('.').next() else { continue };
+                let Ok(event) = std::str::from_utf8(&msg.payload) else { continue };
+                fan_out(&users, user, event);
+            }
+        });
+    }
+    println!("listening on {}", listener.local_addr().unwrap());
     let mut next_id = 0u64;
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
@@ -40,6 +61,16 @@ pub async fn run() {
         next_id += 1;
         tokio::spawn(serve(tcp, users.clone(), next_id));
     }
+}
+
+/// One event to every socket of `user`, framed as agentcast frames it.
+fn fan_out(users: &Users, user: &str, event: &str) {
+    let mut map = users.lock().unwrap();
+    let Some(u) = map.get_mut(user) else { return };
+    u.seq += 1;
+    let frame: Utf8Bytes = format!(r#"{{"type":"event","seq":{},"event":{event}}}"#, u.seq).into();
+    // A full queue drops the socket, as agentcast closes a slow one.
+    u.sockets.retain(|(_, tx)| tx.try_send(frame.clone()).is_ok());
 }
 
 async fn serve(tcp: tokio::net::TcpStream, users: Users, id: u64) {
@@ -59,12 +90,7 @@ async fn serve(tcp: tokio::net::TcpStream, users: Users, id: u64) {
         while let Some(Ok(msg)) = ws.next().await {
             let Message::Text(t) = msg else { continue };
             let Some((user, event)) = t.as_str().split_once('\n') else { continue };
-            let mut map = users.lock().unwrap();
-            let Some(u) = map.get_mut(user) else { continue };
-            u.seq += 1;
-            let frame: Utf8Bytes = format!(r#"{{"type":"event","seq":{},"event":{event}}}"#, u.seq).into();
-            // A full queue drops the socket, as agentcast closes a slow one.
-            u.sockets.retain(|(_, tx)| tx.try_send(frame.clone()).is_ok());
+            fan_out(&users, user, event);
         }
         return;
     }

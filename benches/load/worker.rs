@@ -391,7 +391,7 @@ impl SockCtx {
                 }
             }
             Target::NatsWs => format!("ws://{}/", self.addr),
-            Target::Raw => format!("ws://{}/ws?user={user}", self.addr),
+            Target::Raw | Target::RawJs => format!("ws://{}/ws?user={user}", self.addr),
             Target::Sse => unreachable!("SSE sockets are opened by run_sse"),
         };
         let config = WebSocketConfig::default().read_buffer_size(CLIENT_READ_BUFFER).write_buffer_size(0);
