@@ -11,8 +11,8 @@
 //! republish instead: one async-nats subscription to `agentcast.live.>`,
 //! each message fanned out to the sockets of the user its subject names.
 //! That is the same fan-out behind the same JetStream hop as an agentcast
-//! node, with no per-user subscriptions, checks, history or auth: the floor
-//! for a fan-out fed by the stream on this machine.
+//! node, with no per-user subscriptions, checks, history or auth: what a
+//! bare fan-out fed by the stream gets on the same machine.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
