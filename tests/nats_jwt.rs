@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use base64::Engine;
 use common::*;
@@ -76,12 +75,9 @@ async fn a_node_logs_in_with_a_credentials_file_to_a_server_that_checks_jwts() {
     let node = Node::start(&nats, &["--nats-creds", &good]).await;
     let (mut socket, _) = Client::join(&node, "u1").await;
     let tool = |args: &[&str], creds: &str| {
-        Command::new(env!("CARGO_BIN_EXE_agentcast"))
-            .args(args)
-            .args(["--nats-url", &nats.url, "--nats-creds", creds])
-            .env_remove("AGENTCAST_NATS_URL")
-            .output()
-            .expect("run agentcast")
+        let mut args = args.to_vec();
+        args.extend(["--nats-url", &nats.url, "--nats-creds", creds]);
+        run_tool(&args)
     };
     let out = tool(&["publish", "--user", "u1", "--type", "agent_started"], &good);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use common::*;
 
@@ -19,15 +18,6 @@ fn write_certificate(dir: &Path) -> (String, String) {
     (cert_path.display().to_string(), key_path.display().to_string())
 }
 
-fn agentcast(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_agentcast"))
-        .args(args)
-        .env_remove("AGENTCAST_JWT_SECRET")
-        .env_remove("AGENTCAST_NATS_URL")
-        .output()
-        .expect("run agentcast")
-}
-
 #[tokio::test]
 async fn node_and_tools_reach_a_tls_only_nats_server_with_the_ca_and_fail_clearly_without() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,7 +30,7 @@ async fn node_and_tools_reach_a_tls_only_nats_server_with_the_ca_and_fail_clearl
     let publish = |ca: Option<&str>| {
         let mut args = vec!["publish", "--nats-url", &nats.url, "--user", "u1", "--type", "agent_started"];
         args.extend(ca.map(|c| ["--nats-tls-ca", c]).into_iter().flatten());
-        agentcast(&args)
+        run_tool(&args)
     };
     let out = publish(Some(&cert));
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -48,7 +38,7 @@ async fn node_and_tools_reach_a_tls_only_nats_server_with_the_ca_and_fail_clearl
     assert_eq!(got[0].1["type"], "agent_started");
 
     // The other tools take the same flags.
-    let out = agentcast(&["stream", "--nats-url", &nats.url, "--nats-tls-ca", &cert, "--user", "u1"]);
+    let out = run_tool(&["stream", "--nats-url", &nats.url, "--nats-tls-ca", &cert, "--user", "u1"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["user"]["last_seq"], 1, "{v}");
@@ -113,7 +103,7 @@ async fn node_and_tools_reach_a_server_that_verifies_client_certificates_and_fai
     let publish = |tls: &[&str]| {
         let mut args = vec!["publish", "--nats-url", &nats.url, "--user", "u1", "--type", "agent_started"];
         args.extend(tls);
-        agentcast(&args)
+        run_tool(&args)
     };
     let out = publish(&tls);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

@@ -325,6 +325,17 @@ pub fn stream_settings(max_per_user: i64) -> agentcast::config::StreamSettings {
     }
 }
 
+/// Runs an `agentcast` tool with `args` and no NATS URL or JWT secret from
+/// the environment, and returns what it printed and its exit status.
+pub fn run_tool(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_agentcast"))
+        .args(args)
+        .env_remove("AGENTCAST_JWT_SECRET")
+        .env_remove("AGENTCAST_NATS_URL")
+        .output()
+        .expect("run agentcast")
+}
+
 /// Writes a NATS credentials file (a user JWT and its nkey seed, as `nsc`
 /// writes them) to `path`.
 pub fn write_creds(path: &Path, jwt: &str, seed: &str) {
