@@ -272,11 +272,7 @@ fn layout() -> Layout {
 }
 
 fn opts(args: &[String], smoke: bool) -> Opts {
-    let preset = if smoke {
-        "smoke".to_owned()
-    } else {
-        args.iter().position(|a| a == "--preset").and_then(|i| args.get(i + 1)).cloned().unwrap_or("chat".into())
-    };
+    let preset = if smoke { "smoke".to_owned() } else { flag(args, "--preset").unwrap_or("chat").to_owned() };
     let all = vec![Target::Agentcast, Target::Sse, Target::NatsWs, Target::Raw, Target::RawJs];
     let mut o = Opts {
         preset: preset.clone(),
@@ -1379,14 +1375,18 @@ fn check(v: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// The value after `name` in `args`, if `name` is there.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    match args.iter().position(|a| a == "--role").and_then(|i| args.get(i + 1)).map(String::as_str) {
+    match flag(&args, "--role") {
         Some("worker") => return rt.block_on(worker::run(worker::Spec::parse(&args))),
         Some("raw") => {
-            let nats = args.iter().position(|a| a == "--nats").and_then(|i| args.get(i + 1)).cloned();
-            return rt.block_on(raw::run(nats));
+            return rt.block_on(raw::run(flag(&args, "--nats").map(str::to_owned)));
         }
         Some(other) => panic!("unknown role {other}"),
         None => {}
